@@ -1,0 +1,211 @@
+//! One accepted event as stored in a shard stream, and its public id.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Field names of a stream entry. Short, because they are stored per event.
+pub mod field {
+    pub const USER: &str = "user";
+    /// The payload exactly as the client sent it (raw JSON text).
+    pub const PAYLOAD: &str = "payload";
+    /// Unix milliseconds at which the gateway accepted the event.
+    pub const RECEIVED_AT: &str = "received_at";
+    pub const MESSAGE_ID: &str = "message_id";
+    /// JSON array of destination names; absent means every destination.
+    pub const DESTINATIONS: &str = "destinations";
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EntryError {
+    #[error("stream entry has no `{0}` field")]
+    MissingField(&'static str),
+    #[error("stream entry field `{field}` is malformed: {reason}")]
+    Malformed { field: &'static str, reason: String },
+}
+
+/// An accepted event as the gateway writes it and the router reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventEntry {
+    pub user_id: String,
+    /// Raw JSON text, forwarded byte for byte.
+    pub payload: String,
+    pub received_at_ms: u64,
+    pub message_id: Option<String>,
+    /// Deliver only to these destinations; `None` means all.
+    pub destinations: Option<Vec<String>>,
+}
+
+impl EventEntry {
+    /// Field/value pairs for XADD, in a fixed order.
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields = vec![
+            (field::USER, self.user_id.clone()),
+            (field::PAYLOAD, self.payload.clone()),
+            (field::RECEIVED_AT, self.received_at_ms.to_string()),
+        ];
+        if let Some(message_id) = &self.message_id {
+            fields.push((field::MESSAGE_ID, message_id.clone()));
+        }
+        if let Some(destinations) = &self.destinations {
+            let list = serde_json::to_string(destinations).expect("a list of strings serializes");
+            fields.push((field::DESTINATIONS, list));
+        }
+        fields
+    }
+
+    /// Rebuilds an entry from the field/value pairs of a stream entry.
+    /// Unknown fields are ignored so newer gateways can add fields.
+    pub fn from_fields<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, EntryError> {
+        let (mut user, mut payload, mut received_at, mut message_id, mut destinations) =
+            (None, None, None, None, None);
+        for (name, value) in pairs {
+            match name {
+                field::USER => user = Some(value),
+                field::PAYLOAD => payload = Some(value),
+                field::RECEIVED_AT => received_at = Some(value),
+                field::MESSAGE_ID => message_id = Some(value),
+                field::DESTINATIONS => destinations = Some(value),
+                _ => {}
+            }
+        }
+        let received_at = received_at.ok_or(EntryError::MissingField(field::RECEIVED_AT))?;
+        Ok(Self {
+            user_id: user.ok_or(EntryError::MissingField(field::USER))?.to_owned(),
+            payload: payload.ok_or(EntryError::MissingField(field::PAYLOAD))?.to_owned(),
+            received_at_ms: received_at.parse().map_err(|e: std::num::ParseIntError| {
+                EntryError::Malformed {
+                    field: field::RECEIVED_AT,
+                    reason: e.to_string(),
+                }
+            })?,
+            message_id: message_id.map(str::to_owned),
+            destinations: destinations
+                .map(|list| {
+                    serde_json::from_str(list).map_err(|e| EntryError::Malformed {
+                        field: field::DESTINATIONS,
+                        reason: e.to_string(),
+                    })
+                })
+                .transpose()?,
+        })
+    }
+
+    /// Whether this event is meant for `destination`.
+    pub fn is_for(&self, destination: &str) -> bool {
+        self.destinations
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|name| name == destination))
+    }
+}
+
+/// A Redis stream entry id, `<ms>-<seq>`; ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl FromStr for StreamId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ms, seq) = s
+            .split_once('-')
+            .ok_or_else(|| format!("`{s}` is not a stream id"))?;
+        Ok(Self {
+            ms: ms.parse().map_err(|_| format!("`{s}` is not a stream id"))?,
+            seq: seq.parse().map_err(|_| format!("`{s}` is not a stream id"))?,
+        })
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// The public id of an event: `<shard>-<ms>-<seq>`, its shard and its id in
+/// that shard's stream. Unique across shards; within one user (one shard)
+/// ids order events as the gateway accepted them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub shard: u16,
+    pub stream_id: StreamId,
+}
+
+impl FromStr for EventId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (shard, stream_id) = s
+            .split_once('-')
+            .ok_or_else(|| format!("`{s}` is not an event id"))?;
+        Ok(Self {
+            shard: shard.parse().map_err(|_| format!("`{s}` is not an event id"))?,
+            stream_id: stream_id.parse()?,
+        })
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.shard, self.stream_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> EventEntry {
+        EventEntry {
+            user_id: "u1".into(),
+            payload: r#"{"a": [1, 2.50]}"#.into(),
+            received_at_ms: 1_700_000_000_123,
+            message_id: Some("m-1".into()),
+            destinations: Some(vec!["crm".into(), "warehouse".into()]),
+        }
+    }
+
+    #[test]
+    fn entry_round_trips_through_fields() {
+        let entry = sample();
+        let fields = entry.to_fields();
+        let parsed = EventEntry::from_fields(fields.iter().map(|(k, v)| (*k, v.as_str())));
+        assert_eq!(parsed, Ok(entry));
+    }
+
+    #[test]
+    fn payload_text_is_kept_byte_for_byte() {
+        let fields = sample().to_fields();
+        assert!(fields.contains(&("payload", r#"{"a": [1, 2.50]}"#.to_string())));
+    }
+
+    #[test]
+    fn missing_user_is_reported() {
+        let parsed = EventEntry::from_fields([("payload", "1"), ("received_at", "5")]);
+        assert_eq!(parsed, Err(EntryError::MissingField("user")));
+    }
+
+    #[test]
+    fn destination_filter_selects_destinations() {
+        let mut entry = sample();
+        assert!(entry.is_for("crm"));
+        assert!(!entry.is_for("billing"));
+        entry.destinations = None;
+        assert!(entry.is_for("billing"));
+    }
+
+    #[test]
+    fn event_ids_round_trip_and_order_like_the_stream() {
+        let id: EventId = "7-1700000000000-3".parse().expect("valid id");
+        assert_eq!(id.shard, 7);
+        assert_eq!(id.to_string(), "7-1700000000000-3");
+        let later: EventId = "7-1700000000000-12".parse().expect("valid id");
+        assert!(id < later, "sequence numbers compare numerically");
+        assert!("7-abc".parse::<EventId>().is_err());
+    }
+}

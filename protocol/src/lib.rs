@@ -1,0 +1,18 @@
+//! The contract between the gateway and the router: how users map to shards,
+//! what Redis keys hold, and what one stream entry contains.
+//!
+//! # Layout
+//! - [`shard`]: the pinned user → shard hash.
+//! - [`keys`]: every Redis key name, each shard's keys under one hash tag.
+//! - [`entry`]: the fields of one event in a shard stream, and event ids.
+//! - [`meta`]: start-up checks both services share (the recorded shard count).
+#![forbid(unsafe_code)]
+
+pub mod entry;
+pub mod keys;
+pub mod meta;
+pub mod shard;
+
+pub use entry::{EventEntry, EventId};
+pub use keys::Keys;
+pub use shard::shard_for;
