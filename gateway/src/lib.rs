@@ -1,0 +1,93 @@
+//! The ingestion gateway: validates POSTed events and appends each to the
+//! Redis stream of its user's shard, answering 202 only once Redis has
+//! acknowledged the write. It never calls destinations.
+//!
+//! # Layout
+//! - [`config`]: settings and their defaults.
+//! - [`event`]: request bodies → validated events.
+//! - [`store`]: the shard streams (XADD, idempotency script).
+//! - [`routes`]: HTTP handlers; [`error`]: what each failure answers.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod routes;
+pub mod store;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use routes::AppState;
+use store::{ConnectError, EventStore};
+
+/// How long in-flight requests may take to finish after shutdown begins.
+const SHUTDOWN_GRACE_SECS: u64 = 10;
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then stops
+/// accepting, lets in-flight requests finish and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(store) = connect(&config, &shutdown).await? else {
+        return Ok(());
+    };
+    let state = web::Data::new(AppState {
+        store,
+        max_body_bytes: config.max_body_bytes,
+        max_batch_events: config.max_batch_events,
+        retry_after_secs: config.retry_after_secs,
+    });
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    tracing::info!(address = %listener.local_addr()?, workers, "Gateway listening.");
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(routes::configure)
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(SHUTDOWN_GRACE_SECS)
+    .listen(listener)
+    .context("cannot serve on the listener")?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tracing::info!("Gateway shutting down: finishing in-flight requests.");
+        handle.stop(true).await;
+    });
+    server.await.context("gateway server failed")
+}
+
+/// Connects to Redis, waiting for it while it is unreachable (it may still
+/// be starting), but giving up at once on a configuration conflict.
+async fn connect(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<EventStore>> {
+    loop {
+        match EventStore::connect(&config.redis, config.idempotency_ttl()).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(ConnectError::Meta(protocol::MetaError::Redis(error)))
+            | Err(ConnectError::Redis(error)) => {
+                tracing::warn!(%error, url = %config.redis.url, "Redis unreachable; retrying.");
+            }
+            Err(error) => return Err(error).context("refusing to start"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

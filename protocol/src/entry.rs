@@ -72,8 +72,12 @@ impl EventEntry {
         }
         let received_at = received_at.ok_or(EntryError::MissingField(field::RECEIVED_AT))?;
         Ok(Self {
-            user_id: user.ok_or(EntryError::MissingField(field::USER))?.to_owned(),
-            payload: payload.ok_or(EntryError::MissingField(field::PAYLOAD))?.to_owned(),
+            user_id: user
+                .ok_or(EntryError::MissingField(field::USER))?
+                .to_owned(),
+            payload: payload
+                .ok_or(EntryError::MissingField(field::PAYLOAD))?
+                .to_owned(),
             received_at_ms: received_at.parse().map_err(|e: std::num::ParseIntError| {
                 EntryError::Malformed {
                     field: field::RECEIVED_AT,
@@ -115,8 +119,12 @@ impl FromStr for StreamId {
             .split_once('-')
             .ok_or_else(|| format!("`{s}` is not a stream id"))?;
         Ok(Self {
-            ms: ms.parse().map_err(|_| format!("`{s}` is not a stream id"))?,
-            seq: seq.parse().map_err(|_| format!("`{s}` is not a stream id"))?,
+            ms: ms
+                .parse()
+                .map_err(|_| format!("`{s}` is not a stream id"))?,
+            seq: seq
+                .parse()
+                .map_err(|_| format!("`{s}` is not a stream id"))?,
         })
     }
 }
@@ -144,7 +152,9 @@ impl FromStr for EventId {
             .split_once('-')
             .ok_or_else(|| format!("`{s}` is not an event id"))?;
         Ok(Self {
-            shard: shard.parse().map_err(|_| format!("`{s}` is not an event id"))?,
+            shard: shard
+                .parse()
+                .map_err(|_| format!("`{s}` is not an event id"))?,
             stream_id: stream_id.parse()?,
         })
     }

@@ -8,11 +8,14 @@
 //! - [`meta`]: start-up checks both services share (the recorded shard count).
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod entry;
 pub mod keys;
 pub mod meta;
 pub mod shard;
 
-pub use entry::{EventEntry, EventId};
+pub use config::RedisConfig;
+pub use entry::{EventEntry, EventId, StreamId};
 pub use keys::Keys;
+pub use meta::{ensure_shard_count, MetaError};
 pub use shard::shard_for;

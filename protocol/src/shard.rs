@@ -52,7 +52,11 @@ mod tests {
             ("alice", 1, 0),
         ];
         for (user, shards, expected) in pinned {
-            assert_eq!(shard_for(user, shards), expected, "{user} with {shards} shards");
+            assert_eq!(
+                shard_for(user, shards),
+                expected,
+                "{user} with {shards} shards"
+            );
         }
     }
 

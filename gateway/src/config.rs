@@ -1,0 +1,90 @@
+//! Gateway configuration: embedded defaults, then an optional file, then
+//! `GATEWAY_…` environment variables.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use protocol::RedisConfig;
+use serde::Deserialize;
+
+/// The commented reference configuration, also the defaults.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/gateway.default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address and port the HTTP API listens on.
+    pub listen: String,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+    /// Most events one batch request may carry.
+    pub max_batch_events: usize,
+    /// How long an idempotency key is remembered, in seconds.
+    pub idempotency_ttl_secs: u64,
+    /// Retry-After seconds sent with a 503.
+    pub retry_after_secs: u64,
+    /// HTTP worker threads; 0 means one per CPU core.
+    pub workers: usize,
+    /// Redis connection and key layout.
+    pub redis: RedisConfig,
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
+        if let Some(file) = file {
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Self = figment
+            .merge(Env::prefixed("GATEWAY_").split("__"))
+            .extract()
+            .context("invalid gateway configuration")?;
+        config.validate().map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
+
+    /// The embedded defaults alone; tests start from these.
+    pub fn defaults() -> Self {
+        Figment::from(Toml::string(DEFAULT_CONFIG))
+            .extract()
+            .expect("the embedded default config is valid")
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.redis.validate()?;
+        if self.max_batch_events == 0 {
+            return Err("max_batch_events must be at least 1".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return Err("max_body_bytes must be at least 1024".into());
+        }
+        if self.idempotency_ttl_secs == 0 {
+            return Err("idempotency_ttl_secs must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn idempotency_ttl(&self) -> Duration {
+        Duration::from_secs(self.idempotency_ttl_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        assert_eq!(Config::defaults().validate(), Ok(()));
+        assert_eq!(Config::defaults().redis.shards, 16);
+    }
+}

@@ -1,0 +1,48 @@
+//! Every way a request can fail, and the response each one gets.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or breaks a rule; the message names the field or limit.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("content-type must be application/json")]
+    UnsupportedMediaType,
+    #[error("event store unavailable, retry later")]
+    Unavailable {
+        #[source]
+        cause: StoreError,
+        retry_after_secs: u64,
+    },
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::Unavailable {
+            cause,
+            retry_after_secs,
+        } = self
+        {
+            tracing::warn!(error = %cause, "Event store unavailable; answering 503.");
+            response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        }
+        response.json(json!({ "error": self.to_string() }))
+    }
+}

@@ -1,0 +1,226 @@
+//! Turning request bodies into validated events.
+//!
+//! Everything is validated before anything is written, so a rejected request
+//! leaves nothing behind in Redis.
+
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::error::ApiError;
+
+pub const MAX_USER_ID_BYTES: usize = 256;
+pub const MAX_MESSAGE_ID_BYTES: usize = 128;
+
+/// An event that passed validation, ready to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub user_id: String,
+    /// The payload's JSON text exactly as received.
+    pub payload: String,
+    pub message_id: Option<String>,
+    /// The key a repeat is recognised by: the Idempotency-Key header, else messageId.
+    pub idempotency_key: Option<String>,
+    pub destinations: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventBody<'a> {
+    #[serde(rename = "userId", alias = "user_id", alias = "userID", default)]
+    user_id: Option<String>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+    #[serde(rename = "messageId", default)]
+    message_id: Option<String>,
+    #[serde(default)]
+    destinations: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+/// Keeps an explicit `null` payload as a payload (`Option` alone would read
+/// it as missing).
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+fn utf8(body: &[u8]) -> Result<&str, ApiError> {
+    std::str::from_utf8(body)
+        .map_err(|_| ApiError::Invalid("request body is not valid UTF-8".into()))
+}
+
+fn json_error(context: &str, error: serde_json::Error) -> ApiError {
+    match error.classify() {
+        serde_json::error::Category::Data => ApiError::Invalid(format!("{context}{error}")),
+        _ => ApiError::Invalid(format!("{context}malformed JSON: {error}")),
+    }
+}
+
+/// Parses and validates the body of `POST /v1/events`.
+pub fn parse_event(body: &[u8], idempotency_header: Option<&str>) -> Result<NewEvent, ApiError> {
+    let event: EventBody = serde_json::from_str(utf8(body)?).map_err(|e| json_error("", e))?;
+    validate(event, idempotency_header).map_err(ApiError::Invalid)
+}
+
+/// Parses and validates the body of `POST /v1/batch`; the first invalid
+/// event rejects the whole batch, and the message names its index.
+pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<NewEvent>, ApiError> {
+    let batch: BatchBody = serde_json::from_str(utf8(body)?).map_err(|e| json_error("", e))?;
+    if batch.events.is_empty() {
+        return Err(ApiError::Invalid(
+            "events must hold at least one event".into(),
+        ));
+    }
+    if batch.events.len() > max_events {
+        return Err(ApiError::Invalid(format!(
+            "events holds {} events; the limit is {max_events} per batch",
+            batch.events.len()
+        )));
+    }
+    batch
+        .events
+        .iter()
+        .enumerate()
+        .map(|(index, raw)| {
+            let context = format!("events[{index}]: ");
+            let event: EventBody =
+                serde_json::from_str(raw.get()).map_err(|e| json_error(&context, e))?;
+            validate(event, None)
+                .map_err(|message| ApiError::Invalid(format!("{context}{message}")))
+        })
+        .collect()
+}
+
+fn validate(event: EventBody, idempotency_header: Option<&str>) -> Result<NewEvent, String> {
+    let user_id = event.user_id.ok_or("userId is required")?;
+    if user_id.is_empty() {
+        return Err("userId must not be empty".into());
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(format!("userId is longer than {MAX_USER_ID_BYTES} bytes"));
+    }
+    let payload = event.payload.ok_or("payload is required")?;
+    check_key("messageId", event.message_id.as_deref())?;
+    check_key("Idempotency-Key header", idempotency_header)?;
+    if let Some(destinations) = &event.destinations {
+        if destinations.is_empty() {
+            return Err("destinations must name at least one destination (omit it for all)".into());
+        }
+    }
+    Ok(NewEvent {
+        user_id,
+        payload: payload.get().to_owned(),
+        idempotency_key: idempotency_header
+            .map(str::to_owned)
+            .or_else(|| event.message_id.clone()),
+        message_id: event.message_id,
+        destinations: event.destinations,
+    })
+}
+
+fn check_key(name: &str, value: Option<&str>) -> Result<(), String> {
+    match value {
+        Some("") => Err(format!("{name} must not be empty")),
+        Some(value) if value.len() > MAX_MESSAGE_ID_BYTES => Err(format!(
+            "{name} is longer than {MAX_MESSAGE_ID_BYTES} bytes"
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message<T: std::fmt::Debug>(result: Result<T, ApiError>) -> String {
+        result.expect_err("should be rejected").to_string()
+    }
+
+    #[test]
+    fn accepts_every_spelling_of_user_id() {
+        for name in ["userId", "user_id", "userID"] {
+            let body = format!(r#"{{"{name}": "u1", "payload": {{"n": 1}}}}"#);
+            let event = parse_event(body.as_bytes(), None).expect("valid");
+            assert_eq!(event.user_id, "u1");
+        }
+    }
+
+    #[test]
+    fn keeps_payload_text_byte_for_byte() {
+        let body = br#"{"userId": "u1", "payload": {"b": 1.50,  "a": [ ]}}"#;
+        let event = parse_event(body, None).expect("valid");
+        assert_eq!(event.payload, r#"{"b": 1.50,  "a": [ ]}"#);
+    }
+
+    #[test]
+    fn null_payload_is_a_payload() {
+        let event = parse_event(br#"{"userId": "u1", "payload": null}"#, None).expect("valid");
+        assert_eq!(event.payload, "null");
+    }
+
+    #[test]
+    fn rejections_name_the_problem() {
+        assert!(message(parse_event(b"{", None)).contains("malformed JSON"));
+        assert!(message(parse_event(br#"{"payload": 1}"#, None)).contains("userId is required"));
+        assert!(
+            message(parse_event(br#"{"userId": "", "payload": 1}"#, None))
+                .contains("must not be empty")
+        );
+        let long = format!(r#"{{"userId": "{}", "payload": 1}}"#, "x".repeat(257));
+        assert!(message(parse_event(long.as_bytes(), None)).contains("longer than 256"));
+        assert!(message(parse_event(br#"{"userId": "u"}"#, None)).contains("payload is required"));
+        assert!(
+            message(parse_event(br#"{"userId": 5, "payload": 1}"#, None)).contains("invalid type")
+        );
+        assert!(message(parse_event(
+            br#"{"userId": "u", "payload": 1, "x": 1}"#,
+            None
+        ))
+        .contains("unknown field `x`"));
+        assert!(message(parse_event(
+            br#"{"userId": "u", "payload": 1, "destinations": []}"#,
+            None
+        ))
+        .contains("destinations"));
+        assert!(
+            message(parse_event(br#"{"userId": "u", "payload": 1}"#, Some("")))
+                .contains("Idempotency-Key")
+        );
+    }
+
+    #[test]
+    fn idempotency_header_wins_over_message_id() {
+        let body = br#"{"userId": "u", "payload": 1, "messageId": "m"}"#;
+        assert_eq!(
+            parse_event(body, None)
+                .expect("valid")
+                .idempotency_key
+                .as_deref(),
+            Some("m")
+        );
+        assert_eq!(
+            parse_event(body, Some("h"))
+                .expect("valid")
+                .idempotency_key
+                .as_deref(),
+            Some("h")
+        );
+    }
+
+    #[test]
+    fn batch_errors_name_the_event_index() {
+        let body = br#"{"events": [{"userId": "a", "payload": 1}, {"payload": 2}]}"#;
+        assert_eq!(
+            message(parse_batch(body, 10)),
+            "events[1]: userId is required"
+        );
+        let body = br#"{"events": [{"userId": "a", "payload": 1}, {"userId": "b", "payload": 2}]}"#;
+        assert!(message(parse_batch(body, 1)).contains("limit is 1"));
+        assert_eq!(parse_batch(body, 2).expect("valid").len(), 2);
+    }
+}

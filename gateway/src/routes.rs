@@ -1,0 +1,150 @@
+//! HTTP handlers.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::event::{self, NewEvent};
+use crate::store::{Appended, EventStore};
+
+pub struct AppState {
+    pub store: EventStore,
+    pub max_body_bytes: usize,
+    pub max_batch_events: usize,
+    pub retry_after_secs: u64,
+}
+
+impl AppState {
+    fn unavailable(&self, cause: crate::store::StoreError) -> ApiError {
+        ApiError::Unavailable {
+            cause,
+            retry_after_secs: self.retry_after_secs,
+        }
+    }
+
+    /// Rejects events naming destinations the router does not serve.
+    async fn check_destinations(&self, events: &[NewEvent]) -> Result<(), ApiError> {
+        let mut wanted: Vec<String> = events
+            .iter()
+            .filter_map(|event| event.destinations.as_ref())
+            .flatten()
+            .cloned()
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let unknown = self
+            .store
+            .unknown_destinations(&wanted)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        match unknown.as_slice() {
+            [] => Ok(()),
+            names => Err(ApiError::Invalid(format!(
+                "unknown destination {}",
+                names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+}
+
+pub fn configure(config: &mut web::ServiceConfig) {
+    config
+        .route("/v1/events", web::post().to(post_event))
+        .route("/v1/batch", web::post().to(post_batch))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz));
+}
+
+/// Checks the content type, then reads the body up to the size limit.
+async fn read_json_body(
+    request: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if essence != "application/json" && !essence.ends_with("+json") {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    match payload.to_bytes_limited(limit).await {
+        Err(_) => Err(ApiError::TooLarge { limit }),
+        Ok(Err(error)) => Err(ApiError::Invalid(format!(
+            "could not read request body: {error}"
+        ))),
+        Ok(Ok(body)) => Ok(body),
+    }
+}
+
+async fn post_event(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json_body(&request, payload, state.max_body_bytes).await?;
+    let idempotency_key = match request.headers().get("idempotency-key") {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::Invalid("Idempotency-Key header must be visible ASCII".into())
+        })?),
+    };
+    let event = event::parse_event(&body, idempotency_key)?;
+    state
+        .check_destinations(std::slice::from_ref(&event))
+        .await?;
+    let appended = state
+        .store
+        .append(&event)
+        .await
+        .map_err(|e| state.unavailable(e))?;
+    Ok(HttpResponse::Accepted().json(match appended {
+        Appended::New(id) => json!({ "id": id.to_string() }),
+        Appended::Duplicate(id) => json!({ "id": id.to_string(), "duplicate": true }),
+    }))
+}
+
+async fn post_batch(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json_body(&request, payload, state.max_body_bytes).await?;
+    let events = event::parse_batch(&body, state.max_batch_events)?;
+    state.check_destinations(&events).await?;
+    let appended = state
+        .store
+        .append_all(&events)
+        .await
+        .map_err(|e| state.unavailable(e))?;
+    let ids: Vec<String> = appended.iter().map(|a| a.id().to_string()).collect();
+    Ok(HttpResponse::Accepted().json(json!({ "ids": ids })))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "alive" }))
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match state.store.ping().await {
+        Ok(()) => HttpResponse::Ok().json(json!({ "status": "ready" })),
+        Err(error) => HttpResponse::ServiceUnavailable()
+            .insert_header((header::RETRY_AFTER, state.retry_after_secs.to_string()))
+            .json(json!({ "status": "unavailable", "error": error.to_string() })),
+    }
+}

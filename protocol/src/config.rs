@@ -1,0 +1,61 @@
+//! The Redis settings both services read from their config files.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The `[redis]` section of the gateway and router configs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every key this deployment uses.
+    pub key_prefix: String,
+    /// Number of shard streams; fixed at first start.
+    pub shards: u16,
+    /// Multiplexed connections for ordinary (non-blocking) commands.
+    pub connections: usize,
+    /// Longest wait for an ordinary command's reply, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl RedisConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Checks relationships a type cannot express; the message names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 {
+            return Err("redis.shards must be at least 1".into());
+        }
+        if self.connections == 0 {
+            return Err("redis.connections must be at least 1".into());
+        }
+        if self.timeout_ms == 0 {
+            return Err("redis.timeout_ms must be positive".into());
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
+            return Err("redis.key_prefix must be non-empty and free of `{` and `}` (hash tags are added per shard)".into());
+        }
+        redis::Client::open(self.url.as_str())
+            .map(|_| ())
+            .map_err(|e| format!("redis.url `{}` is invalid: {e}", self.url))
+    }
+
+    /// A reconnecting connection whose commands fail after `timeout`
+    /// instead of hanging while Redis is unreachable or paused.
+    pub async fn connect(
+        &self,
+        timeout: Option<Duration>,
+    ) -> redis::RedisResult<redis::aio::ConnectionManager> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(timeout)
+            .set_connection_timeout(Some(self.timeout()))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        redis::aio::ConnectionManager::new_with_config(client, config).await
+    }
+}
