@@ -1,0 +1,207 @@
+//! Router configuration: embedded defaults, then an optional file, then
+//! `ROUTER_…` environment variables.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use protocol::RedisConfig;
+use serde::Deserialize;
+
+/// The commented reference configuration, also the defaults.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/router.default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This router's consumer name in every group; stable across restarts.
+    pub consumer_name: String,
+    /// How long in-flight attempts may finish after shutdown begins (ms).
+    pub shutdown_grace_ms: u64,
+    /// Redis connection and key layout.
+    pub redis: RedisConfig,
+    /// How shard streams are read.
+    pub reader: ReaderConfig,
+    /// Where events are delivered.
+    pub destinations: Vec<DestinationConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReaderConfig {
+    /// Most entries one XREADGROUP fetches.
+    pub batch_size: usize,
+    /// How long a read blocks waiting for new entries (ms).
+    pub block_ms: u64,
+    /// Most entries one shard × destination reader holds in memory.
+    pub window: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    /// Consumer-group name; letters, digits, `-` and `_`.
+    pub name: String,
+    /// Where events are POSTed.
+    pub url: String,
+    /// Timeout of one attempt (ms).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Attempts in flight at once, over all shards.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// When and how often to retry.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Delay before the second attempt (ms); each later delay doubles.
+    pub initial_delay_ms: u64,
+    /// Longest delay between attempts (ms), also the cap on Retry-After.
+    pub max_delay_ms: u64,
+    /// Attempts before the event is dead-lettered (the first included).
+    pub max_attempts: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial_delay_ms: 100,
+            max_delay_ms: 30_000,
+            max_attempts: 8,
+        }
+    }
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_max_concurrency() -> usize {
+    64
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
+        if let Some(file) = file {
+            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Self = figment
+            .merge(Env::prefixed("ROUTER_").split("__"))
+            .extract()
+            .context("invalid router configuration")?;
+        config.validate().map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
+
+    /// The embedded defaults alone; tests start from these.
+    pub fn defaults() -> Self {
+        Figment::from(Toml::string(DEFAULT_CONFIG))
+            .extract()
+            .expect("the embedded default config is valid")
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.redis.validate()?;
+        if self.consumer_name.is_empty() {
+            return Err("consumer_name must not be empty".into());
+        }
+        if self.reader.batch_size == 0 || self.reader.window == 0 {
+            return Err("reader.batch_size and reader.window must be at least 1".into());
+        }
+        if self.reader.block_ms == 0 {
+            return Err("reader.block_ms must be positive (0 would block forever)".into());
+        }
+        if self.destinations.is_empty() {
+            return Err("at least one [[destinations]] entry is required".into());
+        }
+        let mut names = HashSet::new();
+        for destination in &self.destinations {
+            destination.validate()?;
+            if !names.insert(&destination.name) {
+                return Err(format!("destination name `{}` is used twice", destination.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DestinationConfig {
+    fn validate(&self) -> Result<(), String> {
+        let name = &self.name;
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_name {
+            return Err(format!(
+                "destination name `{name}` must be 1 to 64 letters, digits, `-` or `_`"
+            ));
+        }
+        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("destination `{name}`: url `{}` is invalid: {e}", self.url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("destination `{name}`: url must be http or https"));
+        }
+        if self.timeout_ms == 0 || self.max_concurrency == 0 {
+            return Err(format!("destination `{name}`: timeout_ms and max_concurrency must be positive"));
+        }
+        let retry = self.retry;
+        if retry.max_attempts == 0 || retry.initial_delay_ms == 0 || retry.max_delay_ms < retry.initial_delay_ms {
+            return Err(format!(
+                "destination `{name}`: retry needs max_attempts ≥ 1 and 0 < initial_delay_ms ≤ max_delay_ms"
+            ));
+        }
+        for (header, value) in &self.headers {
+            reqwest::header::HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| format!("destination `{name}`: `{header}` is not a valid header name"))?;
+            reqwest::header::HeaderValue::from_str(value)
+                .map_err(|_| format!("destination `{name}`: header `{header}` has an invalid value"))?;
+        }
+        Ok(())
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let config = Config::defaults();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.destinations.len(), 4);
+        assert_eq!(config.destinations[1].retry, RetryConfig::default());
+    }
+
+    #[test]
+    fn bad_destinations_are_refused_with_their_name() {
+        let mut config = Config::defaults();
+        config.destinations[0].name = "has space".into();
+        assert!(config.validate().unwrap_err().contains("has space"));
+        let mut config = Config::defaults();
+        config.destinations[1].name = "healthy".into();
+        assert!(config.validate().unwrap_err().contains("used twice"));
+        let mut config = Config::defaults();
+        config.destinations[2].url = "ftp://x".into();
+        assert!(config.validate().unwrap_err().contains("http"));
+    }
+}

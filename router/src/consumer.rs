@@ -1,0 +1,302 @@
+//! The Redis Streams side of delivery: one destination's consumer group on
+//! one shard stream.
+//!
+//! # Redis Streams in brief
+//! Each destination is a consumer group on every shard stream. XREADGROUP
+//! with `>` hands out entries the group has not seen and records each in the
+//! group's pending entries list (PEL) under our consumer name; reading with an
+//! id instead of `>` re-reads our own PEL from after that id. An entry leaves
+//! the PEL only when acknowledged (XACK), which we do only after a terminal
+//! outcome, so anything unfinished at a crash is still pending at restart
+//! and is read again from the PEL, in id order, before new entries.
+
+use std::time::Duration;
+
+use protocol::{EventEntry, Keys};
+use redis::aio::ConnectionManager;
+use redis::Value;
+
+/// Where the next read starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// Our own pending entries with ids above this one (`0` = all).
+    Pending(String),
+    /// Entries never handed to this group (`>`).
+    New,
+}
+
+/// One stream entry as read.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub stream_id: String,
+    pub content: EntryContent,
+}
+
+#[derive(Debug, Clone)]
+pub enum EntryContent {
+    Event(EventEntry),
+    /// Still pending but deleted from the stream (e.g. by XDEL): nothing to deliver.
+    Deleted,
+    /// Not an entry this protocol can read.
+    Malformed(String),
+}
+
+/// The terminal record of an event a destination gave up on.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    pub event_id: &'a str,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected XREADGROUP reply: {0}")]
+    Reply(String),
+}
+
+impl ConsumerError {
+    /// The group is gone, e.g. Redis restarted empty or it was deleted.
+    pub fn is_missing_group(&self) -> bool {
+        matches!(self, ConsumerError::Redis(e) if e.code() == Some("NOGROUP"))
+    }
+}
+
+/// One destination's consumer group on one shard stream.
+pub struct GroupConsumer {
+    shard: u16,
+    stream: String,
+    dead_letters: String,
+    group: String,
+    consumer: String,
+    /// Only for blocking reads: a blocked XREADGROUP would stall every other
+    /// command multiplexed on its connection.
+    blocking: ConnectionManager,
+    /// Acknowledgements and dead-letter writes.
+    commands: ConnectionManager,
+}
+
+impl GroupConsumer {
+    pub fn new(
+        keys: &Keys,
+        shard: u16,
+        destination: &str,
+        consumer: &str,
+        blocking: ConnectionManager,
+        commands: ConnectionManager,
+    ) -> Self {
+        Self {
+            shard,
+            stream: keys.events(shard),
+            dead_letters: keys.dead_letters(shard, destination),
+            group: destination.to_owned(),
+            consumer: consumer.to_owned(),
+            blocking,
+            commands,
+        }
+    }
+
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// Creates the group at the start of the stream (so events accepted
+    /// before the router first ran are delivered) unless it exists.
+    pub async fn ensure_group(&self) -> Result<(), ConsumerError> {
+        let result: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.commands.clone())
+            .await;
+        match result {
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves entries pending on other consumers of the group (e.g. a router
+    /// that ran under another name) to us, so they are delivered in id order
+    /// with our own.
+    pub async fn claim_pending_of_others(&self) -> Result<usize, ConsumerError> {
+        let mut cursor = "0-0".to_owned();
+        let mut claimed = 0;
+        loop {
+            let (next, ids, _deleted): (String, Vec<String>, Value) = redis::cmd("XAUTOCLAIM")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("JUSTID")
+                .query_async(&mut self.commands.clone())
+                .await?;
+            claimed += ids.len();
+            if next == "0-0" {
+                return Ok(claimed);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Reads up to `count` entries. Reading new entries blocks up to `block`.
+    pub async fn read(&self, from: &ReadFrom, count: usize, block: Duration) -> Result<Vec<Entry>, ConsumerError> {
+        let mut command = redis::cmd("XREADGROUP");
+        command
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count);
+        let id = match from {
+            ReadFrom::New => {
+                command.arg("BLOCK").arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
+                ">"
+            }
+            ReadFrom::Pending(after) => after.as_str(),
+        };
+        command.arg("STREAMS").arg(&self.stream).arg(id);
+        let reply: Value = command.query_async(&mut self.blocking.clone()).await?;
+        parse_read_reply(reply)
+    }
+
+    pub async fn ack(&self, stream_id: &str) -> Result<(), ConsumerError> {
+        let _: i64 = redis::cmd("XACK")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(stream_id)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Records the dead letter and acknowledges the entry in one MULTI: both
+    /// keys share the shard's hash tag, so this is atomic on a cluster too.
+    pub async fn dead_letter(&self, entry: &Entry, letter: &DeadLetter<'_>) -> Result<(), ConsumerError> {
+        let failed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let mut pipe = redis::pipe();
+        let xadd = pipe.atomic().cmd("XADD").arg(&self.dead_letters).arg("*");
+        xadd.arg("event_id")
+            .arg(letter.event_id)
+            .arg("stream_id")
+            .arg(&entry.stream_id)
+            .arg("destination")
+            .arg(&self.group)
+            .arg("attempts")
+            .arg(letter.attempts)
+            .arg("last_status")
+            .arg(letter.last_status.map_or_else(String::new, |s| s.to_string()))
+            .arg("last_error")
+            .arg(letter.last_error)
+            .arg("failed_at")
+            .arg(failed_at.to_string());
+        if let EntryContent::Event(event) = &entry.content {
+            for (field, value) in event.to_fields() {
+                xadd.arg(field).arg(value);
+            }
+        }
+        pipe.cmd("XACK").arg(&self.stream).arg(&self.group).arg(&entry.stream_id);
+        let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
+        Ok(())
+    }
+}
+
+/// Reads `[[stream, [[id, [field, value, …] | nil], …]], …]` (or nil when a
+/// blocking read timed out).
+fn parse_read_reply(reply: Value) -> Result<Vec<Entry>, ConsumerError> {
+    let streams = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams,
+        other => return Err(ConsumerError::Reply(format!("{other:?}"))),
+    };
+    let mut entries = Vec::new();
+    for stream in streams {
+        let Value::Array(mut parts) = stream else {
+            return Err(ConsumerError::Reply("stream is not an array".into()));
+        };
+        let Some(Value::Array(items)) = parts.pop() else {
+            return Err(ConsumerError::Reply("stream has no entries array".into()));
+        };
+        for item in items {
+            entries.push(parse_entry(item)?);
+        }
+    }
+    Ok(entries)
+}
+
+fn parse_entry(item: Value) -> Result<Entry, ConsumerError> {
+    let Value::Array(mut parts) = item else {
+        return Err(ConsumerError::Reply("entry is not an array".into()));
+    };
+    if parts.len() != 2 {
+        return Err(ConsumerError::Reply("entry is not [id, fields]".into()));
+    }
+    let fields = parts.pop().unwrap_or(Value::Nil);
+    let stream_id = text(parts.pop().unwrap_or(Value::Nil)).ok_or_else(|| ConsumerError::Reply("entry id is not text".into()))?;
+    let content = match fields {
+        Value::Nil => EntryContent::Deleted,
+        Value::Array(values) => {
+            let texts: Option<Vec<String>> = values.into_iter().map(text).collect();
+            match texts {
+                None => EntryContent::Malformed("a field is not UTF-8 text".into()),
+                Some(texts) => {
+                    let pairs = texts.chunks_exact(2).map(|pair| (pair[0].as_str(), pair[1].as_str()));
+                    match EventEntry::from_fields(pairs) {
+                        Ok(event) => EntryContent::Event(event),
+                        Err(error) => EntryContent::Malformed(error.to_string()),
+                    }
+                }
+            }
+        }
+        other => EntryContent::Malformed(format!("fields are {other:?}")),
+    };
+    Ok(Entry { stream_id, content })
+}
+
+fn text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(text) => Some(text),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn parses_events_deleted_entries_and_timeouts() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("evd:{s:1}:events"),
+            Value::Array(vec![
+                Value::Array(vec![
+                    bulk("5-0"),
+                    Value::Array(vec![bulk("user"), bulk("u1"), bulk("payload"), bulk("{}"), bulk("received_at"), bulk("9")]),
+                ]),
+                Value::Array(vec![bulk("6-0"), Value::Nil]),
+                Value::Array(vec![bulk("7-0"), Value::Array(vec![bulk("user"), bulk("u1")])]),
+            ]),
+        ])]);
+        let entries = parse_read_reply(reply).expect("parses");
+        assert_eq!(entries.len(), 3);
+        assert!(matches!(&entries[0].content, EntryContent::Event(e) if e.user_id == "u1" && e.received_at_ms == 9));
+        assert!(matches!(entries[1].content, EntryContent::Deleted));
+        assert!(matches!(entries[2].content, EntryContent::Malformed(_)));
+        assert!(parse_read_reply(Value::Nil).expect("parses").is_empty());
+    }
+}

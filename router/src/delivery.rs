@@ -1,0 +1,234 @@
+//! One delivery attempt to one destination, and what its answer means.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+
+use crate::config::DestinationConfig;
+use crate::retry::RetryPolicy;
+
+/// How much of an error response body is kept for the dead-letter record.
+const ERROR_BODY_BYTES: usize = 512;
+/// Bodies up to this size are read to the end so the connection is reused.
+const DRAIN_BODY_BYTES: usize = 64 * 1024;
+
+/// What one attempt tells us to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// 2xx: done.
+    Delivered { status: u16 },
+    /// 408, 429, 5xx, timeout or connection error: try again later.
+    Retry {
+        status: Option<u16>,
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// Any other answer: retrying cannot help.
+    Dead { status: Option<u16>, error: String },
+}
+
+/// How a destination's HTTP status is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    Success,
+    Retryable,
+    Permanent,
+}
+
+pub fn classify(status: StatusCode) -> StatusClass {
+    if status.is_success() {
+        StatusClass::Success
+    } else if status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+    {
+        StatusClass::Retryable
+    } else {
+        StatusClass::Permanent
+    }
+}
+
+/// The JSON body a destination receives.
+#[derive(Serialize)]
+struct DeliveryBody<'a> {
+    id: &'a str,
+    #[serde(rename = "userId")]
+    user_id: &'a str,
+    payload: &'a RawValue,
+    #[serde(rename = "receivedAt")]
+    received_at: String,
+}
+
+/// Builds the request body once per event; the payload text is embedded as
+/// received, never re-serialized.
+pub fn request_body(event_id: &str, user_id: &str, payload: &str, received_at_ms: u64) -> Result<String, String> {
+    let payload: &RawValue =
+        serde_json::from_str(payload).map_err(|e| format!("stored payload is not valid JSON: {e}"))?;
+    let received_at = UNIX_EPOCH + Duration::from_millis(received_at_ms);
+    serde_json::to_string(&DeliveryBody {
+        id: event_id,
+        user_id,
+        payload,
+        received_at: humantime::format_rfc3339_millis(received_at).to_string(),
+    })
+    .map_err(|e| format!("cannot encode delivery body: {e}"))
+}
+
+/// A configured destination: its own HTTP connection pool, concurrency
+/// limit and retry policy, so one destination's trouble stays its own.
+pub struct Destination {
+    pub name: String,
+    url: reqwest::Url,
+    client: reqwest::Client,
+    headers: HeaderMap,
+    in_flight: Arc<Semaphore>,
+    pub retry: RetryPolicy,
+}
+
+impl Destination {
+    pub fn new(config: &DestinationConfig) -> Result<Self, reqwest::Error> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &config.headers {
+            // Config validation has already checked both.
+            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                headers.insert(name, value);
+            }
+        }
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout())
+            .connect_timeout(config.timeout().min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(config.max_concurrency)
+            // A POST redirected becomes a GET elsewhere: treat 3xx as an answer.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            name: config.name.clone(),
+            url: reqwest::Url::parse(&config.url).expect("config validation checked the url"),
+            client,
+            headers,
+            in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
+            retry: config.retry.into(),
+        })
+    }
+
+    /// Makes one attempt, waiting for a free concurrency slot first.
+    pub async fn attempt(&self, event_id: &str, body: &str, attempt: u32) -> (AttemptOutcome, Duration) {
+        let _slot = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("the concurrency semaphore is never closed");
+        let started = Instant::now();
+        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let response = self
+            .client
+            .post(self.url.clone())
+            .headers(self.headers.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("webhook-id", event_id)
+            .header("webhook-timestamp", timestamp)
+            .header("webhook-attempt", attempt)
+            .body(body.to_owned())
+            .send()
+            .await;
+        let outcome = match response {
+            Err(error) => AttemptOutcome::Retry {
+                status: None,
+                error: describe(&error),
+                retry_after: None,
+            },
+            Ok(response) => outcome_of(response).await,
+        };
+        (outcome, started.elapsed())
+    }
+}
+
+async fn outcome_of(response: reqwest::Response) -> AttemptOutcome {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let class = classify(status);
+    // Reading the body lets the connection be reused; a short prefix of an
+    // error body explains the failure in the dead-letter record.
+    let body = read_prefix(response).await;
+    let code = Some(status.as_u16());
+    match class {
+        StatusClass::Success => AttemptOutcome::Delivered { status: status.as_u16() },
+        StatusClass::Retryable => AttemptOutcome::Retry {
+            status: code,
+            error: format!("HTTP {status}: {body}"),
+            retry_after,
+        },
+        StatusClass::Permanent => AttemptOutcome::Dead {
+            status: code,
+            error: format!("HTTP {status}: {body}"),
+        },
+    }
+}
+
+async fn read_prefix(mut response: reqwest::Response) -> String {
+    let mut prefix = Vec::new();
+    let mut total = 0;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        if prefix.len() < ERROR_BODY_BYTES {
+            prefix.extend_from_slice(&chunk[..chunk.len().min(ERROR_BODY_BYTES - prefix.len())]);
+        }
+        total += chunk.len();
+        if total > DRAIN_BODY_BYTES {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&prefix).into_owned()
+}
+
+fn describe(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        "timed out".into()
+    } else if error.is_connect() {
+        format!("connection failed: {error}")
+    } else {
+        format!("request failed: {error}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified_like_webhook_senders_do() {
+        for (code, class) in [
+            (200, StatusClass::Success),
+            (204, StatusClass::Success),
+            (301, StatusClass::Permanent),
+            (400, StatusClass::Permanent),
+            (401, StatusClass::Permanent),
+            (404, StatusClass::Permanent),
+            (408, StatusClass::Retryable),
+            (429, StatusClass::Retryable),
+            (500, StatusClass::Retryable),
+            (503, StatusClass::Retryable),
+        ] {
+            let status = StatusCode::from_u16(code).expect("valid status");
+            assert_eq!(classify(status), class, "status {code}");
+        }
+    }
+
+    #[test]
+    fn body_embeds_the_payload_text_unchanged() {
+        let body = request_body("3-5-0", "u1", r#"{"b": 1.50}"#, 0).expect("valid");
+        assert_eq!(
+            body,
+            r#"{"id":"3-5-0","userId":"u1","payload":{"b": 1.50},"receivedAt":"1970-01-01T00:00:00.000Z"}"#
+        );
+    }
+}
