@@ -1,1 +1,158 @@
+//! Webhook receivers that misbehave on purpose, for demos and tests. Every
+//! request is recorded; `GET /received?path=/ok` reports what a path got,
+//! with per-user order violations and duplicates.
+//!
+//! | path | answers |
+//! |---|---|
+//! | `/ok` | 200 |
+//! | `/fail` | 500 |
+//! | `/flaky/{n}` | 503 to the first `n` attempts of each event, then 200 |
+//! | `/random/{percent}` | 500 with that probability, else 200 |
+//! | `/slow/{ms}` | 200 after `ms` milliseconds |
+//! | `/hang` | nothing for an hour (past any sane timeout) |
+//! | `/rate-limit/{per_second}` | 429 + `Retry-After: 1` above that rate, else 200 |
+//! | `/bad-request` | 400 |
+//! | `/scripted` | 503 while the payload's `failUntil` (unix ms) is in the future, else 200 |
+//!
+//! Any path may end in one more segment as a label, e.g. `/ok/crm` and
+//! `/ok/billing`, to tell apart destinations that behave alike; each path
+//! is recorded on its own.
+#![forbid(unsafe_code)]
 
+pub mod recorder;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+pub use recorder::{PathSummary, Received, Recorder};
+
+/// Serves the mock paths on `listener` until `shutdown` is cancelled.
+pub async fn run(listener: TcpListener, recorder: Arc<Recorder>, shutdown: CancellationToken) -> std::io::Result<()> {
+    let recorder = web::Data::from(recorder);
+    tracing::info!(address = %listener.local_addr()?, "Mock destinations listening.");
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(recorder.clone())
+            .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
+            .route("/received", web::get().to(received))
+            .route("/received", web::delete().to(clear))
+            .default_service(web::post().to(webhook))
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        handle.stop(false).await;
+    });
+    server.await
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn webhook(request: HttpRequest, body: web::Bytes, recorder: web::Data<Recorder>) -> HttpResponse {
+    let path = request.path().to_owned();
+    let now = now_ms();
+    let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let id = header("webhook-id")
+        .or_else(|| event["id"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let prior_attempts = recorder.attempts(&path, &id);
+    let attempt = header("webhook-attempt")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(u32::try_from(prior_attempts + 1).unwrap_or(u32::MAX));
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let number = |index: usize| segments.get(index).and_then(|s| s.parse::<u64>().ok());
+
+    let mut retry_after = None;
+    let status = match segments.as_slice() {
+        ["ok", ..] => StatusCode::OK,
+        ["fail", ..] => StatusCode::INTERNAL_SERVER_ERROR,
+        ["bad-request", ..] => StatusCode::BAD_REQUEST,
+        ["flaky", _, ..] => match number(1) {
+            Some(n) if (prior_attempts as u64) < n => StatusCode::SERVICE_UNAVAILABLE,
+            Some(_) => StatusCode::OK,
+            None => StatusCode::NOT_FOUND,
+        },
+        ["random", _, ..] => match number(1) {
+            Some(percent) if fastrand::u64(0..100) < percent => StatusCode::INTERNAL_SERVER_ERROR,
+            Some(_) => StatusCode::OK,
+            None => StatusCode::NOT_FOUND,
+        },
+        ["slow", _, ..] => match number(1) {
+            Some(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                StatusCode::OK
+            }
+            None => StatusCode::NOT_FOUND,
+        },
+        ["hang", ..] => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::OK
+        }
+        ["rate-limit", _, ..] => match number(1) {
+            Some(limit) if recorder.requests_in_last_second(&path, now) as u64 >= limit => {
+                retry_after = Some(1);
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Some(_) => StatusCode::OK,
+            None => StatusCode::NOT_FOUND,
+        },
+        ["scripted", ..] => match event["payload"]["failUntil"].as_u64() {
+            Some(until) if now < until => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::OK,
+        },
+        _ => StatusCode::NOT_FOUND,
+    };
+    let user = event["userId"].as_str().unwrap_or_default().to_owned();
+    let latency_ms = event["receivedAt"]
+        .as_str()
+        .and_then(|at| humantime::parse_rfc3339(at).ok())
+        .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+        .map(|at| now.saturating_sub(u64::try_from(at.as_millis()).unwrap_or(u64::MAX)));
+    tracing::info!(path = %path, event_id = %id, user = %user, attempt, status = status.as_u16(), "Webhook received.");
+    recorder.record(&path, Received { id, user, attempt, status: status.as_u16(), at_ms: now_ms(), latency_ms });
+    let mut response = HttpResponse::build(status);
+    if let Some(seconds) = retry_after {
+        response.insert_header(("retry-after", seconds.to_string()));
+    }
+    response.json(json!({ "status": status.as_u16() }))
+}
+
+#[derive(Deserialize)]
+struct ReceivedQuery {
+    path: Option<String>,
+}
+
+async fn received(query: web::Query<ReceivedQuery>, recorder: web::Data<Recorder>) -> HttpResponse {
+    match &query.path {
+        Some(path) => HttpResponse::Ok().json(recorder.summary(path)),
+        None => {
+            // Every path, without the per-request lists.
+            let summaries: Vec<PathSummary> = recorder
+                .paths()
+                .iter()
+                .map(|path| PathSummary { events: Vec::new(), ..recorder.summary(path) })
+                .collect();
+            HttpResponse::Ok().json(summaries)
+        }
+    }
+}
+
+async fn clear(recorder: web::Data<Recorder>) -> HttpResponse {
+    recorder.clear();
+    HttpResponse::NoContent().finish()
+}

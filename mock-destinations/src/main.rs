@@ -1,0 +1,31 @@
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use mock_destinations::Recorder;
+
+/// Mock webhook destinations that succeed, fail, flap, stall and rate-limit.
+#[derive(Parser)]
+struct Args {
+    /// Address and port to listen on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let listener = TcpListener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+    });
+    mock_destinations::run(listener, Arc::new(Recorder::default()), shutdown).await?;
+    Ok(())
+}

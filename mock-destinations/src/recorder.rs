@@ -1,0 +1,143 @@
+//! What each mock path received, and checks over it: per-user order and
+//! duplicates among the deliveries it answered with 2xx.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+
+use protocol::EventId;
+use serde::{Deserialize, Serialize};
+
+/// One request as received.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Received {
+    /// The event id (`webhook-id`), empty if the request had none.
+    pub id: String,
+    pub user: String,
+    pub attempt: u32,
+    /// What the mock answered.
+    pub status: u16,
+    /// Unix milliseconds when the request arrived.
+    pub at_ms: u64,
+    /// Arrival minus the event's `receivedAt` at the gateway (ms).
+    pub latency_ms: Option<u64>,
+}
+
+/// What one path received, with the order and duplicate checks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PathSummary {
+    pub path: String,
+    /// Every request, including failed attempts.
+    pub requests: usize,
+    /// Requests answered with 2xx.
+    pub delivered: usize,
+    /// Distinct events answered with 2xx.
+    pub unique: usize,
+    /// `delivered - unique`: events delivered more than once.
+    pub duplicates: usize,
+    /// Deliveries of an event older than one already delivered to that user.
+    pub order_violations: usize,
+    pub events: Vec<Received>,
+}
+
+#[derive(Default)]
+pub struct Recorder {
+    paths: Mutex<HashMap<String, Vec<Received>>>,
+}
+
+impl Recorder {
+    pub fn record(&self, path: &str, received: Received) {
+        self.lock().entry(path.to_owned()).or_default().push(received);
+    }
+
+    /// Attempts seen so far for `event_id` on `path`.
+    pub fn attempts(&self, path: &str, event_id: &str) -> usize {
+        self.lock()
+            .get(path)
+            .map_or(0, |requests| requests.iter().filter(|r| r.id == event_id).count())
+    }
+
+    /// Requests that reached `path` within the last second.
+    pub fn requests_in_last_second(&self, path: &str, now_ms: u64) -> usize {
+        self.lock().get(path).map_or(0, |requests| {
+            requests.iter().rev().take_while(|r| r.at_ms + 1000 > now_ms).count()
+        })
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = self.lock().keys().cloned().collect();
+        paths.sort();
+        paths
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    pub fn summary(&self, path: &str) -> PathSummary {
+        let events = self.lock().get(path).cloned().unwrap_or_default();
+        summarize(path, events)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Received>>> {
+        self.paths.lock().expect("recorder lock is never poisoned")
+    }
+}
+
+fn summarize(path: &str, events: Vec<Received>) -> PathSummary {
+    let mut seen = HashSet::new();
+    let mut newest_per_user: BTreeMap<&str, EventId> = BTreeMap::new();
+    let (mut delivered, mut duplicates, mut order_violations) = (0, 0, 0);
+    for event in events.iter().filter(|e| (200..300).contains(&e.status)) {
+        delivered += 1;
+        if !seen.insert(event.id.as_str()) {
+            duplicates += 1;
+            continue;
+        }
+        let Ok(id) = event.id.parse::<EventId>() else { continue };
+        match newest_per_user.get(event.user.as_str()) {
+            Some(newest) if id < *newest => order_violations += 1,
+            _ => {
+                newest_per_user.insert(&event.user, id);
+            }
+        }
+    }
+    PathSummary {
+        path: path.to_owned(),
+        requests: events.len(),
+        delivered,
+        unique: seen.len(),
+        duplicates,
+        order_violations,
+        events,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(id: &str, user: &str, status: u16) -> Received {
+        Received { id: id.into(), user: user.into(), attempt: 1, status, at_ms: 0, latency_ms: None }
+    }
+
+    #[test]
+    fn counts_duplicates_and_order_violations_per_user() {
+        let recorder = Recorder::default();
+        for received in [
+            delivery("1-10-0", "a", 200),
+            delivery("1-5-0", "b", 200),
+            delivery("1-12-0", "a", 500),
+            delivery("1-11-0", "a", 200),
+            delivery("1-11-0", "a", 200),
+            delivery("1-10-5", "a", 200),
+        ] {
+            recorder.record("/ok", received);
+        }
+        let summary = recorder.summary("/ok");
+        assert_eq!(summary.requests, 6);
+        assert_eq!(summary.delivered, 5);
+        assert_eq!(summary.unique, 4);
+        assert_eq!(summary.duplicates, 1);
+        assert_eq!(summary.order_violations, 1, "1-10-5 arrived after 1-11-0");
+    }
+}
