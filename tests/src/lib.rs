@@ -1,1 +1,304 @@
+//! Test harness: a real Redis per test, the mock destinations, the gateway
+//! and the router, each started in-process on port 0 (or the router as a
+//! child process when a test kills it).
+#![forbid(unsafe_code)]
 
+mod redis_server;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mock_destinations::{PathSummary, Recorder};
+use protocol::Keys;
+pub use redis_server::RedisServer;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const SHARDS: u16 = 8;
+
+/// Polls `condition` every 25 ms until it holds; panics naming `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    }
+}
+
+/// One destination of a test: its name and the mock path it posts to.
+#[derive(Debug, Clone)]
+pub struct TestDestination {
+    pub name: String,
+    pub path: String,
+    /// Adjusts the destination's defaults (retry, timeout, concurrency).
+    pub retry: router::config::RetryConfig,
+    pub timeout_ms: u64,
+    pub max_concurrency: usize,
+}
+
+impl TestDestination {
+    /// A destination with fast retries (10 ms doubling, 5 attempts).
+    pub fn new(name: &str, path: &str) -> Self {
+        Self {
+            name: name.into(),
+            path: path.into(),
+            retry: router::config::RetryConfig { initial_delay_ms: 10, max_delay_ms: 1000, max_attempts: 5 },
+            timeout_ms: 2000,
+            max_concurrency: 64,
+        }
+    }
+
+    pub fn retry(mut self, initial_delay_ms: u64, max_delay_ms: u64, max_attempts: u32) -> Self {
+        self.retry = router::config::RetryConfig { initial_delay_ms, max_delay_ms, max_attempts };
+        self
+    }
+
+    pub fn timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.timeout_ms = timeout_ms;
+        self
+    }
+
+    pub fn max_concurrency(mut self, max_concurrency: usize) -> Self {
+        self.max_concurrency = max_concurrency;
+        self
+    }
+}
+
+/// Redis, mock destinations, gateway and (optionally) an in-process router.
+pub struct TestSystem {
+    pub redis: RedisServer,
+    pub recorder: Arc<Recorder>,
+    pub mock_url: String,
+    pub gateway_url: String,
+    pub destinations: Vec<TestDestination>,
+    pub http: reqwest::Client,
+    pub keys: Keys,
+    shutdown: CancellationToken,
+    router: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+}
+
+impl TestSystem {
+    /// Starts everything, the router in-process.
+    pub async fn start(destinations: Vec<TestDestination>) -> Self {
+        let mut system = Self::start_without_router(destinations).await;
+        system.start_router();
+        system
+    }
+
+    /// Starts Redis, the mock destinations and the gateway; no router.
+    pub async fn start_without_router(destinations: Vec<TestDestination>) -> Self {
+        init_tracing();
+        let redis = RedisServer::start().await;
+        let shutdown = CancellationToken::new();
+
+        let recorder = Arc::new(Recorder::default());
+        let mock_listener = TcpListener::bind("127.0.0.1:0").expect("bind mock");
+        let mock_url = format!("http://{}", mock_listener.local_addr().expect("addr"));
+        tokio::spawn(mock_destinations::run(mock_listener, recorder.clone(), shutdown.clone()));
+
+        let mut gateway_config = gateway::Config::defaults();
+        gateway_config.redis.url = redis.url().to_owned();
+        gateway_config.redis.shards = SHARDS;
+        gateway_config.workers = 2;
+        let gateway_listener = TcpListener::bind("127.0.0.1:0").expect("bind gateway");
+        let gateway_url = format!("http://{}", gateway_listener.local_addr().expect("addr"));
+        let keys = Keys::new(gateway_config.redis.key_prefix.clone());
+        tokio::spawn(gateway::run(gateway_config, gateway_listener, shutdown.clone()));
+
+        let system = Self {
+            redis,
+            recorder,
+            mock_url,
+            gateway_url,
+            destinations,
+            http: reqwest::Client::new(),
+            keys,
+            shutdown,
+            router: None,
+        };
+        let ready = format!("{}/readyz", system.gateway_url);
+        let http = system.http.clone();
+        wait_for("the gateway to be ready", Duration::from_secs(10), || {
+            let (http, ready) = (http.clone(), ready.clone());
+            async move { http.get(&ready).send().await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        system
+    }
+
+    /// The router config for this system's destinations.
+    pub fn router_config(&self) -> router::Config {
+        let mut config = router::Config::defaults();
+        config.redis.url = self.redis.url().to_owned();
+        config.redis.shards = SHARDS;
+        config.reader.block_ms = 200;
+        config.shutdown_grace_ms = 2000;
+        config.destinations = self
+            .destinations
+            .iter()
+            .map(|d| router::config::DestinationConfig {
+                name: d.name.clone(),
+                url: format!("{}{}", self.mock_url, d.path),
+                timeout_ms: d.timeout_ms,
+                max_concurrency: d.max_concurrency,
+                headers: Default::default(),
+                retry: d.retry,
+            })
+            .collect();
+        config
+    }
+
+    /// The same config as TOML, for a router run as a child process.
+    pub fn router_config_toml(&self) -> String {
+        let config = self.router_config();
+        let mut toml = format!(
+            "shutdown_grace_ms = {}\n[redis]\nurl = \"{}\"\nshards = {}\n[reader]\nbatch_size = 100\nblock_ms = {}\nwindow = 1000\n",
+            config.shutdown_grace_ms, config.redis.url, config.redis.shards, config.reader.block_ms
+        );
+        for d in &config.destinations {
+            toml.push_str(&format!(
+                "[[destinations]]\nname = \"{}\"\nurl = \"{}\"\ntimeout_ms = {}\nmax_concurrency = {}\nretry = {{ initial_delay_ms = {}, max_delay_ms = {}, max_attempts = {} }}\n",
+                d.name, d.url, d.timeout_ms, d.max_concurrency, d.retry.initial_delay_ms, d.retry.max_delay_ms, d.retry.max_attempts
+            ));
+        }
+        toml
+    }
+
+    pub fn start_router(&mut self) {
+        let token = self.shutdown.child_token();
+        let handle = tokio::spawn(router::run(self.router_config(), token.clone()));
+        self.router = Some((token, handle));
+    }
+
+    /// Stops the in-process router gracefully and waits for it.
+    pub async fn stop_router(&mut self) {
+        if let Some((token, handle)) = self.router.take() {
+            token.cancel();
+            handle.await.expect("router task").expect("router stops cleanly");
+        }
+    }
+
+    pub fn path_of(&self, destination: &str) -> &str {
+        &self.destinations.iter().find(|d| d.name == destination).expect("known destination").path
+    }
+
+    /// What the mock path of `destination` received.
+    pub fn received(&self, destination: &str) -> PathSummary {
+        self.recorder.summary(self.path_of(destination))
+    }
+
+    /// POSTs a JSON body to a gateway path.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.gateway_url))
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POSTs one event and returns its id, insisting on 202.
+    pub async fn send(&self, user: &str, payload: Value) -> String {
+        let (status, body) = self.post("/v1/events", &serde_json::json!({ "userId": user, "payload": payload })).await;
+        assert_eq!(status, 202, "event rejected: {body}");
+        body["id"].as_str().expect("id in 202 body").to_owned()
+    }
+
+    /// Waits until `destination` has received `count` distinct events with 2xx.
+    pub async fn wait_delivered(&self, destination: &str, count: usize, timeout: Duration) {
+        let what = format!("{count} events delivered to {destination}");
+        wait_for(&what, timeout, || async { self.received(destination).unique >= count }).await;
+    }
+
+    /// Entries pending (read, not acknowledged) for `destination` over all shards.
+    pub async fn pending(&self, destination: &str) -> u64 {
+        let mut con = self.redis.connection().await;
+        let mut total = 0;
+        for shard in 0..SHARDS {
+            // The summary form: [count, smallest id, largest id, consumers].
+            let reply: redis::RedisResult<(u64, redis::Value, redis::Value, redis::Value)> = redis::cmd("XPENDING")
+                .arg(self.keys.events(shard))
+                .arg(destination)
+                .query_async(&mut con)
+                .await;
+            total += reply.map_or(0, |r| r.0);
+        }
+        total
+    }
+
+    /// Dead-letter entries of `destination` over all shards, as field maps.
+    pub async fn dead_letters(&self, destination: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let mut con = self.redis.connection().await;
+        let mut letters = Vec::new();
+        for shard in 0..SHARDS {
+            let entries: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+                .arg(self.keys.dead_letters(shard, destination))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut con)
+                .await
+                .expect("XRANGE works");
+            letters.extend(entries.into_iter().map(|(_, fields)| fields));
+        }
+        letters
+    }
+
+    /// Total entries in all shard streams.
+    pub async fn stream_lengths(&self) -> u64 {
+        let mut con = self.redis.connection().await;
+        let mut total = 0;
+        for shard in 0..SHARDS {
+            let length: u64 = redis::cmd("XLEN").arg(self.keys.events(shard)).query_async(&mut con).await.expect("XLEN works");
+            total += length;
+        }
+        total
+    }
+}
+
+impl Drop for TestSystem {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Two user ids that hash to the same shard.
+pub fn users_in_one_shard() -> (String, String) {
+    let first = "user-a".to_owned();
+    let shard = protocol::shard_for(&first, SHARDS);
+    let second = (0..)
+        .map(|i| format!("user-b{i}"))
+        .find(|u| protocol::shard_for(u, SHARDS) == shard)
+        .expect("some user shares the shard");
+    (first, second)
+}
+
+/// A built binary of this workspace (`cargo build` puts it beside the test's deps dir).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
