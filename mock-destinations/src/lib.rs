@@ -34,7 +34,11 @@ use tokio_util::sync::CancellationToken;
 pub use recorder::{PathSummary, Received, Recorder};
 
 /// Serves the mock paths on `listener` until `shutdown` is cancelled.
-pub async fn run(listener: TcpListener, recorder: Arc<Recorder>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    recorder: Arc<Recorder>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let recorder = web::Data::from(recorder);
     tracing::info!(address = %listener.local_addr()?, "Mock destinations listening.");
     let server = HttpServer::new(move || {
@@ -59,14 +63,30 @@ pub async fn run(listener: TcpListener, recorder: Arc<Recorder>, shutdown: Cance
 }
 
 fn now_ms() -> u64 {
-    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
 }
 
-async fn webhook(request: HttpRequest, body: web::Bytes, recorder: web::Data<Recorder>) -> HttpResponse {
+async fn webhook(
+    request: HttpRequest,
+    body: web::Bytes,
+    recorder: web::Data<Recorder>,
+) -> HttpResponse {
     let path = request.path().to_owned();
     let now = now_ms();
     let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let id = header("webhook-id")
         .or_else(|| event["id"].as_str().map(str::to_owned))
         .unwrap_or_default();
@@ -124,7 +144,17 @@ async fn webhook(request: HttpRequest, body: web::Bytes, recorder: web::Data<Rec
         .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
         .map(|at| now.saturating_sub(u64::try_from(at.as_millis()).unwrap_or(u64::MAX)));
     tracing::info!(path = %path, event_id = %id, user = %user, attempt, status = status.as_u16(), "Webhook received.");
-    recorder.record(&path, Received { id, user, attempt, status: status.as_u16(), at_ms: now_ms(), latency_ms });
+    recorder.record(
+        &path,
+        Received {
+            id,
+            user,
+            attempt,
+            status: status.as_u16(),
+            at_ms: now_ms(),
+            latency_ms,
+        },
+    );
     let mut response = HttpResponse::build(status);
     if let Some(seconds) = retry_after {
         response.insert_header(("retry-after", seconds.to_string()));
@@ -145,7 +175,10 @@ async fn received(query: web::Query<ReceivedQuery>, recorder: web::Data<Recorder
             let summaries: Vec<PathSummary> = recorder
                 .paths()
                 .iter()
-                .map(|path| PathSummary { events: Vec::new(), ..recorder.summary(path) })
+                .map(|path| PathSummary {
+                    events: Vec::new(),
+                    ..recorder.summary(path)
+                })
                 .collect();
             HttpResponse::Ok().json(summaries)
         }

@@ -46,20 +46,27 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn record(&self, path: &str, received: Received) {
-        self.lock().entry(path.to_owned()).or_default().push(received);
+        self.lock()
+            .entry(path.to_owned())
+            .or_default()
+            .push(received);
     }
 
     /// Attempts seen so far for `event_id` on `path`.
     pub fn attempts(&self, path: &str, event_id: &str) -> usize {
-        self.lock()
-            .get(path)
-            .map_or(0, |requests| requests.iter().filter(|r| r.id == event_id).count())
+        self.lock().get(path).map_or(0, |requests| {
+            requests.iter().filter(|r| r.id == event_id).count()
+        })
     }
 
     /// Requests that reached `path` within the last second.
     pub fn requests_in_last_second(&self, path: &str, now_ms: u64) -> usize {
         self.lock().get(path).map_or(0, |requests| {
-            requests.iter().rev().take_while(|r| r.at_ms + 1000 > now_ms).count()
+            requests
+                .iter()
+                .rev()
+                .take_while(|r| r.at_ms + 1000 > now_ms)
+                .count()
         })
     }
 
@@ -93,7 +100,9 @@ fn summarize(path: &str, events: Vec<Received>) -> PathSummary {
             duplicates += 1;
             continue;
         }
-        let Ok(id) = event.id.parse::<EventId>() else { continue };
+        let Ok(id) = event.id.parse::<EventId>() else {
+            continue;
+        };
         match newest_per_user.get(event.user.as_str()) {
             Some(newest) if id < *newest => order_violations += 1,
             _ => {
@@ -117,7 +126,14 @@ mod tests {
     use super::*;
 
     fn delivery(id: &str, user: &str, status: u16) -> Received {
-        Received { id: id.into(), user: user.into(), attempt: 1, status, at_ms: 0, latency_ms: None }
+        Received {
+            id: id.into(),
+            user: user.into(),
+            attempt: 1,
+            status,
+            at_ms: 0,
+            latency_ms: None,
+        }
     }
 
     #[test]

@@ -95,7 +95,11 @@ impl Config {
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
         if let Some(file) = file {
-            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
             figment = figment.merge(Toml::file(file));
         }
         let config: Self = figment
@@ -135,7 +139,10 @@ impl Config {
         for destination in &self.destinations {
             destination.validate()?;
             if !names.insert(&destination.name) {
-                return Err(format!("destination name `{}` is used twice", destination.name));
+                return Err(format!(
+                    "destination name `{}` is used twice",
+                    destination.name
+                ));
             }
         }
         Ok(())
@@ -147,30 +154,40 @@ impl DestinationConfig {
         let name = &self.name;
         let valid_name = !name.is_empty()
             && name.len() <= 64
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid_name {
             return Err(format!(
                 "destination name `{name}` must be 1 to 64 letters, digits, `-` or `_`"
             ));
         }
-        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("destination `{name}`: url `{}` is invalid: {e}", self.url))?;
+        let url = reqwest::Url::parse(&self.url)
+            .map_err(|e| format!("destination `{name}`: url `{}` is invalid: {e}", self.url))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("destination `{name}`: url must be http or https"));
         }
         if self.timeout_ms == 0 || self.max_concurrency == 0 {
-            return Err(format!("destination `{name}`: timeout_ms and max_concurrency must be positive"));
+            return Err(format!(
+                "destination `{name}`: timeout_ms and max_concurrency must be positive"
+            ));
         }
         let retry = self.retry;
-        if retry.max_attempts == 0 || retry.initial_delay_ms == 0 || retry.max_delay_ms < retry.initial_delay_ms {
+        if retry.max_attempts == 0
+            || retry.initial_delay_ms == 0
+            || retry.max_delay_ms < retry.initial_delay_ms
+        {
             return Err(format!(
                 "destination `{name}`: retry needs max_attempts ≥ 1 and 0 < initial_delay_ms ≤ max_delay_ms"
             ));
         }
         for (header, value) in &self.headers {
-            reqwest::header::HeaderName::from_bytes(header.as_bytes())
-                .map_err(|_| format!("destination `{name}`: `{header}` is not a valid header name"))?;
-            reqwest::header::HeaderValue::from_str(value)
-                .map_err(|_| format!("destination `{name}`: header `{header}` has an invalid value"))?;
+            reqwest::header::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+                format!("destination `{name}`: `{header}` is not a valid header name")
+            })?;
+            reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                format!("destination `{name}`: header `{header}` has an invalid value")
+            })?;
         }
         Ok(())
     }

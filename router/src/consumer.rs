@@ -147,7 +147,12 @@ impl GroupConsumer {
     }
 
     /// Reads up to `count` entries. Reading new entries blocks up to `block`.
-    pub async fn read(&self, from: &ReadFrom, count: usize, block: Duration) -> Result<Vec<Entry>, ConsumerError> {
+    pub async fn read(
+        &self,
+        from: &ReadFrom,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, ConsumerError> {
         let mut command = redis::cmd("XREADGROUP");
         command
             .arg("GROUP")
@@ -157,7 +162,9 @@ impl GroupConsumer {
             .arg(count);
         let id = match from {
             ReadFrom::New => {
-                command.arg("BLOCK").arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
+                command
+                    .arg("BLOCK")
+                    .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
                 ">"
             }
             ReadFrom::Pending(after) => after.as_str(),
@@ -179,7 +186,11 @@ impl GroupConsumer {
 
     /// Records the dead letter and acknowledges the entry in one MULTI: both
     /// keys share the shard's hash tag, so this is atomic on a cluster too.
-    pub async fn dead_letter(&self, entry: &Entry, letter: &DeadLetter<'_>) -> Result<(), ConsumerError> {
+    pub async fn dead_letter(
+        &self,
+        entry: &Entry,
+        letter: &DeadLetter<'_>,
+    ) -> Result<(), ConsumerError> {
         let failed_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -195,7 +206,11 @@ impl GroupConsumer {
             .arg("attempts")
             .arg(letter.attempts)
             .arg("last_status")
-            .arg(letter.last_status.map_or_else(String::new, |s| s.to_string()))
+            .arg(
+                letter
+                    .last_status
+                    .map_or_else(String::new, |s| s.to_string()),
+            )
             .arg("last_error")
             .arg(letter.last_error)
             .arg("failed_at")
@@ -205,7 +220,10 @@ impl GroupConsumer {
                 xadd.arg(field).arg(value);
             }
         }
-        pipe.cmd("XACK").arg(&self.stream).arg(&self.group).arg(&entry.stream_id);
+        pipe.cmd("XACK")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&entry.stream_id);
         let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
         Ok(())
     }
@@ -242,7 +260,8 @@ fn parse_entry(item: Value) -> Result<Entry, ConsumerError> {
         return Err(ConsumerError::Reply("entry is not [id, fields]".into()));
     }
     let fields = parts.pop().unwrap_or(Value::Nil);
-    let stream_id = text(parts.pop().unwrap_or(Value::Nil)).ok_or_else(|| ConsumerError::Reply("entry id is not text".into()))?;
+    let stream_id = text(parts.pop().unwrap_or(Value::Nil))
+        .ok_or_else(|| ConsumerError::Reply("entry id is not text".into()))?;
     let content = match fields {
         Value::Nil => EntryContent::Deleted,
         Value::Array(values) => {
@@ -250,7 +269,9 @@ fn parse_entry(item: Value) -> Result<Entry, ConsumerError> {
             match texts {
                 None => EntryContent::Malformed("a field is not UTF-8 text".into()),
                 Some(texts) => {
-                    let pairs = texts.chunks_exact(2).map(|pair| (pair[0].as_str(), pair[1].as_str()));
+                    let pairs = texts
+                        .chunks_exact(2)
+                        .map(|pair| (pair[0].as_str(), pair[1].as_str()));
                     match EventEntry::from_fields(pairs) {
                         Ok(event) => EntryContent::Event(event),
                         Err(error) => EntryContent::Malformed(error.to_string()),
@@ -286,15 +307,27 @@ mod tests {
             Value::Array(vec![
                 Value::Array(vec![
                     bulk("5-0"),
-                    Value::Array(vec![bulk("user"), bulk("u1"), bulk("payload"), bulk("{}"), bulk("received_at"), bulk("9")]),
+                    Value::Array(vec![
+                        bulk("user"),
+                        bulk("u1"),
+                        bulk("payload"),
+                        bulk("{}"),
+                        bulk("received_at"),
+                        bulk("9"),
+                    ]),
                 ]),
                 Value::Array(vec![bulk("6-0"), Value::Nil]),
-                Value::Array(vec![bulk("7-0"), Value::Array(vec![bulk("user"), bulk("u1")])]),
+                Value::Array(vec![
+                    bulk("7-0"),
+                    Value::Array(vec![bulk("user"), bulk("u1")]),
+                ]),
             ]),
         ])]);
         let entries = parse_read_reply(reply).expect("parses");
         assert_eq!(entries.len(), 3);
-        assert!(matches!(&entries[0].content, EntryContent::Event(e) if e.user_id == "u1" && e.received_at_ms == 9));
+        assert!(
+            matches!(&entries[0].content, EntryContent::Event(e) if e.user_id == "u1" && e.received_at_ms == 9)
+        );
         assert!(matches!(entries[1].content, EntryContent::Deleted));
         assert!(matches!(entries[2].content, EntryContent::Malformed(_)));
         assert!(parse_read_reply(Value::Nil).expect("parses").is_empty());

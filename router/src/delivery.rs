@@ -66,9 +66,14 @@ struct DeliveryBody<'a> {
 
 /// Builds the request body once per event; the payload text is embedded as
 /// received, never re-serialized.
-pub fn request_body(event_id: &str, user_id: &str, payload: &str, received_at_ms: u64) -> Result<String, String> {
-    let payload: &RawValue =
-        serde_json::from_str(payload).map_err(|e| format!("stored payload is not valid JSON: {e}"))?;
+pub fn request_body(
+    event_id: &str,
+    user_id: &str,
+    payload: &str,
+    received_at_ms: u64,
+) -> Result<String, String> {
+    let payload: &RawValue = serde_json::from_str(payload)
+        .map_err(|e| format!("stored payload is not valid JSON: {e}"))?;
     let received_at = UNIX_EPOCH + Duration::from_millis(received_at_ms);
     serde_json::to_string(&DeliveryBody {
         id: event_id,
@@ -95,7 +100,10 @@ impl Destination {
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             // Config validation has already checked both.
-            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
                 headers.insert(name, value);
             }
         }
@@ -117,14 +125,22 @@ impl Destination {
     }
 
     /// Makes one attempt, waiting for a free concurrency slot first.
-    pub async fn attempt(&self, event_id: &str, body: &str, attempt: u32) -> (AttemptOutcome, Duration) {
+    pub async fn attempt(
+        &self,
+        event_id: &str,
+        body: &str,
+        attempt: u32,
+    ) -> (AttemptOutcome, Duration) {
         let _slot = self
             .in_flight
             .acquire()
             .await
             .expect("the concurrency semaphore is never closed");
         let started = Instant::now();
-        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let response = self
             .client
             .post(self.url.clone())
@@ -162,7 +178,9 @@ async fn outcome_of(response: reqwest::Response) -> AttemptOutcome {
     let body = read_prefix(response).await;
     let code = Some(status.as_u16());
     match class {
-        StatusClass::Success => AttemptOutcome::Delivered { status: status.as_u16() },
+        StatusClass::Success => AttemptOutcome::Delivered {
+            status: status.as_u16(),
+        },
         StatusClass::Retryable => AttemptOutcome::Retry {
             status: code,
             error: format!("HTTP {status}: {body}"),

@@ -34,7 +34,8 @@ use worker::WorkerSettings;
 /// in-flight attempts finish within the grace period and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = Keys::new(config.redis.key_prefix.clone());
-    let Some(mut commands) = connect(&config, &shutdown, Some(config.redis.timeout())).await? else {
+    let Some(mut commands) = connect(&config, &shutdown, Some(config.redis.timeout())).await?
+    else {
         return Ok(());
     };
     protocol::ensure_shard_count(&mut commands, &keys, config.redis.shards)
@@ -43,7 +44,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     register_destinations(&mut commands, &keys, &config).await?;
     let mut command_connections = vec![commands];
     while command_connections.len() < config.redis.connections {
-        let Some(connection) = connect(&config, &shutdown, Some(config.redis.timeout())).await? else {
+        let Some(connection) = connect(&config, &shutdown, Some(config.redis.timeout())).await?
+        else {
             return Ok(());
         };
         command_connections.push(connection);
@@ -65,15 +67,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let Some(blocking) = connect(&config, &shutdown, Some(blocking_timeout)).await? else {
                 return Ok(());
             };
-            let commands = command_connections[usize::from(shard) % command_connections.len()].clone();
-            let consumer = GroupConsumer::new(&keys, shard, &destination.name, &config.consumer_name, blocking, commands);
+            let commands =
+                command_connections[usize::from(shard) % command_connections.len()].clone();
+            let consumer = GroupConsumer::new(
+                &keys,
+                shard,
+                &destination.name,
+                &config.consumer_name,
+                blocking,
+                commands,
+            );
             let settings = WorkerSettings {
                 batch_size: config.reader.batch_size,
                 block,
                 window: config.reader.window,
                 shutdown_grace: config.shutdown_grace(),
             };
-            tracker.spawn(worker::run(consumer, destination.clone(), settings, shutdown.clone()));
+            tracker.spawn(worker::run(
+                consumer,
+                destination.clone(),
+                settings,
+                shutdown.clone(),
+            ));
             workers += 1;
         }
     }
@@ -93,13 +108,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 /// Publishes the configured destination names, which the gateway checks
 /// per-event destination filters against.
-async fn register_destinations(con: &mut ConnectionManager, keys: &Keys, config: &Config) -> anyhow::Result<()> {
+async fn register_destinations(
+    con: &mut ConnectionManager,
+    keys: &Keys,
+    config: &Config,
+) -> anyhow::Result<()> {
     let mut pipe = redis::pipe();
     pipe.atomic().del(keys.destinations());
     for destination in &config.destinations {
         pipe.sadd(keys.destinations(), &destination.name);
     }
-    let _: redis::Value = pipe.query_async(con).await.context("cannot register destinations")?;
+    let _: redis::Value = pipe
+        .query_async(con)
+        .await
+        .context("cannot register destinations")?;
     Ok(())
 }
 
@@ -113,7 +135,9 @@ async fn connect(
     loop {
         match config.redis.connect(response_timeout).await {
             Ok(connection) => return Ok(Some(connection)),
-            Err(error) => tracing::warn!(%error, url = %config.redis.url, "Redis unreachable; retrying."),
+            Err(error) => {
+                tracing::warn!(%error, url = %config.redis.url, "Redis unreachable; retrying.")
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(None),

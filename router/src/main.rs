@@ -15,7 +15,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = router::Config::load(args.config.as_deref())?;
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

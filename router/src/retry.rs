@@ -37,7 +37,9 @@ impl RetryPolicy {
     pub fn delay_after(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let doublings = attempt.saturating_sub(1).min(31);
         let backoff = self.initial.saturating_mul(1 << doublings);
-        backoff.max(retry_after.unwrap_or_default()).min(self.max_delay)
+        backoff
+            .max(retry_after.unwrap_or_default())
+            .min(self.max_delay)
     }
 }
 
@@ -56,21 +58,38 @@ mod tests {
 
     #[test]
     fn delays_double_until_the_cap() {
-        let delays: Vec<u128> = (1..=12).map(|a| policy().delay_after(a, None).as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000]);
+        let delays: Vec<u128> = (1..=12)
+            .map(|a| policy().delay_after(a, None).as_millis())
+            .collect();
+        assert_eq!(
+            delays,
+            [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000]
+        );
     }
 
     #[test]
     fn huge_attempt_numbers_do_not_overflow() {
-        assert_eq!(policy().delay_after(u32::MAX, None), Duration::from_secs(30));
+        assert_eq!(
+            policy().delay_after(u32::MAX, None),
+            Duration::from_secs(30)
+        );
     }
 
     #[test]
     fn retry_after_is_honoured_but_clamped() {
-        assert_eq!(policy().delay_after(1, Some(Duration::from_secs(2))), Duration::from_secs(2));
-        assert_eq!(policy().delay_after(1, Some(Duration::from_secs(3600))), Duration::from_secs(30));
+        assert_eq!(
+            policy().delay_after(1, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            policy().delay_after(1, Some(Duration::from_secs(3600))),
+            Duration::from_secs(30)
+        );
         // A Retry-After shorter than the backoff does not shorten it.
-        assert_eq!(policy().delay_after(4, Some(Duration::ZERO)), Duration::from_millis(800));
+        assert_eq!(
+            policy().delay_after(4, Some(Duration::ZERO)),
+            Duration::from_millis(800)
+        );
     }
 
     #[test]

@@ -124,7 +124,8 @@ impl Dispatcher {
             match self.queued.get_mut(ordering_key(&entry)) {
                 Some(waiting) => waiting.push_back(entry),
                 None => {
-                    self.queued.insert(ordering_key(&entry).to_owned(), VecDeque::new());
+                    self.queued
+                        .insert(ordering_key(&entry).to_owned(), VecDeque::new());
                     self.start(entry);
                 }
             }
@@ -234,7 +235,10 @@ async fn read_loop(
                 window.add_permits(taken);
                 failures += 1;
                 if error.is_missing_group() {
-                    tracing::warn!(shard = consumer.shard(), "Consumer group missing; recreating it.");
+                    tracing::warn!(
+                        shard = consumer.shard(),
+                        "Consumer group missing; recreating it."
+                    );
                     prepared = false;
                 } else {
                     tracing::warn!(shard = consumer.shard(), %error, "Reading the stream failed; retrying.");
@@ -254,7 +258,11 @@ async fn prepare(consumer: &GroupConsumer) -> Result<(), ConsumerError> {
     consumer.ensure_group().await?;
     let claimed = consumer.claim_pending_of_others().await?;
     if claimed > 0 {
-        tracing::info!(shard = consumer.shard(), claimed, "Claimed entries pending on other consumers.");
+        tracing::info!(
+            shard = consumer.shard(),
+            claimed,
+            "Claimed entries pending on other consumers."
+        );
     }
     Ok(())
 }
@@ -272,7 +280,12 @@ async fn pause(shutdown: &CancellationToken, failures: u32) -> bool {
 
 /// Takes one entry to a terminal outcome and records it, or abandons it at
 /// shutdown.
-async fn process(consumer: Arc<GroupConsumer>, destination: Arc<Destination>, entry: Entry, shutdown: CancellationToken) {
+async fn process(
+    consumer: Arc<GroupConsumer>,
+    destination: Arc<Destination>,
+    entry: Entry,
+    shutdown: CancellationToken,
+) {
     let shard = consumer.shard();
     let event_id = format!("{shard}-{}", entry.stream_id);
     let event = match &entry.content {
@@ -284,15 +297,30 @@ async fn process(consumer: Arc<GroupConsumer>, destination: Arc<Destination>, en
         EntryContent::Malformed(reason) => {
             let reason = format!("malformed stream entry: {reason}");
             tracing::error!(%event_id, destination = %destination.name, %reason, "Dead-lettering unreadable entry.");
-            let letter = DeadLetter { event_id: &event_id, attempts: 0, last_status: None, last_error: &reason };
+            let letter = DeadLetter {
+                event_id: &event_id,
+                attempts: 0,
+                last_status: None,
+                last_error: &reason,
+            };
             record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
             return;
         }
     };
-    let body = match request_body(&event_id, &event.user_id, &event.payload, event.received_at_ms) {
+    let body = match request_body(
+        &event_id,
+        &event.user_id,
+        &event.payload,
+        event.received_at_ms,
+    ) {
         Ok(body) => body,
         Err(reason) => {
-            let letter = DeadLetter { event_id: &event_id, attempts: 0, last_status: None, last_error: &reason };
+            let letter = DeadLetter {
+                event_id: &event_id,
+                attempts: 0,
+                last_status: None,
+                last_error: &reason,
+            };
             record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
             return;
         }
@@ -309,15 +337,25 @@ async fn process(consumer: Arc<GroupConsumer>, destination: Arc<Destination>, en
                 record(&shutdown, || consumer.ack(&entry.stream_id)).await;
                 return;
             }
-            AttemptOutcome::Retry { status, error, .. } | AttemptOutcome::Dead { status, error } => (*status, error),
+            AttemptOutcome::Retry { status, error, .. }
+            | AttemptOutcome::Dead { status, error } => (*status, error),
         };
         let retry_after = match &outcome {
-            AttemptOutcome::Retry { retry_after, .. } if destination.retry.allows_another(attempt) => Some(*retry_after),
+            AttemptOutcome::Retry { retry_after, .. }
+                if destination.retry.allows_another(attempt) =>
+            {
+                Some(*retry_after)
+            }
             _ => None,
         };
         let Some(retry_after) = retry_after else {
             tracing::warn!(%event_id, user, destination = name, shard, attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
-            let letter = DeadLetter { event_id: &event_id, attempts: attempt, last_status: status, last_error: error };
+            let letter = DeadLetter {
+                event_id: &event_id,
+                attempts: attempt,
+                last_status: status,
+                last_error: error,
+            };
             record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
             return;
         };
@@ -344,7 +382,9 @@ where
     while let Err(error) = write().await {
         failures += 1;
         tracing::warn!(%error, failures, "Recording a terminal outcome failed; retrying.");
-        let delay = Duration::from_millis(50).saturating_mul(1 << failures.min(10)).min(MAX_REDIS_BACKOFF);
+        let delay = Duration::from_millis(50)
+            .saturating_mul(1 << failures.min(10))
+            .min(MAX_REDIS_BACKOFF);
         if shutdown.is_cancelled() && failures > 3 {
             return;
         }

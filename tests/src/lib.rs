@@ -28,7 +28,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -36,7 +39,10 @@ where
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn init_tracing() {
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
     }
 }
 
@@ -57,14 +63,22 @@ impl TestDestination {
         Self {
             name: name.into(),
             path: path.into(),
-            retry: router::config::RetryConfig { initial_delay_ms: 10, max_delay_ms: 1000, max_attempts: 5 },
+            retry: router::config::RetryConfig {
+                initial_delay_ms: 10,
+                max_delay_ms: 1000,
+                max_attempts: 5,
+            },
             timeout_ms: 2000,
             max_concurrency: 64,
         }
     }
 
     pub fn retry(mut self, initial_delay_ms: u64, max_delay_ms: u64, max_attempts: u32) -> Self {
-        self.retry = router::config::RetryConfig { initial_delay_ms, max_delay_ms, max_attempts };
+        self.retry = router::config::RetryConfig {
+            initial_delay_ms,
+            max_delay_ms,
+            max_attempts,
+        };
         self
     }
 
@@ -109,7 +123,11 @@ impl TestSystem {
         let recorder = Arc::new(Recorder::default());
         let mock_listener = TcpListener::bind("127.0.0.1:0").expect("bind mock");
         let mock_url = format!("http://{}", mock_listener.local_addr().expect("addr"));
-        tokio::spawn(mock_destinations::run(mock_listener, recorder.clone(), shutdown.clone()));
+        tokio::spawn(mock_destinations::run(
+            mock_listener,
+            recorder.clone(),
+            shutdown.clone(),
+        ));
 
         let mut gateway_config = gateway::Config::defaults();
         gateway_config.redis.url = redis.url().to_owned();
@@ -118,7 +136,11 @@ impl TestSystem {
         let gateway_listener = TcpListener::bind("127.0.0.1:0").expect("bind gateway");
         let gateway_url = format!("http://{}", gateway_listener.local_addr().expect("addr"));
         let keys = Keys::new(gateway_config.redis.key_prefix.clone());
-        tokio::spawn(gateway::run(gateway_config, gateway_listener, shutdown.clone()));
+        tokio::spawn(gateway::run(
+            gateway_config,
+            gateway_listener,
+            shutdown.clone(),
+        ));
 
         let system = Self {
             redis,
@@ -135,7 +157,12 @@ impl TestSystem {
         let http = system.http.clone();
         wait_for("the gateway to be ready", Duration::from_secs(10), || {
             let (http, ready) = (http.clone(), ready.clone());
-            async move { http.get(&ready).send().await.is_ok_and(|r| r.status().is_success()) }
+            async move {
+                http.get(&ready)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
         })
         .await;
         system
@@ -189,12 +216,20 @@ impl TestSystem {
     pub async fn stop_router(&mut self) {
         if let Some((token, handle)) = self.router.take() {
             token.cancel();
-            handle.await.expect("router task").expect("router stops cleanly");
+            handle
+                .await
+                .expect("router task")
+                .expect("router stops cleanly");
         }
     }
 
     pub fn path_of(&self, destination: &str) -> &str {
-        &self.destinations.iter().find(|d| d.name == destination).expect("known destination").path
+        &self
+            .destinations
+            .iter()
+            .find(|d| d.name == destination)
+            .expect("known destination")
+            .path
     }
 
     /// What the mock path of `destination` received.
@@ -217,7 +252,12 @@ impl TestSystem {
 
     /// POSTs one event and returns its id, insisting on 202.
     pub async fn send(&self, user: &str, payload: Value) -> String {
-        let (status, body) = self.post("/v1/events", &serde_json::json!({ "userId": user, "payload": payload })).await;
+        let (status, body) = self
+            .post(
+                "/v1/events",
+                &serde_json::json!({ "userId": user, "payload": payload }),
+            )
+            .await;
         assert_eq!(status, 202, "event rejected: {body}");
         body["id"].as_str().expect("id in 202 body").to_owned()
     }
@@ -225,7 +265,10 @@ impl TestSystem {
     /// Waits until `destination` has received `count` distinct events with 2xx.
     pub async fn wait_delivered(&self, destination: &str, count: usize, timeout: Duration) {
         let what = format!("{count} events delivered to {destination}");
-        wait_for(&what, timeout, || async { self.received(destination).unique >= count }).await;
+        wait_for(&what, timeout, || async {
+            self.received(destination).unique >= count
+        })
+        .await;
     }
 
     /// Entries pending (read, not acknowledged) for `destination` over all shards.
@@ -234,28 +277,33 @@ impl TestSystem {
         let mut total = 0;
         for shard in 0..SHARDS {
             // The summary form: [count, smallest id, largest id, consumers].
-            let reply: redis::RedisResult<(u64, redis::Value, redis::Value, redis::Value)> = redis::cmd("XPENDING")
-                .arg(self.keys.events(shard))
-                .arg(destination)
-                .query_async(&mut con)
-                .await;
+            let reply: redis::RedisResult<(u64, redis::Value, redis::Value, redis::Value)> =
+                redis::cmd("XPENDING")
+                    .arg(self.keys.events(shard))
+                    .arg(destination)
+                    .query_async(&mut con)
+                    .await;
             total += reply.map_or(0, |r| r.0);
         }
         total
     }
 
     /// Dead-letter entries of `destination` over all shards, as field maps.
-    pub async fn dead_letters(&self, destination: &str) -> Vec<std::collections::HashMap<String, String>> {
+    pub async fn dead_letters(
+        &self,
+        destination: &str,
+    ) -> Vec<std::collections::HashMap<String, String>> {
         let mut con = self.redis.connection().await;
         let mut letters = Vec::new();
         for shard in 0..SHARDS {
-            let entries: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
-                .arg(self.keys.dead_letters(shard, destination))
-                .arg("-")
-                .arg("+")
-                .query_async(&mut con)
-                .await
-                .expect("XRANGE works");
+            let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+                redis::cmd("XRANGE")
+                    .arg(self.keys.dead_letters(shard, destination))
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut con)
+                    .await
+                    .expect("XRANGE works");
             letters.extend(entries.into_iter().map(|(_, fields)| fields));
         }
         letters
@@ -266,7 +314,11 @@ impl TestSystem {
         let mut con = self.redis.connection().await;
         let mut total = 0;
         for shard in 0..SHARDS {
-            let length: u64 = redis::cmd("XLEN").arg(self.keys.events(shard)).query_async(&mut con).await.expect("XLEN works");
+            let length: u64 = redis::cmd("XLEN")
+                .arg(self.keys.events(shard))
+                .query_async(&mut con)
+                .await
+                .expect("XLEN works");
             total += length;
         }
         total
@@ -293,7 +345,10 @@ pub fn users_in_one_shard() -> (String, String) {
 /// A built binary of this workspace (`cargo build` puts it beside the test's deps dir).
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
     let path = dir.join(name);
     assert!(
         path.exists(),

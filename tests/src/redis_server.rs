@@ -47,7 +47,14 @@ mod imp {
                     .port();
                 let dir = tempfile::tempdir().expect("a temp dir");
                 let child = Command::new(&binary)
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                    ])
                     .args(["--appendonly", "yes", "--appendfsync", "everysec"])
                     .args(["--maxmemory-policy", "noeviction"])
                     .arg("--dir")
@@ -55,10 +62,17 @@ mod imp {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
-                    .unwrap_or_else(|e| panic!("cannot run {binary} (install redis-server or set REDIS_SERVER): {e}"));
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "cannot run {binary} (install redis-server or set REDIS_SERVER): {e}"
+                        )
+                    });
                 let server = RedisServer {
                     url: format!("redis://127.0.0.1:{port}"),
-                    inner: Inner { child: Some(child), _dir: dir },
+                    inner: Inner {
+                        child: Some(child),
+                        _dir: dir,
+                    },
                 };
                 if server.wait_ready(Duration::from_secs(5)).await {
                     return server;
@@ -72,7 +86,11 @@ mod imp {
             let client = redis::Client::open(self.url()).expect("valid url");
             while Instant::now() < deadline {
                 if let Ok(mut con) = client.get_multiplexed_async_connection().await {
-                    if redis::cmd("PING").query_async::<String>(&mut con).await.is_ok() {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut con)
+                        .await
+                        .is_ok()
+                    {
                         return true;
                     }
                 }
@@ -120,14 +138,25 @@ mod imp {
             let container = GenericImage::new("redis", IMAGE_TAG)
                 .with_exposed_port(6379.tcp())
                 .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
-                .with_cmd(["redis-server", "--appendonly", "yes", "--maxmemory-policy", "noeviction"])
+                .with_cmd([
+                    "redis-server",
+                    "--appendonly",
+                    "yes",
+                    "--maxmemory-policy",
+                    "noeviction",
+                ])
                 .start()
                 .await
                 .expect("docker can start the redis container");
-            let port = container.get_host_port_ipv4(6379).await.expect("mapped port");
+            let port = container
+                .get_host_port_ipv4(6379)
+                .await
+                .expect("mapped port");
             RedisServer {
                 url: format!("redis://127.0.0.1:{port}"),
-                inner: Inner { container: Some(container) },
+                inner: Inner {
+                    container: Some(container),
+                },
             }
         }
 

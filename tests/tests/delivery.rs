@@ -6,7 +6,13 @@ use e2e_tests::{users_in_one_shard, TestDestination, TestSystem};
 use serde_json::json;
 
 fn now_ms() -> u64 {
-    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_millis()).expect("fits")
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits")
 }
 
 /// `users` users post `per_user` events each, concurrently across users and
@@ -14,12 +20,24 @@ fn now_ms() -> u64 {
 async fn post_concurrently(system: &TestSystem, users: usize, per_user: usize) -> usize {
     let mut tasks = tokio::task::JoinSet::new();
     for user in 0..users {
-        let (http, url) = (system.http.clone(), format!("{}/v1/events", system.gateway_url));
+        let (http, url) = (
+            system.http.clone(),
+            format!("{}/v1/events", system.gateway_url),
+        );
         tasks.spawn(async move {
             for seq in 0..per_user {
                 let body = json!({ "userId": format!("user-{user}"), "payload": { "seq": seq } });
-                let response = http.post(&url).json(&body).send().await.expect("gateway answers");
-                assert_eq!(response.status(), 202, "event {seq} of user {user} rejected");
+                let response = http
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("gateway answers");
+                assert_eq!(
+                    response.status(),
+                    202,
+                    "event {seq} of user {user} rejected"
+                );
             }
         });
     }
@@ -33,25 +51,31 @@ async fn post_concurrently(system: &TestSystem, users: usize, per_user: usize) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_every_destination_once_in_per_user_order() {
-    let destinations = ["crm", "warehouse", "analytics"].map(|name| TestDestination::new(name, &format!("/ok/{name}")));
+    let destinations = ["crm", "warehouse", "analytics"]
+        .map(|name| TestDestination::new(name, &format!("/ok/{name}")));
     let system = TestSystem::start(destinations.to_vec()).await;
 
     let total = post_concurrently(&system, 200, 50).await;
     assert_eq!(total, 10_000);
 
     for name in ["crm", "warehouse", "analytics"] {
-        system.wait_delivered(name, total, Duration::from_secs(180)).await;
+        system
+            .wait_delivered(name, total, Duration::from_secs(180))
+            .await;
         let received = system.received(name);
         assert_eq!(received.unique, total, "{name}: every event");
         assert_eq!(received.delivered, total, "{name}: exactly once");
         assert_eq!(received.order_violations, 0, "{name}: per-user order");
-        let users: std::collections::HashSet<&str> = received.events.iter().map(|e| e.user.as_str()).collect();
+        let users: std::collections::HashSet<&str> =
+            received.events.iter().map(|e| e.user.as_str()).collect();
         assert_eq!(users.len(), 200, "{name}: every user");
     }
     for name in ["crm", "warehouse", "analytics"] {
-        e2e_tests::wait_for("pending lists to empty", Duration::from_secs(10), || async {
-            system.pending(name).await == 0
-        })
+        e2e_tests::wait_for(
+            "pending lists to empty",
+            Duration::from_secs(10),
+            || async { system.pending(name).await == 0 },
+        )
         .await;
     }
 }
@@ -62,21 +86,38 @@ async fn failing_attempts_are_retried_with_doubling_delays_in_order() {
     let system = TestSystem::start(vec![flaky]).await;
 
     let total = post_concurrently(&system, 10, 4).await;
-    system.wait_delivered("flaky", total, Duration::from_secs(60)).await;
+    system
+        .wait_delivered("flaky", total, Duration::from_secs(60))
+        .await;
 
     let received = system.received("flaky");
     assert_eq!(received.unique, total);
     assert_eq!(received.order_violations, 0);
-    assert_eq!(received.requests, total * 4, "3 failures and 1 success per event");
+    assert_eq!(
+        received.requests,
+        total * 4,
+        "3 failures and 1 success per event"
+    );
 
     let first_id = received.events[0].id.clone();
-    let times: Vec<u64> = received.events.iter().filter(|e| e.id == first_id).map(|e| e.at_ms).collect();
+    let times: Vec<u64> = received
+        .events
+        .iter()
+        .filter(|e| e.id == first_id)
+        .map(|e| e.at_ms)
+        .collect();
     assert_eq!(times.len(), 4);
     let gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]) as f64).collect();
-    assert!(gaps[0] >= 95.0 && gaps[0] < 400.0, "first delay ≈ 100 ms: {gaps:?}");
+    assert!(
+        gaps[0] >= 95.0 && gaps[0] < 400.0,
+        "first delay ≈ 100 ms: {gaps:?}"
+    );
     for pair in gaps.windows(2) {
         let ratio = pair[1] / pair[0];
-        assert!((1.5..=2.7).contains(&ratio), "delays should double: {gaps:?}");
+        assert!(
+            (1.5..=2.7).contains(&ratio),
+            "delays should double: {gaps:?}"
+        );
     }
 }
 
@@ -89,10 +130,14 @@ async fn always_failing_destination_dead_letters_everything_and_others_get_all()
     .await;
 
     let total = post_concurrently(&system, 20, 5).await;
-    system.wait_delivered("healthy", total, Duration::from_secs(60)).await;
-    e2e_tests::wait_for("every event dead-lettered", Duration::from_secs(60), || async {
-        system.dead_letters("broken").await.len() == total
-    })
+    system
+        .wait_delivered("healthy", total, Duration::from_secs(60))
+        .await;
+    e2e_tests::wait_for(
+        "every event dead-lettered",
+        Duration::from_secs(60),
+        || async { system.dead_letters("broken").await.len() == total },
+    )
     .await;
 
     let letters = system.dead_letters("broken").await;
@@ -101,11 +146,17 @@ async fn always_failing_destination_dead_letters_everything_and_others_get_all()
         assert_eq!(letter["last_status"], "500");
         assert!(letter["last_error"].contains("500"), "{letter:?}");
         assert_eq!(letter["destination"], "broken");
-        assert!(letter["payload"].contains("seq"), "the event itself is kept: {letter:?}");
+        assert!(
+            letter["payload"].contains("seq"),
+            "the event itself is kept: {letter:?}"
+        );
     }
     assert_eq!(system.received("broken").requests, total * 3);
     assert_eq!(system.received("healthy").order_violations, 0);
-    e2e_tests::wait_for("nothing pending", Duration::from_secs(10), || async { system.pending("broken").await == 0 }).await;
+    e2e_tests::wait_for("nothing pending", Duration::from_secs(10), || async {
+        system.pending("broken").await == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,19 +164,31 @@ async fn permanent_rejection_is_dead_lettered_after_one_attempt() {
     let system = TestSystem::start(vec![TestDestination::new("strict", "/bad-request")]).await;
 
     let total = post_concurrently(&system, 5, 4).await;
-    e2e_tests::wait_for("every event dead-lettered", Duration::from_secs(30), || async {
-        system.dead_letters("strict").await.len() == total
-    })
+    e2e_tests::wait_for(
+        "every event dead-lettered",
+        Duration::from_secs(30),
+        || async { system.dead_letters("strict").await.len() == total },
+    )
     .await;
 
-    assert!(system.dead_letters("strict").await.iter().all(|l| l["attempts"] == "1" && l["last_status"] == "400"));
-    assert_eq!(system.received("strict").requests, total, "no retries of a 400");
+    assert!(system
+        .dead_letters("strict")
+        .await
+        .iter()
+        .all(|l| l["attempts"] == "1" && l["last_status"] == "400"));
+    assert_eq!(
+        system.received("strict").requests,
+        total,
+        "no retries of a 400"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_destination_does_not_delay_other_destinations_or_ingestion() {
     let system = TestSystem::start(vec![
-        TestDestination::new("slow", "/slow/5000").timeout_ms(10_000).max_concurrency(4),
+        TestDestination::new("slow", "/slow/5000")
+            .timeout_ms(10_000)
+            .max_concurrency(4),
         TestDestination::new("fast", "/ok"),
     ])
     .await;
@@ -133,34 +196,61 @@ async fn slow_destination_does_not_delay_other_destinations_or_ingestion() {
     let mut ingest_ms = Vec::new();
     for i in 0..200 {
         let started = std::time::Instant::now();
-        system.send(&format!("user-{}", i % 20), json!({ "seq": i })).await;
+        system
+            .send(&format!("user-{}", i % 20), json!({ "seq": i }))
+            .await;
         ingest_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    system.wait_delivered("fast", 200, Duration::from_secs(30)).await;
+    system
+        .wait_delivered("fast", 200, Duration::from_secs(30))
+        .await;
 
-    let mut latencies: Vec<u64> = system.received("fast").events.iter().filter_map(|e| e.latency_ms).collect();
+    let mut latencies: Vec<u64> = system
+        .received("fast")
+        .events
+        .iter()
+        .filter_map(|e| e.latency_ms)
+        .collect();
     latencies.sort_unstable();
     let median = latencies[latencies.len() / 2];
-    assert!(median < 50, "fast destination median end-to-end latency {median} ms");
+    assert!(
+        median < 50,
+        "fast destination median end-to-end latency {median} ms"
+    );
     ingest_ms.sort_by(f64::total_cmp);
     let ingest_median = ingest_ms[ingest_ms.len() / 2];
-    assert!(ingest_median < 50.0, "ingest median {ingest_median} ms while a destination stalls");
-    assert!(system.received("slow").unique < 200, "the slow destination is indeed behind");
+    assert!(
+        ingest_median < 50.0,
+        "ingest median {ingest_median} ms while a destination stalls"
+    );
+    assert!(
+        system.received("slow").unique < 200,
+        "the slow destination is indeed behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_in_retry_holds_back_only_that_user() {
-    let system = TestSystem::start(vec![TestDestination::new("scripted", "/scripted").retry(100, 1000, 10)]).await;
+    let system = TestSystem::start(vec![
+        TestDestination::new("scripted", "/scripted").retry(100, 1000, 10)
+    ])
+    .await;
     let (stuck, flowing) = users_in_one_shard();
 
     let fail_until = now_ms() + 2000;
-    system.send(&stuck, json!({ "failUntil": fail_until })).await;
-    system.send(&stuck, json!({ "after": "the failing one" })).await;
+    system
+        .send(&stuck, json!({ "failUntil": fail_until }))
+        .await;
+    system
+        .send(&stuck, json!({ "after": "the failing one" }))
+        .await;
     for seq in 0..10 {
         system.send(&flowing, json!({ "seq": seq })).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    system.wait_delivered("scripted", 12, Duration::from_secs(20)).await;
+    system
+        .wait_delivered("scripted", 12, Duration::from_secs(20))
+        .await;
 
     let received = system.received("scripted");
     assert_eq!(received.order_violations, 0);
@@ -171,8 +261,15 @@ async fn a_user_in_retry_holds_back_only_that_user() {
         .expect("stuck user delivered eventually")
         .at_ms;
     assert!(first_stuck_success >= fail_until);
-    let flowing_during_failure = received.events.iter().filter(|e| e.user == flowing && e.at_ms < fail_until).count();
-    assert_eq!(flowing_during_failure, 10, "the other user's events flowed while the first was failing");
+    let flowing_during_failure = received
+        .events
+        .iter()
+        .filter(|e| e.user == flowing && e.at_ms < fail_until)
+        .count();
+    assert_eq!(
+        flowing_during_failure, 10,
+        "the other user's events flowed while the first was failing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,45 +292,93 @@ async fn repeated_message_id_is_accepted_once_and_delivered_once() {
             .json(&json!({ "userId": "u1", "payload": 1 }))
             .send()
     };
-    let a: serde_json::Value = keyed("k-1").await.expect("answers").json().await.expect("json");
-    let b: serde_json::Value = keyed("k-1").await.expect("answers").json().await.expect("json");
+    let a: serde_json::Value = keyed("k-1")
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    let b: serde_json::Value = keyed("k-1")
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(a["id"], b["id"]);
 
     // A later event of the same user arrives after any duplicate would have.
     let sentinel = system.send("u1", json!("sentinel")).await;
     e2e_tests::wait_for("the sentinel", Duration::from_secs(10), || async {
-        system.received("crm").events.iter().any(|e| e.id == sentinel)
+        system
+            .received("crm")
+            .events
+            .iter()
+            .any(|e| e.id == sentinel)
     })
     .await;
     let received = system.received("crm");
-    assert_eq!(received.delivered, 3, "order-42, k-1 and the sentinel, once each");
+    assert_eq!(
+        received.delivered, 3,
+        "order-42, k-1 and the sentinel, once each"
+    );
     assert_eq!(system.stream_lengths().await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_filtered_to_one_destination_skip_the_others() {
-    let system = TestSystem::start(vec![TestDestination::new("crm", "/ok/crm"), TestDestination::new("billing", "/ok/billing")]).await;
+    let system = TestSystem::start(vec![
+        TestDestination::new("crm", "/ok/crm"),
+        TestDestination::new("billing", "/ok/billing"),
+    ])
+    .await;
     // The router registers its destinations in Redis; the gateway checks against them.
-    e2e_tests::wait_for("destinations registered", Duration::from_secs(10), || async {
-        system.post("/v1/events", &json!({ "userId": "u", "payload": 0, "destinations": ["billing"] })).await.0 == 202
-    })
+    e2e_tests::wait_for(
+        "destinations registered",
+        Duration::from_secs(10),
+        || async {
+            system
+                .post(
+                    "/v1/events",
+                    &json!({ "userId": "u", "payload": 0, "destinations": ["billing"] }),
+                )
+                .await
+                .0
+                == 202
+        },
+    )
     .await;
     system.send("u", json!("for everyone")).await;
 
-    system.wait_delivered("crm", 1, Duration::from_secs(10)).await;
-    system.wait_delivered("billing", 2, Duration::from_secs(10)).await;
-    e2e_tests::wait_for("filtered entry acknowledged", Duration::from_secs(10), || async { system.pending("crm").await == 0 }).await;
-    assert_eq!(system.received("crm").unique, 1, "crm got only the unfiltered event");
+    system
+        .wait_delivered("crm", 1, Duration::from_secs(10))
+        .await;
+    system
+        .wait_delivered("billing", 2, Duration::from_secs(10))
+        .await;
+    e2e_tests::wait_for(
+        "filtered entry acknowledged",
+        Duration::from_secs(10),
+        || async { system.pending("crm").await == 0 },
+    )
+    .await;
+    assert_eq!(
+        system.received("crm").unique,
+        1,
+        "crm got only the unfiltered event"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_accepted_before_the_router_first_starts_are_delivered() {
-    let mut system = TestSystem::start_without_router(vec![TestDestination::new("crm", "/ok")]).await;
+    let mut system =
+        TestSystem::start_without_router(vec![TestDestination::new("crm", "/ok")]).await;
     for seq in 0..20 {
         system.send("early-user", json!({ "seq": seq })).await;
     }
     system.start_router();
-    system.wait_delivered("crm", 20, Duration::from_secs(20)).await;
+    system
+        .wait_delivered("crm", 20, Duration::from_secs(20))
+        .await;
     assert_eq!(system.received("crm").order_violations, 0);
     system.stop_router().await;
 }
