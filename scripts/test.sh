@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs redis-server when
+# missing, builds the binaries the crash tests start, compiles the
+# testcontainers variant of the harness, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/ensure-redis.sh
+ensure_redis_server
+
+# The crash-recovery tests run the router as a child process.
+cargo build --workspace --bins --locked
+# CI compiles (but cannot run: no Docker engine) the testcontainers harness.
+cargo check -p e2e-tests --features testcontainers --tests --locked
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
