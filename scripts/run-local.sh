@@ -3,7 +3,8 @@
 # (data in ./data), the mock destinations, the router (wired to a healthy, a
 # flaky, a slow and a down destination) and the gateway. Ctrl-C stops all.
 #
-#   REDIS_PORT (6379)  GATEWAY_PORT (8080)  MOCK_PORT (9000)  PROFILE (release)
+#   REDIS_PORT (6379)  GATEWAY_PORT (8080)  MOCK_PORT (9000)
+#   PROFILE (release; `dev` builds faster, runs slower)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure-redis.sh
@@ -23,7 +24,7 @@ done
 
 echo "Building ($PROFILE)..."
 cargo build --profile "$PROFILE" --bins --locked
-bin="target/$PROFILE"
+if [ "$PROFILE" = dev ]; then bin=target/debug; else bin="target/$PROFILE"; fi
 
 pids=()
 cleanup() {
