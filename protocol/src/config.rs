@@ -1,8 +1,42 @@
 //! The Redis settings both services read from their config files.
 
+use std::path::Path;
 use std::time::Duration;
 
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+}
+
+/// Reads a service config in layers: the embedded `defaults` TOML, then
+/// `file` if given, then environment variables `<env_prefix><KEY>` with `__`
+/// between section and key (e.g. `ROUTER_REDIS__URL`).
+pub fn load_layered<T: DeserializeOwned>(
+    defaults: &str,
+    file: Option<&Path>,
+    env_prefix: &str,
+) -> Result<T, ConfigError> {
+    let mut figment = Figment::from(Toml::string(defaults));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(ConfigError::MissingFile(file.display().to_string()));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    figment
+        .merge(Env::prefixed(env_prefix).split("__"))
+        .extract()
+        .map_err(|e| ConfigError::Invalid(Box::new(e)))
+}
 
 /// The `[redis]` section of the gateway and router configs.
 #[derive(Debug, Clone, Deserialize)]

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
 use figment::Figment;
 use protocol::RedisConfig;
 use serde::Deserialize;
@@ -93,19 +93,8 @@ fn default_max_concurrency() -> usize {
 impl Config {
     /// Loads defaults, then `file` if given, then the environment, and validates.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
-        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
-        if let Some(file) = file {
-            anyhow::ensure!(
-                file.exists(),
-                "config file {} does not exist",
-                file.display()
-            );
-            figment = figment.merge(Toml::file(file));
-        }
-        let config: Self = figment
-            .merge(Env::prefixed("ROUTER_").split("__"))
-            .extract()
-            .context("invalid router configuration")?;
+        let config: Self = protocol::config::load_layered(DEFAULT_CONFIG, file, "ROUTER_")
+            .context("cannot load the router configuration")?;
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)
     }

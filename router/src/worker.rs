@@ -288,33 +288,24 @@ async fn process(
 ) {
     let shard = consumer.shard();
     let event_id = format!("{shard}-{}", entry.stream_id);
-    let event = match &entry.content {
-        EntryContent::Event(event) if event.is_for(&destination.name) => event,
+    let prepared = match &entry.content {
+        EntryContent::Event(event) if event.is_for(&destination.name) => request_body(
+            &event_id,
+            &event.user_id,
+            &event.payload,
+            event.received_at_ms,
+        )
+        .map(|body| (event, body)),
         EntryContent::Event(_) | EntryContent::Deleted => {
             record(&shutdown, || consumer.ack(&entry.stream_id)).await;
             return;
         }
-        EntryContent::Malformed(reason) => {
-            let reason = format!("malformed stream entry: {reason}");
-            tracing::error!(%event_id, destination = %destination.name, %reason, "Dead-lettering unreadable entry.");
-            let letter = DeadLetter {
-                event_id: &event_id,
-                attempts: 0,
-                last_status: None,
-                last_error: &reason,
-            };
-            record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
-            return;
-        }
+        EntryContent::Malformed(reason) => Err(format!("malformed stream entry: {reason}")),
     };
-    let body = match request_body(
-        &event_id,
-        &event.user_id,
-        &event.payload,
-        event.received_at_ms,
-    ) {
-        Ok(body) => body,
+    let (event, body) = match prepared {
+        Ok(prepared) => prepared,
         Err(reason) => {
+            tracing::error!(%event_id, destination = %destination.name, %reason, "Dead-lettering an entry that cannot be delivered.");
             let letter = DeadLetter {
                 event_id: &event_id,
                 attempts: 0,

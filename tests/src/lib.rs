@@ -262,6 +262,48 @@ impl TestSystem {
         body["id"].as_str().expect("id in 202 body").to_owned()
     }
 
+    /// Spawns one task per user posting `per_user` events (`{"seq": n}`) one
+    /// after another, each insisting on 202; users post concurrently.
+    pub fn spawn_posters(&self, users: usize, per_user: usize) -> tokio::task::JoinSet<()> {
+        let mut posters = tokio::task::JoinSet::new();
+        for user in 0..users {
+            let (http, url) = (self.http.clone(), format!("{}/v1/events", self.gateway_url));
+            posters.spawn(async move {
+                for seq in 0..per_user {
+                    let body = serde_json::json!({ "userId": format!("user-{user}"), "payload": { "seq": seq } });
+                    let response = http.post(&url).json(&body).send().await.expect("gateway answers");
+                    assert_eq!(response.status(), 202, "event {seq} of user {user} rejected");
+                }
+            });
+        }
+        posters
+    }
+
+    /// Posts as [`Self::spawn_posters`] does and waits; returns how many were accepted.
+    pub async fn post_concurrently(&self, users: usize, per_user: usize) -> usize {
+        let mut posters = self.spawn_posters(users, per_user);
+        while let Some(result) = posters.join_next().await {
+            result.expect("every event accepted");
+        }
+        users * per_user
+    }
+
+    /// Waits until the router has registered `destination`, after which the
+    /// gateway accepts events naming it (it re-reads the names on a miss).
+    pub async fn wait_destinations_registered(&self, destination: &str) {
+        let what = format!("destination {destination} registered");
+        wait_for(&what, Duration::from_secs(10), || async {
+            let mut con = self.redis.connection().await;
+            redis::cmd("SISMEMBER")
+                .arg(self.keys.destinations())
+                .arg(destination)
+                .query_async::<bool>(&mut con)
+                .await
+                .unwrap_or(false)
+        })
+        .await;
+    }
+
     /// Waits until `destination` has received `count` distinct events with 2xx.
     pub async fn wait_delivered(&self, destination: &str, count: usize, timeout: Duration) {
         let what = format!("{count} events delivered to {destination}");

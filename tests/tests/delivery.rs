@@ -15,47 +15,13 @@ fn now_ms() -> u64 {
     .expect("fits")
 }
 
-/// `users` users post `per_user` events each, concurrently across users and
-/// one after another within a user; returns how many were accepted.
-async fn post_concurrently(system: &TestSystem, users: usize, per_user: usize) -> usize {
-    let mut tasks = tokio::task::JoinSet::new();
-    for user in 0..users {
-        let (http, url) = (
-            system.http.clone(),
-            format!("{}/v1/events", system.gateway_url),
-        );
-        tasks.spawn(async move {
-            for seq in 0..per_user {
-                let body = json!({ "userId": format!("user-{user}"), "payload": { "seq": seq } });
-                let response = http
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("gateway answers");
-                assert_eq!(
-                    response.status(),
-                    202,
-                    "event {seq} of user {user} rejected"
-                );
-            }
-        });
-    }
-    let mut accepted = 0;
-    while let Some(result) = tasks.join_next().await {
-        result.expect("poster task");
-        accepted += per_user;
-    }
-    accepted
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_every_destination_once_in_per_user_order() {
     let destinations = ["crm", "warehouse", "analytics"]
         .map(|name| TestDestination::new(name, &format!("/ok/{name}")));
     let system = TestSystem::start(destinations.to_vec()).await;
 
-    let total = post_concurrently(&system, 200, 50).await;
+    let total = system.post_concurrently(200, 50).await;
     assert_eq!(total, 10_000);
 
     for name in ["crm", "warehouse", "analytics"] {
@@ -85,7 +51,7 @@ async fn failing_attempts_are_retried_with_doubling_delays_in_order() {
     let flaky = TestDestination::new("flaky", "/flaky/3").retry(100, 5000, 8);
     let system = TestSystem::start(vec![flaky]).await;
 
-    let total = post_concurrently(&system, 10, 4).await;
+    let total = system.post_concurrently(10, 4).await;
     system
         .wait_delivered("flaky", total, Duration::from_secs(60))
         .await;
@@ -129,7 +95,7 @@ async fn always_failing_destination_dead_letters_everything_and_others_get_all()
     ])
     .await;
 
-    let total = post_concurrently(&system, 20, 5).await;
+    let total = system.post_concurrently(20, 5).await;
     system
         .wait_delivered("healthy", total, Duration::from_secs(60))
         .await;
@@ -163,7 +129,7 @@ async fn always_failing_destination_dead_letters_everything_and_others_get_all()
 async fn permanent_rejection_is_dead_lettered_after_one_attempt() {
     let system = TestSystem::start(vec![TestDestination::new("strict", "/bad-request")]).await;
 
-    let total = post_concurrently(&system, 5, 4).await;
+    let total = system.post_concurrently(5, 4).await;
     e2e_tests::wait_for(
         "every event dead-lettered",
         Duration::from_secs(30),
@@ -331,22 +297,14 @@ async fn events_filtered_to_one_destination_skip_the_others() {
         TestDestination::new("billing", "/ok/billing"),
     ])
     .await;
-    // The router registers its destinations in Redis; the gateway checks against them.
-    e2e_tests::wait_for(
-        "destinations registered",
-        Duration::from_secs(10),
-        || async {
-            system
-                .post(
-                    "/v1/events",
-                    &json!({ "userId": "u", "payload": 0, "destinations": ["billing"] }),
-                )
-                .await
-                .0
-                == 202
-        },
-    )
-    .await;
+    system.wait_destinations_registered("billing").await;
+    let (status, _) = system
+        .post(
+            "/v1/events",
+            &json!({ "userId": "u", "payload": 0, "destinations": ["billing"] }),
+        )
+        .await;
+    assert_eq!(status, 202);
     system.send("u", json!("for everyone")).await;
 
     system

@@ -126,22 +126,8 @@ async fn invalid_requests_get_a_status_and_a_message_naming_the_problem_and_stor
             "at least one event",
         ),
     ];
-    // Let the router register its destinations, so `nowhere` is the only unknown.
-    e2e_tests::wait_for(
-        "destinations registered",
-        Duration::from_secs(10),
-        || async {
-            system
-                .post(
-                    "/v1/events",
-                    &json!({ "userId": "probe", "payload": 0, "destinations": ["crm"] }),
-                )
-                .await
-                .0
-                == 202
-        },
-    )
-    .await;
+    // Once the router has registered its destinations, `nowhere` is the only unknown.
+    system.wait_destinations_registered("crm").await;
     let before = system.stream_lengths().await;
 
     for (path, content_type, body, status, message) in cases {

@@ -4,7 +4,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use e2e_tests::{workspace_binary, TestDestination, TestSystem};
-use serde_json::json;
 
 struct RouterProcess(Child);
 
@@ -50,25 +49,7 @@ async fn router_killed_mid_run_delivers_everything_in_order_after_restart() {
     let per_user = 40;
     let total = users * per_user;
     let router = RouterProcess::start(&config, &dir.path().join("router-1.log"));
-    let mut posters = tokio::task::JoinSet::new();
-    for user in 0..users {
-        let (http, url) = (
-            system.http.clone(),
-            format!("{}/v1/events", system.gateway_url),
-        );
-        posters.spawn(async move {
-            for seq in 0..per_user {
-                let body = json!({ "userId": format!("user-{user}"), "payload": { "seq": seq } });
-                let response = http
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("gateway answers");
-                assert_eq!(response.status(), 202);
-            }
-        });
-    }
+    let mut posters = system.spawn_posters(users, per_user);
 
     system
         .wait_delivered("crm", total / 4, Duration::from_secs(60))
@@ -79,7 +60,7 @@ async fn router_killed_mid_run_delivers_everything_in_order_after_restart() {
 
     let router = RouterProcess::start(&config, &dir.path().join("router-2.log"));
     while let Some(result) = posters.join_next().await {
-        result.expect("poster");
+        result.expect("every event accepted");
     }
     for name in ["crm", "flaky"] {
         system
