@@ -340,3 +340,27 @@ async fn events_accepted_before_the_router_first_starts_are_delivered() {
     assert_eq!(system.received("crm").order_violations, 0);
     system.stop_router().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_consumer_group_is_recreated_and_delivery_continues() {
+    let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
+    system.send("u", json!(0)).await;
+    system.wait_delivered("crm", 1, Duration::from_secs(10)).await;
+
+    // As after a Redis restart without data, or a mistaken XGROUP DESTROY.
+    let mut con = system.redis.connection().await;
+    for shard in 0..e2e_tests::SHARDS {
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(system.keys.events(shard))
+            .arg("crm")
+            .query_async(&mut con)
+            .await
+            .expect("XGROUP DESTROY works");
+    }
+    for seq in 1..=5 {
+        system.send("u", json!(seq)).await;
+    }
+    system.wait_delivered("crm", 6, Duration::from_secs(20)).await;
+    assert_eq!(system.received("crm").order_violations, 0);
+}
