@@ -202,10 +202,16 @@ mod tests {
     fn bad_destinations_are_refused_with_their_name() {
         let mut config = Config::defaults();
         config.destinations[0].name = "has space".into();
-        assert!(config.validate().expect_err("invalid").contains("has space"));
+        assert!(config
+            .validate()
+            .expect_err("invalid")
+            .contains("has space"));
         let mut config = Config::defaults();
         config.destinations[1].name = "healthy".into();
-        assert!(config.validate().expect_err("invalid").contains("used twice"));
+        assert!(config
+            .validate()
+            .expect_err("invalid")
+            .contains("used twice"));
         let mut config = Config::defaults();
         config.destinations[2].url = "ftp://x".into();
         assert!(config.validate().expect_err("invalid").contains("http"));

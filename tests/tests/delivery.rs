@@ -345,7 +345,9 @@ async fn events_accepted_before_the_router_first_starts_are_delivered() {
 async fn a_deleted_consumer_group_is_recreated_and_delivery_continues() {
     let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
     system.send("u", json!(0)).await;
-    system.wait_delivered("crm", 1, Duration::from_secs(10)).await;
+    system
+        .wait_delivered("crm", 1, Duration::from_secs(10))
+        .await;
 
     // As after a Redis restart without data, or a mistaken XGROUP DESTROY.
     let mut con = system.redis.connection().await;
@@ -361,6 +363,8 @@ async fn a_deleted_consumer_group_is_recreated_and_delivery_continues() {
     for seq in 1..=5 {
         system.send("u", json!(seq)).await;
     }
-    system.wait_delivered("crm", 6, Duration::from_secs(20)).await;
+    system
+        .wait_delivered("crm", 6, Duration::from_secs(20))
+        .await;
     assert_eq!(system.received("crm").order_violations, 0);
 }
