@@ -3,6 +3,9 @@
 //! Everything is validated before anything is written, so a rejected request
 //! leaves nothing behind in Redis.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use protocol::EventEntry;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -14,13 +17,11 @@ pub const MAX_MESSAGE_ID_BYTES: usize = 128;
 /// An event that passed validation, ready to be stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
-    pub user_id: String,
-    /// The payload's JSON text exactly as received.
-    pub payload: String,
-    pub message_id: Option<String>,
+    /// The stream entry to write; the payload is the JSON text exactly as
+    /// received, and `received_at_ms` the moment it was validated.
+    pub entry: EventEntry,
     /// The key a repeat is recognised by: the Idempotency-Key header, else messageId.
     pub idempotency_key: Option<String>,
-    pub destinations: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -113,14 +114,24 @@ fn validate(event: EventBody, idempotency_header: Option<&str>) -> Result<NewEve
         }
     }
     Ok(NewEvent {
-        user_id,
-        payload: payload.get().to_owned(),
         idempotency_key: idempotency_header
             .map(str::to_owned)
             .or_else(|| event.message_id.clone()),
-        message_id: event.message_id,
-        destinations: event.destinations,
+        entry: EventEntry {
+            user_id,
+            payload: payload.get().to_owned(),
+            received_at_ms: unix_millis(),
+            message_id: event.message_id,
+            destinations: event.destinations,
+        },
     })
+}
+
+fn unix_millis() -> u64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn check_key(name: &str, value: Option<&str>) -> Result<(), String> {
@@ -146,7 +157,7 @@ mod tests {
         for name in ["userId", "user_id", "userID"] {
             let body = format!(r#"{{"{name}": "u1", "payload": {{"n": 1}}}}"#);
             let event = parse_event(body.as_bytes(), None).expect("valid");
-            assert_eq!(event.user_id, "u1");
+            assert_eq!(event.entry.user_id, "u1");
         }
     }
 
@@ -154,13 +165,13 @@ mod tests {
     fn keeps_payload_text_byte_for_byte() {
         let body = br#"{"userId": "u1", "payload": {"b": 1.50,  "a": [ ]}}"#;
         let event = parse_event(body, None).expect("valid");
-        assert_eq!(event.payload, r#"{"b": 1.50,  "a": [ ]}"#);
+        assert_eq!(event.entry.payload, r#"{"b": 1.50,  "a": [ ]}"#);
     }
 
     #[test]
     fn null_payload_is_a_payload() {
         let event = parse_event(br#"{"userId": "u1", "payload": null}"#, None).expect("valid");
-        assert_eq!(event.payload, "null");
+        assert_eq!(event.entry.payload, "null");
     }
 
     #[test]

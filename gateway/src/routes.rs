@@ -27,7 +27,7 @@ impl AppState {
     async fn check_destinations(&self, events: &[NewEvent]) -> Result<(), ApiError> {
         let mut wanted: Vec<String> = events
             .iter()
-            .filter_map(|event| event.destinations.as_ref())
+            .filter_map(|event| event.entry.destinations.as_ref())
             .flatten()
             .cloned()
             .collect();

@@ -6,10 +6,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
-use protocol::{shard_for, EventEntry, EventId, Keys, MetaError, RedisConfig, StreamId};
+use protocol::{shard_for, EventId, Keys, MetaError, RedisConfig, StreamId};
 use redis::aio::ConnectionManager;
 use redis::FromRedisValue;
 
@@ -113,14 +113,7 @@ impl EventStore {
     /// The command that stores `event`: a plain XADD, or with an
     /// idempotency key the script that XADDs only the first time. EVAL rather
     /// than EVALSHA: there is no NOSCRIPT retry that could reorder commands.
-    fn append_command(&self, shard: u16, event: &NewEvent, received_at_ms: u64) -> redis::Cmd {
-        let entry = EventEntry {
-            user_id: event.user_id.clone(),
-            payload: event.payload.clone(),
-            received_at_ms,
-            message_id: event.message_id.clone(),
-            destinations: event.destinations.clone(),
-        };
+    fn append_command(&self, shard: u16, event: &NewEvent) -> redis::Cmd {
         let stream = self.keys.events(shard);
         let mut command = match &event.idempotency_key {
             None => {
@@ -133,12 +126,12 @@ impl EventStore {
                 eval.arg(APPEND_ONCE)
                     .arg(2)
                     .arg(stream)
-                    .arg(self.keys.idempotency(shard, &event.user_id, key))
+                    .arg(self.keys.idempotency(shard, &event.entry.user_id, key))
                     .arg(self.idempotency_ttl_ms);
                 eval
             }
         };
-        for (field, value) in entry.to_fields() {
+        for (field, value) in event.entry.to_fields() {
             command.arg(field).arg(value);
         }
         command
@@ -159,18 +152,17 @@ impl EventStore {
     /// some events may be stored: clients retry, and idempotency keys make
     /// that retry safe.
     pub async fn append_all(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
-        let received_at_ms = unix_millis();
         let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (index, event) in events.iter().enumerate() {
             by_shard
-                .entry(shard_for(&event.user_id, self.shards))
+                .entry(shard_for(&event.entry.user_id, self.shards))
                 .or_default()
                 .push(index);
         }
         let writes = by_shard.into_iter().map(|(shard, indices)| {
             let mut pipeline = redis::pipe();
             for &index in &indices {
-                pipeline.add_command(self.append_command(shard, &events[index], received_at_ms));
+                pipeline.add_command(self.append_command(shard, &events[index]));
             }
             let mut con = self.connection_for(shard);
             async move {
@@ -279,11 +271,4 @@ fn parse_append_reply(shard: u16, reply: redis::Value) -> Result<Appended, Store
     } else {
         Appended::Duplicate(id)
     })
-}
-
-fn unix_millis() -> u64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }

@@ -26,10 +26,6 @@ impl Keys {
         }
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// The stream of accepted events of `shard`.
     pub fn events(&self, shard: u16) -> String {
         format!("{}:{{s:{shard}}}:events", self.prefix)

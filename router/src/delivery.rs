@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -64,23 +65,24 @@ struct DeliveryBody<'a> {
     received_at: String,
 }
 
-/// Builds the request body once per event; the payload text is embedded as
-/// received, never re-serialized.
+/// Builds the request body once per event (every attempt shares it); the
+/// payload text is embedded as received, never re-serialized.
 pub fn request_body(
     event_id: &str,
     user_id: &str,
     payload: &str,
     received_at_ms: u64,
-) -> Result<String, String> {
+) -> Result<Bytes, String> {
     let payload: &RawValue = serde_json::from_str(payload)
         .map_err(|e| format!("stored payload is not valid JSON: {e}"))?;
     let received_at = UNIX_EPOCH + Duration::from_millis(received_at_ms);
-    serde_json::to_string(&DeliveryBody {
+    serde_json::to_vec(&DeliveryBody {
         id: event_id,
         user_id,
         payload,
         received_at: humantime::format_rfc3339_millis(received_at).to_string(),
     })
+    .map(Bytes::from)
     .map_err(|e| format!("cannot encode delivery body: {e}"))
 }
 
@@ -90,7 +92,6 @@ pub struct Destination {
     pub name: String,
     url: reqwest::Url,
     client: reqwest::Client,
-    headers: HeaderMap,
     in_flight: Arc<Semaphore>,
     pub retry: RetryPolicy,
 }
@@ -113,12 +114,12 @@ impl Destination {
             .pool_max_idle_per_host(config.max_concurrency)
             // A POST redirected becomes a GET elsewhere: treat 3xx as an answer.
             .redirect(reqwest::redirect::Policy::none())
+            .default_headers(headers)
             .build()?;
         Ok(Self {
             name: config.name.clone(),
             url: reqwest::Url::parse(&config.url).expect("config validation checked the url"),
             client,
-            headers,
             in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
             retry: config.retry.into(),
         })
@@ -128,7 +129,7 @@ impl Destination {
     pub async fn attempt(
         &self,
         event_id: &str,
-        body: &str,
+        body: &Bytes,
         attempt: u32,
     ) -> (AttemptOutcome, Duration) {
         let _slot = self
@@ -144,12 +145,11 @@ impl Destination {
         let response = self
             .client
             .post(self.url.clone())
-            .headers(self.headers.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("webhook-id", event_id)
             .header("webhook-timestamp", timestamp)
             .header("webhook-attempt", attempt)
-            .body(body.to_owned())
+            .body(body.clone())
             .send()
             .await;
         let outcome = match response {

@@ -27,10 +27,6 @@ impl RetryPolicy {
         attempt < self.max_attempts
     }
 
-    pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
-    }
-
     /// The wait after failed `attempt` (1-based): `initial × 2^(attempt-1)`,
     /// at least what the destination asked for with Retry-After, and never
     /// more than the maximum delay.
