@@ -10,6 +10,8 @@ use figment::Figment;
 use protocol::RedisConfig;
 use serde::Deserialize;
 
+use crate::store::BacklogLimits;
+
 /// The commented reference configuration, also the defaults.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/gateway.default.toml");
 
@@ -30,6 +32,32 @@ pub struct Config {
     pub workers: usize,
     /// Redis connection and key layout.
     pub redis: RedisConfig,
+    /// When to refuse events because destinations fall behind.
+    pub backlog: BacklogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BacklogConfig {
+    /// Entries one shard stream may hold before its events get 503.
+    pub max_events_per_shard: u64,
+    /// Percent of Redis `maxmemory` past which every event gets 503.
+    pub max_memory_percent: u8,
+    /// How often stream lengths and memory are measured (ms).
+    pub check_interval_ms: u64,
+}
+
+impl BacklogConfig {
+    pub fn limits(&self) -> BacklogLimits {
+        BacklogLimits {
+            max_events_per_shard: self.max_events_per_shard,
+            max_memory_percent: self.max_memory_percent,
+        }
+    }
+
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_millis(self.check_interval_ms)
+    }
 }
 
 impl Config {
@@ -58,6 +86,16 @@ impl Config {
         }
         if self.idempotency_ttl_secs == 0 {
             return Err("idempotency_ttl_secs must be positive".into());
+        }
+        let backlog = &self.backlog;
+        if backlog.max_events_per_shard == 0 || backlog.check_interval_ms == 0 {
+            return Err(
+                "backlog.max_events_per_shard and backlog.check_interval_ms must be positive"
+                    .into(),
+            );
+        }
+        if !(1..=100).contains(&backlog.max_memory_percent) {
+            return Err("backlog.max_memory_percent must be between 1 and 100".into());
         }
         Ok(())
     }

@@ -15,12 +15,21 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("content-type must be application/json")]
     UnsupportedMediaType,
-    #[error("event store unavailable, retry later")]
+    #[error("{}", unavailable_reason(cause))]
     Unavailable {
         #[source]
         cause: StoreError,
         retry_after_secs: u64,
     },
+}
+
+/// What a 503 tells the client: the backlog cap names its limit; Redis
+/// failures stay generic (their details are logged, not sent).
+fn unavailable_reason(cause: &StoreError) -> String {
+    match cause {
+        StoreError::BacklogFull(reason) => reason.clone(),
+        _ => "event store unavailable, retry later".into(),
+    }
 }
 
 impl ResponseError for ApiError {

@@ -16,6 +16,7 @@ pub mod routes;
 pub mod store;
 
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
@@ -39,6 +40,12 @@ pub async fn run(
     let Some(store) = connect(&config, &shutdown).await? else {
         return Ok(());
     };
+    let store = Arc::new(store);
+    tokio::spawn(watch_backlog(
+        store.clone(),
+        config.backlog.check_interval(),
+        shutdown.clone(),
+    ));
     let state = web::Data::new(AppState {
         store,
         max_body_bytes: config.max_body_bytes,
@@ -77,7 +84,13 @@ async fn connect(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<EventStore>> {
     loop {
-        match EventStore::connect(&config.redis, config.idempotency_ttl()).await {
+        match EventStore::connect(
+            &config.redis,
+            config.idempotency_ttl(),
+            config.backlog.limits(),
+        )
+        .await
+        {
             Ok(store) => return Ok(Some(store)),
             Err(ConnectError::Meta(protocol::MetaError::Redis(error)))
             | Err(ConnectError::Redis(error)) => {
@@ -88,6 +101,22 @@ async fn connect(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(None),
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Keeps the backlog measurement fresh until shutdown. While Redis is
+/// unreachable the last measurement stands (writes fail with 503 anyway).
+async fn watch_backlog(store: Arc<EventStore>, every: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(error) = store.refresh_backlog().await {
+            tracing::debug!(%error, "Cannot measure the backlog.");
         }
     }
 }

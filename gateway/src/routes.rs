@@ -9,7 +9,7 @@ use crate::event::{self, NewEvent};
 use crate::store::{Appended, EventStore};
 
 pub struct AppState {
-    pub store: EventStore,
+    pub store: std::sync::Arc<EventStore>,
     pub max_body_bytes: usize,
     pub max_batch_events: usize,
     pub retry_after_secs: u64,

@@ -5,6 +5,7 @@
 //! is bounded by `redis.timeout_ms`: past it the caller answers 503.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,9 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from Redis: {0}")]
     Reply(String),
+    /// The backlog cap: destinations are too far behind to accept more now.
+    #[error("{0}")]
+    BacklogFull(String),
 }
 
 /// Whether an append stored a new event or found an earlier one.
@@ -58,8 +62,27 @@ impl Appended {
     }
 }
 
+/// When the gateway stops accepting because destinations fall behind.
+#[derive(Debug, Clone, Copy)]
+pub struct BacklogLimits {
+    /// Entries one shard stream may hold.
+    pub max_events_per_shard: u64,
+    /// Percent of Redis `maxmemory` in use past which writes are refused
+    /// (ignored when Redis has no `maxmemory`).
+    pub max_memory_percent: u8,
+}
+
+/// The last measured backlog: which shards are at their cap, and whether
+/// Redis memory is. Refreshed by [`EventStore::refresh_backlog`].
+struct Backlog {
+    limits: BacklogLimits,
+    full_shards: Vec<AtomicBool>,
+    memory_full: AtomicBool,
+}
+
 pub struct EventStore {
     connections: Vec<ConnectionManager>,
+    backlog: Backlog,
     keys: Keys,
     shards: u16,
     idempotency_ttl_ms: u64,
@@ -78,6 +101,7 @@ impl EventStore {
     pub async fn connect(
         config: &RedisConfig,
         idempotency_ttl: Duration,
+        limits: BacklogLimits,
     ) -> Result<Self, ConnectError> {
         let mut connections = Vec::with_capacity(config.connections);
         for _ in 0..config.connections {
@@ -85,8 +109,14 @@ impl EventStore {
         }
         let keys = Keys::new(config.key_prefix.clone());
         protocol::ensure_shard_count(&mut connections[0], &keys, config.shards).await?;
+        protocol::check_persistence(&mut connections[0], config.allow_unsafe_persistence).await?;
         Ok(Self {
             connections,
+            backlog: Backlog {
+                limits,
+                full_shards: (0..config.shards).map(|_| AtomicBool::new(false)).collect(),
+                memory_full: AtomicBool::new(false),
+            },
             keys,
             shards: config.shards,
             idempotency_ttl_ms: u64::try_from(idempotency_ttl.as_millis()).unwrap_or(u64::MAX),
@@ -159,6 +189,7 @@ impl EventStore {
                 .or_default()
                 .push(index);
         }
+        self.check_backlog(by_shard.keys().copied())?;
         let writes = by_shard.into_iter().map(|(shard, indices)| {
             let mut pipeline = redis::pipe();
             for &index in &indices {
@@ -190,6 +221,67 @@ impl EventStore {
             .into_iter()
             .map(|a| a.ok_or_else(|| StoreError::Reply("an event got no reply".into())))
             .collect()
+    }
+
+    /// Refuses writes to shards at their backlog cap, before anything is
+    /// written, so a refused batch stores none of its events.
+    fn check_backlog(&self, shards: impl Iterator<Item = u16>) -> Result<(), StoreError> {
+        let backlog = &self.backlog;
+        if backlog.memory_full.load(Ordering::Relaxed) {
+            return Err(StoreError::BacklogFull(format!(
+                "Redis memory is above {}% of maxmemory: destinations are behind; retry later",
+                backlog.limits.max_memory_percent
+            )));
+        }
+        for shard in shards {
+            if backlog.full_shards[usize::from(shard)].load(Ordering::Relaxed) {
+                return Err(StoreError::BacklogFull(format!(
+                    "the backlog of shard {shard} has reached its cap of {} events: \
+                     destinations are behind; retry later",
+                    backlog.limits.max_events_per_shard
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Measures every shard stream's length and Redis memory and updates
+    /// which writes the backlog cap refuses. The gateway runs this every
+    /// `backlog.check_interval_ms`, so a stream can pass its cap by at most
+    /// what arrives in one interval.
+    pub async fn refresh_backlog(&self) -> Result<(), StoreError> {
+        let mut pipeline = redis::pipe();
+        for shard in 0..self.shards {
+            pipeline.cmd("XLEN").arg(self.keys.events(shard));
+        }
+        pipeline.cmd("INFO").arg("memory");
+        let mut con = self.connection_for(0);
+        let (lengths, memory): (Vec<u64>, String) = self
+            .bounded(async {
+                let mut replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
+                let memory = replies
+                    .pop()
+                    .ok_or_else(|| StoreError::Reply("no INFO reply".into()))?;
+                let lengths = replies
+                    .into_iter()
+                    .map(u64::from_redis_value)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StoreError::Reply(e.to_string()))?;
+                let memory = String::from_redis_value(memory)
+                    .map_err(|e| StoreError::Reply(e.to_string()))?;
+                Ok((lengths, memory))
+            })
+            .await?;
+        let limits = self.backlog.limits;
+        for (full, length) in self.backlog.full_shards.iter().zip(lengths) {
+            full.store(length >= limits.max_events_per_shard, Ordering::Relaxed);
+        }
+        let memory_full = memory_percent(&memory)
+            .is_some_and(|percent| percent >= f64::from(limits.max_memory_percent));
+        self.backlog
+            .memory_full
+            .store(memory_full, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Checks that Redis answers.
@@ -254,6 +346,20 @@ pub enum ConnectError {
     Meta(#[from] MetaError),
 }
 
+/// `used_memory` as a percentage of `maxmemory`, from `INFO memory`;
+/// `None` when Redis has no memory limit.
+fn memory_percent(info: &str) -> Option<f64> {
+    let field = |name: &str| -> Option<f64> {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let max = field("maxmemory").filter(|max| *max > 0.0)?;
+    Some(field("used_memory")? * 100.0 / max)
+}
+
 /// Reads the reply of XADD (the id) or of the append-once script
 /// (`[is_new, id]`).
 fn parse_append_reply(shard: u16, reply: redis::Value) -> Result<Appended, StoreError> {
@@ -271,4 +377,16 @@ fn parse_append_reply(shard: u16, reply: redis::Value) -> Result<Appended, Store
     } else {
         Appended::Duplicate(id)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_percent_needs_a_limit() {
+        let info = "# Memory\r\nused_memory:500\r\nused_memory_human:500B\r\nmaxmemory:1000\r\n";
+        assert_eq!(memory_percent(info), Some(50.0));
+        assert_eq!(memory_percent("used_memory:500\r\nmaxmemory:0\r\n"), None);
+    }
 }

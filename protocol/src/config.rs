@@ -52,6 +52,9 @@ pub struct RedisConfig {
     pub connections: usize,
     /// Longest wait for an ordinary command's reply, in milliseconds.
     pub timeout_ms: u64,
+    /// Start even when Redis has the append-only file off or an evicting
+    /// `maxmemory-policy` (either can silently lose accepted events).
+    pub allow_unsafe_persistence: bool,
 }
 
 impl RedisConfig {

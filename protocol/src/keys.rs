@@ -10,8 +10,10 @@
 //! | `<prefix>:{s:N}:events` | stream | accepted events of shard N |
 //! | `<prefix>:{s:N}:dead:<destination>` | stream | events that destination gave up on |
 //! | `<prefix>:{s:N}:idem:<len(user)>:<user>:<messageId>` | string | first event id for an idempotency key |
+//! | `<prefix>:{s:N}:lease:<destination>` | string | the router instance delivering shard N to that destination (expires) |
 //! | `<prefix>:meta:shards` | string | the shard count, fixed at first start |
 //! | `<prefix>:meta:destinations` | set | destination names the router serves |
+//! | `<prefix>:meta:routers` | sorted set | live router instances, scored by when their heartbeat expires |
 
 /// Builds key names under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +50,17 @@ impl Keys {
         )
     }
 
+    /// The lease naming the one router instance that may deliver `shard`
+    /// to `destination`.
+    pub fn lease(&self, shard: u16, destination: &str) -> String {
+        format!("{}:{{s:{shard}}}:lease:{destination}", self.prefix)
+    }
+
+    /// The membership of live router instances, which split the leases.
+    pub fn routers(&self) -> String {
+        format!("{}:meta:routers", self.prefix)
+    }
+
     /// The shard count recorded at first start.
     pub fn shard_count(&self) -> String {
         format!("{}:meta:shards", self.prefix)
@@ -70,6 +83,7 @@ mod tests {
         assert_eq!(keys.events(7), "evd:{s:7}:events");
         assert_eq!(keys.dead_letters(7, "crm"), "evd:{s:7}:dead:crm");
         assert_eq!(keys.idempotency(7, "u1", "m1"), "evd:{s:7}:idem:2:u1:m1");
+        assert_eq!(keys.lease(7, "crm"), "evd:{s:7}:lease:crm");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`shard`]: the pinned user → shard hash.
 //! - [`keys`]: every Redis key name, each shard's keys under one hash tag.
 //! - [`entry`]: the fields of one event in a shard stream, and event ids.
-//! - [`meta`]: start-up checks both services share (the recorded shard count).
+//! - [`meta`]: start-up checks both services share (the recorded shard count, Redis
+//!   persistence settings).
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -17,5 +18,5 @@ pub mod shard;
 pub use config::RedisConfig;
 pub use entry::{EventEntry, EventId, StreamId};
 pub use keys::Keys;
-pub use meta::{ensure_shard_count, MetaError};
+pub use meta::{check_persistence, ensure_shard_count, MetaError, Persistence};
 pub use shard::shard_for;

@@ -19,6 +19,13 @@ pub enum MetaError {
     },
     #[error("Redis key `{key}` holds `{value}`, not a shard count")]
     Corrupt { key: String, value: String },
+    #[error(
+        "Redis is not configured to keep accepted events safe: {}. Fix the Redis \
+         configuration (see config/redis.conf), or set redis.allow_unsafe_persistence = true \
+         to start anyway",
+        problems.join("; ")
+    )]
+    UnsafePersistence { problems: Vec<String> },
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
 }
@@ -50,5 +57,91 @@ pub async fn ensure_shard_count<C: ConnectionLike + Send>(
             recorded,
             configured,
         })
+    }
+}
+
+/// How Redis persists and evicts, as read from `INFO`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Persistence {
+    pub aof_enabled: bool,
+    pub maxmemory_policy: String,
+}
+
+impl Persistence {
+    /// Reads the fields of `INFO persistence` and `INFO memory` we rely on.
+    fn from_info(info: &str) -> Self {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(|value| value.trim().to_owned())
+        };
+        Self {
+            aof_enabled: field("aof_enabled").as_deref() == Some("1"),
+            maxmemory_policy: field("maxmemory_policy").unwrap_or_default(),
+        }
+    }
+
+    /// Each way this configuration can lose accepted events.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.aof_enabled {
+            problems.push(
+                "the append-only file is off (`appendonly no`), so a restart loses every event \
+                 written since the last snapshot"
+                    .to_owned(),
+            );
+        }
+        if self.maxmemory_policy != "noeviction" {
+            problems.push(format!(
+                "`maxmemory-policy {}` evicts keys when memory is full, deleting undelivered \
+                 events; it must be `noeviction`",
+                self.maxmemory_policy
+            ));
+        }
+        problems
+    }
+}
+
+/// Refuses a Redis that could silently lose accepted events (AOF off or an
+/// evicting policy), unless `allow_unsafe` is set, which logs a warning instead.
+pub async fn check_persistence<C: ConnectionLike + Send>(
+    con: &mut C,
+    allow_unsafe: bool,
+) -> Result<Persistence, MetaError> {
+    let persistence: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(con)
+        .await?;
+    let memory: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
+    let persistence = Persistence::from_info(&format!("{persistence}\n{memory}"));
+    let problems = persistence.problems();
+    if problems.is_empty() {
+        return Ok(persistence);
+    }
+    if allow_unsafe {
+        tracing::warn!(
+            problems = %problems.join("; "),
+            "Redis can lose accepted events; starting anyway because redis.allow_unsafe_persistence is set."
+        );
+        return Ok(persistence);
+    }
+    Err(MetaError::UnsafePersistence { problems })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_aof_and_eviction_policy_from_info() {
+        let safe = Persistence::from_info(
+            "# Persistence\r\nloading:0\r\naof_enabled:1\r\n# Memory\r\nmaxmemory_policy:noeviction\r\n",
+        );
+        assert!(safe.problems().is_empty());
+        let unsafe_ = Persistence::from_info("aof_enabled:0\r\nmaxmemory_policy:allkeys-lru\r\n");
+        let problems = unsafe_.problems();
+        assert_eq!(problems.len(), 2);
+        assert!(problems[0].contains("appendonly"));
+        assert!(problems[1].contains("allkeys-lru"));
     }
 }

@@ -17,16 +17,59 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config/router.default.toml");
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// This router's consumer name in every group; stable across restarts.
+    /// This router's consumer name in every group; empty = the host name.
     pub consumer_name: String,
     /// How long in-flight attempts may finish after shutdown begins (ms).
     pub shutdown_grace_ms: u64,
     /// Redis connection and key layout.
     pub redis: RedisConfig,
+    /// Exclusive (shard, destination) ownership.
+    pub lease: LeaseConfig,
+    /// Stream trimming.
+    pub retention: RetentionConfig,
     /// How shard streams are read.
     pub reader: ReaderConfig,
     /// Where events are delivered.
     pub destinations: Vec<DestinationConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// Lifetime of a lease without renewal (ms).
+    pub ttl_ms: u64,
+    /// How often leases are renewed and the split revised (ms).
+    pub renew_interval_ms: u64,
+    /// How long before a possible expiry this router stops using a lease (ms).
+    pub safety_margin_ms: u64,
+}
+
+impl LeaseConfig {
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
+    }
+
+    pub fn renew_interval(&self) -> Duration {
+        Duration::from_millis(self.renew_interval_ms)
+    }
+
+    pub fn safety_margin(&self) -> Duration {
+        Duration::from_millis(self.safety_margin_ms)
+    }
+
+    /// Time a lease is sure to have left just before its next renewal.
+    fn assured_ms(&self) -> u64 {
+        self.ttl_ms
+            .saturating_sub(self.safety_margin_ms)
+            .saturating_sub(2 * self.renew_interval_ms)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How often shard streams are trimmed (ms).
+    pub trim_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +99,9 @@ pub struct DestinationConfig {
     /// Extra request headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Events undelivered this long after acceptance are dead-lettered (ms).
+    #[serde(default)]
+    pub max_age_ms: Option<u64>,
     /// When and how often to retry.
     #[serde(default)]
     pub retry: RetryConfig,
@@ -112,9 +158,13 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         self.redis.validate()?;
-        if self.consumer_name.is_empty() {
-            return Err("consumer_name must not be empty".into());
+        if self.consumer_name.chars().any(char::is_whitespace) {
+            return Err("consumer_name must not contain whitespace".into());
         }
+        if self.retention.trim_interval_ms == 0 {
+            return Err("retention.trim_interval_ms must be positive".into());
+        }
+        self.validate_lease()?;
         if self.reader.batch_size == 0 || self.reader.window == 0 {
             return Err("reader.batch_size and reader.window must be at least 1".into());
         }
@@ -136,6 +186,46 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Checks that every attempt and every read fits in the time a lease is
+    /// sure to have left, so a router never acts on an expired lease.
+    fn validate_lease(&self) -> Result<(), String> {
+        let lease = &self.lease;
+        if lease.renew_interval_ms == 0 {
+            return Err("lease.renew_interval_ms must be positive".into());
+        }
+        let assured = lease.assured_ms();
+        let read = self.reader.block_ms + self.redis.timeout_ms;
+        if read > assured {
+            return Err(format!(
+                "lease.ttl_ms is too short: ttl_ms - safety_margin_ms - 2 * renew_interval_ms = {assured} ms \
+                 must cover reader.block_ms + redis.timeout_ms = {read} ms"
+            ));
+        }
+        if let Some(slowest) = self.destinations.iter().max_by_key(|d| d.timeout_ms) {
+            if slowest.timeout_ms > assured {
+                return Err(format!(
+                    "lease.ttl_ms is too short: ttl_ms - safety_margin_ms - 2 * renew_interval_ms = {assured} ms \
+                     must cover the timeout_ms of destination `{}` ({} ms)",
+                    slowest.name, slowest.timeout_ms
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The consumer name: the configured one, else the host name.
+    pub fn consumer_name(&self) -> String {
+        if !self.consumer_name.is_empty() {
+            return self.consumer_name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty() && !name.contains(char::is_whitespace))
+            .unwrap_or_else(|| "router".to_owned())
+    }
 }
 
 impl DestinationConfig {
@@ -155,6 +245,11 @@ impl DestinationConfig {
             .map_err(|e| format!("destination `{name}`: url `{}` is invalid: {e}", self.url))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("destination `{name}`: url must be http or https"));
+        }
+        if self.max_age_ms == Some(0) {
+            return Err(format!(
+                "destination `{name}`: max_age_ms must be positive when set"
+            ));
         }
         if self.timeout_ms == 0 || self.max_concurrency == 0 {
             return Err(format!(
@@ -215,5 +310,20 @@ mod tests {
         let mut config = Config::defaults();
         config.destinations[2].url = "ftp://x".into();
         assert!(config.validate().expect_err("invalid").contains("http"));
+    }
+
+    #[test]
+    fn a_lease_too_short_for_an_attempt_is_refused() {
+        let mut config = Config::defaults();
+        config.destinations[2].timeout_ms = 17_001;
+        let error = config.validate().expect_err("too short");
+        assert!(error.contains("`slow`"), "{error}");
+        config.destinations[2].timeout_ms = 17_000;
+        assert_eq!(config.validate(), Ok(()));
+        config.lease.renew_interval_ms = 5_000;
+        assert!(config
+            .validate()
+            .expect_err("too short")
+            .contains("lease.ttl_ms"));
     }
 }

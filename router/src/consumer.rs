@@ -10,11 +10,12 @@
 //! outcome, so anything unfinished at a crash is still pending at restart
 //! and is read again from the PEL, in id order, before new entries.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use protocol::{EventEntry, Keys};
 use redis::aio::ConnectionManager;
-use redis::Value;
+use redis::{FromRedisValue, Value};
 
 /// Where the next read starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,21 +104,9 @@ impl GroupConsumer {
         self.shard
     }
 
-    /// Creates the group at the start of the stream (so events accepted
-    /// before the router first ran are delivered) unless it exists.
+    /// Creates the group at the start of the stream unless it exists.
     pub async fn ensure_group(&self) -> Result<(), ConsumerError> {
-        let result: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.stream)
-            .arg(&self.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.commands.clone())
-            .await;
-        match result {
-            Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
-            _ => Ok(()),
-        }
+        Ok(create_group(&mut self.commands.clone(), &self.stream, &self.group).await?)
     }
 
     /// Moves entries pending on other consumers of the group (e.g. a router
@@ -144,6 +133,39 @@ impl GroupConsumer {
             }
             cursor = next;
         }
+    }
+
+    /// Removes the group's other consumers that hold nothing pending: names
+    /// of earlier owners, which would otherwise accumulate with every
+    /// restart. Only the lease holder calls this, after claiming their
+    /// entries, so none of them is still reading.
+    pub async fn remove_idle_consumers(&self) -> Result<Vec<String>, ConsumerError> {
+        let consumers: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        let mut removed = Vec::new();
+        for consumer in consumers {
+            let field = |name: &str| consumer.get(name).cloned().unwrap_or(Value::Nil);
+            let name = String::from_redis_value(field("name"))
+                .map_err(|e| ConsumerError::Reply(format!("XINFO CONSUMERS name: {e}")))?;
+            let pending = i64::from_redis_value(field("pending"))
+                .map_err(|e| ConsumerError::Reply(format!("XINFO CONSUMERS pending: {e}")))?;
+            if name == self.consumer || pending > 0 {
+                continue;
+            }
+            let _: i64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(&name)
+                .query_async(&mut self.commands.clone())
+                .await?;
+            removed.push(name);
+        }
+        Ok(removed)
     }
 
     /// Reads up to `count` entries. Reading new entries blocks up to `block`.
@@ -226,6 +248,28 @@ impl GroupConsumer {
             .arg(&entry.stream_id);
         let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
         Ok(())
+    }
+}
+
+/// Creates `group` at the start of `stream` (so events accepted before the
+/// router first ran are delivered), creating the stream too, unless the
+/// group exists.
+pub async fn create_group(
+    con: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<()> {
+    let result: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(con)
+        .await;
+    match result {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(e),
+        _ => Ok(()),
     }
 }
 

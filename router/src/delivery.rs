@@ -8,7 +8,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AF
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::DestinationConfig;
 use crate::retry::RetryPolicy;
@@ -94,6 +94,10 @@ pub struct Destination {
     client: reqwest::Client,
     in_flight: Arc<Semaphore>,
     pub retry: RetryPolicy,
+    /// Longest one attempt takes, connecting and reading the answer included.
+    pub timeout: Duration,
+    /// Events older than this are dead-lettered instead of attempted.
+    pub max_age: Option<Duration>,
 }
 
 impl Destination {
@@ -122,21 +126,27 @@ impl Destination {
             client,
             in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
             retry: config.retry.into(),
+            timeout: config.timeout(),
+            max_age: config.max_age_ms.map(Duration::from_millis),
         })
     }
 
-    /// Makes one attempt, waiting for a free concurrency slot first.
+    /// Waits for a free concurrency slot; an attempt holds one throughout.
+    pub async fn slot(&self) -> SemaphorePermit<'_> {
+        self.in_flight
+            .acquire()
+            .await
+            .expect("the concurrency semaphore is never closed")
+    }
+
+    /// Makes one attempt in `_slot`; it ends within the destination's timeout.
     pub async fn attempt(
         &self,
+        _slot: &SemaphorePermit<'_>,
         event_id: &str,
         body: &Bytes,
         attempt: u32,
     ) -> (AttemptOutcome, Duration) {
-        let _slot = self
-            .in_flight
-            .acquire()
-            .await
-            .expect("the concurrency semaphore is never closed");
         let started = Instant::now();
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -5,33 +5,43 @@
 //! # Layout
 //! - [`config`]: settings and their defaults.
 //! - [`consumer`]: one destination's consumer group on one shard (XREADGROUP, XACK, dead letters).
+//! - [`lease`]: exclusive (shard, destination) ownership and how it is split among routers.
+//! - [`coordinator`]: acquires, renews, hands over and releases leases; starts and stops workers.
+//! - [`retention`]: trims shard streams below what every destination still needs.
 //! - [`delivery`]: one HTTP attempt and what its answer means.
 //! - [`retry`]: the backoff policy.
-//! - [`worker`]: the per (shard, destination) loop: window, per-user order, shutdown.
+//! - [`worker`]: the per (shard, destination) loop: window, per-user order, lease checks.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod consumer;
+pub mod coordinator;
 pub mod delivery;
+pub mod lease;
+pub mod retention;
 pub mod retry;
 pub mod worker;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use protocol::Keys;
 use redis::aio::ConnectionManager;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 use consumer::GroupConsumer;
+use coordinator::{Coordinator, StartWorker};
 use delivery::Destination;
+use lease::{LeaseGuard, LeaseId, LeaseStore};
 use worker::WorkerSettings;
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
-/// in-flight attempts finish within the grace period and returns.
+/// in-flight attempts finish within the grace period, releases its leases
+/// and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = Keys::new(config.redis.key_prefix.clone());
     let Some(mut commands) = connect(&config, &shutdown, Some(config.redis.timeout())).await?
@@ -41,7 +51,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     protocol::ensure_shard_count(&mut commands, &keys, config.redis.shards)
         .await
         .context("refusing to start")?;
+    protocol::check_persistence(&mut commands, config.redis.allow_unsafe_persistence)
+        .await
+        .context("refusing to start")?;
     register_destinations(&mut commands, &keys, &config).await?;
+    // Before any trimming: a configured destination without a group would
+    // miss whatever is trimmed before its group exists.
+    create_groups(&mut commands, &keys, &config).await?;
     let mut command_connections = vec![commands];
     while command_connections.len() < config.redis.connections {
         let Some(connection) = connect(&config, &shutdown, Some(config.redis.timeout())).await?
@@ -54,56 +70,169 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let destinations = config
         .destinations
         .iter()
-        .map(|d| Destination::new(d).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()
+        .map(|d| Destination::new(d).map(|d| (d.name.clone(), Arc::new(d))))
+        .collect::<Result<HashMap<_, _>, _>>()
         .context("cannot build HTTP clients")?;
     let block = Duration::from_millis(config.reader.block_ms);
-    // A blocking read's reply may take the whole block time, plus the usual margin.
-    let blocking_timeout = block + config.redis.timeout();
-    let tracker = TaskTracker::new();
-    let mut workers = 0;
-    for destination in &destinations {
-        for shard in 0..config.redis.shards {
-            let Some(blocking) = connect(&config, &shutdown, Some(blocking_timeout)).await? else {
-                return Ok(());
+    let consumer_name = config.consumer_name();
+    let instance = format!("{consumer_name}#{:08x}", fastrand::u32(..));
+    let pairs: Vec<LeaseId> = (0..config.redis.shards)
+        .flat_map(|shard| {
+            config.destinations.iter().map(move |d| LeaseId {
+                shard,
+                destination: d.name.clone(),
+            })
+        })
+        .collect();
+    let pair_count = pairs.len();
+    let workers = Workers {
+        config: config.clone(),
+        keys: keys.clone(),
+        consumer_name: consumer_name.clone(),
+        destinations,
+        command_connections: command_connections.clone(),
+        settings: WorkerSettings {
+            batch_size: config.reader.batch_size,
+            block,
+            // A blocking read's reply may take the whole block time, plus the usual margin.
+            read_span: block + config.redis.timeout(),
+            window: config.reader.window,
+            shutdown_grace: config.shutdown_grace(),
+        },
+    };
+    let leases = LeaseStore::new(
+        command_connections[0].clone(),
+        keys.clone(),
+        instance.clone(),
+        config.lease.ttl(),
+    );
+    let trimmer = tokio::spawn(retention::run(
+        command_connections[command_connections.len() - 1].clone(),
+        keys,
+        config.redis.shards,
+        config.destinations.iter().map(|d| d.name.clone()).collect(),
+        Duration::from_millis(config.retention.trim_interval_ms),
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        pairs = pair_count,
+        destinations = config.destinations.len(),
+        shards = config.redis.shards,
+        consumer = %consumer_name,
+        %instance,
+        "Router started; acquiring its share of the (shard, destination) leases."
+    );
+    Coordinator::new(leases, config.lease, pairs, workers)
+        .run(shutdown.clone())
+        .await;
+    let _ = trimmer.await;
+    tracing::info!("Router stopped; leases released.");
+    Ok(())
+}
+
+/// Everything a (shard, destination) worker needs.
+struct Workers {
+    config: Config,
+    keys: Keys,
+    consumer_name: String,
+    destinations: HashMap<String, Arc<Destination>>,
+    command_connections: Vec<ConnectionManager>,
+    settings: WorkerSettings,
+}
+
+impl StartWorker for Workers {
+    fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()> {
+        let config = self.config.clone();
+        let keys = self.keys.clone();
+        let consumer_name = self.consumer_name.clone();
+        let destination = self.destinations[&lease.destination].clone();
+        let commands = self.command_connections
+            [usize::from(lease.shard) % self.command_connections.len()]
+        .clone();
+        let settings = self.settings;
+        let shard = lease.shard;
+        tokio::spawn(async move {
+            let blocking_timeout = Some(settings.read_span);
+            let Ok(Some(blocking)) = connect(&config, &stop, blocking_timeout).await else {
+                return;
             };
-            let commands =
-                command_connections[usize::from(shard) % command_connections.len()].clone();
             let consumer = GroupConsumer::new(
                 &keys,
                 shard,
                 &destination.name,
-                &config.consumer_name,
+                &consumer_name,
                 blocking,
                 commands,
             );
-            let settings = WorkerSettings {
-                batch_size: config.reader.batch_size,
-                block,
-                window: config.reader.window,
-                shutdown_grace: config.shutdown_grace(),
-            };
-            tracker.spawn(worker::run(
-                consumer,
-                destination.clone(),
-                settings,
-                shutdown.clone(),
-            ));
-            workers += 1;
+            worker::run(consumer, destination, settings, guard, stop).await;
+        })
+    }
+}
+
+/// Creates every configured destination's group on every shard (at the
+/// start of the stream) unless it exists.
+async fn create_groups(
+    con: &mut ConnectionManager,
+    keys: &Keys,
+    config: &Config,
+) -> anyhow::Result<()> {
+    for shard in 0..config.redis.shards {
+        for destination in &config.destinations {
+            consumer::create_group(con, &keys.events(shard), &destination.name)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot create the group of {} on shard {shard}",
+                        destination.name
+                    )
+                })?;
         }
     }
-    tracing::info!(
-        workers,
-        destinations = destinations.len(),
-        shards = config.redis.shards,
-        consumer = %config.consumer_name,
-        "Router delivering."
-    );
-    tracker.close();
-    shutdown.cancelled().await;
-    tracing::info!("Router shutting down: finishing in-flight attempts.");
-    tracker.wait().await;
     Ok(())
+}
+
+/// Deletes the consumer groups (and leases) of a destination that is no
+/// longer configured, on every shard, so they stop holding back trimming.
+/// Its dead-letter streams are kept. Returns on how many shards a group was
+/// deleted.
+pub async fn remove_destination(config: &Config, name: &str) -> anyhow::Result<u16> {
+    if config.destinations.iter().any(|d| d.name == name) {
+        anyhow::bail!(
+            "destination `{name}` is still configured; remove it from the config and restart \
+             the routers first"
+        );
+    }
+    let keys = Keys::new(config.redis.key_prefix.clone());
+    let mut con = config
+        .redis
+        .connect(Some(config.redis.timeout()))
+        .await
+        .context("cannot connect to Redis")?;
+    let mut removed = 0;
+    for shard in 0..config.redis.shards {
+        let destroyed: i64 = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(keys.events(shard))
+            .arg(name)
+            .query_async(&mut con)
+            .await
+            .or_else(|e| {
+                if e.code() == Some("NOGROUP") || e.to_string().contains("no such key") {
+                    Ok(0)
+                } else {
+                    Err(e)
+                }
+            })
+            .with_context(|| format!("cannot delete the group on shard {shard}"))?;
+        let _: i64 = redis::cmd("DEL")
+            .arg(keys.lease(shard, name))
+            .query_async(&mut con)
+            .await?;
+        if destroyed > 0 {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Publishes the configured destination names, which the gateway checks

@@ -1,13 +1,28 @@
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Event delivery router: delivers events from Redis streams to webhook destinations.
 #[derive(Parser)]
 struct Args {
     /// TOML config file; settings it leaves out keep their defaults.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deliver events (the default).
+    Run,
+    /// Delete the consumer groups of a destination removed from the config,
+    /// which otherwise keep its undelivered events from being trimmed. Its
+    /// dead-letter streams are kept.
+    RemoveDestination {
+        /// The destination's name, as it was in the config.
+        name: String,
+    },
 }
 
 #[tokio::main]
@@ -19,9 +34,21 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    router::run(config, shutdown).await
+    match args.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            router::run(config, shutdown).await
+        }
+        Command::RemoveDestination { name } => {
+            let shards = router::remove_destination(&config, &name).await?;
+            println!(
+                "Deleted the consumer groups of `{name}` on {shards} of {} shards; its dead-letter streams are kept.",
+                config.redis.shards
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {

@@ -9,7 +9,12 @@
 //! - delivered → XACK;
 //! - dead (permanent answer or attempts exhausted) → dead-letter + XACK in one MULTI;
 //! - not for this destination, or deleted from the stream → XACK;
-//! - abandoned at shutdown → nothing: it stays pending and is redelivered.
+//! - expired (older than the destination's `max_age_ms`) → dead-letter + XACK;
+//! - abandoned at shutdown or when the lease goes → nothing: it stays
+//!   pending and is redelivered by the next owner.
+//!
+//! Every read and every attempt starts only if it ends while this router
+//! still surely holds the (shard, destination) lease; see [`crate::lease`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -21,22 +26,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer, ReadFrom};
 use crate::delivery::{request_body, AttemptOutcome, Destination};
+use crate::lease::LeaseGuard;
 
 /// Longest pause between retries of a failing Redis command.
 const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(5);
 
+#[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
     pub batch_size: usize,
     pub block: Duration,
+    /// Longest a read can take: the block time plus the reply timeout.
+    pub read_span: Duration,
     pub window: usize,
     pub shutdown_grace: Duration,
 }
 
-/// Delivers shard `consumer.shard()` to `destination` until `shutdown`.
+/// Delivers shard `consumer.shard()` to `destination` until `shutdown`
+/// (the router stopping, or the lease lost or handed over).
 pub async fn run(
     consumer: GroupConsumer,
     destination: Arc<Destination>,
     settings: WorkerSettings,
+    lease: LeaseGuard,
     shutdown: CancellationToken,
 ) {
     let consumer = Arc::new(consumer);
@@ -46,8 +57,8 @@ pub async fn run(
         consumer.clone(),
         batches,
         window.clone(),
-        settings.batch_size,
-        settings.block,
+        settings,
+        lease.clone(),
         shutdown.clone(),
     ));
 
@@ -55,6 +66,7 @@ pub async fn run(
         consumer,
         destination,
         window,
+        lease,
         shutdown: shutdown.clone(),
         queued: HashMap::new(),
         in_window: HashSet::new(),
@@ -94,6 +106,7 @@ struct Dispatcher {
     consumer: Arc<GroupConsumer>,
     destination: Arc<Destination>,
     window: Arc<Semaphore>,
+    lease: LeaseGuard,
     shutdown: CancellationToken,
     /// Per ordering key (user): entries waiting behind the one in flight.
     /// A key is present exactly while one of its entries is in flight.
@@ -138,6 +151,7 @@ impl Dispatcher {
             self.consumer.clone(),
             self.destination.clone(),
             entry,
+            self.lease.clone(),
             self.shutdown.clone(),
         ));
         self.job_keys.insert(handle.id(), key);
@@ -177,8 +191,8 @@ async fn read_loop(
     consumer: Arc<GroupConsumer>,
     batches: mpsc::Sender<Vec<Entry>>,
     window: Arc<Semaphore>,
-    batch_size: usize,
-    block: Duration,
+    settings: WorkerSettings,
+    mut lease: LeaseGuard,
     shutdown: CancellationToken,
 ) {
     let mut from = ReadFrom::Pending("0".into());
@@ -204,18 +218,23 @@ async fn read_loop(
         };
         capacity.forget();
         let mut taken = 1;
-        while taken < batch_size {
+        while taken < settings.batch_size {
             match window.try_acquire() {
                 Ok(permit) => permit.forget(),
                 Err(_) => break,
             }
             taken += 1;
         }
-        // A read abandoned here may leave entries pending on us unseen; they
-        // are read from the pending list at the next start.
+        // A read by a router whose lease has expired would take entries
+        // away from the new owner, so a read starts only if it ends in time.
+        if !lease.hold_for(settings.read_span, &shutdown).await {
+            return;
+        }
+        // A read abandoned here may leave entries pending on us unseen; the
+        // next owner of this shard claims and reads them first.
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            result = consumer.read(&from, taken, block) => result,
+            result = consumer.read(&from, taken, settings.block) => result,
         };
         match result {
             Ok(entries) => {
@@ -254,14 +273,18 @@ async fn read_loop(
     }
 }
 
+/// Takes over what earlier owners left: their pending entries become ours
+/// (read first, in id order), and their consumers, now empty, are removed.
 async fn prepare(consumer: &GroupConsumer) -> Result<(), ConsumerError> {
     consumer.ensure_group().await?;
     let claimed = consumer.claim_pending_of_others().await?;
-    if claimed > 0 {
+    let removed = consumer.remove_idle_consumers().await?;
+    if claimed > 0 || !removed.is_empty() {
         tracing::info!(
             shard = consumer.shard(),
             claimed,
-            "Claimed entries pending on other consumers."
+            removed_consumers = ?removed,
+            "Took over entries pending on earlier owners."
         );
     }
     Ok(())
@@ -279,11 +302,12 @@ async fn pause(shutdown: &CancellationToken, failures: u32) -> bool {
 }
 
 /// Takes one entry to a terminal outcome and records it, or abandons it at
-/// shutdown.
+/// shutdown or when the lease goes.
 async fn process(
     consumer: Arc<GroupConsumer>,
     destination: Arc<Destination>,
     entry: Entry,
+    mut lease: LeaseGuard,
     shutdown: CancellationToken,
 ) {
     let shard = consumer.shard();
@@ -316,12 +340,34 @@ async fn process(
             return;
         }
     };
+    let user = event.user_id.as_str();
+    let name = destination.name.as_str();
     let mut attempt = 1;
     loop {
-        let (outcome, latency) = destination.attempt(&event_id, &body, attempt).await;
+        if let Some(age) = expired(event.received_at_ms, destination.max_age) {
+            let error = format!(
+                "expired: undelivered {}s after it was accepted (max_age_ms)",
+                age.as_secs()
+            );
+            tracing::warn!(%event_id, user, destination = name, shard, attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
+            let letter = DeadLetter {
+                event_id: &event_id,
+                attempts: attempt - 1,
+                last_status: None,
+                last_error: &error,
+            };
+            record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
+            return;
+        }
+        let slot = destination.slot().await;
+        // The attempt must be over before the lease could pass to another
+        // router, or the next owner could deliver this user's next event first.
+        if !lease.hold_for(destination.timeout, &shutdown).await {
+            return;
+        }
+        let (outcome, latency) = destination.attempt(&slot, &event_id, &body, attempt).await;
+        drop(slot);
         let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
-        let user = event.user_id.as_str();
-        let name = destination.name.as_str();
         let (status, error) = match &outcome {
             AttemptOutcome::Delivered { status } => {
                 tracing::info!(%event_id, user, destination = name, shard, attempt, status, latency_ms, outcome = "delivered", "Delivery attempt.");
@@ -359,6 +405,18 @@ async fn process(
         }
         attempt += 1;
     }
+}
+
+/// How old the event is, if older than `max_age`.
+fn expired(received_at_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let age = Duration::from_millis(
+        u64::try_from(now_ms.saturating_sub(u128::from(received_at_ms))).unwrap_or(u64::MAX),
+    );
+    max_age.filter(|max| age > *max).map(|_| age)
 }
 
 /// Runs a terminal Redis write until it succeeds. Before the user's next

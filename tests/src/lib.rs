@@ -55,6 +55,7 @@ pub struct TestDestination {
     pub retry: router::config::RetryConfig,
     pub timeout_ms: u64,
     pub max_concurrency: usize,
+    pub max_age_ms: Option<u64>,
 }
 
 impl TestDestination {
@@ -70,7 +71,13 @@ impl TestDestination {
             },
             timeout_ms: 2000,
             max_concurrency: 64,
+            max_age_ms: None,
         }
+    }
+
+    pub fn max_age_ms(mut self, max_age_ms: u64) -> Self {
+        self.max_age_ms = Some(max_age_ms);
+        self
     }
 
     pub fn retry(mut self, initial_delay_ms: u64, max_delay_ms: u64, max_attempts: u32) -> Self {
@@ -173,8 +180,16 @@ impl TestSystem {
         let mut config = router::Config::defaults();
         config.redis.url = self.redis.url().to_owned();
         config.redis.shards = SHARDS;
+        config.consumer_name = "test-router".into();
         config.reader.block_ms = 200;
         config.shutdown_grace_ms = 2000;
+        // Short leases so failover tests are quick; they still cover the
+        // 2 s attempt timeout and a read (block + Redis timeout).
+        config.lease.ttl_ms = 3000;
+        config.lease.renew_interval_ms = 200;
+        config.lease.safety_margin_ms = 200;
+        config.redis.timeout_ms = 1000;
+        config.retention.trim_interval_ms = 100;
         config.destinations = self
             .destinations
             .iter()
@@ -184,6 +199,7 @@ impl TestSystem {
                 timeout_ms: d.timeout_ms,
                 max_concurrency: d.max_concurrency,
                 headers: Default::default(),
+                max_age_ms: d.max_age_ms,
                 retry: d.retry,
             })
             .collect();
@@ -193,15 +209,32 @@ impl TestSystem {
     /// The same config as TOML, for a router run as a child process.
     pub fn router_config_toml(&self) -> String {
         let config = self.router_config();
+        let lease = config.lease;
         let mut toml = format!(
-            "shutdown_grace_ms = {}\n[redis]\nurl = \"{}\"\nshards = {}\n[reader]\nbatch_size = 100\nblock_ms = {}\nwindow = 1000\n",
-            config.shutdown_grace_ms, config.redis.url, config.redis.shards, config.reader.block_ms
+            "consumer_name = \"{}\"\nshutdown_grace_ms = {}\n\
+             [redis]\nurl = \"{}\"\nshards = {}\ntimeout_ms = {}\n\
+             [reader]\nbatch_size = 100\nblock_ms = {}\nwindow = 1000\n\
+             [lease]\nttl_ms = {}\nrenew_interval_ms = {}\nsafety_margin_ms = {}\n\
+             [retention]\ntrim_interval_ms = {}\n",
+            config.consumer_name,
+            config.shutdown_grace_ms,
+            config.redis.url,
+            config.redis.shards,
+            config.redis.timeout_ms,
+            config.reader.block_ms,
+            lease.ttl_ms,
+            lease.renew_interval_ms,
+            lease.safety_margin_ms,
+            config.retention.trim_interval_ms,
         );
         for d in &config.destinations {
             toml.push_str(&format!(
                 "[[destinations]]\nname = \"{}\"\nurl = \"{}\"\ntimeout_ms = {}\nmax_concurrency = {}\nretry = {{ initial_delay_ms = {}, max_delay_ms = {}, max_attempts = {} }}\n",
                 d.name, d.url, d.timeout_ms, d.max_concurrency, d.retry.initial_delay_ms, d.retry.max_delay_ms, d.retry.max_attempts
             ));
+            if let Some(max_age_ms) = d.max_age_ms {
+                toml.push_str(&format!("max_age_ms = {max_age_ms}\n"));
+            }
         }
         toml
     }

@@ -32,53 +32,106 @@ mod imp {
 
     pub struct Inner {
         child: Option<Child>,
-        _dir: tempfile::TempDir,
+        port: u16,
+        extra_args: Vec<String>,
+        dir: tempfile::TempDir,
     }
 
     impl RedisServer {
         /// Starts `redis-server` (or `$REDIS_SERVER`) with AOF on and
         /// `noeviction`, as the shipped config has it.
         pub async fn start() -> Self {
-            let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+            Self::start_with(&[]).await
+        }
+
+        /// Starts it with `extra_args` after the defaults (later settings win),
+        /// e.g. `["--appendfsync", "always"]`.
+        pub async fn start_with(extra_args: &[&str]) -> Self {
+            let extra_args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
             for _ in 0..5 {
                 let port = TcpListener::bind("127.0.0.1:0")
                     .and_then(|l| l.local_addr())
                     .expect("a free port")
                     .port();
                 let dir = tempfile::tempdir().expect("a temp dir");
-                let child = Command::new(&binary)
-                    .args([
-                        "--port",
-                        &port.to_string(),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                    ])
-                    .args(["--appendonly", "yes", "--appendfsync", "everysec"])
-                    .args(["--maxmemory-policy", "noeviction"])
-                    .arg("--dir")
-                    .arg(dir.path())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap_or_else(|e| {
-                        panic!(
-                            "cannot run {binary} (install redis-server or set REDIS_SERVER): {e}"
-                        )
-                    });
-                let server = RedisServer {
+                let mut server = RedisServer {
                     url: format!("redis://127.0.0.1:{port}"),
                     inner: Inner {
-                        child: Some(child),
-                        _dir: dir,
+                        child: None,
+                        port,
+                        extra_args: extra_args.clone(),
+                        dir,
                     },
                 };
+                server.spawn();
                 if server.wait_ready(Duration::from_secs(5)).await {
                     return server;
                 }
             }
             panic!("redis-server did not start on any of 5 free ports");
+        }
+
+        fn spawn(&mut self) {
+            let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+            let inner = &mut self.inner;
+            let child = Command::new(&binary)
+                .args([
+                    "--port",
+                    &inner.port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+                .args(["--maxmemory-policy", "noeviction"])
+                .args(&inner.extra_args)
+                .arg("--dir")
+                .arg(inner.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run {binary} (install redis-server or set REDIS_SERVER): {e}")
+                });
+            inner.child = Some(child);
+        }
+
+        /// Starts Redis again on the same port and data directory, so it
+        /// loads its append-only file, and waits until it answers.
+        pub async fn restart(&mut self) {
+            self.stop().await;
+            for _ in 0..50 {
+                self.spawn();
+                if self.wait_ready(Duration::from_secs(10)).await {
+                    return;
+                }
+                // The port may not be free yet; try again.
+                self.stop().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("redis-server did not restart on port {}", self.inner.port);
+        }
+
+        /// SIGSTOP: Redis stops answering but keeps its connections, as in
+        /// a long stall.
+        pub async fn pause(&self) {
+            self.signal("-STOP");
+        }
+
+        /// SIGCONT after [`Self::pause`].
+        pub async fn resume(&self) {
+            self.signal("-CONT");
+        }
+
+        fn signal(&self, signal: &str) {
+            let child = self.inner.child.as_ref().expect("redis is running");
+            let status = Command::new("kill")
+                .arg(signal)
+                .arg(child.id().to_string())
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {signal} failed");
         }
 
         async fn wait_ready(&self, within: Duration) -> bool {
@@ -99,7 +152,7 @@ mod imp {
             false
         }
 
-        /// Kills Redis, as an outage would.
+        /// SIGKILLs Redis, as a crash would.
         pub async fn stop(&mut self) {
             if let Some(mut child) = self.inner.child.take() {
                 let _ = child.kill();
@@ -135,35 +188,67 @@ mod imp {
 
     impl RedisServer {
         pub async fn start() -> Self {
+            Self::start_with(&[]).await
+        }
+
+        pub async fn start_with(extra_args: &[&str]) -> Self {
+            let mut command = vec![
+                "redis-server".to_owned(),
+                "--appendonly".into(),
+                "yes".into(),
+                "--maxmemory-policy".into(),
+                "noeviction".into(),
+            ];
+            command.extend(extra_args.iter().map(|a| (*a).to_owned()));
             let container = GenericImage::new("redis", IMAGE_TAG)
                 .with_exposed_port(6379.tcp())
                 .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
-                .with_cmd([
-                    "redis-server",
-                    "--appendonly",
-                    "yes",
-                    "--maxmemory-policy",
-                    "noeviction",
-                ])
+                .with_cmd(command)
                 .start()
                 .await
                 .expect("docker can start the redis container");
+            let mut server = RedisServer {
+                url: String::new(),
+                inner: Inner {
+                    container: Some(container),
+                },
+            };
+            server.read_url().await;
+            server
+        }
+
+        async fn read_url(&mut self) {
+            let container = self.inner.container.as_ref().expect("running");
             let port = container
                 .get_host_port_ipv4(6379)
                 .await
                 .expect("mapped port");
-            RedisServer {
-                url: format!("redis://127.0.0.1:{port}"),
-                inner: Inner {
-                    container: Some(container),
-                },
-            }
+            self.url = format!("redis://127.0.0.1:{port}");
+        }
+
+        fn container(&self) -> &ContainerAsync<GenericImage> {
+            self.inner
+                .container
+                .as_ref()
+                .expect("redis container exists")
         }
 
         pub async fn stop(&mut self) {
-            if let Some(container) = self.inner.container.take() {
-                let _ = container.stop().await;
-            }
+            let _ = self.container().stop_with_timeout(Some(0)).await;
+        }
+
+        pub async fn restart(&mut self) {
+            self.stop().await;
+            self.container().start().await.expect("container restarts");
+            self.read_url().await;
+        }
+
+        pub async fn pause(&self) {
+            self.container().pause().await.expect("container pauses");
+        }
+
+        pub async fn resume(&self) {
+            self.container().unpause().await.expect("container resumes");
         }
     }
 }

@@ -1,0 +1,233 @@
+//! Which (shard, destination) pairs this router delivers, over time.
+//!
+//! Every `lease.renew_interval_ms` the coordinator:
+//! 1. renews the leases it holds; one it can no longer prove it holds
+//!    (renewal refused, or Redis unreachable until the lease lapsed) is lost:
+//!    its worker is stopped at once;
+//! 2. releases the leases of workers it stopped for a hand-over, once they
+//!    have finished their attempts in flight;
+//! 3. refreshes its heartbeat, computes its share of the pairs among the
+//!    live routers ([`assign`]), stops workers outside its share, and tries to
+//!    acquire the leases of pairs inside it.
+//!
+//! A pair's worker is started only when the previous worker of that pair
+//! in this process has finished, so one process never runs two at once.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LeaseConfig;
+use crate::lease::{assign, LeaseGuard, LeaseId, LeaseStore, LeaseValidity};
+
+/// Starts the delivery worker of one pair; it runs until `stop` is cancelled.
+pub trait StartWorker {
+    fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Delivering.
+    Active,
+    /// Stopped for a hand-over; the lease is released when the worker ends.
+    HandingOver,
+    /// The lease is lost; the worker is stopping and nothing is released.
+    Lost,
+}
+
+struct Held {
+    validity: LeaseValidity,
+    stop: CancellationToken,
+    worker: JoinHandle<()>,
+    state: State,
+}
+
+pub struct Coordinator<W> {
+    leases: LeaseStore,
+    settings: LeaseConfig,
+    /// Every pair, sorted: the input of [`assign`].
+    pairs: Vec<LeaseId>,
+    held: BTreeMap<LeaseId, Held>,
+    workers: W,
+}
+
+impl<W: StartWorker> Coordinator<W> {
+    pub fn new(
+        leases: LeaseStore,
+        settings: LeaseConfig,
+        mut pairs: Vec<LeaseId>,
+        workers: W,
+    ) -> Self {
+        pairs.sort();
+        Self {
+            leases,
+            settings,
+            pairs,
+            held: BTreeMap::new(),
+            workers,
+        }
+    }
+
+    /// Runs until `shutdown`, then stops every worker, waits for them, and
+    /// releases the leases so other routers take over at once.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(self.settings.renew_interval());
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            self.renew().await;
+            self.reap().await;
+            self.rebalance().await;
+        }
+        self.stop_all().await;
+    }
+
+    async fn renew(&mut self) {
+        let sent_at = Instant::now();
+        let renewing: Vec<&LeaseId> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.state != State::Lost)
+            .map(|(lease, _)| lease)
+            .collect();
+        match self.leases.renew(&renewing).await {
+            Ok(results) => {
+                let refused: Vec<LeaseId> = renewing
+                    .into_iter()
+                    .zip(results)
+                    .filter_map(|(lease, still_ours)| {
+                        if still_ours {
+                            if let Some(held) = self.held.get(lease) {
+                                held.validity.renewed(sent_at);
+                            }
+                            None
+                        } else {
+                            Some(lease.clone())
+                        }
+                    })
+                    .collect();
+                for lease in refused {
+                    self.lose(
+                        &lease,
+                        "renewal refused: another router holds it or it expired",
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "Cannot renew leases; will retry."),
+        }
+        let lapsed: Vec<LeaseId> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.state != State::Lost && held.validity.has_lapsed())
+            .map(|(lease, _)| lease.clone())
+            .collect();
+        for lease in lapsed {
+            self.lose(&lease, "not renewed in time (Redis unreachable?)");
+        }
+    }
+
+    fn lose(&mut self, lease: &LeaseId, reason: &str) {
+        if let Some(held) = self.held.get_mut(lease) {
+            tracing::warn!(%lease, reason, "Lease lost; stopping delivery of this pair.");
+            held.stop.cancel();
+            held.state = State::Lost;
+        }
+    }
+
+    /// Forgets pairs whose workers have ended, releasing handed-over leases.
+    async fn reap(&mut self) {
+        let ended: Vec<LeaseId> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.worker.is_finished())
+            .map(|(lease, _)| lease.clone())
+            .collect();
+        for lease in ended {
+            let Some(held) = self.held.remove(&lease) else {
+                continue;
+            };
+            if held.state != State::Lost {
+                self.release(&lease).await;
+            }
+        }
+    }
+
+    async fn release(&self, lease: &LeaseId) {
+        match self.leases.release(lease).await {
+            Ok(()) => tracing::info!(%lease, "Lease released."),
+            // It expires by itself; the next owner waits for that.
+            Err(error) => tracing::warn!(%lease, %error, "Cannot release lease."),
+        }
+    }
+
+    async fn rebalance(&mut self) {
+        let members = match self.leases.heartbeat().await {
+            Ok(members) => members,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot refresh router membership; will retry.");
+                return;
+            }
+        };
+        let share = assign(&self.pairs, &members, self.leases.instance());
+        for (lease, held) in &mut self.held {
+            if held.state == State::Active && share.binary_search(lease).is_err() {
+                tracing::info!(%lease, routers = members.len(), "Handing lease over to another router.");
+                held.stop.cancel();
+                held.state = State::HandingOver;
+            }
+        }
+        for lease in share {
+            if self.held.contains_key(&lease) {
+                continue;
+            }
+            let sent_at = Instant::now();
+            match self.leases.try_acquire(&lease).await {
+                Ok(true) => {
+                    let validity = LeaseValidity::new(
+                        sent_at,
+                        self.settings.ttl(),
+                        self.settings.safety_margin(),
+                    );
+                    let stop = CancellationToken::new();
+                    let worker = self.workers.start(&lease, validity.guard(), stop.clone());
+                    tracing::info!(%lease, instance = self.leases.instance(), "Lease gained.");
+                    self.held.insert(
+                        lease,
+                        Held {
+                            validity,
+                            stop,
+                            worker,
+                            state: State::Active,
+                        },
+                    );
+                }
+                // Still held by its previous owner, which hands it over or lets it expire.
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%lease, %error, "Cannot acquire lease; will retry.");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn stop_all(mut self) {
+        for held in self.held.values() {
+            held.stop.cancel();
+        }
+        for (lease, held) in std::mem::take(&mut self.held) {
+            let _ = held.worker.await;
+            if held.state != State::Lost {
+                self.release(&lease).await;
+            }
+        }
+        if let Err(error) = self.leases.leave().await {
+            tracing::warn!(%error, "Cannot withdraw from router membership; it expires by itself.");
+        }
+    }
+}

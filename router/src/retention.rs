@@ -1,0 +1,128 @@
+//! Trimming shard streams as destinations acknowledge.
+//!
+//! An entry may leave a stream only once every destination is done with
+//! it. Per consumer group, the oldest entry it may still need is its oldest
+//! pending entry, or, with nothing pending, the one after its last-delivered
+//! id. The stream is trimmed (`XTRIM MINID`) below the minimum of those over
+//! all groups, computed and applied in one script so no group can move in
+//! between. Groups of destinations no longer configured still count (they
+//! are reported, see `router remove-destination`), and while a configured
+//! destination has no group yet nothing is trimmed.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use protocol::Keys;
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+/// KEYS: the shard stream. ARGV: the configured destinations (group names).
+/// Returns `{trimmed, unknown groups}`; trimmed is -1 when a configured
+/// group is missing.
+const TRIM: &str = r"
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local configured = {}
+for i = 1, #ARGV do configured[ARGV[i]] = false end
+local unknown = {}
+local floor_ms, floor_seq
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  local name = info['name']
+  if configured[name] == nil then table.insert(unknown, name) else configured[name] = true end
+  local ms, seq
+  if info['pending'] > 0 then
+    ms, seq = parse(redis.call('XPENDING', KEYS[1], name)[2])
+  else
+    ms, seq = parse(info['last-delivered-id'])
+    seq = seq + 1
+  end
+  if floor_ms == nil or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
+    floor_ms, floor_seq = ms, seq
+  end
+end
+for _, present in pairs(configured) do
+  if not present then return {-1, unknown} end
+end
+if floor_ms == nil then return {0, unknown} end
+local trimmed = redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', floor_ms, floor_seq))
+return {trimmed, unknown}
+";
+
+/// What one trim of one shard did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Entries removed; `None` when a configured destination has no group yet.
+    pub removed: Option<u64>,
+    /// Groups on the stream that no configured destination owns.
+    pub unknown_groups: Vec<String>,
+}
+
+/// Trims the stream of `shard` as far as every group allows.
+pub async fn trim(
+    con: &mut ConnectionManager,
+    keys: &Keys,
+    shard: u16,
+    destinations: &[String],
+) -> redis::RedisResult<Trimmed> {
+    let (removed, unknown_groups): (i64, Vec<String>) = redis::cmd("EVAL")
+        .arg(TRIM)
+        .arg(1)
+        .arg(keys.events(shard))
+        .arg(destinations)
+        .query_async(con)
+        .await?;
+    Ok(Trimmed {
+        removed: u64::try_from(removed).ok(),
+        unknown_groups,
+    })
+}
+
+/// Trims every shard every `every` until `shutdown`. Each router does this
+/// for all shards; the script is safe to run concurrently.
+pub async fn run(
+    mut con: ConnectionManager,
+    keys: Keys,
+    shards: u16,
+    destinations: Vec<String>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut reported = HashSet::new();
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        for shard in 0..shards {
+            match trim(&mut con, &keys, shard, &destinations).await {
+                Ok(trimmed) => {
+                    if let Some(removed @ 1..) = trimmed.removed {
+                        tracing::debug!(shard, removed, "Trimmed acknowledged entries.");
+                    }
+                    for group in trimmed.unknown_groups {
+                        if reported.insert(group.clone()) {
+                            tracing::warn!(
+                                group = %group,
+                                shard,
+                                "Consumer group of a destination that is no longer configured: \
+                                 it keeps undelivered entries from being trimmed. If the \
+                                 destination is gone for good, delete its groups with \
+                                 `router remove-destination {group}`."
+                            );
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(shard, %error, "Cannot trim; will retry.");
+                    break;
+                }
+            }
+        }
+    }
+}
