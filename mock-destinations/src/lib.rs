@@ -13,6 +13,12 @@
 //! | `/rate-limit/{per_second}` | 429 + `Retry-After: 1` above that rate, else 200 |
 //! | `/bad-request` | 400 |
 //! | `/scripted` | 503 while the payload's `failUntil` (unix ms) is in the future, else 200 |
+//! | `/outage` | 503 while an outage is declared for the path, else 200 |
+//! | `/huge/{bytes}` | 500 with a body of that many bytes |
+//!
+//! `PUT /outages?path=/outage/crm` declares an outage of that path and
+//! `DELETE /outages?path=/outage/crm` ends it, so a demo or test can take a
+//! destination down and bring it back while the router keeps running.
 //!
 //! Any path may end in one more segment as a label, e.g. `/ok/crm` and
 //! `/ok/billing`, to tell apart destinations that behave alike; each path
@@ -47,6 +53,8 @@ pub async fn run(
             .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
             .route("/received", web::get().to(received))
             .route("/received", web::delete().to(clear))
+            .route("/outages", web::put().to(declare_outage))
+            .route("/outages", web::delete().to(end_outage))
             .default_service(web::post().to(webhook))
     })
     .workers(2)
@@ -98,6 +106,7 @@ async fn webhook(
     let number = |index: usize| segments.get(index).and_then(|s| s.parse::<u64>().ok());
 
     let mut retry_after = None;
+    let mut huge_body = None;
     let status = match segments.as_slice() {
         ["ok", ..] => StatusCode::OK,
         ["fail", ..] => StatusCode::INTERNAL_SERVER_ERROR,
@@ -135,6 +144,15 @@ async fn webhook(
             Some(until) if now < until => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::OK,
         },
+        ["outage", ..] if recorder.in_outage(&path) => StatusCode::SERVICE_UNAVAILABLE,
+        ["outage", ..] => StatusCode::OK,
+        ["huge", _, ..] => match number(1).and_then(|n| usize::try_from(n).ok()) {
+            Some(bytes) => {
+                huge_body = Some(vec![b'x'; bytes]);
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            None => StatusCode::NOT_FOUND,
+        },
         _ => StatusCode::NOT_FOUND,
     };
     let user = event["userId"].as_str().unwrap_or_default().to_owned();
@@ -159,7 +177,10 @@ async fn webhook(
     if let Some(seconds) = retry_after {
         response.insert_header(("retry-after", seconds.to_string()));
     }
-    response.json(json!({ "status": status.as_u16() }))
+    match huge_body {
+        Some(body) => response.body(body),
+        None => response.json(json!({ "status": status.as_u16() })),
+    }
 }
 
 #[derive(Deserialize)]
@@ -183,6 +204,24 @@ async fn received(query: web::Query<ReceivedQuery>, recorder: web::Data<Recorder
             HttpResponse::Ok().json(summaries)
         }
     }
+}
+
+#[derive(Deserialize)]
+struct OutageQuery {
+    path: String,
+}
+
+async fn declare_outage(
+    query: web::Query<OutageQuery>,
+    recorder: web::Data<Recorder>,
+) -> HttpResponse {
+    recorder.set_outage(&query.path, true);
+    HttpResponse::NoContent().finish()
+}
+
+async fn end_outage(query: web::Query<OutageQuery>, recorder: web::Data<Recorder>) -> HttpResponse {
+    recorder.set_outage(&query.path, false);
+    HttpResponse::NoContent().finish()
 }
 
 async fn clear(recorder: web::Data<Recorder>) -> HttpResponse {

@@ -42,9 +42,27 @@ pub struct PathSummary {
 #[derive(Default)]
 pub struct Recorder {
     paths: Mutex<HashMap<String, Vec<Received>>>,
+    outages: Mutex<HashSet<String>>,
 }
 
 impl Recorder {
+    /// Declares (`true`) or ends an outage of `path` (see `/outage`).
+    pub fn set_outage(&self, path: &str, down: bool) {
+        let mut outages = self.outages.lock().expect("outage lock is never poisoned");
+        if down {
+            outages.insert(path.to_owned());
+        } else {
+            outages.remove(path);
+        }
+    }
+
+    pub fn in_outage(&self, path: &str) -> bool {
+        self.outages
+            .lock()
+            .expect("outage lock is never poisoned")
+            .contains(path)
+    }
+
     pub fn record(&self, path: &str, received: Received) {
         self.lock()
             .entry(path.to_owned())

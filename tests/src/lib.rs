@@ -3,7 +3,10 @@
 //! child process when a test kills it).
 #![forbid(unsafe_code)]
 
+mod hostile;
+mod load;
 mod redis_server;
+mod router_process;
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -13,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use mock_destinations::{PathSummary, Recorder};
 use protocol::Keys;
+pub use hostile::{spawn_hostile_server, Misbehaviour};
+pub use load::{Accepted, Load, Verdict};
 pub use redis_server::RedisServer;
+pub use router_process::RouterProcess;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -123,8 +129,17 @@ impl TestSystem {
 
     /// Starts Redis, the mock destinations and the gateway; no router.
     pub async fn start_without_router(destinations: Vec<TestDestination>) -> Self {
+        Self::start_custom(RedisServer::start().await, destinations, |_| {}).await
+    }
+
+    /// Starts the mock destinations and the gateway (configured by
+    /// `configure_gateway`) on `redis`; no router.
+    pub async fn start_custom(
+        redis: RedisServer,
+        destinations: Vec<TestDestination>,
+        configure_gateway: impl FnOnce(&mut gateway::Config),
+    ) -> Self {
         init_tracing();
-        let redis = RedisServer::start().await;
         let shutdown = CancellationToken::new();
 
         let recorder = Arc::new(Recorder::default());
@@ -140,6 +155,7 @@ impl TestSystem {
         gateway_config.redis.url = redis.url().to_owned();
         gateway_config.redis.shards = SHARDS;
         gateway_config.workers = 2;
+        configure_gateway(&mut gateway_config);
         let gateway_listener = TcpListener::bind("127.0.0.1:0").expect("bind gateway");
         let gateway_url = format!("http://{}", gateway_listener.local_addr().expect("addr"));
         let keys = Keys::new(gateway_config.redis.key_prefix.clone());
@@ -195,7 +211,12 @@ impl TestSystem {
             .iter()
             .map(|d| router::config::DestinationConfig {
                 name: d.name.clone(),
-                url: format!("{}{}", self.mock_url, d.path),
+                // A full URL (a hostile server, a closed port) or a mock path.
+                url: if d.path.starts_with("http") {
+                    d.path.clone()
+                } else {
+                    format!("{}{}", self.mock_url, d.path)
+                },
                 timeout_ms: d.timeout_ms,
                 max_concurrency: d.max_concurrency,
                 headers: Default::default(),
@@ -397,6 +418,78 @@ impl TestSystem {
             total += length;
         }
         total
+    }
+}
+
+impl TestSystem {
+    /// Writes the child-process router config to `dir/router.toml`.
+    pub fn write_router_config(&self, dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("router.toml");
+        std::fs::write(&path, self.router_config_toml()).expect("write router config");
+        path
+    }
+
+    /// The current holder of every (shard, destination) lease (`None` = free).
+    pub async fn lease_holders(&self) -> Vec<Option<String>> {
+        let mut con = self.redis.connection().await;
+        let mut holders = Vec::new();
+        for shard in 0..SHARDS {
+            for destination in &self.destinations {
+                let holder: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                    .arg(self.keys.lease(shard, &destination.name))
+                    .query_async(&mut con)
+                    .await;
+                holders.push(holder.ok().flatten());
+            }
+        }
+        holders
+    }
+
+    /// How many leases instances of `consumer_name` hold.
+    pub async fn leases_held_by(&self, consumer_name: &str) -> usize {
+        let prefix = format!("{consumer_name}#");
+        self.lease_holders()
+            .await
+            .iter()
+            .filter(|h| h.as_deref().is_some_and(|h| h.starts_with(&prefix)))
+            .count()
+    }
+
+    /// Consumer names in `destination`'s group on every shard, deduplicated.
+    pub async fn consumers(&self, destination: &str) -> Vec<String> {
+        let mut con = self.redis.connection().await;
+        let mut names = std::collections::BTreeSet::new();
+        for shard in 0..SHARDS {
+            let consumers: Vec<std::collections::HashMap<String, redis::Value>> =
+                redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(self.keys.events(shard))
+                    .arg(destination)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap_or_default();
+            for consumer in consumers {
+                if let Some(redis::Value::BulkString(name)) = consumer.get("name") {
+                    names.insert(String::from_utf8_lossy(name).into_owned());
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    /// The longest shard stream.
+    pub async fn longest_stream(&self) -> u64 {
+        let mut con = self.redis.connection().await;
+        let mut longest = 0;
+        for shard in 0..SHARDS {
+            let length: u64 = redis::cmd("XLEN")
+                .arg(self.keys.events(shard))
+                .query_async(&mut con)
+                .await
+                .unwrap_or(0);
+            longest = longest.max(length);
+        }
+        longest
     }
 }
 
