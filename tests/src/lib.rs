@@ -261,8 +261,15 @@ impl TestSystem {
     }
 
     pub fn start_router(&mut self) {
+        self.start_router_with(|_| {});
+    }
+
+    /// Starts the in-process router with its config adjusted by `configure`.
+    pub fn start_router_with(&mut self, configure: impl FnOnce(&mut router::Config)) {
+        let mut config = self.router_config();
+        configure(&mut config);
         let token = self.shutdown.child_token();
-        let handle = tokio::spawn(router::run(self.router_config(), token.clone()));
+        let handle = tokio::spawn(router::run(config, token.clone()));
         self.router = Some((token, handle));
     }
 
