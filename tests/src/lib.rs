@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mock_destinations::{PathSummary, Recorder};
-use protocol::Keys;
 pub use hostile::{spawn_hostile_server, Misbehaviour};
 pub use load::{Accepted, Load, Verdict};
+use mock_destinations::{PathSummary, Recorder};
+use protocol::Keys;
 pub use redis_server::RedisServer;
 pub use router_process::RouterProcess;
 use serde_json::Value;

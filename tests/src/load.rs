@@ -1,0 +1,183 @@
+//! A client load for fault tests: users post numbered events one after
+//! another, like real clients: on 503 or a connection error they retry the
+//! same event with the same `messageId` (so a retry of a write that did land
+//! is not stored twice) before moving on to the next.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::TestSystem;
+
+/// One event the gateway answered 202 for.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub id: String,
+    pub sent_at: Instant,
+    pub answered_at: Instant,
+}
+
+pub struct Load {
+    posters: JoinSet<()>,
+    accepted: Arc<Mutex<Vec<Accepted>>>,
+    unavailable: Arc<AtomicUsize>,
+}
+
+/// How long one event may keep being refused before the test fails.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(180);
+
+impl Load {
+    /// Starts `users` posters of `per_user` events each.
+    pub fn start(system: &TestSystem, users: usize, per_user: usize) -> Self {
+        let accepted = Arc::new(Mutex::new(Vec::with_capacity(users * per_user)));
+        let unavailable = Arc::new(AtomicUsize::new(0));
+        let mut posters = JoinSet::new();
+        for user in 0..users {
+            let http = system.http.clone();
+            let url = format!("{}/v1/events", system.gateway_url);
+            let (accepted, unavailable) = (accepted.clone(), unavailable.clone());
+            posters.spawn(async move {
+                for seq in 0..per_user {
+                    let body = serde_json::json!({
+                        "userId": format!("user-{user}"),
+                        "messageId": format!("user-{user}-{seq}"),
+                        "payload": { "seq": seq },
+                    });
+                    let first_try = Instant::now();
+                    loop {
+                        let sent_at = Instant::now();
+                        let response = http
+                            .post(&url)
+                            .json(&body)
+                            .timeout(Duration::from_secs(10))
+                            .send()
+                            .await;
+                        match response {
+                            Ok(response) if response.status() == 202 => {
+                                let answer: serde_json::Value =
+                                    response.json().await.expect("202 body is JSON");
+                                let id = answer["id"].as_str().expect("id").to_owned();
+                                accepted.lock().expect("not poisoned").push(Accepted {
+                                    id,
+                                    sent_at,
+                                    answered_at: Instant::now(),
+                                });
+                                break;
+                            }
+                            Ok(response) if response.status() == 503 => {
+                                unavailable.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(response) => {
+                                panic!(
+                                    "event {seq} of user {user}: unexpected {}",
+                                    response.status()
+                                )
+                            }
+                            Err(_) => {}
+                        }
+                        assert!(
+                            first_try.elapsed() < GIVE_UP_AFTER,
+                            "event {seq} of user {user} refused for {GIVE_UP_AFTER:?}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            });
+        }
+        Self {
+            posters,
+            accepted,
+            unavailable,
+        }
+    }
+
+    pub fn accepted_count(&self) -> usize {
+        self.accepted.lock().expect("not poisoned").len()
+    }
+
+    /// 503 answers received so far.
+    pub fn unavailable_count(&self) -> usize {
+        self.unavailable.load(Ordering::Relaxed)
+    }
+
+    pub fn accepted(&self) -> Vec<Accepted> {
+        self.accepted.lock().expect("not poisoned").clone()
+    }
+
+    /// Waits until every event is accepted; returns them.
+    pub async fn finish(mut self) -> Vec<Accepted> {
+        while let Some(result) = self.posters.join_next().await {
+            result.expect("every event is eventually accepted");
+        }
+        self.accepted()
+    }
+}
+
+/// What one destination got of the accepted events.
+#[derive(Debug)]
+pub struct Verdict {
+    pub destination: String,
+    pub accepted: usize,
+    pub delivered: usize,
+    pub missing: usize,
+    pub order_violations: usize,
+    pub duplicates: usize,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: accepted {}, delivered {}, missing {}, order violations {}, duplicates {}",
+            self.destination,
+            self.accepted,
+            self.delivered,
+            self.missing,
+            self.order_violations,
+            self.duplicates
+        )
+    }
+}
+
+impl TestSystem {
+    /// Compares what `destination` received with `accepted`.
+    pub fn verdict(&self, destination: &str, accepted: &[Accepted]) -> Verdict {
+        let received = self.received(destination);
+        let delivered: HashSet<&str> = received
+            .events
+            .iter()
+            .filter(|e| (200..300).contains(&e.status))
+            .map(|e| e.id.as_str())
+            .collect();
+        Verdict {
+            destination: destination.to_owned(),
+            accepted: accepted.len(),
+            delivered: received.unique,
+            missing: accepted
+                .iter()
+                .filter(|a| !delivered.contains(a.id.as_str()))
+                .count(),
+            order_violations: received.order_violations,
+            duplicates: received.duplicates,
+        }
+    }
+
+    /// Waits until every accepted event reached every destination, then
+    /// checks nothing is missing and order held; prints the figures.
+    pub async fn assert_all_delivered(&self, accepted: &[Accepted], timeout: Duration) {
+        for destination in self.destinations.iter().map(|d| d.name.clone()) {
+            let what = format!("every accepted event delivered to {destination}");
+            crate::wait_for(&what, timeout, || async {
+                self.verdict(&destination, accepted).missing == 0
+            })
+            .await;
+            let verdict = self.verdict(&destination, accepted);
+            eprintln!("{verdict}");
+            assert_eq!(verdict.missing, 0, "{verdict}");
+            assert_eq!(verdict.order_violations, 0, "{verdict}");
+        }
+    }
+}

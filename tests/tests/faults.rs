@@ -1,0 +1,411 @@
+//! Fault injection with real processes: routers and redis-server are
+//! killed, paused and restarted while users send numbered events. Each test
+//! checks, per destination, that every event the gateway answered 202 for
+//! was delivered (missing = 0) in per-user order, and prints duplicates
+//! (allowed: delivery is at-least-once).
+
+use std::time::{Duration, Instant};
+
+use e2e_tests::{
+    spawn_hostile_server, wait_for, Load, Misbehaviour, RedisServer, RouterProcess,
+    TestDestination, TestSystem, SHARDS,
+};
+
+/// Three destinations: fast, slow, and one failing 30% of attempts (retried
+/// until it succeeds).
+fn three_destinations() -> Vec<TestDestination> {
+    vec![
+        TestDestination::new("fast", "/ok/fast"),
+        TestDestination::new("slow", "/slow/5/slow"),
+        TestDestination::new("flaky", "/random/30/flaky").retry(5, 50, 50),
+    ]
+}
+
+/// Every (shard, destination) pair of [`three_destinations`].
+const PAIRS: usize = SHARDS as usize * 3;
+
+/// `FAULT_USERS` × `FAULT_EVENTS_PER_USER` (default 40 × 50) and
+/// `FAULT_ROUTER_KILLS` (default 3) scale the router-kill test up for the
+/// long run reported in the README.
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn wait_fast_delivered(system: &TestSystem, count: usize) {
+    system
+        .wait_delivered("fast", count, Duration::from_secs(600))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_killed_three_times_loses_nothing_and_keeps_order() {
+    let system = TestSystem::start_without_router(three_destinations()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = system.write_router_config(dir.path());
+    let (users, per_user) = (
+        env_or("FAULT_USERS", 40),
+        env_or("FAULT_EVENTS_PER_USER", 50),
+    );
+    let kills = env_or("FAULT_ROUTER_KILLS", 3);
+    let total = users * per_user;
+    let started = Instant::now();
+
+    let load = Load::start(&system, users, per_user);
+    let mut router = RouterProcess::start(&config, "router", &dir.path().join("router-0.log"));
+    for kill in 1..=kills {
+        wait_fast_delivered(&system, total * kill / (kills + 2)).await;
+        router.kill();
+        eprintln!(
+            "SIGKILL {kill} after {} events delivered to fast",
+            system.received("fast").unique
+        );
+        let log = dir.path().join(format!("router-{kill}.log"));
+        router = RouterProcess::start(&config, "router", &log);
+    }
+    let accepted = load.finish().await;
+    assert_eq!(accepted.len(), total);
+    system
+        .assert_all_delivered(&accepted, Duration::from_secs(600))
+        .await;
+    eprintln!(
+        "{total} events, {kills} router kills, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(router);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_router_takes_over_within_the_lease_time_when_one_is_killed() {
+    let system = TestSystem::start_without_router(three_destinations()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = system.write_router_config(dir.path());
+    let ttl = Duration::from_millis(system.router_config().lease.ttl_ms);
+
+    let a = RouterProcess::start(&config, "router-a", &dir.path().join("a.log"));
+    let b = RouterProcess::start(&config, "router-b", &dir.path().join("b.log"));
+    wait_for(
+        "both routers to hold an even share",
+        Duration::from_secs(20),
+        || async {
+            let (held_a, held_b) = (
+                system.leases_held_by("router-a").await,
+                system.leases_held_by("router-b").await,
+            );
+            held_a + held_b == PAIRS && held_a.abs_diff(held_b) <= 1
+        },
+    )
+    .await;
+
+    let (users, per_user) = (40, 50);
+    let load = Load::start(&system, users, per_user);
+    wait_fast_delivered(&system, users * per_user / 3).await;
+    a.kill();
+    let killed_at = Instant::now();
+    // Expiry of A's leases and heartbeat, plus one renewal round of B.
+    wait_for(
+        "router B to hold every lease",
+        ttl + Duration::from_secs(1),
+        || async { system.leases_held_by("router-b").await == PAIRS },
+    )
+    .await;
+    eprintln!(
+        "router B held every lease {} ms after router A was killed (lease ttl {} ms)",
+        killed_at.elapsed().as_millis(),
+        ttl.as_millis()
+    );
+
+    let accepted = load.finish().await;
+    system
+        .assert_all_delivered(&accepted, Duration::from_secs(120))
+        .await;
+    for destination in ["fast", "slow", "flaky"] {
+        assert_eq!(
+            system.consumers(destination).await,
+            ["router-b"],
+            "{destination}: the dead router's consumers were claimed and removed"
+        );
+    }
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_hands_leases_over_without_waiting_for_expiry() {
+    let system = TestSystem::start_without_router(three_destinations()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = system.write_router_config(dir.path());
+    // Long leases: a takeover in less than this proves A released them.
+    let ttl_ms = 10_000;
+    let env = [("ROUTER_LEASE__TTL_MS", "10000")];
+    let a = RouterProcess::start_with_env(&config, "router-a", &dir.path().join("a.log"), &env);
+    wait_for(
+        "router A to hold every lease",
+        Duration::from_secs(20),
+        || async { system.leases_held_by("router-a").await == PAIRS },
+    )
+    .await;
+
+    let (users, per_user) = (40, 50);
+    let load = Load::start(&system, users, per_user);
+    wait_fast_delivered(&system, users * per_user / 4).await;
+    let b = RouterProcess::start_with_env(&config, "router-b", &dir.path().join("b.log"), &env);
+    wait_for(
+        "A to hand half the leases to B",
+        Duration::from_secs(20),
+        || async { system.leases_held_by("router-b").await >= PAIRS / 2 },
+    )
+    .await;
+
+    let status = a.terminate(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "router A exits cleanly on SIGTERM: {status}"
+    );
+    let exited_at = Instant::now();
+    wait_for(
+        "router B to hold every lease",
+        Duration::from_secs(3),
+        || async { system.leases_held_by("router-b").await == PAIRS },
+    )
+    .await;
+    eprintln!(
+        "router B held every lease {} ms after router A exited (lease ttl {ttl_ms} ms)",
+        exited_at.elapsed().as_millis()
+    );
+
+    let accepted = load.finish().await;
+    system
+        .assert_all_delivered(&accepted, Duration::from_secs(120))
+        .await;
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_from_its_aof_delivers_every_accepted_event() {
+    let redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
+    let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
+    system.start_router();
+
+    let (users, per_user) = (40, 50);
+    let load = Load::start(&system, users, per_user);
+    wait_fast_delivered(&system, users * per_user / 4).await;
+    system.redis.stop().await;
+    let refused_before = load.unavailable_count();
+    wait_for(
+        "the gateway to answer 503",
+        Duration::from_secs(10),
+        || async { load.unavailable_count() > refused_before },
+    )
+    .await;
+    system.redis.restart().await;
+    let restarted_at = Instant::now();
+    let accepted_before = load.accepted_count();
+    wait_for(
+        "202s to resume after Redis is back",
+        Duration::from_secs(2),
+        || async { load.accepted_count() > accepted_before },
+    )
+    .await;
+    eprintln!(
+        "202s resumed {} ms after Redis restarted",
+        restarted_at.elapsed().as_millis()
+    );
+
+    let accepted = load.finish().await;
+    system
+        .assert_all_delivered(&accepted, Duration::from_secs(120))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_gets_503s_within_the_bound_and_no_202_then_recovers() {
+    let mut system = TestSystem::start_without_router(three_destinations()).await;
+    system.start_router();
+    let bound = Duration::from_millis(gateway::Config::defaults().redis.timeout_ms);
+
+    let (users, per_user) = (40, 50);
+    let load = Load::start(&system, users, per_user);
+    wait_fast_delivered(&system, users * per_user / 4).await;
+    system.redis.pause().await;
+    let paused_at = Instant::now();
+    let mut probes = 0;
+    while paused_at.elapsed() < Duration::from_secs(5) {
+        let sent = Instant::now();
+        let (status, body) = system
+            .post(
+                "/v1/events",
+                &serde_json::json!({ "userId": "probe", "messageId": format!("probe-{probes}"), "payload": {} }),
+            )
+            .await;
+        let took = sent.elapsed();
+        assert_eq!(status, 503, "no 202 while Redis is paused: {body}");
+        assert!(
+            took <= bound + Duration::from_millis(500),
+            "503 took {took:?}, bound {bound:?}"
+        );
+        probes += 1;
+    }
+    system.redis.resume().await;
+    let resumed_at = Instant::now();
+    eprintln!("{probes} probes during the 5 s pause: all 503 within {bound:?}");
+
+    let accepted = load.finish().await;
+    let accepted_during_pause = accepted
+        .iter()
+        .filter(|a| {
+            a.sent_at > paused_at + Duration::from_millis(100) && a.answered_at < resumed_at
+        })
+        .count();
+    assert_eq!(
+        accepted_during_pause, 0,
+        "no 202 for a request sent during the pause"
+    );
+    system
+        .assert_all_delivered(&accepted, Duration::from_secs(120))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_destinations_are_retried_then_dead_lettered_and_others_unaffected() {
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let hostile = |name: &str, url: String| {
+        TestDestination::new(name, &url)
+            .retry(20, 100, 3)
+            .timeout_ms(500)
+    };
+    let destinations = vec![
+        TestDestination::new("healthy", "/ok/healthy"),
+        hostile("refused", format!("http://127.0.0.1:{closed_port}/hook")),
+        hostile(
+            "reset",
+            spawn_hostile_server(Misbehaviour::ResetMidResponse).await,
+        ),
+        hostile("garbage", spawn_hostile_server(Misbehaviour::Garbage).await),
+        hostile("hang", "/hang".into()),
+        hostile("huge", "/huge/20000000".into()),
+    ];
+    let system = TestSystem::start(destinations).await;
+    let (users, per_user) = (10, 5);
+    let total = system.post_concurrently(users, per_user).await;
+
+    system
+        .wait_delivered("healthy", total, Duration::from_secs(30))
+        .await;
+    let hang_dead = system.dead_letters("hang").await.len();
+    assert!(
+        hang_dead < total,
+        "healthy finished while the hanging destination was still retrying ({hang_dead} dead)"
+    );
+    for name in ["refused", "reset", "garbage", "hang", "huge"] {
+        let what = format!("every event dead-lettered for {name}");
+        wait_for(&what, Duration::from_secs(120), || async {
+            system.dead_letters(name).await.len() >= total
+        })
+        .await;
+        let letters = system.dead_letters(name).await;
+        assert_eq!(
+            letters.len(),
+            total,
+            "{name}: each event dead-lettered once"
+        );
+        for letter in &letters {
+            assert_eq!(letter["attempts"], "3", "{name}: retried as configured");
+            assert!(
+                !letter["last_error"].is_empty(),
+                "{name}: the error is kept"
+            );
+        }
+        eprintln!("{name}: {}", letters[0]["last_error"]);
+        assert_eq!(system.pending(name).await, 0);
+    }
+    assert_eq!(system.dead_letters("huge").await[0]["last_status"], "500");
+    assert_eq!(system.received("healthy").order_violations, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_cap_answers_503_while_a_destination_is_down_then_everything_drains() {
+    let cap = 40;
+    let destinations = vec![
+        TestDestination::new("fast", "/ok/fast"),
+        TestDestination::new("down", "/outage/down").retry(20, 200, 100_000),
+    ];
+    let mut system = TestSystem::start_custom(RedisServer::start().await, destinations, |g| {
+        g.backlog.max_events_per_shard = cap;
+        g.backlog.check_interval_ms = 20;
+    })
+    .await;
+    system.recorder.set_outage("/outage/down", true);
+    system.start_router();
+
+    let (users, per_user) = (20, 50);
+    let load = Load::start(&system, users, per_user);
+    wait_for(
+        "the backlog cap to refuse events",
+        Duration::from_secs(60),
+        || async { load.unavailable_count() >= 100 },
+    )
+    .await;
+    let longest = system.longest_stream().await;
+    let accepted_while_capped = load.accepted_count();
+    eprintln!(
+        "capped: longest shard stream {longest} (cap {cap}), {accepted_while_capped} accepted, {} refused",
+        load.unavailable_count()
+    );
+    assert!(
+        longest <= cap + 20,
+        "a shard stream holds {longest}, cap {cap}"
+    );
+    assert!(
+        accepted_while_capped < users * per_user,
+        "the cap held events back"
+    );
+
+    system.recorder.set_outage("/outage/down", false);
+    let accepted = load.finish().await;
+    system
+        .assert_all_delivered(&accepted, Duration::from_secs(120))
+        .await;
+    wait_for("streams trimmed empty", Duration::from_secs(10), || async {
+        system.stream_lengths().await == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_never_removes_what_the_slower_group_has_not_acknowledged() {
+    let destinations = vec![
+        TestDestination::new("fast", "/ok/fast"),
+        TestDestination::new("slow", "/slow/20/slow").max_concurrency(2),
+    ];
+    let mut system = TestSystem::start_without_router(destinations).await;
+    // A small window keeps most of the slow group's backlog unread in the
+    // stream rather than in the router's memory, where trimming would bite.
+    system.start_router_with(|config| config.reader.window = 5);
+    let (users, per_user) = (20, 30);
+    let load = Load::start(&system, users, per_user);
+    wait_for(
+        "trimming while the slow group lags",
+        Duration::from_secs(60),
+        || async {
+            let accepted = load.accepted_count() as u64;
+            let slow = system.received("slow").unique as u64;
+            let length = system.stream_lengths().await;
+            slow < accepted && 0 < length && length < accepted
+        },
+    )
+    .await;
+
+    let accepted = load.finish().await;
+    system
+        .assert_all_delivered(&accepted, Duration::from_secs(120))
+        .await;
+    wait_for("streams trimmed empty", Duration::from_secs(10), || async {
+        system.stream_lengths().await == 0
+    })
+    .await;
+}
