@@ -62,9 +62,9 @@ pub async fn ensure_shard_count<C: ConnectionLike + Send>(
 
 /// How Redis persists and evicts, as read from `INFO`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Persistence {
-    pub aof_enabled: bool,
-    pub maxmemory_policy: String,
+struct Persistence {
+    aof_enabled: bool,
+    maxmemory_policy: String,
 }
 
 impl Persistence {
@@ -82,7 +82,7 @@ impl Persistence {
     }
 
     /// Each way this configuration can lose accepted events.
-    pub fn problems(&self) -> Vec<String> {
+    fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if !self.aof_enabled {
             problems.push(
@@ -107,7 +107,7 @@ impl Persistence {
 pub async fn check_persistence<C: ConnectionLike + Send>(
     con: &mut C,
     allow_unsafe: bool,
-) -> Result<Persistence, MetaError> {
+) -> Result<(), MetaError> {
     let persistence: String = redis::cmd("INFO")
         .arg("persistence")
         .query_async(con)
@@ -116,14 +116,14 @@ pub async fn check_persistence<C: ConnectionLike + Send>(
     let persistence = Persistence::from_info(&format!("{persistence}\n{memory}"));
     let problems = persistence.problems();
     if problems.is_empty() {
-        return Ok(persistence);
+        return Ok(());
     }
     if allow_unsafe {
         tracing::warn!(
             problems = %problems.join("; "),
             "Redis can lose accepted events; starting anyway because redis.allow_unsafe_persistence is set."
         );
-        return Ok(persistence);
+        return Ok(());
     }
     Err(MetaError::UnsafePersistence { problems })
 }

@@ -48,16 +48,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     else {
         return Ok(());
     };
-    protocol::ensure_shard_count(&mut commands, &keys, config.redis.shards)
-        .await
-        .context("refusing to start")?;
-    protocol::check_persistence(&mut commands, config.redis.allow_unsafe_persistence)
-        .await
-        .context("refusing to start")?;
-    register_destinations(&mut commands, &keys, &config).await?;
-    // Before any trimming: a configured destination without a group would
-    // miss whatever is trimmed before its group exists.
-    create_groups(&mut commands, &keys, &config).await?;
+    loop {
+        match prepare_redis(&mut commands, &keys, &config).await {
+            Ok(()) => break,
+            Err(error) if error.is_transient() => {
+                tracing::warn!(%error, "Redis not ready for start-up; retrying.");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(error) => return Err(error).context("refusing to start"),
+        }
+    }
     let mut command_connections = vec![commands];
     while command_connections.len() < config.redis.connections {
         let Some(connection) = connect(&config, &shutdown, Some(config.redis.timeout())).await?
@@ -169,23 +172,41 @@ impl StartWorker for Workers {
     }
 }
 
-/// Creates every configured destination's group on every shard (at the
-/// start of the stream) unless it exists.
-async fn create_groups(
+#[derive(Debug, thiserror::Error)]
+enum StartupError {
+    #[error(transparent)]
+    Meta(#[from] protocol::MetaError),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl StartupError {
+    /// Redis is unreachable or failing, as opposed to a configuration
+    /// conflict that waiting cannot fix.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StartupError::Redis(_) | StartupError::Meta(protocol::MetaError::Redis(_))
+        )
+    }
+}
+
+/// Checks Redis and the recorded shard count, publishes the destination
+/// names, and creates every configured destination's group on every shard
+/// (at the start of the stream) unless it exists. Groups are created before
+/// any trimming: a destination without its group would miss whatever is
+/// trimmed before the group exists.
+async fn prepare_redis(
     con: &mut ConnectionManager,
     keys: &Keys,
     config: &Config,
-) -> anyhow::Result<()> {
+) -> Result<(), StartupError> {
+    protocol::ensure_shard_count(con, keys, config.redis.shards).await?;
+    protocol::check_persistence(con, config.redis.allow_unsafe_persistence).await?;
+    register_destinations(con, keys, config).await?;
     for shard in 0..config.redis.shards {
         for destination in &config.destinations {
-            consumer::create_group(con, &keys.events(shard), &destination.name)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot create the group of {} on shard {shard}",
-                        destination.name
-                    )
-                })?;
+            consumer::create_group(con, &keys.events(shard), &destination.name).await?;
         }
     }
     Ok(())
@@ -241,16 +262,13 @@ async fn register_destinations(
     con: &mut ConnectionManager,
     keys: &Keys,
     config: &Config,
-) -> anyhow::Result<()> {
+) -> redis::RedisResult<()> {
     let mut pipe = redis::pipe();
     pipe.atomic().del(keys.destinations());
     for destination in &config.destinations {
         pipe.sadd(keys.destinations(), &destination.name);
     }
-    let _: redis::Value = pipe
-        .query_async(con)
-        .await
-        .context("cannot register destinations")?;
+    let _: redis::Value = pipe.query_async(con).await?;
     Ok(())
 }
 
