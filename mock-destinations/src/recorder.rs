@@ -39,9 +39,19 @@ pub struct PathSummary {
     pub events: Vec<Received>,
 }
 
+/// Everything one path received, indexed so that per-request lookups stay
+/// cheap however many requests arrive (a load test sends hundreds of
+/// thousands).
+#[derive(Default)]
+struct PathLog {
+    requests: Vec<Received>,
+    attempts: HashMap<String, usize>,
+    delivered: HashSet<String>,
+}
+
 #[derive(Default)]
 pub struct Recorder {
-    paths: Mutex<HashMap<String, Vec<Received>>>,
+    paths: Mutex<HashMap<String, PathLog>>,
     outages: Mutex<HashSet<String>>,
 }
 
@@ -64,23 +74,42 @@ impl Recorder {
     }
 
     pub fn record(&self, path: &str, received: Received) {
-        self.lock()
-            .entry(path.to_owned())
-            .or_default()
-            .push(received);
+        let mut paths = self.lock();
+        let log = paths.entry(path.to_owned()).or_default();
+        *log.attempts.entry(received.id.clone()).or_default() += 1;
+        if (200..300).contains(&received.status) {
+            log.delivered.insert(received.id.clone());
+        }
+        log.requests.push(received);
     }
 
     /// Attempts seen so far for `event_id` on `path`.
     pub fn attempts(&self, path: &str, event_id: &str) -> usize {
-        self.lock().get(path).map_or(0, |requests| {
-            requests.iter().filter(|r| r.id == event_id).count()
-        })
+        self.lock()
+            .get(path)
+            .and_then(|log| log.attempts.get(event_id).copied())
+            .unwrap_or(0)
+    }
+
+    /// Distinct events `path` answered with 2xx.
+    pub fn delivered_count(&self, path: &str) -> usize {
+        self.lock().get(path).map_or(0, |log| log.delivered.len())
+    }
+
+    /// How many of `event_ids` `path` has not answered with 2xx.
+    pub fn missing<'a>(&self, path: &str, event_ids: impl IntoIterator<Item = &'a str>) -> usize {
+        let paths = self.lock();
+        let delivered = paths.get(path).map(|log| &log.delivered);
+        event_ids
+            .into_iter()
+            .filter(|id| !delivered.is_some_and(|d| d.contains(*id)))
+            .count()
     }
 
     /// Requests that reached `path` within the last second.
     pub fn requests_in_last_second(&self, path: &str, now_ms: u64) -> usize {
-        self.lock().get(path).map_or(0, |requests| {
-            requests
+        self.lock().get(path).map_or(0, |log| {
+            log.requests
                 .iter()
                 .rev()
                 .take_while(|r| r.at_ms + 1000 > now_ms)
@@ -99,11 +128,15 @@ impl Recorder {
     }
 
     pub fn summary(&self, path: &str) -> PathSummary {
-        let events = self.lock().get(path).cloned().unwrap_or_default();
+        let events = self
+            .lock()
+            .get(path)
+            .map(|log| log.requests.clone())
+            .unwrap_or_default();
         summarize(path, events)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Received>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PathLog>> {
         self.paths.lock().expect("recorder lock is never poisoned")
     }
 }

@@ -238,7 +238,8 @@ pub async fn remove_destination(config: &Config, name: &str) -> anyhow::Result<u
             .query_async(&mut con)
             .await
             .or_else(|e| {
-                if e.code() == Some("NOGROUP") || e.to_string().contains("no such key") {
+                // No stream on this shard yet: nothing to delete.
+                if e.to_string().contains("requires the key to exist") {
                     Ok(0)
                 } else {
                     Err(e)

@@ -200,6 +200,10 @@ async fn read_loop(
     let mut prepared = false;
     loop {
         if !prepared {
+            // Claiming entries is an owner's act, like reading.
+            if !lease.hold_for(settings.read_span, &shutdown).await {
+                return;
+            }
             match prepare(&consumer).await {
                 Ok(()) => prepared = true,
                 Err(error) => {

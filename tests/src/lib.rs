@@ -368,8 +368,9 @@ impl TestSystem {
     /// Waits until `destination` has received `count` distinct events with 2xx.
     pub async fn wait_delivered(&self, destination: &str, count: usize, timeout: Duration) {
         let what = format!("{count} events delivered to {destination}");
+        let path = self.path_of(destination).to_owned();
         wait_for(&what, timeout, || async {
-            self.received(destination).unique >= count
+            self.recorder.delivered_count(&path) >= count
         })
         .await;
     }

@@ -166,17 +166,24 @@ impl TestSystem {
     }
 
     /// Waits until every accepted event reached every destination, then
-    /// checks nothing is missing and order held; prints the figures.
+    /// checks nothing is missing and order held; prints the figures, or on
+    /// timeout what is stuck.
     pub async fn assert_all_delivered(&self, accepted: &[Accepted], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let ids = || accepted.iter().map(|a| a.id.as_str());
         for destination in self.destinations.iter().map(|d| d.name.clone()) {
-            let what = format!("every accepted event delivered to {destination}");
-            crate::wait_for(&what, timeout, || async {
-                self.verdict(&destination, accepted).missing == 0
-            })
-            .await;
+            let path = self.path_of(&destination).to_owned();
+            while self.recorder.missing(&path, ids()) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let verdict = self.verdict(&destination, accepted);
             eprintln!("{verdict}");
-            assert_eq!(verdict.missing, 0, "{verdict}");
+            assert!(
+                verdict.missing == 0,
+                "timed out after {timeout:?}: {verdict}; pending {}, stream entries {}",
+                self.pending(&destination).await,
+                self.stream_lengths().await,
+            );
             assert_eq!(verdict.order_violations, 0, "{verdict}");
         }
     }

@@ -1,7 +1,7 @@
 //! The router as a child process, for tests that kill it.
 
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use crate::workspace_binary;
@@ -26,13 +26,14 @@ impl RouterProcess {
         env: &[(&str, &str)],
     ) -> Self {
         let log = std::fs::File::create(log).expect("log file");
+        let errors = log.try_clone().expect("log file handle");
         let child = Command::new(workspace_binary("router"))
             .arg("--config")
             .arg(config)
             .env("ROUTER_CONSUMER_NAME", consumer_name)
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
+            .stdout(log)
+            .stderr(errors)
             .spawn()
             .expect("router starts");
         Self {
