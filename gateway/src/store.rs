@@ -349,13 +349,7 @@ pub enum ConnectError {
 /// `used_memory` as a percentage of `maxmemory`, from `INFO memory`;
 /// `None` when Redis has no memory limit.
 fn memory_percent(info: &str) -> Option<f64> {
-    let field = |name: &str| -> Option<f64> {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
-            .trim()
-            .parse()
-            .ok()
-    };
+    let field = |name: &str| -> Option<f64> { protocol::info_field(info, name)?.parse().ok() };
     let max = field("maxmemory").filter(|max| *max > 0.0)?;
     Some(field("used_memory")? * 100.0 / max)
 }

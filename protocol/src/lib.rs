@@ -18,5 +18,5 @@ pub mod shard;
 pub use config::RedisConfig;
 pub use entry::{EventEntry, EventId, StreamId};
 pub use keys::Keys;
-pub use meta::{check_persistence, ensure_shard_count, MetaError};
+pub use meta::{check_persistence, ensure_shard_count, info_field, MetaError};
 pub use shard::shard_for;

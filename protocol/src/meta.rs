@@ -60,6 +60,13 @@ pub async fn ensure_shard_count<C: ConnectionLike + Send>(
     }
 }
 
+/// The value of `name` in an `INFO` reply (`name:value` lines).
+pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
 /// How Redis persists and evicts, as read from `INFO`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Persistence {
@@ -70,14 +77,11 @@ struct Persistence {
 impl Persistence {
     /// Reads the fields of `INFO persistence` and `INFO memory` we rely on.
     fn from_info(info: &str) -> Self {
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-                .map(|value| value.trim().to_owned())
-        };
         Self {
-            aof_enabled: field("aof_enabled").as_deref() == Some("1"),
-            maxmemory_policy: field("maxmemory_policy").unwrap_or_default(),
+            aof_enabled: info_field(info, "aof_enabled") == Some("1"),
+            maxmemory_policy: info_field(info, "maxmemory_policy")
+                .unwrap_or_default()
+                .to_owned(),
         }
     }
 

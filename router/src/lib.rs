@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use protocol::Keys;
+use protocol::{Keys, RedisConfig};
 use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +44,8 @@ use worker::WorkerSettings;
 /// and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = Keys::new(config.redis.key_prefix.clone());
-    let Some(mut commands) = connect(&config, &shutdown, Some(config.redis.timeout())).await?
+    let Some(mut commands) =
+        connect(&config.redis, &shutdown, Some(config.redis.timeout())).await?
     else {
         return Ok(());
     };
@@ -63,7 +64,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let mut command_connections = vec![commands];
     while command_connections.len() < config.redis.connections {
-        let Some(connection) = connect(&config, &shutdown, Some(config.redis.timeout())).await?
+        let Some(connection) =
+            connect(&config.redis, &shutdown, Some(config.redis.timeout())).await?
         else {
             return Ok(());
         };
@@ -89,7 +91,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .collect();
     let pair_count = pairs.len();
     let workers = Workers {
-        config: config.clone(),
+        redis: config.redis.clone(),
         keys: keys.clone(),
         consumer_name: consumer_name.clone(),
         destinations,
@@ -135,7 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 /// Everything a (shard, destination) worker needs.
 struct Workers {
-    config: Config,
+    redis: RedisConfig,
     keys: Keys,
     consumer_name: String,
     destinations: HashMap<String, Arc<Destination>>,
@@ -145,7 +147,7 @@ struct Workers {
 
 impl StartWorker for Workers {
     fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()> {
-        let config = self.config.clone();
+        let redis = self.redis.clone();
         let keys = self.keys.clone();
         let consumer_name = self.consumer_name.clone();
         let destination = self.destinations[&lease.destination].clone();
@@ -156,7 +158,7 @@ impl StartWorker for Workers {
         let shard = lease.shard;
         tokio::spawn(async move {
             let blocking_timeout = Some(settings.read_span);
-            let Ok(Some(blocking)) = connect(&config, &stop, blocking_timeout).await else {
+            let Ok(Some(blocking)) = connect(&redis, &stop, blocking_timeout).await else {
                 return;
             };
             let consumer = GroupConsumer::new(
@@ -276,15 +278,15 @@ async fn register_destinations(
 /// Connects, waiting for Redis while it is unreachable (it may still be
 /// starting); `None` if shutdown came first.
 async fn connect(
-    config: &Config,
+    redis: &RedisConfig,
     shutdown: &CancellationToken,
     response_timeout: Option<Duration>,
 ) -> anyhow::Result<Option<ConnectionManager>> {
     loop {
-        match config.redis.connect(response_timeout).await {
+        match redis.connect(response_timeout).await {
             Ok(connection) => return Ok(Some(connection)),
             Err(error) => {
-                tracing::warn!(%error, url = %config.redis.url, "Redis unreachable; retrying.")
+                tracing::warn!(%error, url = %redis.url, "Redis unreachable; retrying.")
             }
         }
         tokio::select! {

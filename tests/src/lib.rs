@@ -413,19 +413,29 @@ impl TestSystem {
         letters
     }
 
-    /// Total entries in all shard streams.
-    pub async fn stream_lengths(&self) -> u64 {
+    /// Entries in each shard stream.
+    pub async fn shard_lengths(&self) -> Vec<u64> {
         let mut con = self.redis.connection().await;
-        let mut total = 0;
+        let mut lengths = Vec::new();
         for shard in 0..SHARDS {
             let length: u64 = redis::cmd("XLEN")
                 .arg(self.keys.events(shard))
                 .query_async(&mut con)
                 .await
                 .expect("XLEN works");
-            total += length;
+            lengths.push(length);
         }
-        total
+        lengths
+    }
+
+    /// Total entries in all shard streams.
+    pub async fn stream_lengths(&self) -> u64 {
+        self.shard_lengths().await.iter().sum()
+    }
+
+    /// The longest shard stream.
+    pub async fn longest_stream(&self) -> u64 {
+        self.shard_lengths().await.into_iter().max().unwrap_or(0)
     }
 }
 
@@ -483,21 +493,6 @@ impl TestSystem {
             }
         }
         names.into_iter().collect()
-    }
-
-    /// The longest shard stream.
-    pub async fn longest_stream(&self) -> u64 {
-        let mut con = self.redis.connection().await;
-        let mut longest = 0;
-        for shard in 0..SHARDS {
-            let length: u64 = redis::cmd("XLEN")
-                .arg(self.keys.events(shard))
-                .query_async(&mut con)
-                .await
-                .unwrap_or(0);
-            longest = longest.max(length);
-        }
-        longest
     }
 }
 

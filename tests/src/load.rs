@@ -3,7 +3,6 @@
 //! same event with the same `messageId` (so a retry of a write that did land
 //! is not stored twice) before moving on to the next.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -146,20 +145,15 @@ impl TestSystem {
     /// Compares what `destination` received with `accepted`.
     pub fn verdict(&self, destination: &str, accepted: &[Accepted]) -> Verdict {
         let received = self.received(destination);
-        let delivered: HashSet<&str> = received
-            .events
-            .iter()
-            .filter(|e| (200..300).contains(&e.status))
-            .map(|e| e.id.as_str())
-            .collect();
+        let missing = self.recorder.missing(
+            self.path_of(destination),
+            accepted.iter().map(|a| a.id.as_str()),
+        );
         Verdict {
             destination: destination.to_owned(),
             accepted: accepted.len(),
             delivered: received.unique,
-            missing: accepted
-                .iter()
-                .filter(|a| !delivered.contains(a.id.as_str()))
-                .count(),
+            missing,
             order_violations: received.order_violations,
             duplicates: received.duplicates,
         }
