@@ -1,0 +1,526 @@
+//! The benchmark's phases, each from an empty Redis: the no-op ceiling,
+//! ingest, drain, and end-to-end latency against offered load.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use protocol::Keys;
+
+use crate::check::{OrderCheck, Verdict};
+use crate::load::{self, Endpoint, LoadResult, LoadSpec, Stop};
+use crate::sink::{Payload, Sink};
+use crate::system::{self, Binaries, Process, Redis};
+
+/// Concurrent client connections for the ingest phases, as the issue asks.
+const CONNECTIONS: usize = 64;
+/// Users per connection: 64 × 16 = 1024 users.
+const USERS_PER_CONNECTION: usize = 16;
+/// Events per `/v1/batch` request.
+const BATCH_SIZE: usize = 100;
+/// Shard count of the shipped configuration (gateway and router defaults).
+const SHARDS: u16 = 16;
+/// A drain or delivery wait gives up after this long without progress.
+const STALL: Duration = Duration::from_secs(30);
+
+/// How long and how big each phase is.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub ingest_for: Duration,
+    pub drain_events: u64,
+    pub big_drain_events: u64,
+    pub e2e_rate: f64,
+    pub e2e_for: Duration,
+    pub curve_rates: Vec<f64>,
+    pub curve_for: Duration,
+}
+
+impl Plan {
+    pub fn full() -> Self {
+        Self {
+            ingest_for: Duration::from_secs(10),
+            drain_events: 100_000,
+            big_drain_events: 1_000_000,
+            e2e_rate: 2000.0,
+            e2e_for: Duration::from_secs(20),
+            curve_rates: vec![250.0, 500.0, 1000.0, 4000.0, 8000.0],
+            curve_for: Duration::from_secs(5),
+        }
+    }
+
+    /// A smoke run that exercises every phase in well under a minute.
+    pub fn quick() -> Self {
+        Self {
+            ingest_for: Duration::from_secs(1),
+            drain_events: 5_000,
+            big_drain_events: 20_000,
+            e2e_rate: 500.0,
+            e2e_for: Duration::from_secs(2),
+            curve_rates: vec![250.0],
+            curve_for: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Throughput and response latency of one ingest run.
+#[derive(Debug, Clone)]
+pub struct IngestRow {
+    pub target: String,
+    pub fsync: &'static str,
+    pub endpoint: Endpoint,
+    pub events_per_sec: f64,
+    pub requests_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub refused: u64,
+    /// What the streams hold, against what was accepted (none for the no-op).
+    pub verdict: Option<Verdict>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DrainRow {
+    pub events: u64,
+    pub users: usize,
+    /// From the router's start to the last event's arrival.
+    pub seconds: f64,
+    pub events_per_sec: f64,
+    pub router_peak_rss: u64,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone)]
+pub struct LatencyRow {
+    pub offered: f64,
+    pub achieved: f64,
+    pub destinations: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// One per destination.
+    pub verdicts: Vec<Verdict>,
+}
+
+#[derive(Debug)]
+pub struct Results {
+    pub machine: HashMap<&'static str, String>,
+    pub redis_version: String,
+    pub plan: Plan,
+    pub noop: IngestRow,
+    pub ingest: Vec<IngestRow>,
+    pub drain: DrainRow,
+    pub big_drain: DrainRow,
+    pub e2e: LatencyRow,
+    pub curve: Vec<LatencyRow>,
+    pub gateway_peak_rss: u64,
+    pub e2e_router_peak_rss: u64,
+}
+
+impl Results {
+    /// Every run delivered (or stored) everything, in per-user order.
+    pub fn all_correct(&self) -> bool {
+        self.ingest
+            .iter()
+            .filter_map(|row| row.verdict)
+            .all(|v| v.passed())
+            && self.drain.verdict.passed()
+            && self.big_drain.verdict.passed()
+            && std::iter::once(&self.e2e)
+                .chain(&self.curve)
+                .flat_map(|row| &row.verdicts)
+                .all(Verdict::passed)
+    }
+}
+
+pub struct Bench {
+    pub binaries: Binaries,
+    pub work_dir: PathBuf,
+    pub plan: Plan,
+    http: reqwest::Client,
+    sink: Arc<Sink>,
+    sink_url: String,
+    keys: Keys,
+}
+
+impl Bench {
+    pub fn new(
+        binaries: Binaries,
+        work_dir: PathBuf,
+        plan: Plan,
+        sink: Arc<Sink>,
+        sink_url: String,
+    ) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(CONNECTIONS)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self {
+            binaries,
+            work_dir,
+            plan,
+            http,
+            sink,
+            sink_url,
+            keys: Keys::new("evd"),
+        })
+    }
+
+    pub async fn run(&self) -> anyhow::Result<Results> {
+        let data = self.work_dir.join("redis");
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data)?;
+        let redis = Redis::start(&self.binaries, &data).await?;
+        let redis_version = redis.version().await?;
+
+        eprintln!("» no-op ceiling");
+        let (noop_process, noop_url) =
+            system::start_noop(&self.binaries, &self.http, &self.work_dir).await?;
+        let noop = self
+            .saturate("no-op handler", "-", &noop_url, Endpoint::Single)
+            .await?;
+        noop_process.stop().await?;
+        eprintln!("  {:.0} events/s", noop.events_per_sec);
+
+        let (mut gateway, gateway_url) =
+            system::start_gateway(&self.binaries, &redis, &self.http, &self.work_dir).await?;
+        let mut ingest = Vec::new();
+        for endpoint in [Endpoint::Single, Endpoint::Batch(BATCH_SIZE)] {
+            for fsync in ["always", "everysec"] {
+                eprintln!("» ingest {} with appendfsync {fsync}", endpoint.path());
+                redis.flush().await?;
+                redis.set_fsync(fsync).await?;
+                let row = self.ingest(&redis, &gateway_url, fsync, endpoint).await?;
+                eprintln!(
+                    "  {:.0} events/s; streams: {}",
+                    row.events_per_sec,
+                    row.verdict.map(|v| v.to_string()).unwrap_or_default()
+                );
+                ingest.push(row);
+                gateway.check_running()?;
+            }
+        }
+        // Everything after this runs with the shipped setting.
+        redis.set_fsync("always").await?;
+
+        eprintln!("» drain {} events", self.plan.drain_events);
+        let drain = self
+            .drain(&redis, &gateway_url, self.plan.drain_events, "drain")
+            .await?;
+        eprintln!("  {:.0} events/s; {}", drain.events_per_sec, drain.verdict);
+        eprintln!("» drain {} events (memory)", self.plan.big_drain_events);
+        let big_drain = self
+            .drain(
+                &redis,
+                &gateway_url,
+                self.plan.big_drain_events,
+                "drain-big",
+            )
+            .await?;
+        eprintln!(
+            "  {:.0} events/s, router peak RSS {} MB; {}",
+            big_drain.events_per_sec,
+            big_drain.router_peak_rss / 1_000_000,
+            big_drain.verdict
+        );
+
+        eprintln!("» end to end, 3 destinations");
+        redis.flush().await?;
+        let names = ["a", "b", "c"];
+        let destinations: Vec<(&str, String)> = names
+            .iter()
+            .map(|name| (*name, format!("{}/e2e/{name}", self.sink_url)))
+            .collect();
+        let mut router =
+            system::start_router(&self.binaries, &redis, &destinations, &self.work_dir, "e2e")?;
+        // Warm up: leases taken, connections open.
+        self.paced(
+            &gateway_url,
+            "warmup",
+            200.0,
+            Duration::from_secs(1),
+            &names,
+            &mut router,
+        )
+        .await?;
+        let e2e = self
+            .paced(
+                &gateway_url,
+                "e2e",
+                self.plan.e2e_rate,
+                self.plan.e2e_for,
+                &names,
+                &mut router,
+            )
+            .await?;
+        eprintln!(
+            "  at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
+            e2e.achieved, e2e.p50_ms, e2e.p99_ms
+        );
+        let mut curve = vec![e2e.clone()];
+        for &rate in &self.plan.curve_rates {
+            let row = self
+                .paced(
+                    &gateway_url,
+                    &format!("curve{rate}"),
+                    rate,
+                    self.plan.curve_for,
+                    &names,
+                    &mut router,
+                )
+                .await?;
+            eprintln!(
+                "  at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
+                row.achieved, row.p50_ms, row.p99_ms
+            );
+            curve.push(row);
+        }
+        curve.sort_by(|a, b| a.offered.total_cmp(&b.offered));
+        let e2e_router_peak_rss = router.peak_rss_bytes()?;
+        router.stop().await?;
+        let gateway_peak_rss = gateway.peak_rss_bytes()?;
+        gateway.stop().await?;
+        redis.process.stop().await?;
+        let _ = std::fs::remove_dir_all(&data);
+
+        Ok(Results {
+            machine: system::machine(),
+            redis_version,
+            plan: self.plan.clone(),
+            noop,
+            ingest,
+            drain,
+            big_drain,
+            e2e,
+            curve,
+            gateway_peak_rss,
+            e2e_router_peak_rss,
+        })
+    }
+
+    async fn saturate(
+        &self,
+        target: &str,
+        fsync: &'static str,
+        url: &str,
+        endpoint: Endpoint,
+    ) -> anyhow::Result<IngestRow> {
+        let spec = LoadSpec {
+            users_named: format!("{target}-{fsync}").replace(['/', ' '], "-"),
+            endpoint,
+            connections: CONNECTIONS,
+            users_per_connection: USERS_PER_CONNECTION,
+            stop: Stop::After(self.plan.ingest_for),
+            rate: None,
+        };
+        let mut result = load::run(&self.http, url, spec).await?;
+        Ok(ingest_row(target, fsync, endpoint, &mut result, None))
+    }
+
+    async fn ingest(
+        &self,
+        redis: &Redis,
+        gateway_url: &str,
+        fsync: &'static str,
+        endpoint: Endpoint,
+    ) -> anyhow::Result<IngestRow> {
+        let spec = LoadSpec {
+            users_named: format!("ingest-{fsync}"),
+            endpoint,
+            connections: CONNECTIONS,
+            users_per_connection: USERS_PER_CONNECTION,
+            stop: Stop::After(self.plan.ingest_for),
+            rate: None,
+        };
+        let mut result = load::run(&self.http, gateway_url, spec).await?;
+        let stored = self.scan_streams(redis).await?;
+        let verdict = stored.verdict(&result.accepted);
+        Ok(ingest_row(
+            "gateway",
+            fsync,
+            endpoint,
+            &mut result,
+            Some(verdict),
+        ))
+    }
+
+    /// Reads every shard stream in order, as the router would, and checks
+    /// each user's events.
+    async fn scan_streams(&self, redis: &Redis) -> anyhow::Result<OrderCheck> {
+        let mut con = redis.connection().await?;
+        let mut check = OrderCheck::default();
+        for shard in 0..SHARDS {
+            let stream = self.keys.events(shard);
+            let mut start = "-".to_owned();
+            loop {
+                let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(&stream)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(10_000)
+                    .query_async(&mut con)
+                    .await?;
+                let Some(last) = reply.ids.last() else { break };
+                start = format!("({}", last.id);
+                for entry in &reply.ids {
+                    let user: String = entry.get("user").context("an entry without a user")?;
+                    let payload: String =
+                        entry.get("payload").context("an entry without a payload")?;
+                    let payload: Payload = serde_json::from_str(&payload)?;
+                    check.observe(&user, payload.seq);
+                }
+            }
+        }
+        Ok(check)
+    }
+
+    /// Stores `events` (1000 users) with no router running, then starts
+    /// one and times how long it takes to deliver them all to the sink.
+    async fn drain(
+        &self,
+        redis: &Redis,
+        gateway_url: &str,
+        events: u64,
+        label: &str,
+    ) -> anyhow::Result<DrainRow> {
+        redis.flush().await?;
+        let (connections, users_per_connection) = (40, 25);
+        let spec = LoadSpec {
+            users_named: label.to_owned(),
+            endpoint: Endpoint::Batch(BATCH_SIZE),
+            connections,
+            users_per_connection,
+            stop: Stop::Events(events),
+            rate: None,
+        };
+        let filled = load::run(&self.http, gateway_url, spec).await?;
+        let path = format!("/{label}");
+        let mut router = system::start_router(
+            &self.binaries,
+            redis,
+            &[("sink", format!("{}{path}", self.sink_url))],
+            &self.work_dir,
+            label,
+        )?;
+        let started = Instant::now();
+        let finished = self
+            .wait_until_delivered(&[path.as_str()], filled.events(), &mut router)
+            .await?;
+        let seconds = finished.duration_since(started).as_secs_f64();
+        let router_peak_rss = router.peak_rss_bytes()?;
+        router.stop().await?;
+        let received = self.sink.take();
+        let verdict = received
+            .get(&path)
+            .map(|r| r.order.verdict(&filled.accepted))
+            .unwrap_or_else(|| OrderCheck::default().verdict(&filled.accepted));
+        Ok(DrainRow {
+            events: filled.events(),
+            users: connections * users_per_connection,
+            seconds,
+            events_per_sec: filled.events() as f64 / seconds,
+            router_peak_rss,
+            verdict,
+        })
+    }
+
+    /// Offers `rate` events/s for `duration` to the gateway, waits until
+    /// every destination got everything, and measures send → arrival.
+    async fn paced(
+        &self,
+        gateway_url: &str,
+        label: &str,
+        rate: f64,
+        duration: Duration,
+        destinations: &[&str],
+        router: &mut Process,
+    ) -> anyhow::Result<LatencyRow> {
+        let spec = LoadSpec {
+            users_named: label.to_owned(),
+            endpoint: Endpoint::Single,
+            connections: CONNECTIONS,
+            users_per_connection: USERS_PER_CONNECTION,
+            stop: Stop::After(duration),
+            rate: Some(rate),
+        };
+        let sent = load::run(&self.http, gateway_url, spec).await?;
+        let paths: Vec<String> = destinations
+            .iter()
+            .map(|name| format!("/e2e/{name}"))
+            .collect();
+        let path_refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        self.wait_until_delivered(&path_refs, sent.events(), router)
+            .await?;
+        let mut received = self.sink.take();
+        let mut latencies = Vec::new();
+        let mut verdicts = Vec::new();
+        for path in &paths {
+            let received = received.remove(path).unwrap_or_default();
+            verdicts.push(received.order.verdict(&sent.accepted));
+            latencies.extend(received.latencies_us);
+        }
+        let ms = |us: u32| f64::from(us) / 1000.0;
+        Ok(LatencyRow {
+            offered: rate,
+            achieved: sent.events_per_sec(),
+            destinations: destinations.len(),
+            p50_ms: ms(load::percentile(&mut latencies, 50.0)),
+            p99_ms: ms(load::percentile(&mut latencies, 99.0)),
+            max_ms: ms(latencies.iter().copied().max().unwrap_or(0)),
+            verdicts,
+        })
+    }
+
+    /// Polls the sink until every path has `expected` events in order, or
+    /// nothing has moved for [`STALL`] (then the verdict shows what is
+    /// missing or out of order); returns when the last one arrived. Fails
+    /// if the router exits.
+    async fn wait_until_delivered(
+        &self,
+        paths: &[&str],
+        expected: u64,
+        router: &mut Process,
+    ) -> anyhow::Result<Instant> {
+        let mut last_total = 0;
+        let mut last_progress = Instant::now();
+        loop {
+            let counts: Vec<u64> = paths.iter().map(|path| self.sink.in_order(path)).collect();
+            let total: u64 = counts.iter().sum();
+            if counts.iter().all(|&count| count >= expected) {
+                return Ok(Instant::now());
+            }
+            if total != last_total {
+                last_total = total;
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > STALL {
+                eprintln!("  no progress for {STALL:?}: {counts:?} of {expected} each");
+                return Ok(last_progress);
+            }
+            router.check_running()?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn ingest_row(
+    target: &str,
+    fsync: &'static str,
+    endpoint: Endpoint,
+    result: &mut LoadResult,
+    verdict: Option<Verdict>,
+) -> IngestRow {
+    let requests = result.latencies_us.len() as f64;
+    let ms = |us: u32| f64::from(us) / 1000.0;
+    IngestRow {
+        target: target.to_owned(),
+        fsync,
+        endpoint,
+        events_per_sec: result.events_per_sec(),
+        requests_per_sec: requests / result.elapsed.as_secs_f64(),
+        p50_ms: ms(load::percentile(&mut result.latencies_us, 50.0)),
+        p99_ms: ms(load::percentile(&mut result.latencies_us, 99.0)),
+        refused: result.refused,
+        verdict,
+    }
+}

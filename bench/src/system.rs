@@ -1,0 +1,273 @@
+//! The processes under test: redis-server with the shipped config, the
+//! gateway, the router and the no-op server, each a child process so its
+//! memory can be read from `/proc`.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A child process, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Process {
+    name: String,
+    child: Child,
+}
+
+impl Process {
+    pub fn spawn(name: &str, mut command: Command, log: &Path) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(log).context("cannot create a log file")?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// The most memory the process has had resident (`VmHWM`), in bytes.
+    pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .with_context(|| format!("cannot read the status of {}", self.name))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no VmHWM for {}", self.name))?;
+        Ok(kib * 1024)
+    }
+
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => bail!("{} exited: {status}", self.name),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGTERM, and up to 30 s for a clean exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("{} did not exit within 30 s of SIGTERM", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `ready` every 20 ms for up to `within`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut ready: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !ready().await {
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The binaries and files a run uses.
+pub struct Binaries {
+    pub gateway: PathBuf,
+    pub router: PathBuf,
+    pub redis_server: String,
+    pub redis_config: PathBuf,
+    /// This benchmark's own executable, which also serves the no-op handler.
+    pub bench: PathBuf,
+}
+
+pub struct Redis {
+    pub process: Process,
+    pub url: String,
+    pub client: redis::Client,
+}
+
+impl Redis {
+    /// redis-server with the shipped config, its data in `dir`.
+    pub async fn start(binaries: &Binaries, dir: &Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        // The shipped config names `./data`, relative to where Redis starts.
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data)?;
+        let mut command = Command::new(&binaries.redis_server);
+        command.current_dir(dir).arg(&binaries.redis_config).args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ]);
+        let process = Process::spawn("redis-server", command, &dir.join("redis.log"))?;
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str())?;
+        wait_until("redis-server to answer", Duration::from_secs(10), || {
+            let client = client.clone();
+            async move {
+                match client.get_multiplexed_async_connection().await {
+                    Ok(mut con) => redis::cmd("PING")
+                        .query_async::<String>(&mut con)
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await?;
+        Ok(Self {
+            process,
+            url,
+            client,
+        })
+    }
+
+    pub async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        Ok(self.client.get_multiplexed_async_connection().await?)
+    }
+
+    pub async fn set_fsync(&self, policy: &str) -> anyhow::Result<()> {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendfsync")
+            .arg(policy)
+            .query_async(&mut self.connection().await?)
+            .await?;
+        Ok(())
+    }
+
+    /// Empties Redis between phases (streams, groups, leases, metadata).
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        let () = redis::cmd("FLUSHALL")
+            .query_async(&mut self.connection().await?)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn version(&self) -> anyhow::Result<String> {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.connection().await?)
+            .await?;
+        Ok(info
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+            .unwrap_or("unknown")
+            .trim()
+            .to_owned())
+    }
+}
+
+/// Starts the gateway against `redis` and waits until it is ready.
+pub async fn start_gateway(
+    binaries: &Binaries,
+    redis: &Redis,
+    http: &reqwest::Client,
+    dir: &Path,
+) -> anyhow::Result<(Process, String)> {
+    let port = free_port()?;
+    let mut command = Command::new(&binaries.gateway);
+    command
+        .env("GATEWAY_REDIS__URL", &redis.url)
+        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"));
+    let process = Process::spawn("gateway", command, &dir.join("gateway.log"))?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_until_ready(http, &format!("{url}/readyz")).await?;
+    Ok((process, url))
+}
+
+/// Starts this executable's no-op server with the gateway's worker count.
+pub async fn start_noop(
+    binaries: &Binaries,
+    http: &reqwest::Client,
+    dir: &Path,
+) -> anyhow::Result<(Process, String)> {
+    let port = free_port()?;
+    let mut command = Command::new(&binaries.bench);
+    command.args(["noop", "--listen", &format!("127.0.0.1:{port}")]);
+    let process = Process::spawn("no-op server", command, &dir.join("noop.log"))?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_until_ready(http, &format!("{url}/readyz")).await?;
+    Ok((process, url))
+}
+
+async fn wait_until_ready(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    wait_until(url, Duration::from_secs(30), || async {
+        http.get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await
+}
+
+/// Starts the router delivering to `destinations` (name → URL).
+pub fn start_router(
+    binaries: &Binaries,
+    redis: &Redis,
+    destinations: &[(&str, String)],
+    dir: &Path,
+    label: &str,
+) -> anyhow::Result<Process> {
+    let mut config = format!("[redis]\nurl = \"{}\"\n", redis.url);
+    for (name, url) in destinations {
+        config.push_str(&format!(
+            "\n[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n"
+        ));
+    }
+    let config_path = dir.join(format!("router-{label}.toml"));
+    std::fs::write(&config_path, config)?;
+    let mut command = Command::new(&binaries.router);
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .env("ROUTER_CONSUMER_NAME", format!("bench-{label}"));
+    Process::spawn("router", command, &dir.join(format!("router-{label}.log")))
+}
+
+/// Facts about the machine for the report header.
+pub fn machine() -> HashMap<&'static str, String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default();
+    HashMap::from([
+        ("cpu", cpu),
+        ("cores", cores.to_string()),
+        ("commit", commit),
+    ])
+}
