@@ -47,6 +47,9 @@ struct RunArgs {
     /// A smoke run: every phase, tiny sizes, seconds instead of minutes.
     #[arg(long)]
     quick: bool,
+    /// Run one phase and print its figures, without writing the report.
+    #[arg(long, value_enum)]
+    only: Option<phases::Phase>,
     /// Where `gateway` and `router` are; default: next to this executable.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -112,9 +115,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         phases::Plan::full()
     };
     let results = phases::Bench::new(binaries, work_dir, plan, sink, sink_url)?
-        .run()
+        .run(args.only)
         .await?;
     shutdown.cancel();
+    let Some(results) = results else {
+        return Ok(());
+    };
 
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let section = report::markdown(&results, &date, &args.plot);

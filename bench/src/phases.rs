@@ -25,6 +25,16 @@ const SHARDS: u16 = 16;
 /// A drain or delivery wait gives up after this long without progress.
 const STALL: Duration = Duration::from_secs(30);
 
+/// A part of the benchmark that can be run alone (`bench --only …`) while
+/// investigating; the report needs them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    Ceiling,
+    Ingest,
+    Drain,
+    EndToEnd,
+}
+
 /// How long and how big each phase is.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -75,6 +85,10 @@ pub struct IngestRow {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub refused: u64,
+    /// CPU time per accepted event of the server under test (µs).
+    pub server_cpu_us: f64,
+    /// CPU time per accepted event of redis-server (µs; none for the no-op).
+    pub redis_cpu_us: Option<f64>,
     /// What the streams hold, against what was accepted (none for the no-op).
     pub verdict: Option<Verdict>,
 }
@@ -166,66 +180,91 @@ impl Bench {
         })
     }
 
-    pub async fn run(&self) -> anyhow::Result<Results> {
+    /// Runs every phase, or only `only`; the results are complete only
+    /// when every phase ran.
+    pub async fn run(&self, only: Option<Phase>) -> anyhow::Result<Option<Results>> {
+        let wanted = |phase: Phase| only.is_none_or(|only| only == phase);
         let data = self.work_dir.join("redis");
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data)?;
         let redis = Redis::start(&self.binaries, &data).await?;
         let redis_version = redis.version().await?;
 
-        eprintln!("» no-op ceiling");
-        let (noop_process, noop_url) =
-            system::start_noop(&self.binaries, &self.http, &self.work_dir).await?;
-        let noop = self
-            .saturate("no-op handler", "-", &noop_url, Endpoint::Single)
-            .await?;
-        noop_process.stop().await?;
-        eprintln!("  {:.0} events/s", noop.events_per_sec);
+        let mut noop = None;
+        if wanted(Phase::Ceiling) {
+            eprintln!("» no-op ceiling");
+            let (noop_process, noop_url) =
+                system::start_noop(&self.binaries, &self.http, &self.work_dir).await?;
+            let row = self.saturate(&noop_process, &noop_url).await?;
+            noop_process.stop().await?;
+            eprintln!(
+                "  {:.0} events/s; CPU per event: no-op server {:.1} µs",
+                row.events_per_sec, row.server_cpu_us
+            );
+            noop = Some(row);
+        }
 
         let (mut gateway, gateway_url) =
             system::start_gateway(&self.binaries, &redis, &self.http, &self.work_dir).await?;
         let mut ingest = Vec::new();
-        for endpoint in [Endpoint::Single, Endpoint::Batch(BATCH_SIZE)] {
+        let endpoints = if wanted(Phase::Ingest) {
+            vec![Endpoint::Single, Endpoint::Batch(BATCH_SIZE)]
+        } else {
+            Vec::new()
+        };
+        for endpoint in endpoints {
             for fsync in ["always", "everysec"] {
                 eprintln!("» ingest {} with appendfsync {fsync}", endpoint.path());
-                redis.flush().await?;
+                redis.reset().await?;
                 redis.set_fsync(fsync).await?;
-                let row = self.ingest(&redis, &gateway_url, fsync, endpoint).await?;
+                let row = self
+                    .ingest(&redis, &gateway, &gateway_url, fsync, endpoint)
+                    .await?;
                 eprintln!(
-                    "  {:.0} events/s; streams: {}",
+                    "  {:.0} events/s; CPU per event: gateway {:.1} µs, Redis {:.1} µs; streams: {}",
                     row.events_per_sec,
+                    row.server_cpu_us,
+                    row.redis_cpu_us.unwrap_or_default(),
                     row.verdict.map(|v| v.to_string()).unwrap_or_default()
                 );
+                redis.report_latency_spikes().await?;
                 ingest.push(row);
                 gateway.check_running()?;
             }
         }
         // Everything after this runs with the shipped setting.
         redis.set_fsync("always").await?;
-
-        eprintln!("» drain {} events", self.plan.drain_events);
-        let drain = self
-            .drain(&redis, &gateway_url, self.plan.drain_events, "drain")
-            .await?;
-        eprintln!("  {:.0} events/s; {}", drain.events_per_sec, drain.verdict);
-        eprintln!("» drain {} events (memory)", self.plan.big_drain_events);
-        let big_drain = self
-            .drain(
-                &redis,
-                &gateway_url,
-                self.plan.big_drain_events,
-                "drain-big",
-            )
-            .await?;
-        eprintln!(
-            "  {:.0} events/s, router peak RSS {} MB; {}",
-            big_drain.events_per_sec,
-            big_drain.router_peak_rss / 1_000_000,
-            big_drain.verdict
-        );
+        let mut drains = None;
+        if wanted(Phase::Drain) {
+            eprintln!("» drain {} events", self.plan.drain_events);
+            let drain = self
+                .drain(&redis, &gateway_url, self.plan.drain_events, "drain")
+                .await?;
+            eprintln!("  {:.0} events/s; {}", drain.events_per_sec, drain.verdict);
+            eprintln!("» drain {} events (memory)", self.plan.big_drain_events);
+            let big_drain = self
+                .drain(
+                    &redis,
+                    &gateway_url,
+                    self.plan.big_drain_events,
+                    "drain-big",
+                )
+                .await?;
+            eprintln!(
+                "  {:.0} events/s, router peak RSS {} MB; {}",
+                big_drain.events_per_sec,
+                big_drain.router_peak_rss / 1_000_000,
+                big_drain.verdict
+            );
+            redis.report_latency_spikes().await?;
+            drains = Some((drain, big_drain));
+        }
+        if !wanted(Phase::EndToEnd) {
+            return Ok(None);
+        }
 
         eprintln!("» end to end, 3 destinations");
-        redis.flush().await?;
+        redis.reset().await?;
         let names = ["a", "b", "c"];
         let destinations: Vec<(&str, String)> = names
             .iter()
@@ -274,6 +313,7 @@ impl Bench {
                 row.achieved, row.p50_ms, row.p99_ms
             );
             curve.push(row);
+            redis.report_latency_spikes().await?;
         }
         curve.sort_by(|a, b| a.offered.total_cmp(&b.offered));
         let e2e_router_peak_rss = router.peak_rss_bytes()?;
@@ -283,7 +323,10 @@ impl Bench {
         redis.process.stop().await?;
         let _ = std::fs::remove_dir_all(&data);
 
-        Ok(Results {
+        let (Some(noop), Some((drain, big_drain))) = (noop, drains) else {
+            return Ok(None);
+        };
+        Ok(Some(Results {
             machine: system::machine(),
             redis_version,
             plan: self.plan.clone(),
@@ -295,44 +338,39 @@ impl Bench {
             curve,
             gateway_peak_rss,
             e2e_router_peak_rss,
-        })
+        }))
     }
 
-    async fn saturate(
-        &self,
-        target: &str,
-        fsync: &'static str,
-        url: &str,
-        endpoint: Endpoint,
-    ) -> anyhow::Result<IngestRow> {
-        let spec = LoadSpec {
-            users_named: format!("{target}-{fsync}").replace(['/', ' '], "-"),
-            endpoint,
-            connections: CONNECTIONS,
-            users_per_connection: USERS_PER_CONNECTION,
-            stop: Stop::After(self.plan.ingest_for),
-            rate: None,
-        };
+    /// The ceiling: the load generator against the no-op handler.
+    async fn saturate(&self, noop: &Process, url: &str) -> anyhow::Result<IngestRow> {
+        let spec = self.saturating("noop", Endpoint::Single);
+        let cpu_before = noop.cpu_time()?;
         let mut result = load::run(&self.http, url, spec).await?;
-        Ok(ingest_row(target, fsync, endpoint, &mut result, None))
+        let server_cpu = noop.cpu_time()? - cpu_before;
+        Ok(ingest_row(
+            "no-op handler",
+            "-",
+            Endpoint::Single,
+            &mut result,
+            server_cpu,
+            None,
+            None,
+        ))
     }
 
     async fn ingest(
         &self,
         redis: &Redis,
+        gateway: &Process,
         gateway_url: &str,
         fsync: &'static str,
         endpoint: Endpoint,
     ) -> anyhow::Result<IngestRow> {
-        let spec = LoadSpec {
-            users_named: format!("ingest-{fsync}"),
-            endpoint,
-            connections: CONNECTIONS,
-            users_per_connection: USERS_PER_CONNECTION,
-            stop: Stop::After(self.plan.ingest_for),
-            rate: None,
-        };
+        let spec = self.saturating(&format!("ingest-{fsync}"), endpoint);
+        let cpu_before = (gateway.cpu_time()?, redis.process.cpu_time()?);
         let mut result = load::run(&self.http, gateway_url, spec).await?;
+        let gateway_cpu = gateway.cpu_time()? - cpu_before.0;
+        let redis_cpu = redis.process.cpu_time()? - cpu_before.1;
         let stored = self.scan_streams(redis).await?;
         let verdict = stored.verdict(&result.accepted);
         Ok(ingest_row(
@@ -340,8 +378,21 @@ impl Bench {
             fsync,
             endpoint,
             &mut result,
+            gateway_cpu,
+            Some(redis_cpu),
             Some(verdict),
         ))
+    }
+
+    fn saturating(&self, users_named: &str, endpoint: Endpoint) -> LoadSpec {
+        LoadSpec {
+            users_named: users_named.to_owned(),
+            endpoint,
+            connections: CONNECTIONS,
+            users_per_connection: USERS_PER_CONNECTION,
+            stop: Stop::After(self.plan.ingest_for),
+            rate: None,
+        }
     }
 
     /// Reads every shard stream in order, as the router would, and checks
@@ -384,7 +435,7 @@ impl Bench {
         events: u64,
         label: &str,
     ) -> anyhow::Result<DrainRow> {
-        redis.flush().await?;
+        redis.reset().await?;
         let (connections, users_per_connection) = (40, 25);
         let spec = LoadSpec {
             users_named: label.to_owned(),
@@ -508,9 +559,13 @@ fn ingest_row(
     fsync: &'static str,
     endpoint: Endpoint,
     result: &mut LoadResult,
+    server_cpu: Duration,
+    redis_cpu: Option<Duration>,
     verdict: Option<Verdict>,
 ) -> IngestRow {
     let requests = result.latencies_us.len() as f64;
+    let events = result.events().max(1) as f64;
+    let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / events;
     let ms = |us: u32| f64::from(us) / 1000.0;
     IngestRow {
         target: target.to_owned(),
@@ -521,6 +576,8 @@ fn ingest_row(
         p50_ms: ms(load::percentile(&mut result.latencies_us, 50.0)),
         p99_ms: ms(load::percentile(&mut result.latencies_us, 99.0)),
         refused: result.refused,
+        server_cpu_us: per_event(server_cpu),
+        redis_cpu_us: redis_cpu.map(per_event),
         verdict,
     }
 }

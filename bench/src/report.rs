@@ -126,7 +126,7 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "| server | endpoint | appendfsync | events/s | requests/s | p50 ms | p99 ms | of no-op | refused | stored |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| server | endpoint | appendfsync | events/s | requests/s | p50 ms | p99 ms | of no-op | server CPU µs/event | Redis CPU µs/event | refused | stored |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in std::iter::once(&results.noop).chain(&results.ingest) {
         let stored = row.verdict.map_or("–".into(), |v| {
@@ -138,7 +138,7 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
         });
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0}% | {} | {stored} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0}% | {:.1} | {} | {} | {stored} |",
             row.target,
             endpoint(row.endpoint),
             row.fsync,
@@ -147,6 +147,8 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
             row.p50_ms,
             row.p99_ms,
             row.requests_per_sec / results.noop.requests_per_sec * 100.0,
+            row.server_cpu_us,
+            row.redis_cpu_us.map_or("–".into(), |us| format!("{us:.1}")),
             row.refused,
         );
     }
@@ -154,7 +156,9 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
         out,
         "\n\"of no-op\" compares requests per second with the do-nothing handler (an actix-web \
          server with the gateway's worker count, answering 202 to every POST) under the same \
-         load generator in the same run.\n"
+         load generator in the same run. CPU per event is the process's user + system time \
+         over the run (from `/proc`) divided by the events it accepted: steadier than \
+         throughput on a shared machine.\n"
     );
 
     let _ = writeln!(

@@ -43,6 +43,25 @@ impl Process {
         Ok(kib * 1024)
     }
 
+    /// CPU time the process has used so far, user and system, all threads.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .with_context(|| format!("cannot read the stat of {}", self.name))?;
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields of the whole line.
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |index: usize| -> anyhow::Result<u64> {
+            Ok(fields
+                .get(index)
+                .with_context(|| format!("short stat line for {}", self.name))?
+                .parse()?)
+        };
+        Ok(Duration::from_secs_f64(
+            (ticks(11)? + ticks(12)?) as f64 / clock_ticks_per_sec(),
+        ))
+    }
+
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         match self.child.try_wait()? {
             Some(status) => bail!("{} exited: {status}", self.name),
@@ -70,6 +89,16 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The kernel's clock tick rate for `/proc/…/stat` times (`getconf CLK_TCK`).
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
@@ -159,10 +188,50 @@ impl Redis {
         Ok(())
     }
 
-    /// Empties Redis between phases (streams, groups, leases, metadata).
-    pub async fn flush(&self) -> anyhow::Result<()> {
-        let () = redis::cmd("FLUSHALL")
-            .query_async(&mut self.connection().await?)
+    /// Empties Redis between phases (streams, groups, leases, metadata)
+    /// and lets the disk settle: the append-only file is rewritten to its
+    /// now tiny size and everything written so far is flushed, so that a
+    /// phase's fsyncs do not queue behind the previous phase's writeback.
+    pub async fn reset(&self) -> anyhow::Result<()> {
+        let mut con = self.connection().await?;
+        let () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
+        let _: String = redis::cmd("BGREWRITEAOF").query_async(&mut con).await?;
+        wait_until("the AOF rewrite", Duration::from_secs(60), || {
+            let mut con = con.clone();
+            async move {
+                let info: Result<String, _> = redis::cmd("INFO")
+                    .arg("persistence")
+                    .query_async(&mut con)
+                    .await;
+                info.is_ok_and(|info| {
+                    info.lines()
+                        .any(|line| line.trim() == "aof_rewrite_in_progress:0")
+                        && info
+                            .lines()
+                            .any(|line| line.trim() == "aof_rewrite_scheduled:0")
+                })
+            }
+        })
+        .await?;
+        let synced = tokio::process::Command::new("sync").status().await?;
+        anyhow::ensure!(synced.success(), "sync failed");
+        Ok(())
+    }
+
+    /// Prints what Redis's latency monitor saw since the last call (events
+    /// over 10 ms: fsyncs, AOF writes, forks, slow commands), then resets it.
+    pub async fn report_latency_spikes(&self) -> anyhow::Result<()> {
+        let mut con = self.connection().await?;
+        let latest: Vec<(String, u64, u64, u64)> = redis::cmd("LATENCY")
+            .arg("LATEST")
+            .query_async(&mut con)
+            .await?;
+        for (event, _, last_ms, max_ms) in latest {
+            eprintln!("  Redis latency spike: {event}, latest {last_ms} ms, max {max_ms} ms");
+        }
+        let _: u64 = redis::cmd("LATENCY")
+            .arg("RESET")
+            .query_async(&mut con)
             .await?;
         Ok(())
     }
