@@ -138,7 +138,7 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
         });
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0}% | {:.1} | {} | {} | {stored} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {:.1} | {} | {} | {stored} |",
             row.target,
             endpoint(row.endpoint),
             row.fsync,
@@ -146,7 +146,7 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
             row.requests_per_sec,
             row.p50_ms,
             row.p99_ms,
-            row.requests_per_sec / results.noop.requests_per_sec * 100.0,
+            share_of_noop(row, &results.noop),
             row.server_cpu_us,
             row.redis_cpu_us.map_or("–".into(), |us| format!("{us:.1}")),
             row.refused,
@@ -221,6 +221,18 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
     let _ = writeln!(out, "\n![latency against offered load]({plot_file})\n");
     let _ = write!(out, "{END}");
     out
+}
+
+/// Single-event requests per second as a share of the no-op's; a batch
+/// request is not comparable with a no-op request.
+fn share_of_noop(row: &IngestRow, noop: &IngestRow) -> String {
+    match row.endpoint {
+        Endpoint::Single => format!(
+            "{:.0}%",
+            row.requests_per_sec / noop.requests_per_sec * 100.0
+        ),
+        Endpoint::Batch(_) => "–".into(),
+    }
 }
 
 fn delivered(row: &LatencyRow) -> String {
