@@ -167,7 +167,7 @@ impl Worker {
             // A refused request is sent again with the same sequence
             // numbers, so every user's events stay a gapless sequence.
             loop {
-                let (body, taken) = self.body(wanted);
+                let body = self.body(wanted);
                 let sent = Instant::now();
                 let response = self
                     .http
@@ -189,7 +189,7 @@ impl Worker {
                     result
                         .latencies_us
                         .push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
-                    self.commit(&taken, &mut result);
+                    self.commit(wanted);
                     break;
                 }
                 result.refused += 1;
@@ -201,6 +201,8 @@ impl Worker {
                 }
             }
         }
+        // Users start at 0, so the sequence number each reached is its count.
+        result.accepted = self.users.into_iter().collect();
         Ok(result)
     }
 
@@ -218,38 +220,34 @@ impl Worker {
         }
     }
 
-    /// The next `count` events, round robin over this worker's users, and
-    /// which users they advance. Nothing is committed until accepted.
-    fn body(&self, count: usize) -> (String, Vec<usize>) {
+    /// The next `count` events, round robin over this worker's users from
+    /// the cursor. Nothing advances until they are accepted ([`Self::commit`]).
+    fn body(&self, count: usize) -> String {
         let now = unix_micros();
-        let mut taken = Vec::with_capacity(count);
-        let mut pending: HashMap<usize, u64> = HashMap::new();
-        let mut events = Vec::with_capacity(count);
-        for i in 0..count {
-            let index = (self.cursor + i) % self.users.len();
-            let (user, next) = &self.users[index];
-            let offset = pending.entry(index).or_insert(0);
-            let seq = next + *offset;
-            *offset += 1;
-            taken.push(index);
-            events.push(format!(
-                r#"{{"userId":"{user}","payload":{{"seq":{seq},"sentAt":{now},"pad":"{PAD}"}}}}"#
-            ));
-        }
-        let body = match self.spec.endpoint {
-            Endpoint::Single => events.pop().unwrap_or_default(),
+        let users = self.users.len();
+        let events: Vec<String> = (0..count)
+            .map(|i| {
+                let (user, next) = &self.users[(self.cursor + i) % users];
+                // A user recurs every `users` positions, so `i / users` of
+                // its events come earlier in this request.
+                let seq = next + (i / users) as u64;
+                format!(
+                    r#"{{"userId":"{user}","payload":{{"seq":{seq},"sentAt":{now},"pad":"{PAD}"}}}}"#
+                )
+            })
+            .collect();
+        match self.spec.endpoint {
+            Endpoint::Single => events.concat(),
             Endpoint::Batch(_) => format!(r#"{{"events":[{}]}}"#, events.join(",")),
-        };
-        (body, taken)
+        }
     }
 
-    fn commit(&mut self, taken: &[usize], result: &mut LoadResult) {
-        for &index in taken {
-            let (user, next) = &mut self.users[index];
-            *next += 1;
-            *result.accepted.entry(user.clone()).or_insert(0) += 1;
+    fn commit(&mut self, count: usize) {
+        let users = self.users.len();
+        for i in 0..count {
+            self.users[(self.cursor + i) % users].1 += 1;
         }
-        self.cursor = (self.cursor + taken.len()) % self.users.len();
+        self.cursor = (self.cursor + count) % users;
     }
 }
 

@@ -1,7 +1,6 @@
 //! The benchmark's phases, each from an empty Redis: the no-op ceiling,
 //! ingest, drain, and end-to-end latency against offered load.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,7 +117,7 @@ pub struct LatencyRow {
 
 #[derive(Debug)]
 pub struct Results {
-    pub machine: HashMap<&'static str, String>,
+    pub machine: system::Machine,
     pub redis_version: String,
     pub plan: Plan,
     pub noop: IngestRow,

@@ -46,7 +46,6 @@ fn mb(bytes: u64) -> String {
 /// The Markdown section, between [`START`] and [`END`].
 pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
     let mut out = String::new();
-    let machine = |key: &str| results.machine.get(key).cloned().unwrap_or_default();
     let find = |fsync: &str, batch: bool| -> Option<&IngestRow> {
         results
             .ingest
@@ -66,9 +65,9 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
          loopback: load generator and sink (one process), gateway, router, redis-server with \
          `config/redis.conf`. Release build. Every run is checked: the streams (ingest) or the sink \
          (delivery) must hold every accepted event exactly in each user's order.\n",
-        machine("commit"),
-        machine("cores"),
-        machine("cpu"),
+        results.machine.commit,
+        results.machine.cores,
+        results.machine.cpu,
         results.redis_version
     );
     let _ = writeln!(out, "### Targets\n");

@@ -2,7 +2,6 @@
 //! gateway, the router and the no-op server, each a child process so its
 //! memory can be read from `/proc`.
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -204,11 +203,8 @@ impl Redis {
                     .query_async(&mut con)
                     .await;
                 info.is_ok_and(|info| {
-                    info.lines()
-                        .any(|line| line.trim() == "aof_rewrite_in_progress:0")
-                        && info
-                            .lines()
-                            .any(|line| line.trim() == "aof_rewrite_scheduled:0")
+                    protocol::info_field(&info, "aof_rewrite_in_progress") == Some("0")
+                        && protocol::info_field(&info, "aof_rewrite_scheduled") == Some("0")
                 })
             }
         })
@@ -241,11 +237,8 @@ impl Redis {
             .arg("server")
             .query_async(&mut self.connection().await?)
             .await?;
-        Ok(info
-            .lines()
-            .find_map(|line| line.strip_prefix("redis_version:"))
+        Ok(protocol::info_field(&info, "redis_version")
             .unwrap_or("unknown")
-            .trim()
             .to_owned())
     }
 }
@@ -318,7 +311,14 @@ pub fn start_router(
 }
 
 /// Facts about the machine for the report header.
-pub fn machine() -> HashMap<&'static str, String> {
+#[derive(Debug)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub commit: String,
+}
+
+pub fn machine() -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -334,9 +334,5 @@ pub fn machine() -> HashMap<&'static str, String> {
         .ok()
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
         .unwrap_or_default();
-    HashMap::from([
-        ("cpu", cpu),
-        ("cores", cores.to_string()),
-        ("commit", commit),
-    ])
+    Machine { cpu, cores, commit }
 }
