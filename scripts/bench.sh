@@ -8,7 +8,7 @@
 #   scripts/bench.sh --quick    every phase with tiny sizes (a smoke test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/ensure-redis.sh
+source scripts/ensure-tools.sh
 ensure_redis_server
 
 cargo build --release --locked -p gateway -p router -p bench

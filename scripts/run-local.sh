@@ -3,21 +3,22 @@
 # (data in ./data), the mock destinations, the router (wired to a healthy, a
 # flaky, a slow and a down destination) and the gateway. Ctrl-C stops all.
 #
-#   REDIS_PORT (6379)  GATEWAY_PORT (8080)  MOCK_PORT (9000)
+#   REDIS_PORT (6379)  GATEWAY_PORT (8080)  MOCK_PORT (9000)  ADMIN_PORT (9100)
 #   PROFILE (release; `dev` builds faster, runs slower)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/ensure-redis.sh
+source scripts/ensure-tools.sh
 ensure_redis_server
 
 REDIS_PORT=${REDIS_PORT:-6379}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 MOCK_PORT=${MOCK_PORT:-9000}
+ADMIN_PORT=${ADMIN_PORT:-9100}
 PROFILE=${PROFILE:-release}
 
-for port in "$REDIS_PORT" "$GATEWAY_PORT" "$MOCK_PORT"; do
+for port in "$REDIS_PORT" "$GATEWAY_PORT" "$MOCK_PORT" "$ADMIN_PORT"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "Port $port is already in use; stop what runs there or set REDIS_PORT / GATEWAY_PORT / MOCK_PORT." >&2
+    echo "Port $port is already in use; stop what runs there or set REDIS_PORT / GATEWAY_PORT / MOCK_PORT / ADMIN_PORT." >&2
     exit 1
   fi
 done
@@ -47,7 +48,7 @@ pids+=($!)
 # The default router config is the demo; point its destinations at MOCK_PORT.
 router_config=$(mktemp)
 sed "s#http://127.0.0.1:9000#$mock#" router/config/router.default.toml > "$router_config"
-ROUTER_REDIS__URL="$redis_url" "$bin/router" --config "$router_config" &
+ROUTER_REDIS__URL="$redis_url" ROUTER_ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT" "$bin/router" --config "$router_config" &
 pids+=($!)
 GATEWAY_REDIS__URL="$redis_url" GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" "$bin/gateway" &
 pids+=($!)
@@ -60,6 +61,7 @@ cat <<EOT
   Event delivery is running.
     gateway            $gateway
     mock destinations  $mock      (healthy: /ok, flaky: /flaky/2, slow: /slow/2000, down: /fail)
+    status page        http://127.0.0.1:$ADMIN_PORT/   (admin API under /admin, metrics at /metrics)
     redis              $redis_url   (data in ./data)
 
   Send an event:
@@ -76,8 +78,13 @@ cat <<EOT
     curl -s '$mock/received?path=/ok'
     curl -s '$mock/received'
 
-  Dead letters of the always-failing destination:
-    redis-cli -p $REDIS_PORT --scan --pattern 'evd:*:dead:down'
+  Dead letters of the always-failing destination, and replaying them:
+    curl -s 'http://127.0.0.1:$ADMIN_PORT/admin/destinations/down/dead-letters?limit=5'
+    curl -s -XPOST http://127.0.0.1:$ADMIN_PORT/admin/destinations/down/dead-letters/replay
+
+  Pause and resume a destination (its events wait in Redis meanwhile):
+    curl -s -XPOST http://127.0.0.1:$ADMIN_PORT/admin/destinations/slow/pause
+    curl -s -XPOST http://127.0.0.1:$ADMIN_PORT/admin/destinations/slow/resume
 
   Ctrl-C stops everything.
 EOT

@@ -306,7 +306,8 @@ pub fn start_router(
     command
         .arg("--config")
         .arg(&config_path)
-        .env("ROUTER_CONSUMER_NAME", format!("bench-{label}"));
+        .env("ROUTER_CONSUMER_NAME", format!("bench-{label}"))
+        .env("ROUTER_ADMIN__LISTEN", "127.0.0.1:0");
     Process::spawn("router", command, &dir.join(format!("router-{label}.log")))
 }
 

@@ -30,6 +30,8 @@ pub struct Config {
     pub retry_after_secs: u64,
     /// HTTP worker threads; 0 means one per CPU core.
     pub workers: usize,
+    /// `text` or `json` log lines.
+    pub log_format: telemetry::LogFormat,
     /// Redis connection and key layout.
     pub redis: RedisConfig,
     /// When to refuse events because destinations fall behind.

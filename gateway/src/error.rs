@@ -32,6 +32,22 @@ fn unavailable_reason(cause: &StoreError) -> String {
     }
 }
 
+impl ApiError {
+    /// A short, fixed label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) => "invalid",
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Unavailable {
+                cause: StoreError::BacklogFull(_),
+                ..
+            } => "backlog_full",
+            ApiError::Unavailable { .. } => "store_unavailable",
+        }
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {

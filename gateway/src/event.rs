@@ -123,6 +123,7 @@ fn validate(event: EventBody, idempotency_header: Option<&str>) -> Result<NewEve
             received_at_ms: unix_millis(),
             message_id: event.message_id,
             destinations: event.destinations,
+            replay: None,
         },
     })
 }

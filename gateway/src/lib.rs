@@ -37,6 +37,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Installed before the first request so no count is lost.
+    telemetry::metrics();
     let Some(store) = connect(&config, &shutdown).await? else {
         return Ok(());
     };

@@ -16,13 +16,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = gateway::Config::load(args.config.as_deref())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // Colour codes only for a terminal, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    telemetry::init_logging(config.log_format);
     let listener = TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = tokio_util::sync::CancellationToken::new();

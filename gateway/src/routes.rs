@@ -1,5 +1,7 @@
 //! HTTP handlers.
 
+use std::time::Instant;
+
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
@@ -60,7 +62,59 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .route("/v1/events", web::post().to(post_event))
         .route("/v1/batch", web::post().to(post_batch))
         .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// Counts a finished ingest request: its outcome, latency and, when
+/// accepted, its events.
+fn observe(route: &'static str, started: Instant, result: &Result<Ingested, ApiError>) {
+    metrics::histogram!("gateway_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(ingested) => {
+            metrics::counter!("gateway_requests_total", "route" => route, "outcome" => "accepted")
+                .increment(1);
+            metrics::counter!("gateway_events_total", "outcome" => "accepted")
+                .increment(ingested.new);
+            metrics::counter!("gateway_events_total", "outcome" => "duplicate")
+                .increment(ingested.duplicates);
+        }
+        Err(error) => {
+            let outcome = match error {
+                ApiError::Unavailable { .. } => "unavailable",
+                _ => "rejected",
+            };
+            metrics::counter!(
+                "gateway_requests_total",
+                "route" => route,
+                "outcome" => outcome,
+                "reason" => error.reason()
+            )
+            .increment(1);
+        }
+    }
+}
+
+/// What an accepted request stored.
+struct Ingested {
+    response: HttpResponse,
+    new: u64,
+    duplicates: u64,
+}
+
+impl Ingested {
+    fn new(response: HttpResponse, appended: &[Appended]) -> Self {
+        let duplicates = appended
+            .iter()
+            .filter(|a| matches!(a, Appended::Duplicate(_)))
+            .count() as u64;
+        Self {
+            response,
+            new: appended.len() as u64 - duplicates,
+            duplicates,
+        }
+    }
 }
 
 /// Checks the content type, then reads the body up to the size limit.
@@ -97,7 +151,18 @@ async fn post_event(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_body(&request, payload, state.max_body_bytes).await?;
+    let started = Instant::now();
+    let result = ingest_event(&state, &request, payload).await;
+    observe("/v1/events", started, &result);
+    result.map(|ingested| ingested.response)
+}
+
+async fn ingest_event(
+    state: &AppState,
+    request: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Ingested, ApiError> {
+    let body = read_json_body(request, payload, state.max_body_bytes).await?;
     let idempotency_key = match request.headers().get("idempotency-key") {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
@@ -113,10 +178,11 @@ async fn post_event(
         .append(&event)
         .await
         .map_err(|e| state.unavailable(e))?;
-    Ok(HttpResponse::Accepted().json(match appended {
+    let response = HttpResponse::Accepted().json(match &appended {
         Appended::New(id) => json!({ "id": id.to_string() }),
         Appended::Duplicate(id) => json!({ "id": id.to_string(), "duplicate": true }),
-    }))
+    });
+    Ok(Ingested::new(response, std::slice::from_ref(&appended)))
 }
 
 async fn post_batch(
@@ -124,8 +190,20 @@ async fn post_batch(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_body(&request, payload, state.max_body_bytes).await?;
+    let started = Instant::now();
+    let result = ingest_batch(&state, &request, payload).await;
+    observe("/v1/batch", started, &result);
+    result.map(|ingested| ingested.response)
+}
+
+async fn ingest_batch(
+    state: &AppState,
+    request: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Ingested, ApiError> {
+    let body = read_json_body(request, payload, state.max_body_bytes).await?;
     let events = event::parse_batch(&body, state.max_batch_events)?;
+    metrics::histogram!("gateway_batch_size").record(events.len() as f64);
     state.check_destinations(&events).await?;
     let appended = state
         .store
@@ -133,7 +211,15 @@ async fn post_batch(
         .await
         .map_err(|e| state.unavailable(e))?;
     let ids: Vec<String> = appended.iter().map(|a| a.id().to_string()).collect();
-    Ok(HttpResponse::Accepted().json(json!({ "ids": ids })))
+    let response = HttpResponse::Accepted().json(json!({ "ids": ids }));
+    Ok(Ingested::new(response, &appended))
+}
+
+/// Prometheus text exposition of this process's metrics.
+async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(telemetry::metrics().render())
 }
 
 async fn healthz() -> HttpResponse {

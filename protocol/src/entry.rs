@@ -14,6 +14,13 @@ pub mod field {
     pub const MESSAGE_ID: &str = "message_id";
     /// JSON array of destination names; absent means every destination.
     pub const DESTINATIONS: &str = "destinations";
+    /// A replayed dead letter: its id in the shard's dead-letter stream of
+    /// the one destination it is replayed to.
+    pub const REPLAY_OF: &str = "replay_of";
+    /// A replayed dead letter: the event id it was first delivered under.
+    pub const REPLAY_EVENT_ID: &str = "replay_event_id";
+    /// A replayed dead letter: Unix milliseconds of the replay.
+    pub const REPLAYED_AT: &str = "replayed_at";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -34,6 +41,23 @@ pub struct EventEntry {
     pub message_id: Option<String>,
     /// Deliver only to these destinations; `None` means all.
     pub destinations: Option<Vec<String>>,
+    /// Set when this entry replays a dead letter (written by the router's
+    /// admin API, never by the gateway).
+    pub replay: Option<Replay>,
+}
+
+/// Where a replayed event came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// The dead letter's id in its dead-letter stream; removed once the
+    /// replay reaches a terminal outcome.
+    pub dead_letter_id: String,
+    /// The id the event was first delivered under. A replay keeps it, so a
+    /// destination that deduplicates by `webhook-id` can.
+    pub event_id: String,
+    /// When the replay was requested (Unix ms); an event's age for
+    /// `max_age_ms` counts from here.
+    pub replayed_at_ms: u64,
 }
 
 impl EventEntry {
@@ -55,6 +79,20 @@ impl EventEntry {
             let list = serde_json::to_string(destinations).expect("a list of strings serializes");
             fields.push((field::DESTINATIONS, Cow::Owned(list)));
         }
+        if let Some(replay) = &self.replay {
+            fields.push((
+                field::REPLAY_OF,
+                Cow::Borrowed(replay.dead_letter_id.as_str()),
+            ));
+            fields.push((
+                field::REPLAY_EVENT_ID,
+                Cow::Borrowed(replay.event_id.as_str()),
+            ));
+            fields.push((
+                field::REPLAYED_AT,
+                Cow::Owned(replay.replayed_at_ms.to_string()),
+            ));
+        }
         fields
     }
 
@@ -65,6 +103,7 @@ impl EventEntry {
     ) -> Result<Self, EntryError> {
         let (mut user, mut payload, mut received_at, mut message_id, mut destinations) =
             (None, None, None, None, None);
+        let (mut replay_of, mut replay_event_id, mut replayed_at) = (None, None, None);
         for (name, value) in pairs {
             match name {
                 field::USER => user = Some(value),
@@ -72,10 +111,27 @@ impl EventEntry {
                 field::RECEIVED_AT => received_at = Some(value),
                 field::MESSAGE_ID => message_id = Some(value),
                 field::DESTINATIONS => destinations = Some(value),
+                field::REPLAY_OF => replay_of = Some(value),
+                field::REPLAY_EVENT_ID => replay_event_id = Some(value),
+                field::REPLAYED_AT => replayed_at = Some(value),
                 _ => {}
             }
         }
         let received_at = received_at.ok_or(EntryError::MissingField(field::RECEIVED_AT))?;
+        let replay = match (replay_of, replay_event_id, replayed_at) {
+            (None, None, None) => None,
+            (Some(of), Some(event_id), Some(at)) => Some(Replay {
+                dead_letter_id: of.to_owned(),
+                event_id: event_id.to_owned(),
+                replayed_at_ms: parse_ms(field::REPLAYED_AT, at)?,
+            }),
+            _ => {
+                return Err(EntryError::Malformed {
+                    field: field::REPLAY_OF,
+                    reason: "replay fields must come together".into(),
+                })
+            }
+        };
         Ok(Self {
             user_id: user
                 .ok_or(EntryError::MissingField(field::USER))?
@@ -83,12 +139,7 @@ impl EventEntry {
             payload: payload
                 .ok_or(EntryError::MissingField(field::PAYLOAD))?
                 .to_owned(),
-            received_at_ms: received_at.parse().map_err(|e: std::num::ParseIntError| {
-                EntryError::Malformed {
-                    field: field::RECEIVED_AT,
-                    reason: e.to_string(),
-                }
-            })?,
+            received_at_ms: parse_ms(field::RECEIVED_AT, received_at)?,
             message_id: message_id.map(str::to_owned),
             destinations: destinations
                 .map(|list| {
@@ -98,6 +149,7 @@ impl EventEntry {
                     })
                 })
                 .transpose()?,
+            replay,
         })
     }
 
@@ -110,6 +162,15 @@ impl EventEntry {
 }
 
 /// A Redis stream entry id, `<ms>-<seq>`; ordered as Redis orders them.
+fn parse_ms(name: &'static str, value: &str) -> Result<u64, EntryError> {
+    value
+        .parse()
+        .map_err(|e: std::num::ParseIntError| EntryError::Malformed {
+            field: name,
+            reason: e.to_string(),
+        })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId {
     pub ms: u64,
@@ -182,6 +243,11 @@ mod tests {
             received_at_ms: 1_700_000_000_123,
             message_id: Some("m-1".into()),
             destinations: Some(vec!["crm".into(), "warehouse".into()]),
+            replay: Some(Replay {
+                dead_letter_id: "9-1".into(),
+                event_id: "3-5-0".into(),
+                replayed_at_ms: 1_700_000_000_999,
+            }),
         }
     }
 

@@ -42,6 +42,17 @@ impl Keys {
     ///
     /// Scoped per user: two users may use the same message id. The user id
     /// is length-prefixed so no (user, message id) pair can spell another's key.
+    /// Ids of the dead letters of `destination` on `shard` whose replay is
+    /// under way, so a second replay request does not send them twice.
+    pub fn replaying(&self, shard: u16, destination: &str) -> String {
+        format!("{}:{{s:{shard}}}:replaying:{destination}", self.prefix)
+    }
+
+    /// Names of the destinations whose delivery is paused.
+    pub fn paused(&self) -> String {
+        format!("{}:meta:paused", self.prefix)
+    }
+
     pub fn idempotency(&self, shard: u16, user_id: &str, message_id: &str) -> String {
         format!(
             "{}:{{s:{shard}}}:idem:{}:{user_id}:{message_id}",
@@ -84,6 +95,7 @@ mod tests {
         assert_eq!(keys.dead_letters(7, "crm"), "evd:{s:7}:dead:crm");
         assert_eq!(keys.idempotency(7, "u1", "m1"), "evd:{s:7}:idem:2:u1:m1");
         assert_eq!(keys.lease(7, "crm"), "evd:{s:7}:lease:crm");
+        assert_eq!(keys.replaying(7, "crm"), "evd:{s:7}:replaying:crm");
     }
 
     #[test]

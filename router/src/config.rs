@@ -21,6 +21,10 @@ pub struct Config {
     pub consumer_name: String,
     /// How long in-flight attempts may finish after shutdown begins (ms).
     pub shutdown_grace_ms: u64,
+    /// `text` or `json` log lines.
+    pub log_format: telemetry::LogFormat,
+    /// The admin API, status page and metrics endpoint.
+    pub admin: AdminConfig,
     /// Redis connection and key layout.
     pub redis: RedisConfig,
     /// Exclusive (shard, destination) ownership.
@@ -62,6 +66,21 @@ impl LeaseConfig {
         self.ttl_ms
             .saturating_sub(self.safety_margin_ms)
             .saturating_sub(2 * self.renew_interval_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address and port of the admin API, status page and `/metrics`.
+    pub listen: String,
+    /// How often destinations are measured for the admin API and gauges (ms).
+    pub overview_interval_ms: u64,
+}
+
+impl AdminConfig {
+    pub fn overview_interval(&self) -> Duration {
+        Duration::from_millis(self.overview_interval_ms)
     }
 }
 
@@ -161,6 +180,9 @@ impl Config {
         if self.consumer_name.chars().any(char::is_whitespace) {
             return Err("consumer_name must not contain whitespace".into());
         }
+        if self.admin.overview_interval_ms == 0 {
+            return Err("admin.overview_interval_ms must be positive".into());
+        }
         if self.retention.trim_interval_ms == 0 {
             return Err("retention.trim_interval_ms must be positive".into());
         }
@@ -228,15 +250,19 @@ impl Config {
     }
 }
 
+/// 1 to 64 letters, digits, `-` or `_`: safe in keys, URLs and metric labels.
+pub fn is_valid_destination_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 impl DestinationConfig {
     fn validate(&self) -> Result<(), String> {
         let name = &self.name;
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid_name {
+        if !is_valid_destination_name(name) {
             return Err(format!(
                 "destination name `{name}` must be 1 to 64 letters, digits, `-` or `_`"
             ));

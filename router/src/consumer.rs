@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use protocol::{EventEntry, Keys};
+use protocol::{EventEntry, Keys, Replay};
 use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Value};
 
@@ -71,6 +71,8 @@ pub struct GroupConsumer {
     shard: u16,
     stream: String,
     dead_letters: String,
+    /// Dead letters of this destination and shard being replayed.
+    replaying: String,
     group: String,
     consumer: String,
     /// Only for blocking reads: a blocked XREADGROUP would stall every other
@@ -93,6 +95,7 @@ impl GroupConsumer {
             shard,
             stream: keys.events(shard),
             dead_letters: keys.dead_letters(shard, destination),
+            replaying: keys.replaying(shard, destination),
             group: destination.to_owned(),
             consumer: consumer.to_owned(),
             blocking,
@@ -196,6 +199,8 @@ impl GroupConsumer {
         parse_read_reply(reply)
     }
 
+    /// Acknowledges an entry this destination is done with without
+    /// delivering it (not addressed to it, or deleted).
     pub async fn ack(&self, stream_id: &str) -> Result<(), ConsumerError> {
         let _: i64 = redis::cmd("XACK")
             .arg(&self.stream)
@@ -206,8 +211,36 @@ impl GroupConsumer {
         Ok(())
     }
 
+    /// Acknowledges a delivered entry. A delivered replay also removes its
+    /// dead letter, in the same MULTI (one hash tag, so valid on a cluster).
+    pub async fn delivered(&self, entry: &Entry) -> Result<(), ConsumerError> {
+        let Some(replay) = replay_of(entry) else {
+            return self.ack(&entry.stream_id).await;
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XACK")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&entry.stream_id);
+        self.finish_replay(&mut pipe, replay);
+        let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
+        Ok(())
+    }
+
+    /// Removes the dead letter a replay came from, and its replay mark.
+    fn finish_replay(&self, pipe: &mut redis::Pipeline, replay: &Replay) {
+        pipe.cmd("XDEL")
+            .arg(&self.dead_letters)
+            .arg(&replay.dead_letter_id)
+            .cmd("SREM")
+            .arg(&self.replaying)
+            .arg(&replay.dead_letter_id);
+    }
+
     /// Records the dead letter and acknowledges the entry in one MULTI: both
     /// keys share the shard's hash tag, so this is atomic on a cluster too.
+    /// A replay that failed again replaces its earlier dead letter.
     pub async fn dead_letter(
         &self,
         entry: &Entry,
@@ -246,8 +279,18 @@ impl GroupConsumer {
             .arg(&self.stream)
             .arg(&self.group)
             .arg(&entry.stream_id);
+        if let Some(replay) = replay_of(entry) {
+            self.finish_replay(&mut pipe, replay);
+        }
         let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
         Ok(())
+    }
+}
+
+fn replay_of(entry: &Entry) -> Option<&Replay> {
+    match &entry.content {
+        EntryContent::Event(event) => event.replay.as_ref(),
+        EntryContent::Deleted | EntryContent::Malformed(_) => None,
     }
 }
 
@@ -268,9 +311,49 @@ pub async fn create_group(
         .query_async(con)
         .await;
     match result {
-        Err(e) if e.code() != Some("BUSYGROUP") => Err(e),
-        _ => Ok(()),
+        Ok(()) => {
+            tracing::info!(stream, group, "Consumer group created.");
+            Ok(())
+        }
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e),
     }
+}
+
+/// Deletes `destination`'s consumer group and lease on every shard, so a
+/// destination removed from the config stops holding back trimming. Its
+/// dead-letter streams are kept. Returns on how many shards a group was
+/// deleted.
+pub async fn destroy_groups(
+    con: &mut ConnectionManager,
+    keys: &Keys,
+    shards: u16,
+    destination: &str,
+) -> redis::RedisResult<u16> {
+    let mut removed = 0;
+    for shard in 0..shards {
+        let destroyed: redis::RedisResult<i64> = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(keys.events(shard))
+            .arg(destination)
+            .query_async(con)
+            .await;
+        match destroyed {
+            Ok(1..) => removed += 1,
+            Ok(_) => {}
+            // No stream on this shard yet: nothing to delete.
+            Err(e) if e.to_string().contains("requires the key to exist") => {}
+            Err(e) => return Err(e),
+        }
+        let _: i64 = redis::cmd("DEL")
+            .arg(keys.lease(shard, destination))
+            .query_async(con)
+            .await?;
+    }
+    if removed > 0 {
+        tracing::info!(destination, shards = removed, "Consumer groups deleted.");
+    }
+    Ok(removed)
 }
 
 /// Reads `[[stream, [[id, [field, value, …] | nil], …]], …]` (or nil when a

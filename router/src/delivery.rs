@@ -8,10 +8,12 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AF
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::DestinationConfig;
 use crate::retry::RetryPolicy;
+use crate::stats::DestinationStats;
 
 /// How much of an error response body is kept for the dead-letter record.
 const ERROR_BODY_BYTES: usize = 512;
@@ -98,6 +100,11 @@ pub struct Destination {
     pub timeout: Duration,
     /// Events older than this are dead-lettered instead of attempted.
     pub max_age: Option<Duration>,
+    /// This router's counters for the destination (metrics, admin API).
+    pub stats: DestinationStats,
+    /// Whether delivery is paused (set by the admin API, shared by all
+    /// routers through Redis; see [`crate::pause`]).
+    paused: watch::Sender<bool>,
 }
 
 impl Destination {
@@ -128,7 +135,39 @@ impl Destination {
             retry: config.retry.into(),
             timeout: config.timeout(),
             max_age: config.max_age_ms.map(Duration::from_millis),
+            stats: DestinationStats::new(&config.name),
+            paused: watch::Sender::new(false),
         })
+    }
+
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Pauses or resumes delivery in this router; true if that changed it.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused.send_if_modified(|current| {
+            let changed = *current != paused;
+            *current = paused;
+            changed
+        })
+    }
+
+    /// Returns once delivery is not paused: true, or false if `shutdown`
+    /// came first.
+    pub async fn wait_until_resumed(&self, shutdown: &CancellationToken) -> bool {
+        if !self.is_paused() {
+            return true;
+        }
+        let mut paused = self.paused.subscribe();
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            resumed = paused.wait_for(|paused| !paused) => resumed.is_ok(),
+        }
     }
 
     /// Waits for a free concurrency slot; an attempt holds one throughout.

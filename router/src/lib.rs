@@ -11,19 +11,29 @@
 //! - [`delivery`]: one HTTP attempt and what its answer means.
 //! - [`retry`]: the backoff policy.
 //! - [`worker`]: the per (shard, destination) loop: window, per-user order, lease checks.
+//! - [`stats`]: this router's counters per destination (metrics and admin API).
+//! - [`overview`]: measures every destination (lag, pending, dead letters, owners) and applies pauses.
+//! - [`dead_letters`]: listing, replaying and deleting dead letters.
+//! - [`admin`]: the admin listener: API, [`status_page`] and `/metrics`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod consumer;
 pub mod coordinator;
+pub mod dead_letters;
 pub mod delivery;
 pub mod lease;
+pub mod overview;
 pub mod retention;
 pub mod retry;
+pub mod stats;
+pub mod status_page;
 pub mod worker;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,17 +42,26 @@ use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use admin::AdminState;
 pub use config::Config;
 use consumer::GroupConsumer;
 use coordinator::{Coordinator, StartWorker};
 use delivery::Destination;
 use lease::{LeaseGuard, LeaseId, LeaseStore};
+use overview::{Observer, Overview, SharedOverview};
 use worker::WorkerSettings;
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
 /// in-flight attempts finish within the grace period, releases its leases
-/// and returns.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// and returns. The status page, admin API and metrics are served on
+/// `admin_listener`.
+pub async fn run(
+    config: Config,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    // Installed before the first delivery so no count is lost.
+    telemetry::metrics();
     let keys = Keys::new(config.redis.key_prefix.clone());
     let Some(mut commands) =
         connect(&config.redis, &shutdown, Some(config.redis.timeout())).await?
@@ -72,12 +91,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         command_connections.push(connection);
     }
 
-    let destinations = config
+    // Its own connection, so a large replay does not delay acknowledgements.
+    let Some(admin_connection) =
+        connect(&config.redis, &shutdown, Some(config.redis.timeout())).await?
+    else {
+        return Ok(());
+    };
+
+    let configured: Vec<Arc<Destination>> = config
         .destinations
         .iter()
-        .map(|d| Destination::new(d).map(|d| (d.name.clone(), Arc::new(d))))
-        .collect::<Result<HashMap<_, _>, _>>()
+        .map(|d| Destination::new(d).map(Arc::new))
+        .collect::<Result<_, _>>()
         .context("cannot build HTTP clients")?;
+    let destinations: HashMap<String, Arc<Destination>> = configured
+        .iter()
+        .map(|d| (d.name.clone(), d.clone()))
+        .collect();
     let block = Duration::from_millis(config.reader.block_ms);
     let consumer_name = config.consumer_name();
     let instance = format!("{consumer_name}#{:08x}", fastrand::u32(..));
@@ -111,6 +141,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         instance.clone(),
         config.lease.ttl(),
     );
+    let mut observer = Observer::new(
+        admin_connection.clone(),
+        keys.clone(),
+        config.redis.shards,
+        instance.clone(),
+        configured.clone(),
+    );
+    // Before any worker starts, so a paused destination sends nothing.
+    if let Err(error) = observer.apply_paused().await {
+        tracing::warn!(%error, "Cannot read paused destinations yet; will retry.");
+    }
+    let first = observer.measure().await.unwrap_or_else(|_| Overview {
+        sequence: 0,
+        measured_at_ms: 0,
+        instance: instance.clone(),
+        shards: config.redis.shards,
+        destinations: Vec::new(),
+    });
+    let overview: SharedOverview = Arc::new(Mutex::new(first));
+    let observing = tokio::spawn(overview::run(
+        observer,
+        overview.clone(),
+        config.admin.overview_interval(),
+        shutdown.clone(),
+    ));
+    let admin_state = AdminState {
+        keys: keys.clone(),
+        shards: config.redis.shards,
+        con: admin_connection,
+        destinations: configured,
+        overview,
+    };
+    let admin_server = tokio::spawn(admin::serve(admin_state, admin_listener, shutdown.clone()));
+
     let trimmer = tokio::spawn(retention::run(
         command_connections[command_connections.len() - 1].clone(),
         keys,
@@ -131,6 +195,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .run(shutdown.clone())
         .await;
     let _ = trimmer.await;
+    let _ = observing.await;
+    if let Ok(Err(error)) = admin_server.await {
+        tracing::warn!(%error, "Admin server failed.");
+    }
     tracing::info!("Router stopped; leases released.");
     Ok(())
 }
@@ -231,32 +299,9 @@ pub async fn remove_destination(config: &Config, name: &str) -> anyhow::Result<u
         .connect(Some(config.redis.timeout()))
         .await
         .context("cannot connect to Redis")?;
-    let mut removed = 0;
-    for shard in 0..config.redis.shards {
-        let destroyed: i64 = redis::cmd("XGROUP")
-            .arg("DESTROY")
-            .arg(keys.events(shard))
-            .arg(name)
-            .query_async(&mut con)
-            .await
-            .or_else(|e| {
-                // No stream on this shard yet: nothing to delete.
-                if e.to_string().contains("requires the key to exist") {
-                    Ok(0)
-                } else {
-                    Err(e)
-                }
-            })
-            .with_context(|| format!("cannot delete the group on shard {shard}"))?;
-        let _: i64 = redis::cmd("DEL")
-            .arg(keys.lease(shard, name))
-            .query_async(&mut con)
-            .await?;
-        if destroyed > 0 {
-            removed += 1;
-        }
-    }
-    Ok(removed)
+    consumer::destroy_groups(&mut con, &keys, config.redis.shards, name)
+        .await
+        .context("cannot delete the consumer groups")
 }
 
 /// Publishes the configured destination names, which the gateway checks

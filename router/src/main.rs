@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// Event delivery router: delivers events from Redis streams to webhook destinations.
@@ -29,18 +30,15 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = router::Config::load(args.config.as_deref())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // Colour codes only for a terminal, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    telemetry::init_logging(config.log_format);
     match args.command.unwrap_or(Command::Run) {
         Command::Run => {
+            let admin = std::net::TcpListener::bind(&config.admin.listen).with_context(|| {
+                format!("cannot listen on {} (admin.listen)", config.admin.listen)
+            })?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            router::run(config, shutdown).await
+            router::run(config, admin, shutdown).await
         }
         Command::RemoveDestination { name } => {
             let shards = router::remove_destination(&config, &name).await?;

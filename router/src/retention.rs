@@ -103,6 +103,7 @@ pub async fn run(
             match trim(&mut con, &keys, shard, &destinations).await {
                 Ok(trimmed) => {
                     if let Some(removed @ 1..) = trimmed.removed {
+                        metrics::counter!("router_trimmed_entries_total").increment(removed);
                         tracing::debug!(shard, removed, "Trimmed acknowledged entries.");
                     }
                     for group in trimmed.unknown_groups {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer, ReadFrom};
 use crate::delivery::{request_body, AttemptOutcome, Destination};
 use crate::lease::LeaseGuard;
+use crate::stats::AttemptResult;
 
 /// Longest pause between retries of a failing Redis command.
 const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(5);
@@ -55,6 +56,7 @@ pub async fn run(
     let (batches, mut incoming) = mpsc::channel(2);
     let reader = tokio::spawn(read_loop(
         consumer.clone(),
+        destination.clone(),
         batches,
         window.clone(),
         settings,
@@ -189,6 +191,7 @@ impl Dispatcher {
 /// us (in id order), then new entries.
 async fn read_loop(
     consumer: Arc<GroupConsumer>,
+    destination: Arc<Destination>,
     batches: mpsc::Sender<Vec<Entry>>,
     window: Arc<Semaphore>,
     settings: WorkerSettings,
@@ -215,6 +218,10 @@ async fn read_loop(
                     continue;
                 }
             }
+        }
+        // Paused: read nothing more, so the group's lag shows the backlog.
+        if !destination.wait_until_resumed(&shutdown).await {
+            return;
         }
         let capacity = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -315,40 +322,69 @@ async fn process(
     shutdown: CancellationToken,
 ) {
     let shard = consumer.shard();
-    let event_id = format!("{shard}-{}", entry.stream_id);
-    let prepared = match &entry.content {
-        EntryContent::Event(event) if event.is_for(&destination.name) => request_body(
-            &event_id,
-            &event.user_id,
-            &event.payload,
-            event.received_at_ms,
-        )
-        .map(|body| (event, body)),
-        EntryContent::Event(_) | EntryContent::Deleted => {
+    let stats = &destination.stats;
+    let event = match &entry.content {
+        EntryContent::Event(event) if event.is_for(&destination.name) => event,
+        EntryContent::Event(_) => {
+            record(&shutdown, || consumer.ack(&entry.stream_id)).await;
+            stats.filtered();
+            return;
+        }
+        EntryContent::Deleted => {
             record(&shutdown, || consumer.ack(&entry.stream_id)).await;
             return;
         }
-        EntryContent::Malformed(reason) => Err(format!("malformed stream entry: {reason}")),
-    };
-    let (event, body) = match prepared {
-        Ok(prepared) => prepared,
-        Err(reason) => {
-            tracing::error!(%event_id, destination = %destination.name, %reason, "Dead-lettering an entry that cannot be delivered.");
-            let letter = DeadLetter {
-                event_id: &event_id,
-                attempts: 0,
-                last_status: None,
-                last_error: &reason,
-            };
-            record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
+        EntryContent::Malformed(reason) => {
+            let event_id = format!("{shard}-{}", entry.stream_id);
+            let reason = format!("malformed stream entry: {reason}");
+            dead_letter_unsendable(
+                &consumer,
+                &destination,
+                &entry,
+                &event_id,
+                &reason,
+                &shutdown,
+            )
+            .await;
             return;
         }
     };
+    // A replay keeps the id the event was first delivered under.
+    let event_id = match &event.replay {
+        Some(replay) => replay.event_id.clone(),
+        None => format!("{shard}-{}", entry.stream_id),
+    };
+    let body = match request_body(
+        &event_id,
+        &event.user_id,
+        &event.payload,
+        event.received_at_ms,
+    ) {
+        Ok(body) => body,
+        Err(reason) => {
+            dead_letter_unsendable(
+                &consumer,
+                &destination,
+                &entry,
+                &event_id,
+                &reason,
+                &shutdown,
+            )
+            .await;
+            return;
+        }
+    };
+    // A replay's age (for `max_age_ms` and end-to-end latency) starts at
+    // the replay.
+    let age_from_ms = event
+        .replay
+        .as_ref()
+        .map_or(event.received_at_ms, |replay| replay.replayed_at_ms);
     let user = event.user_id.as_str();
     let name = destination.name.as_str();
     let mut attempt = 1;
     loop {
-        if let Some(age) = expired(event.received_at_ms, destination.max_age) {
+        if let Some(age) = expired(age_from_ms, destination.max_age) {
             let error = format!(
                 "expired: undelivered {}s after it was accepted (max_age_ms)",
                 age.as_secs()
@@ -361,6 +397,11 @@ async fn process(
                 last_error: &error,
             };
             record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
+            stats.dead_lettered();
+            return;
+        }
+        // A paused destination starts no attempt; the entry stays pending.
+        if !destination.wait_until_resumed(&shutdown).await {
             return;
         }
         let slot = destination.slot().await;
@@ -369,18 +410,24 @@ async fn process(
         if !lease.hold_for(destination.timeout, &shutdown).await {
             return;
         }
+        let in_flight = stats.attempt_in_flight();
         let (outcome, latency) = destination.attempt(&slot, &event_id, &body, attempt).await;
+        drop(in_flight);
         drop(slot);
         let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
         let (status, error) = match &outcome {
             AttemptOutcome::Delivered { status } => {
                 tracing::info!(%event_id, user, destination = name, shard, attempt, status, latency_ms, outcome = "delivered", "Delivery attempt.");
-                record(&shutdown, || consumer.ack(&entry.stream_id)).await;
+                stats.attempted(AttemptResult::Delivered, latency);
+                record(&shutdown, || consumer.delivered(&entry)).await;
+                // From acceptance, or for a replay from the replay.
+                stats.delivered(age_since(age_from_ms));
                 return;
             }
             AttemptOutcome::Retry { status, error, .. }
             | AttemptOutcome::Dead { status, error } => (*status, error),
         };
+        stats.failed(error, status);
         let retry_after = match &outcome {
             AttemptOutcome::Retry { retry_after, .. }
                 if destination.retry.allows_another(attempt) =>
@@ -391,6 +438,7 @@ async fn process(
         };
         let Some(retry_after) = retry_after else {
             tracing::warn!(%event_id, user, destination = name, shard, attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
+            stats.attempted(AttemptResult::Dead, latency);
             let letter = DeadLetter {
                 event_id: &event_id,
                 attempts: attempt,
@@ -398,11 +446,14 @@ async fn process(
                 last_error: error,
             };
             record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
+            stats.dead_lettered();
             return;
         };
+        stats.attempted(AttemptResult::Retry, latency);
         let delay = destination.retry.delay_after(attempt, retry_after);
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         tracing::info!(%event_id, user, destination = name, shard, attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
+        let _in_backoff = stats.user_in_backoff();
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
@@ -411,15 +462,40 @@ async fn process(
     }
 }
 
-/// How old the event is, if older than `max_age`.
-fn expired(received_at_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
+/// Dead-letters an entry no attempt could deliver (it cannot be read, or
+/// its payload cannot be sent).
+async fn dead_letter_unsendable(
+    consumer: &GroupConsumer,
+    destination: &Destination,
+    entry: &Entry,
+    event_id: &str,
+    reason: &str,
+    shutdown: &CancellationToken,
+) {
+    tracing::error!(%event_id, destination = %destination.name, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
+    let letter = DeadLetter {
+        event_id,
+        attempts: 0,
+        last_status: None,
+        last_error: reason,
+    };
+    record(shutdown, || consumer.dead_letter(entry, &letter)).await;
+    destination.stats.dead_lettered();
+}
+
+fn age_since(unix_ms: u64) -> Duration {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    let age = Duration::from_millis(
-        u64::try_from(now_ms.saturating_sub(u128::from(received_at_ms))).unwrap_or(u64::MAX),
-    );
+    Duration::from_millis(
+        u64::try_from(now_ms.saturating_sub(u128::from(unix_ms))).unwrap_or(u64::MAX),
+    )
+}
+
+/// How old the event is, if older than `max_age`.
+fn expired(since_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
+    let age = age_since(since_ms);
     max_age.filter(|max| age > *max).map(|_| age)
 }
 

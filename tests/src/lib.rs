@@ -3,6 +3,7 @@
 //! child process when a test kills it).
 #![forbid(unsafe_code)]
 
+mod admin;
 mod hostile;
 mod load;
 mod redis_server;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use admin::Metrics;
 pub use hostile::{spawn_hostile_server, Misbehaviour};
 pub use load::{Accepted, Load, Verdict};
 use mock_destinations::{PathSummary, Recorder};
@@ -115,6 +117,8 @@ pub struct TestSystem {
     pub destinations: Vec<TestDestination>,
     pub http: reqwest::Client,
     pub keys: Keys,
+    /// The in-process router's admin address, once started.
+    pub admin_url: Option<String>,
     shutdown: CancellationToken,
     router: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -173,6 +177,7 @@ impl TestSystem {
             destinations,
             http: reqwest::Client::new(),
             keys,
+            admin_url: None,
             shutdown,
             router: None,
         };
@@ -206,6 +211,7 @@ impl TestSystem {
         config.lease.safety_margin_ms = 200;
         config.redis.timeout_ms = 1000;
         config.retention.trim_interval_ms = 100;
+        config.admin.overview_interval_ms = 100;
         config.destinations = self
             .destinations
             .iter()
@@ -235,6 +241,7 @@ impl TestSystem {
             "consumer_name = \"{}\"\nshutdown_grace_ms = {}\n\
              [redis]\nurl = \"{}\"\nshards = {}\ntimeout_ms = {}\n\
              [reader]\nbatch_size = 100\nblock_ms = {}\nwindow = 1000\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
              [lease]\nttl_ms = {}\nrenew_interval_ms = {}\nsafety_margin_ms = {}\n\
              [retention]\ntrim_interval_ms = {}\n",
             config.consumer_name,
@@ -269,7 +276,9 @@ impl TestSystem {
         let mut config = self.router_config();
         configure(&mut config);
         let token = self.shutdown.child_token();
-        let handle = tokio::spawn(router::run(config, token.clone()));
+        let admin = TcpListener::bind("127.0.0.1:0").expect("bind router admin");
+        self.admin_url = Some(format!("http://{}", admin.local_addr().expect("addr")));
+        let handle = tokio::spawn(router::run(config, admin, token.clone()));
         self.router = Some((token, handle));
     }
 

@@ -209,9 +209,13 @@ async fn a_different_shard_count_is_refused_at_startup() {
     let mut config = system.router_config();
     config.redis.shards = e2e_tests::SHARDS * 2;
 
-    let error = router::run(config, tokio_util::sync::CancellationToken::new())
-        .await
-        .expect_err("a router with another shard count must not start");
+    let error = router::run(
+        config,
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect_err("a router with another shard count must not start");
     let message = format!("{error:#}");
     assert!(
         message.contains(&format!("started with {} shards", e2e_tests::SHARDS)),

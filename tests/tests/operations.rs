@@ -25,9 +25,13 @@ async fn services_refuse_a_redis_that_can_lose_events_unless_overridden() {
 
     let mut router_config = router::Config::defaults();
     router_config.redis.url = redis.url().to_owned();
-    let error = router::run(router_config.clone(), CancellationToken::new())
-        .await
-        .expect_err("the router refuses to start");
+    let error = router::run(
+        router_config.clone(),
+        TcpListener::bind("127.0.0.1:0").expect("bind"),
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("the router refuses to start");
     assert!(format!("{error:#}").contains("appendonly"), "{error:#}");
 
     // Overridden: both start (and stop when asked).
@@ -37,7 +41,11 @@ async fn services_refuse_a_redis_that_can_lose_events_unless_overridden() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let ready = format!("http://{}/readyz", listener.local_addr().expect("addr"));
     let gateway = tokio::spawn(gateway::run(gateway_config, listener, shutdown.clone()));
-    let router = tokio::spawn(router::run(router_config, shutdown.clone()));
+    let router = tokio::spawn(router::run(
+        router_config,
+        TcpListener::bind("127.0.0.1:0").expect("bind"),
+        shutdown.clone(),
+    ));
     let http = reqwest::Client::new();
     wait_for(
         "the overridden gateway to be ready",

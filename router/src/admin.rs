@@ -1,0 +1,333 @@
+//! The admin listener: the status page, the admin API and `/metrics`.
+//!
+//! | route | does |
+//! |---|---|
+//! | `GET /` | status page (HTML, refreshes itself) |
+//! | `GET /metrics` | Prometheus metrics of this router |
+//! | `GET /admin/destinations` | every destination's state (the latest [`Overview`]) |
+//! | `POST /admin/destinations/{name}/pause`, `…/resume` | stop or restart delivery |
+//! | `DELETE /admin/destinations/{name}` | delete the groups of a destination no longer configured |
+//! | `GET /admin/destinations/{name}/dead-letters?limit&cursor` | list dead letters |
+//! | `POST /admin/destinations/{name}/dead-letters/replay` | replay all, `{"ids": […]}` or `{"from_ms", "to_ms"}` |
+//! | `DELETE /admin/destinations/{name}/dead-letters/{id}` | delete one |
+//! | `DELETE /admin/destinations/{name}/dead-letters` | delete all |
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
+use protocol::Keys;
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::is_valid_destination_name;
+use crate::consumer;
+use crate::dead_letters::{DeadLetterError, DeadLetters, Selection};
+use crate::delivery::Destination;
+use crate::overview::{Overview, SharedOverview};
+use crate::status_page;
+
+/// Most dead letters one list request returns.
+const MAX_PAGE: usize = 1000;
+
+pub struct AdminState {
+    pub keys: Keys,
+    pub shards: u16,
+    pub con: ConnectionManager,
+    pub destinations: Vec<Arc<Destination>>,
+    pub overview: SharedOverview,
+}
+
+impl AdminState {
+    fn configured(&self, name: &str) -> Result<&Arc<Destination>, AdminError> {
+        self.destinations
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| AdminError::UnknownDestination(name.to_owned()))
+    }
+
+    /// Dead letters of a configured destination, or of one removed from the
+    /// config whose dead-letter streams are kept.
+    fn dead_letters(&self, name: &str) -> Result<DeadLetters, AdminError> {
+        if !is_valid_destination_name(name) {
+            return Err(AdminError::UnknownDestination(name.to_owned()));
+        }
+        Ok(DeadLetters::new(
+            self.con.clone(),
+            self.keys.clone(),
+            self.shards,
+            name,
+        ))
+    }
+
+    pub fn overview(&self) -> Overview {
+        self.overview
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Pauses or resumes a destination on every router: recorded in Redis
+    /// (others pick it up within one overview interval), applied here at once.
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<(), AdminError> {
+        let destination = self.configured(name)?;
+        let mut con = self.con.clone();
+        let command = if paused { "SADD" } else { "SREM" };
+        let _: i64 = redis::cmd(command)
+            .arg(self.keys.paused())
+            .arg(name)
+            .query_async(&mut con)
+            .await?;
+        if destination.set_paused(paused) {
+            match paused {
+                true => tracing::info!(destination = name, "Destination paused."),
+                false => tracing::info!(destination = name, "Destination resumed."),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no destination named `{0}`")]
+    UnknownDestination(String),
+    #[error("no dead letter `{0}`")]
+    NoSuchDeadLetter(String),
+    #[error(
+        "destination `{0}` is still configured; remove it from the config and restart the \
+         routers first"
+    )]
+    StillConfigured(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    DeadLetters(#[from] DeadLetterError),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl ResponseError for AdminError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            AdminError::UnknownDestination(_) | AdminError::NoSuchDeadLetter(_) => {
+                StatusCode::NOT_FOUND
+            }
+            AdminError::StillConfigured(_) => StatusCode::CONFLICT,
+            AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
+            AdminError::DeadLetters(DeadLetterError::Redis(_)) | AdminError::Redis(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AdminError::DeadLetters(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(error = %self, "Admin request failed.");
+        }
+        HttpResponse::build(status).json(json!({ "error": self.to_string() }))
+    }
+}
+
+/// Serves the admin routes on `listener` until `shutdown`.
+pub async fn serve(
+    state: AdminState,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = web::Data::new(state);
+    tracing::info!(address = %listener.local_addr()?, "Admin API and status page listening.");
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(web::JsonConfig::default().error_handler(|error, _| {
+                AdminError::Invalid(format!("invalid JSON body: {error}")).into()
+            }))
+            .app_data(web::QueryConfig::default().error_handler(|error, _| {
+                AdminError::Invalid(format!("invalid query: {error}")).into()
+            }))
+            .route("/", web::get().to(status))
+            .route(
+                "/destinations/{name}/replay",
+                web::post().to(replay_from_page),
+            )
+            .route("/metrics", web::get().to(metrics))
+            .route("/admin/destinations", web::get().to(destinations))
+            .route("/admin/destinations/{name}", web::delete().to(remove))
+            .route("/admin/destinations/{name}/pause", web::post().to(pause))
+            .route("/admin/destinations/{name}/resume", web::post().to(resume))
+            .route(
+                "/admin/destinations/{name}/dead-letters",
+                web::get().to(list_dead_letters),
+            )
+            .route(
+                "/admin/destinations/{name}/dead-letters",
+                web::delete().to(purge_dead_letters),
+            )
+            .route(
+                "/admin/destinations/{name}/dead-letters/replay",
+                web::post().to(replay),
+            )
+            .route(
+                "/admin/destinations/{name}/dead-letters/{id}",
+                web::delete().to(delete_dead_letter),
+            )
+    })
+    // Operators' requests only: one worker is plenty.
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        handle.stop(true).await;
+    });
+    server.await
+}
+
+async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(telemetry::metrics().render())
+}
+
+async fn destinations(state: web::Data<AdminState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.overview())
+}
+
+async fn pause(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, AdminError> {
+    state.set_paused(&name, true).await?;
+    Ok(HttpResponse::Ok().json(json!({ "destination": *name, "paused": true })))
+}
+
+async fn resume(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, AdminError> {
+    state.set_paused(&name, false).await?;
+    Ok(HttpResponse::Ok().json(json!({ "destination": *name, "paused": false })))
+}
+
+async fn remove(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, AdminError> {
+    if state.configured(&name).is_ok() {
+        return Err(AdminError::StillConfigured(name.into_inner()));
+    }
+    if !is_valid_destination_name(&name) {
+        return Err(AdminError::UnknownDestination(name.into_inner()));
+    }
+    let shards =
+        consumer::destroy_groups(&mut state.con.clone(), &state.keys, state.shards, &name).await?;
+    if shards == 0 {
+        return Err(AdminError::UnknownDestination(name.into_inner()));
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "destination": *name,
+        "groups_deleted": shards,
+        "dead_letters_kept": true,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list_dead_letters(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, AdminError> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(AdminError::Invalid(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let page = state
+        .dead_letters(&name)?
+        .list(limit, query.cursor.as_deref())
+        .await?;
+    Ok(HttpResponse::Ok().json(page))
+}
+
+async fn delete_dead_letter(
+    state: web::Data<AdminState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, AdminError> {
+    let (name, id) = path.into_inner();
+    match state.dead_letters(&name)?.delete(&id).await? {
+        true => Ok(HttpResponse::NoContent().finish()),
+        false => Err(AdminError::NoSuchDeadLetter(id)),
+    }
+}
+
+async fn purge_dead_letters(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, AdminError> {
+    let purged = state.dead_letters(&name)?.purge().await?;
+    tracing::info!(destination = %name, purged, "Dead letters purged.");
+    Ok(HttpResponse::Ok().json(json!({ "deleted": purged })))
+}
+
+/// The body is optional: none (or `{}`) replays every dead letter.
+async fn replay(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, AdminError> {
+    state.configured(&name)?;
+    let selection: Selection = if body.iter().all(u8::is_ascii_whitespace) {
+        Selection::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| AdminError::Invalid(format!("invalid JSON body: {e}")))?
+    };
+    let report = state.dead_letters(&name)?.replay(&selection).await?;
+    Ok(HttpResponse::Ok().json(report))
+}
+
+async fn status(
+    state: web::Data<AdminState>,
+    query: web::Query<status_page::Notice>,
+) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(status_page::render(&state.overview(), &query))
+}
+
+/// The status page's replay button: replays everything, then shows the page
+/// again with what happened (POST, then redirect, so a reload does not replay).
+async fn replay_from_page(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, AdminError> {
+    state.configured(&name)?;
+    let report = state
+        .dead_letters(&name)?
+        .replay(&Selection::default())
+        .await?;
+    let location = format!(
+        "/?replayed={}&destination={}",
+        report.replayed,
+        name.as_str()
+    );
+    Ok(HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, location))
+        .finish())
+}

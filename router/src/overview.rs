@@ -1,0 +1,268 @@
+//! The state of every destination, measured every interval: what Redis
+//! says (lag, pending, dead letters, lease owners, paused) and what this
+//! router counted. The admin API and the status page show the same
+//! snapshot; the Prometheus gauges are set from it.
+//!
+//! Each tick also applies the paused set in Redis, so a pause requested on
+//! any router reaches every router within one interval.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use protocol::Keys;
+use redis::aio::ConnectionManager;
+use redis::{FromRedisValue, Value};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::Destination;
+use crate::stats::Counts;
+
+/// Everything the admin API says about one destination.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DestinationView {
+    pub name: String,
+    pub url: String,
+    pub paused: bool,
+    /// Entries no router has read for this destination yet, over all
+    /// shards (`XINFO GROUPS` lag); `None` when Redis cannot tell.
+    pub lag: Option<u64>,
+    /// Entries read but not yet finished (delivered or dead-lettered).
+    pub pending: u64,
+    /// Entries in the destination's dead-letter streams.
+    pub dead_letters: u64,
+    /// This router's counters since it started.
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Deliveries per second by this router over the last interval.
+    pub delivery_rate: f64,
+    /// Per shard, the router instance holding the lease (None: nobody).
+    pub owners: Vec<Option<String>>,
+}
+
+/// One measurement of every configured destination.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Overview {
+    /// Increases with every measurement; a page and an API answer showing
+    /// the same sequence show the same numbers.
+    pub sequence: u64,
+    /// Unix milliseconds of the measurement.
+    pub measured_at_ms: u64,
+    /// The router instance that measured (its counters are its own).
+    pub instance: String,
+    pub shards: u16,
+    pub destinations: Vec<DestinationView>,
+}
+
+/// The latest overview, shared with the admin API.
+pub type SharedOverview = Arc<Mutex<Overview>>;
+
+/// Measures destinations on request, remembering what it needs for rates.
+pub struct Observer {
+    con: ConnectionManager,
+    keys: Keys,
+    shards: u16,
+    instance: String,
+    destinations: Vec<Arc<Destination>>,
+    previous: Option<(Instant, HashMap<String, u64>)>,
+    sequence: u64,
+}
+
+impl Observer {
+    pub fn new(
+        con: ConnectionManager,
+        keys: Keys,
+        shards: u16,
+        instance: String,
+        destinations: Vec<Arc<Destination>>,
+    ) -> Self {
+        Self {
+            con,
+            keys,
+            shards,
+            instance,
+            destinations,
+            previous: None,
+            sequence: 0,
+        }
+    }
+
+    /// Reads which destinations are paused and applies it to this router.
+    pub async fn apply_paused(&mut self) -> redis::RedisResult<()> {
+        let paused: HashSet<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.paused())
+            .query_async(&mut self.con)
+            .await?;
+        for destination in &self.destinations {
+            let pause = paused.contains(&destination.name);
+            if destination.set_paused(pause) {
+                let name = destination.name.as_str();
+                match pause {
+                    true => tracing::info!(destination = name, "Destination paused."),
+                    false => tracing::info!(destination = name, "Destination resumed."),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a new measurement.
+    pub async fn measure(&mut self) -> redis::RedisResult<Overview> {
+        let mut views: Vec<DestinationView> = self
+            .destinations
+            .iter()
+            .map(|d| DestinationView {
+                name: d.name.clone(),
+                url: d.url().to_owned(),
+                paused: d.is_paused(),
+                lag: Some(0),
+                pending: 0,
+                dead_letters: 0,
+                counts: d.stats.counts(),
+                delivery_rate: 0.0,
+                owners: Vec::with_capacity(usize::from(self.shards)),
+            })
+            .collect();
+        for shard in 0..self.shards {
+            let groups = self.groups(shard).await?;
+            let mut pipe = redis::pipe();
+            for view in &views {
+                pipe.cmd("XLEN")
+                    .arg(self.keys.dead_letters(shard, &view.name))
+                    .cmd("GET")
+                    .arg(self.keys.lease(shard, &view.name));
+            }
+            let replies: Vec<Value> = pipe.query_async(&mut self.con).await?;
+            for (view, pair) in views.iter_mut().zip(replies.chunks_exact(2)) {
+                view.dead_letters += u64::from_redis_value(pair[0].clone()).unwrap_or(0);
+                view.owners
+                    .push(Option::<String>::from_redis_value(pair[1].clone()).unwrap_or(None));
+                match groups.get(&view.name) {
+                    Some(group) => {
+                        view.pending += group.pending;
+                        view.lag = view.lag.zip(group.lag).map(|(a, b)| a + b);
+                    }
+                    // No group yet: the router creates it at start.
+                    None => view.lag = None,
+                }
+            }
+        }
+        let now = Instant::now();
+        if let Some((then, delivered)) = &self.previous {
+            let seconds = now.duration_since(*then).as_secs_f64();
+            for view in &mut views {
+                let before = delivered.get(&view.name).copied().unwrap_or(0);
+                if seconds > 0.0 {
+                    view.delivery_rate =
+                        view.counts.delivered.saturating_sub(before) as f64 / seconds;
+                }
+            }
+        }
+        self.previous = Some((
+            now,
+            views
+                .iter()
+                .map(|v| (v.name.clone(), v.counts.delivered))
+                .collect(),
+        ));
+        self.sequence += 1;
+        let measured_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        Ok(Overview {
+            sequence: self.sequence,
+            measured_at_ms: u64::try_from(measured_at_ms).unwrap_or(u64::MAX),
+            instance: self.instance.clone(),
+            shards: self.shards,
+            destinations: views,
+        })
+    }
+
+    /// Pending and lag of every group on one shard stream.
+    async fn groups(&mut self, shard: u16) -> redis::RedisResult<HashMap<String, GroupInfo>> {
+        let reply: Result<Vec<HashMap<String, Value>>, _> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(self.keys.events(shard))
+            .query_async(&mut self.con)
+            .await;
+        let groups = match reply {
+            Ok(groups) => groups,
+            // The stream does not exist (yet): no groups.
+            Err(error) if error.code() == Some("ERR") => return Ok(HashMap::new()),
+            Err(error) => return Err(error),
+        };
+        Ok(groups
+            .into_iter()
+            .filter_map(|group| {
+                let field = |name: &str| group.get(name).cloned().unwrap_or(Value::Nil);
+                let name = String::from_redis_value(field("name")).ok()?;
+                let info = GroupInfo {
+                    pending: u64::from_redis_value(field("pending")).unwrap_or(0),
+                    lag: Option::<u64>::from_redis_value(field("lag")).unwrap_or(None),
+                };
+                Some((name, info))
+            })
+            .collect())
+    }
+}
+
+struct GroupInfo {
+    pending: u64,
+    lag: Option<u64>,
+}
+
+/// Sets the Redis-derived gauges from a measurement.
+fn export(overview: &Overview) {
+    for view in &overview.destinations {
+        let name = view.name.clone();
+        if let Some(lag) = view.lag {
+            metrics::gauge!("router_lag", "destination" => name.clone()).set(lag as f64);
+        }
+        metrics::gauge!("router_pending", "destination" => name.clone()).set(view.pending as f64);
+        metrics::gauge!("router_dead_letters", "destination" => name.clone())
+            .set(view.dead_letters as f64);
+        metrics::gauge!("router_paused", "destination" => name.clone()).set(if view.paused {
+            1.0
+        } else {
+            0.0
+        });
+        for (shard, owner) in view.owners.iter().enumerate() {
+            let owned = owner.as_deref() == Some(overview.instance.as_str());
+            metrics::gauge!(
+                "router_lease_owned",
+                "destination" => name.clone(),
+                "shard" => shard.to_string()
+            )
+            .set(if owned { 1.0 } else { 0.0 });
+        }
+    }
+}
+
+/// Measures every `every` until `shutdown`, publishing into `latest`.
+pub async fn run(
+    mut observer: Observer,
+    latest: SharedOverview,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(error) = observer.apply_paused().await {
+            tracing::debug!(%error, "Cannot read paused destinations; will retry.");
+        }
+        match observer.measure().await {
+            Ok(overview) => {
+                export(&overview);
+                *latest.lock().unwrap_or_else(|p| p.into_inner()) = overview;
+            }
+            Err(error) => tracing::debug!(%error, "Cannot measure destinations; will retry."),
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The status page: one server-rendered HTML page, no scripts, that reloads
+//! itself. Every number sits in an element with a `data-field` attribute,
+//! inside a row with `data-destination`, so a test can read it.
+
+use std::fmt::Write;
+
+use serde::Deserialize;
+
+use crate::overview::{DestinationView, Overview};
+
+/// Seconds between reloads.
+const REFRESH_SECS: u32 = 2;
+
+/// What the replay button just did, shown once above the table.
+#[derive(Debug, Default, Deserialize)]
+pub struct Notice {
+    pub replayed: Option<u64>,
+    pub destination: Option<String>,
+}
+
+pub fn render(overview: &Overview, notice: &Notice) -> String {
+    let mut page = String::with_capacity(8 * 1024);
+    let _ = write!(
+        page,
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{REFRESH_SECS}; url=/">
+<title>Event delivery: destinations</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1d2330; }}
+h1 {{ font-size: 20px; margin: 0 0 4px; }}
+.meta {{ color: #667; margin-bottom: 16px; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ text-align: left; padding: 8px 10px; border-bottom: 1px solid #e3e6ee; vertical-align: top; }}
+th {{ background: #f4f6fa; font-weight: 600; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.state {{ font-weight: 600; padding: 2px 8px; border-radius: 10px; }}
+.state.ok {{ background: #dcf5e3; color: #17612f; }}
+.state.paused {{ background: #fff1cc; color: #7a5800; }}
+.state.failing {{ background: #fde0e0; color: #8a1c1c; }}
+.error {{ color: #8a1c1c; max-width: 360px; overflow-wrap: anywhere; }}
+.notice {{ background: #e6f0ff; padding: 8px 12px; border-radius: 6px; margin-bottom: 12px; }}
+button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap; }}
+</style></head>
+<body data-sequence="{sequence}">
+<h1>Destinations</h1>
+<div class="meta">Router <code>{instance}</code> · {shards} shards · measured {measured} · reloads every {REFRESH_SECS} s. Lag, pending and dead letters are from Redis; counts and rates are this router's since it started.</div>
+"#,
+        sequence = overview.sequence,
+        instance = escape(&overview.instance),
+        shards = overview.shards,
+        measured = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(overview.measured_at_ms)
+        ),
+    );
+    if let (Some(replayed), Some(destination)) = (notice.replayed, &notice.destination) {
+        let _ = write!(
+            page,
+            r#"<div class="notice" data-field="notice">Replaying {replayed} dead letters to {}.</div>"#,
+            escape(destination)
+        );
+    }
+    page.push_str(
+        "<table><thead><tr><th>Destination</th><th>State</th><th>Delivered/s</th><th>Lag</th>\
+         <th>Pending</th><th>In flight</th><th>Users in backoff</th><th>Dead letters</th>\
+         <th>Delivered</th><th>Retries</th><th>Last error</th><th>Shards owned here</th><th></th></tr></thead><tbody>\n",
+    );
+    for destination in &overview.destinations {
+        row(&mut page, destination, &overview.instance);
+    }
+    page.push_str("</tbody></table></body></html>\n");
+    page
+}
+
+fn row(page: &mut String, d: &DestinationView, instance: &str) {
+    let (state_class, state) = if d.paused {
+        ("paused", "paused")
+    } else if d.counts.users_in_backoff > 0 {
+        ("failing", "retrying")
+    } else {
+        ("ok", "delivering")
+    };
+    let lag = d.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string());
+    let last_error = d.counts.last_error.as_ref().map_or_else(String::new, |e| {
+        format!(
+            "{} <small>({})</small>",
+            escape(&e.message),
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at_ms)
+            )
+        )
+    });
+    let owned = d
+        .owners
+        .iter()
+        .filter(|owner| owner.as_deref() == Some(instance))
+        .count();
+    let name = escape(&d.name);
+    let _ = write!(
+        page,
+        r#"<tr data-destination="{name}">
+<td><strong>{name}</strong><br><small>{url}</small></td>
+<td><span class="state {state_class}" data-field="state">{state}</span></td>
+<td class="num" data-field="delivery_rate">{rate:.1}</td>
+<td class="num" data-field="lag">{lag}</td>
+<td class="num" data-field="pending">{pending}</td>
+<td class="num" data-field="in_flight">{in_flight}</td>
+<td class="num" data-field="users_in_backoff">{backoff}</td>
+<td class="num" data-field="dead_letters">{dead_letters}</td>
+<td class="num" data-field="delivered">{delivered}</td>
+<td class="num" data-field="retried">{retried}</td>
+<td class="error" data-field="last_error">{last_error}</td>
+<td class="num" data-field="owned_shards">{owned} / {shards}</td>
+<td><form method="post" action="/destinations/{name}/replay"><button type="submit" data-action="replay"{disabled}>Replay dead letters</button></form></td>
+</tr>
+"#,
+        url = escape(&d.url),
+        rate = d.delivery_rate,
+        pending = d.pending,
+        in_flight = d.counts.in_flight,
+        backoff = d.counts.users_in_backoff,
+        dead_letters = d.dead_letters,
+        delivered = d.counts.delivered,
+        retried = d.counts.retried,
+        shards = d.owners.len(),
+        disabled = if d.dead_letters == 0 { " disabled" } else { "" },
+    );
+}
+
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{Counts, LastError};
+
+    #[test]
+    fn page_shows_each_number_and_escapes_errors() {
+        let overview = Overview {
+            sequence: 7,
+            measured_at_ms: 0,
+            instance: "r1".into(),
+            shards: 2,
+            destinations: vec![DestinationView {
+                name: "crm".into(),
+                url: "http://crm/hook".into(),
+                paused: true,
+                lag: Some(12),
+                pending: 3,
+                dead_letters: 4,
+                counts: Counts {
+                    delivered: 99,
+                    last_error: Some(LastError {
+                        message: "HTTP 500: <b>boom</b>".into(),
+                        status: Some(500),
+                        at_ms: 0,
+                    }),
+                    ..Counts::default()
+                },
+                delivery_rate: 2.5,
+                owners: vec![Some("r1".into()), None],
+            }],
+        };
+        let page = render(&overview, &Notice::default());
+        for expected in [
+            r#"data-sequence="7""#,
+            r#"data-field="lag">12<"#,
+            r#"data-field="pending">3<"#,
+            r#"data-field="dead_letters">4<"#,
+            r#"data-field="delivered">99<"#,
+            r#"data-field="delivery_rate">2.5<"#,
+            r#"data-field="state">paused<"#,
+            r#"data-field="owned_shards">1 / 2<"#,
+            "HTTP 500: &lt;b&gt;boom&lt;/b&gt;",
+        ] {
+            assert!(page.contains(expected), "missing {expected} in {page}");
+        }
+        assert!(!page.contains("<b>boom"));
+    }
+}

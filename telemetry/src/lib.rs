@@ -1,0 +1,82 @@
+//! Logging and metrics set-up shared by the binaries: one place decides the
+//! log format and owns the process's Prometheus recorder, so a gateway and a
+//! router started in one process (as the tests do) share it.
+#![forbid(unsafe_code)]
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; colour only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Installs the global log subscriber: `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            // Colour codes only for a terminal, not in log files.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}
+
+/// Latency buckets in seconds, from 1 ms (a local Redis write) to a minute
+/// (a slow destination's timeout plus backoff).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// The router's accepted → delivered latency. It includes retries, so it
+/// reaches hours. (A full-name match takes precedence over suffixes.)
+pub const END_TO_END_METRIC: &str = "router_end_to_end_seconds";
+const END_TO_END_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 21600.0, 86400.0,
+];
+const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
+/// The process's Prometheus recorder, installed on first use. Histograms
+/// named `…_seconds` or `…_size` get buckets (real Prometheus histograms,
+/// which aggregate across instances, unlike summaries).
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(END_TO_END_METRIC.into()), END_TO_END_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("seconds".into()), LATENCY_BUCKETS)
+            })
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("size".into()), SIZE_BUCKETS))
+            .expect("the bucket lists are non-empty")
+            .install_recorder()
+            .expect("no other metrics recorder is installed in this process");
+        // Histogram samples are folded in by upkeep; rendering does it too,
+        // but an unscraped process would otherwise keep them all in memory.
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(5));
+                upkeep.run_upkeep();
+            })
+            .expect("spawning the metrics upkeep thread succeeds");
+        handle
+    })
+}

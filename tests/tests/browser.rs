@@ -1,0 +1,136 @@
+//! The status page in a real browser: headless Chromium, driven by
+//! `tests/browser/status_page.py` (Playwright), while events flow. The
+//! screenshot it takes is the one the README shows.
+//!
+//! Needs `chromium` and a Python with Playwright: `scripts/test.sh`
+//! installs both (the Python in `target/browser-venv`, or set
+//! `EVD_BROWSER_PYTHON`; Chromium at `/usr/bin/chromium`, or set
+//! `EVD_CHROMIUM`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use e2e_tests::{wait_for, TestDestination, TestSystem};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+}
+
+fn browser_python() -> PathBuf {
+    let python = std::env::var_os("EVD_BROWSER_PYTHON").map_or_else(
+        || workspace_root().join("target/browser-venv/bin/python"),
+        PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/test.sh, which installs Chromium and Playwright, \
+         or set EVD_BROWSER_PYTHON to a Python that has Playwright",
+        python.display()
+    );
+    python
+}
+
+/// Posts events of a few users, one at a time each, until `stop`; returns
+/// how many were accepted.
+async fn post_until(
+    http: reqwest::Client,
+    url: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> usize {
+    let mut accepted = 0;
+    while !stop.is_cancelled() {
+        let user = format!("live-{}", accepted % 4);
+        let response = http
+            .post(&url)
+            .json(&json!({ "userId": user, "payload": { "n": accepted } }))
+            .send()
+            .await
+            .expect("gateway answers");
+        assert_eq!(response.status(), 202);
+        accepted += 1;
+    }
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_in_a_browser_matches_the_admin_api_and_replays_dead_letters() {
+    let python = browser_python();
+    let chromium = std::env::var("EVD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let system = TestSystem::start(vec![
+        TestDestination::new("crm", "/ok/crm"),
+        TestDestination::new("billing", "/outage/billing").retry(10, 20, 2),
+        TestDestination::new("analytics", "/slow/50/analytics"),
+        TestDestination::new("warehouse", "/ok/warehouse"),
+    ])
+    .await;
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/warehouse/pause", None)
+        .await;
+    assert_eq!(status, 200);
+
+    // Billing is down while these arrive: each ends as a dead letter.
+    system.recorder.set_outage("/outage/billing", true);
+    let mut accepted: HashMap<String, Vec<String>> = HashMap::new();
+    for seq in 0..8 {
+        for user in ["early-a", "early-b", "early-c"] {
+            let id = system.send(user, json!({ "seq": seq })).await;
+            accepted.entry(user.to_owned()).or_default().push(id);
+        }
+    }
+    wait_for("24 dead letters for billing", PATIENCE, || async {
+        let view = system.destination_view("billing").await;
+        view["dead_letters"] == 24 && view["pending"] == 0
+    })
+    .await;
+    system.recorder.set_outage("/outage/billing", false);
+
+    // Events keep flowing while the browser looks.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flow = tokio::spawn(post_until(
+        system.http.clone(),
+        format!("{}/v1/events", system.gateway_url),
+        stop.clone(),
+    ));
+    let screenshot = workspace_root().join("docs/status-page.png");
+    let output = Command::new(&python)
+        .arg(workspace_root().join("tests/browser/status_page.py"))
+        .args(["--admin-url", system.admin_url.as_deref().expect("router")])
+        .args(["--replay", "billing", "--chromium", &chromium])
+        .arg("--screenshot")
+        .arg(&screenshot)
+        .output()
+        .expect("the browser script runs");
+    assert!(
+        output.status.success(),
+        "browser check failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).expect("JSON result");
+    assert_eq!(result["replayed"], 24);
+    assert!(std::fs::metadata(&screenshot).expect("screenshot").len() > 10_000);
+
+    // The click replayed them: delivered in each user's order, then gone.
+    wait_for("billing's dead letters replayed", PATIENCE, || async {
+        system.destination_view("billing").await["dead_letters"] == 0
+    })
+    .await;
+    stop.cancel();
+    let flowed = flow.await.expect("poster");
+    assert!(flowed > 0, "events flowed during the browser check");
+    let mut delivered: HashMap<String, Vec<String>> = HashMap::new();
+    for event in system.received("billing").events {
+        if event.status == 200 && event.user.starts_with("early-") {
+            delivered.entry(event.user).or_default().push(event.id);
+        }
+    }
+    assert_eq!(delivered, accepted);
+}
