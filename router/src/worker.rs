@@ -323,8 +323,23 @@ async fn process(
 ) {
     let shard = consumer.shard();
     let stats = &destination.stats;
-    let event = match &entry.content {
-        EntryContent::Event(event) if event.is_for(&destination.name) => event,
+    let prepared = match &entry.content {
+        EntryContent::Event(event) if event.is_for(&destination.name) => {
+            // A replay keeps the id the event was first delivered under.
+            let event_id = match &event.replay {
+                Some(replay) => replay.event_id.clone(),
+                None => format!("{shard}-{}", entry.stream_id),
+            };
+            match request_body(
+                &event_id,
+                &event.user_id,
+                &event.payload,
+                event.received_at_ms,
+            ) {
+                Ok(body) => Ok((event, event_id, body)),
+                Err(reason) => Err((event_id, reason)),
+            }
+        }
         EntryContent::Event(_) => {
             record(&shutdown, || consumer.ack(&entry.stream_id)).await;
             stats.filtered();
@@ -334,43 +349,23 @@ async fn process(
             record(&shutdown, || consumer.ack(&entry.stream_id)).await;
             return;
         }
-        EntryContent::Malformed(reason) => {
-            let event_id = format!("{shard}-{}", entry.stream_id);
-            let reason = format!("malformed stream entry: {reason}");
-            dead_letter_unsendable(
-                &consumer,
-                &destination,
-                &entry,
-                &event_id,
-                &reason,
-                &shutdown,
-            )
-            .await;
-            return;
-        }
+        EntryContent::Malformed(reason) => Err((
+            format!("{shard}-{}", entry.stream_id),
+            format!("malformed stream entry: {reason}"),
+        )),
     };
-    // A replay keeps the id the event was first delivered under.
-    let event_id = match &event.replay {
-        Some(replay) => replay.event_id.clone(),
-        None => format!("{shard}-{}", entry.stream_id),
-    };
-    let body = match request_body(
-        &event_id,
-        &event.user_id,
-        &event.payload,
-        event.received_at_ms,
-    ) {
-        Ok(body) => body,
-        Err(reason) => {
-            dead_letter_unsendable(
-                &consumer,
-                &destination,
-                &entry,
-                &event_id,
-                &reason,
-                &shutdown,
-            )
-            .await;
+    let (event, event_id, body) = match prepared {
+        Ok(prepared) => prepared,
+        Err((event_id, reason)) => {
+            tracing::error!(%event_id, destination = %destination.name, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
+            let letter = DeadLetter {
+                event_id: &event_id,
+                attempts: 0,
+                last_status: None,
+                last_error: &reason,
+            };
+            record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
+            stats.dead_lettered();
             return;
         }
     };
@@ -460,27 +455,6 @@ async fn process(
         }
         attempt += 1;
     }
-}
-
-/// Dead-letters an entry no attempt could deliver (it cannot be read, or
-/// its payload cannot be sent).
-async fn dead_letter_unsendable(
-    consumer: &GroupConsumer,
-    destination: &Destination,
-    entry: &Entry,
-    event_id: &str,
-    reason: &str,
-    shutdown: &CancellationToken,
-) {
-    tracing::error!(%event_id, destination = %destination.name, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
-    let letter = DeadLetter {
-        event_id,
-        attempts: 0,
-        last_status: None,
-        last_error: reason,
-    };
-    record(shutdown, || consumer.dead_letter(entry, &letter)).await;
-    destination.stats.dead_lettered();
 }
 
 fn age_since(unix_ms: u64) -> Duration {

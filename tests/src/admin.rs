@@ -56,30 +56,18 @@ impl TestSystem {
 
     /// The router's Prometheus metrics.
     pub async fn router_metrics(&self) -> Metrics {
-        Metrics(
-            self.http
-                .get(self.admin("/metrics"))
-                .send()
-                .await
-                .expect("metrics answer")
-                .text()
-                .await
-                .expect("text"),
-        )
+        self.metrics_at(self.admin("/metrics")).await
     }
 
     /// The gateway's Prometheus metrics.
     pub async fn gateway_metrics(&self) -> Metrics {
-        Metrics(
-            self.http
-                .get(format!("{}/metrics", self.gateway_url))
-                .send()
-                .await
-                .expect("metrics answer")
-                .text()
-                .await
-                .expect("text"),
-        )
+        self.metrics_at(format!("{}/metrics", self.gateway_url))
+            .await
+    }
+
+    async fn metrics_at(&self, url: String) -> Metrics {
+        let response = self.http.get(url).send().await.expect("metrics answer");
+        Metrics(response.text().await.expect("text"))
     }
 }
 
