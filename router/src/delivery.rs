@@ -1,5 +1,6 @@
 //! One delivery attempt to one destination, and what its answer means.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -105,6 +106,9 @@ pub struct Destination {
     /// Whether delivery is paused (set by the admin API, shared by all
     /// routers through Redis; see [`crate::pause`]).
     paused: watch::Sender<bool>,
+    /// Counts pauses and resumes requested on this router, so a read of
+    /// the paused set that started before one cannot undo it.
+    pause_requests: AtomicU64,
 }
 
 impl Destination {
@@ -137,6 +141,7 @@ impl Destination {
             max_age: config.max_age_ms.map(Duration::from_millis),
             stats: DestinationStats::new(&config.name),
             paused: watch::Sender::new(false),
+            pause_requests: AtomicU64::new(0),
         })
     }
 
@@ -148,8 +153,26 @@ impl Destination {
         *self.paused.borrow()
     }
 
-    /// Pauses or resumes delivery in this router; true if that changed it.
+    /// Pauses or resumes delivery in this router, as requested here (after
+    /// recording it in Redis); true if that changed it.
     pub fn set_paused(&self, paused: bool) -> bool {
+        self.pause_requests.fetch_add(1, Ordering::SeqCst);
+        self.switch(paused)
+    }
+
+    /// A token to pass to [`Self::apply_paused`], taken before reading the
+    /// paused set from Redis.
+    pub fn pause_token(&self) -> u64 {
+        self.pause_requests.load(Ordering::SeqCst)
+    }
+
+    /// Applies the paused state read from Redis, unless a request on this
+    /// router came after the read began (it is newer); true if it changed.
+    pub fn apply_paused(&self, paused: bool, token: u64) -> bool {
+        self.pause_token() == token && self.switch(paused)
+    }
+
+    fn switch(&self, paused: bool) -> bool {
         self.paused.send_if_modified(|current| {
             let changed = *current != paused;
             *current = paused;
@@ -288,6 +311,18 @@ mod tests {
             let status = StatusCode::from_u16(code).expect("valid status");
             assert_eq!(classify(status), class, "status {code}");
         }
+    }
+
+    #[test]
+    fn a_stale_read_of_the_paused_set_does_not_undo_a_newer_request() {
+        let config = crate::Config::defaults();
+        let destination = Destination::new(&config.destinations[0]).expect("client builds");
+        let read_started = destination.pause_token();
+        assert!(destination.set_paused(true));
+        assert!(!destination.apply_paused(false, read_started));
+        assert!(destination.is_paused());
+        assert!(destination.apply_paused(false, destination.pause_token()));
+        assert!(!destination.is_paused());
     }
 
     #[test]

@@ -90,13 +90,14 @@ impl Observer {
 
     /// Reads which destinations are paused and applies it to this router.
     pub async fn apply_paused(&mut self) -> redis::RedisResult<()> {
+        let tokens: Vec<u64> = self.destinations.iter().map(|d| d.pause_token()).collect();
         let paused: HashSet<String> = redis::cmd("SMEMBERS")
             .arg(self.keys.paused())
             .query_async(&mut self.con)
             .await?;
-        for destination in &self.destinations {
+        for (destination, token) in self.destinations.iter().zip(tokens) {
             let pause = paused.contains(&destination.name);
-            if destination.set_paused(pause) {
+            if destination.apply_paused(pause, token) {
                 let name = destination.name.as_str();
                 match pause {
                     true => tracing::info!(destination = name, "Destination paused."),
