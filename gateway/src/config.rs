@@ -5,8 +5,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use figment::providers::{Format, Toml};
-use figment::Figment;
 use protocol::RedisConfig;
 use serde::Deserialize;
 
@@ -73,9 +71,7 @@ impl Config {
 
     /// The embedded defaults alone; tests start from these.
     pub fn defaults() -> Self {
-        Figment::from(Toml::string(DEFAULT_CONFIG))
-            .extract()
-            .expect("the embedded default config is valid")
+        protocol::config::parse_defaults(DEFAULT_CONFIG)
     }
 
     pub fn validate(&self) -> Result<(), String> {

@@ -3,9 +3,7 @@
 //! Everything is validated before anything is written, so a rejected request
 //! leaves nothing behind in Redis.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use protocol::EventEntry;
+use protocol::{unix_millis, EventEntry};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -126,13 +124,6 @@ fn validate(event: EventBody, idempotency_header: Option<&str>) -> Result<NewEve
             replay: None,
         },
     })
-}
-
-fn unix_millis() -> u64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn check_key(name: &str, value: Option<&str>) -> Result<(), String> {

@@ -19,17 +19,6 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init_logging(config.log_format);
     let listener = TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let shutdown = telemetry::shutdown_on_signal();
     gateway::run(config, listener, shutdown).await
-}
-
-async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler succeeds on Unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    shutdown.cancel();
 }

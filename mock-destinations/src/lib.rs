@@ -29,7 +29,7 @@ pub mod recorder;
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
@@ -70,23 +70,13 @@ pub async fn run(
     server.await
 }
 
-fn now_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(u64::MAX)
-}
-
 async fn webhook(
     request: HttpRequest,
     body: web::Bytes,
     recorder: web::Data<Recorder>,
 ) -> HttpResponse {
     let path = request.path().to_owned();
-    let now = now_ms();
+    let now = protocol::unix_millis();
     let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let header = |name: &str| {
         request
@@ -169,7 +159,7 @@ async fn webhook(
             user,
             attempt,
             status: status.as_u16(),
-            at_ms: now_ms(),
+            at_ms: protocol::unix_millis(),
             latency_ms,
         },
     );

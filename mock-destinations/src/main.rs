@@ -19,12 +19,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init_logging(telemetry::LogFormat::Text);
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        stop.cancel();
-    });
+    let shutdown = telemetry::shutdown_on_signal();
     mock_destinations::run(listener, Arc::new(Recorder::default()), shutdown).await?;
     Ok(())
 }

@@ -38,6 +38,13 @@ pub fn load_layered<T: DeserializeOwned>(
         .map_err(|e| ConfigError::Invalid(Box::new(e)))
 }
 
+/// Parses a service's embedded default TOML alone (what tests start from).
+pub fn parse_defaults<T: DeserializeOwned>(defaults: &str) -> T {
+    Figment::from(Toml::string(defaults))
+        .extract()
+        .expect("the embedded default config is valid")
+}
+
 /// The `[redis]` section of the gateway and router configs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -162,6 +162,15 @@ impl EventEntry {
 }
 
 /// A Redis stream entry id, `<ms>-<seq>`; ordered as Redis orders them.
+/// Milliseconds since the Unix epoch: the clock of `received_at` and of
+/// every other timestamp the services record.
+pub fn unix_millis() -> u64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn parse_ms(name: &'static str, value: &str) -> Result<u64, EntryError> {
     value
         .parse()

@@ -16,7 +16,7 @@ pub mod meta;
 pub mod shard;
 
 pub use config::RedisConfig;
-pub use entry::{EventEntry, EventId, Replay, StreamId};
+pub use entry::{unix_millis, EventEntry, EventId, Replay, StreamId};
 pub use keys::Keys;
 pub use meta::{check_persistence, ensure_shard_count, info_field, MetaError};
 pub use shard::shard_for;

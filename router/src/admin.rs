@@ -81,12 +81,7 @@ impl AdminState {
             .arg(name)
             .query_async(&mut con)
             .await?;
-        if destination.set_paused(paused) {
-            match paused {
-                true => tracing::info!(destination = name, "Destination paused."),
-                false => tracing::info!(destination = name, "Destination resumed."),
-            }
-        }
+        destination.set_paused(paused);
         Ok(())
     }
 }

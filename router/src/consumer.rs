@@ -246,10 +246,7 @@ impl GroupConsumer {
         entry: &Entry,
         letter: &DeadLetter<'_>,
     ) -> Result<(), ConsumerError> {
-        let failed_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
+        let failed_at = protocol::unix_millis();
         let mut pipe = redis::pipe();
         let xadd = pipe.atomic().cmd("XADD").arg(&self.dead_letters).arg("*");
         xadd.arg("event_id")

@@ -15,7 +15,6 @@
 //! letter is listed as `replaying` and a second replay request skips it.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use protocol::{EventEntry, EventId, Keys, Replay, StreamId};
 use redis::aio::ConnectionManager;
@@ -298,11 +297,7 @@ impl DeadLetters {
         entries: &[RawEntry],
         report: &mut ReplayReport,
     ) -> Result<(), DeadLetterError> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let now_ms = u64::try_from(now_ms).unwrap_or(u64::MAX);
+        let now_ms = protocol::unix_millis();
         let mut pipe = redis::pipe();
         let mut queued = 0;
         for entry in entries {

@@ -173,11 +173,17 @@ impl Destination {
     }
 
     fn switch(&self, paused: bool) -> bool {
-        self.paused.send_if_modified(|current| {
+        let changed = self.paused.send_if_modified(|current| {
             let changed = *current != paused;
             *current = paused;
             changed
-        })
+        });
+        match (changed, paused) {
+            (true, true) => tracing::info!(destination = %self.name, "Destination paused."),
+            (true, false) => tracing::info!(destination = %self.name, "Destination resumed."),
+            (false, _) => {}
+        }
+        changed
     }
 
     /// Returns once delivery is not paused: true, or false if `shutdown`

@@ -36,8 +36,7 @@ async fn main() -> anyhow::Result<()> {
             let admin = std::net::TcpListener::bind(&config.admin.listen).with_context(|| {
                 format!("cannot listen on {} (admin.listen)", config.admin.listen)
             })?;
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let shutdown = telemetry::shutdown_on_signal();
             router::run(config, admin, shutdown).await
         }
         Command::RemoveDestination { name } => {
@@ -49,14 +48,4 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler succeeds on Unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    shutdown.cancel();
 }

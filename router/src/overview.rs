@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use protocol::Keys;
 use redis::aio::ConnectionManager;
@@ -65,7 +65,9 @@ pub struct Observer {
     shards: u16,
     instance: String,
     destinations: Vec<Arc<Destination>>,
-    previous: Option<(Instant, HashMap<String, u64>)>,
+    /// When the last measurement was taken and each destination's
+    /// delivered count then (in `destinations` order), for rates.
+    previous: Option<(Instant, Vec<u64>)>,
     sequence: u64,
 }
 
@@ -96,14 +98,7 @@ impl Observer {
             .query_async(&mut self.con)
             .await?;
         for (destination, token) in self.destinations.iter().zip(tokens) {
-            let pause = paused.contains(&destination.name);
-            if destination.apply_paused(pause, token) {
-                let name = destination.name.as_str();
-                match pause {
-                    true => tracing::info!(destination = name, "Destination paused."),
-                    false => tracing::info!(destination = name, "Destination resumed."),
-                }
-            }
+            destination.apply_paused(paused.contains(&destination.name), token);
         }
         Ok(())
     }
@@ -152,29 +147,18 @@ impl Observer {
         let now = Instant::now();
         if let Some((then, delivered)) = &self.previous {
             let seconds = now.duration_since(*then).as_secs_f64();
-            for view in &mut views {
-                let before = delivered.get(&view.name).copied().unwrap_or(0);
+            for (view, before) in views.iter_mut().zip(delivered) {
                 if seconds > 0.0 {
                     view.delivery_rate =
-                        view.counts.delivered.saturating_sub(before) as f64 / seconds;
+                        view.counts.delivered.saturating_sub(*before) as f64 / seconds;
                 }
             }
         }
-        self.previous = Some((
-            now,
-            views
-                .iter()
-                .map(|v| (v.name.clone(), v.counts.delivered))
-                .collect(),
-        ));
+        self.previous = Some((now, views.iter().map(|v| v.counts.delivered).collect()));
         self.sequence += 1;
-        let measured_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
         Ok(Overview {
             sequence: self.sequence,
-            measured_at_ms: u64::try_from(measured_at_ms).unwrap_or(u64::MAX),
+            measured_at_ms: protocol::unix_millis(),
             instance: self.instance.clone(),
             shards: self.shards,
             destinations: views,

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
@@ -125,14 +125,10 @@ impl DestinationStats {
     }
 
     pub fn failed(&self, message: &str, status: Option<u16>) {
-        let at_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
         let error = LastError {
             message: message.to_owned(),
             status,
-            at_ms: u64::try_from(at_ms).unwrap_or(u64::MAX),
+            at_ms: protocol::unix_millis(),
         };
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }

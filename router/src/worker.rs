@@ -458,13 +458,7 @@ async fn process(
 }
 
 fn age_since(unix_ms: u64) -> Duration {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    Duration::from_millis(
-        u64::try_from(now_ms.saturating_sub(u128::from(unix_ms))).unwrap_or(u64::MAX),
-    )
+    Duration::from_millis(protocol::unix_millis().saturating_sub(unix_ms))
 }
 
 /// How old the event is, if older than `max_age`.

@@ -1,6 +1,6 @@
-//! Logging and metrics set-up shared by the binaries: one place decides the
-//! log format and owns the process's Prometheus recorder, so a gateway and a
-//! router started in one process (as the tests do) share it.
+//! Process set-up shared by the binaries: the log format, the process's
+//! Prometheus recorder (one place owns it, so a gateway and a router started
+//! in one process, as the tests do, share it), and the shutdown signal.
 #![forbid(unsafe_code)]
 
 use std::sync::OnceLock;
@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -36,6 +38,22 @@ pub fn init_logging(format: LogFormat) {
             .with_current_span(false)
             .init(),
     }
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C: the start of a graceful stop.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let cancel = shutdown.clone();
+    tokio::spawn(async move {
+        let mut terminate =
+            signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds on Unix");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        cancel.cancel();
+    });
+    shutdown
 }
 
 /// Latency buckets in seconds, from 1 ms (a local Redis write) to a minute

@@ -332,6 +332,39 @@ impl TestSystem {
         body["id"].as_str().expect("id in 202 body").to_owned()
     }
 
+    /// Sends `per_user` events (`{"seq": n}`) for each of `users` (`user-N`),
+    /// one after another; returns each user's event ids in the order they
+    /// were accepted.
+    pub async fn send_numbered(
+        &self,
+        users: usize,
+        per_user: usize,
+    ) -> std::collections::HashMap<String, Vec<String>> {
+        let mut accepted: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for seq in 0..per_user {
+            for user in 0..users {
+                let user = format!("user-{user}");
+                let id = self.send(&user, serde_json::json!({ "seq": seq })).await;
+                accepted.entry(user).or_default().push(id);
+            }
+        }
+        accepted
+    }
+
+    /// Per user, the event ids `destination` answered 2xx to, in arrival order.
+    pub fn delivered_per_user(
+        &self,
+        destination: &str,
+    ) -> std::collections::HashMap<String, Vec<String>> {
+        let mut delivered: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for event in self.received(destination).events {
+            if (200..300).contains(&event.status) {
+                delivered.entry(event.user).or_default().push(event.id);
+            }
+        }
+        delivered
+    }
+
     /// Spawns one task per user posting `per_user` events (`{"seq": n}`) one
     /// after another, each insisting on 202; users post concurrently.
     pub fn spawn_posters(&self, users: usize, per_user: usize) -> tokio::task::JoinSet<()> {

@@ -1,7 +1,7 @@
 //! Operations through the router's admin listener and the metrics
 //! endpoints, with real traffic: metrics, pause/resume, dead letters.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use e2e_tests::{wait_for, RouterProcess, TestDestination, TestSystem};
@@ -9,35 +9,6 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Sends `per_user` events for each of `users`, one after another per
-/// user; returns each user's event ids in the order they were accepted.
-async fn send_numbered(
-    system: &TestSystem,
-    users: usize,
-    per_user: usize,
-) -> HashMap<String, Vec<String>> {
-    let mut accepted: HashMap<String, Vec<String>> = HashMap::new();
-    for seq in 0..per_user {
-        for user in 0..users {
-            let user = format!("user-{user}");
-            let id = system.send(&user, json!({ "seq": seq })).await;
-            accepted.entry(user).or_default().push(id);
-        }
-    }
-    accepted
-}
-
-/// Per user, the ids `destination` answered 2xx to, in arrival order.
-fn delivered_per_user(system: &TestSystem, destination: &str) -> HashMap<String, Vec<String>> {
-    let mut delivered: HashMap<String, Vec<String>> = HashMap::new();
-    for event in system.received(destination).events {
-        if (200..300).contains(&event.status) {
-            delivered.entry(event.user).or_default().push(event.id);
-        }
-    }
-    delivered
-}
 
 async fn wait_view(
     system: &TestSystem,
@@ -59,7 +30,7 @@ async fn metrics_move_as_events_flow_and_fail() {
         TestDestination::new("down", "/fail").retry(10, 20, 2),
     ])
     .await;
-    send_numbered(&system, 4, 5).await;
+    system.send_numbered(4, 5).await;
     let (status, _) = system.post("/v1/events", &json!({ "payload": {} })).await;
     assert_eq!(status, 400, "an event without userId is rejected");
 
@@ -153,7 +124,7 @@ async fn a_paused_destination_lags_while_others_deliver_and_catches_up_after_res
         .await;
     assert_eq!(status, 404);
 
-    let accepted = send_numbered(&system, 10, 5).await;
+    let accepted = system.send_numbered(10, 5).await;
     system.wait_delivered("live", 50, PATIENCE).await;
     wait_view(&system, "held", "all 50 events waiting", |v| {
         v["paused"] == true
@@ -182,7 +153,7 @@ async fn a_paused_destination_lags_while_others_deliver_and_catches_up_after_res
     })
     .await;
     assert_eq!(
-        delivered_per_user(&system, "held"),
+        system.delivered_per_user("held"),
         accepted,
         "per-user order"
     );
@@ -217,7 +188,7 @@ async fn dead_letters_are_listed_and_replayed_in_user_order_then_removed() {
     ])
     .await;
     system.recorder.set_outage("/outage/crm", true);
-    let accepted = send_numbered(&system, 3, 6).await;
+    let accepted = system.send_numbered(3, 6).await;
     let accepted_ids: HashSet<&String> = accepted.values().flatten().collect();
     wait_view(&system, "crm", "18 dead letters", |v| {
         v["dead_letters"] == 18
@@ -313,7 +284,7 @@ async fn dead_letters_are_listed_and_replayed_in_user_order_then_removed() {
     assert!(list_all(&system, "crm", 100).await.is_empty());
     // Replays keep the first event id, reach only this destination, and
     // keep each user's order.
-    assert_eq!(delivered_per_user(&system, "crm"), accepted);
+    assert_eq!(system.delivered_per_user("crm"), accepted);
     assert_eq!(system.received("crm").duplicates, 0);
     assert_eq!(
         system.received("other").delivered,
@@ -326,7 +297,7 @@ async fn dead_letters_are_listed_and_replayed_in_user_order_then_removed() {
 async fn dead_letters_can_be_deleted_one_at_a_time_or_all_at_once() {
     let system =
         TestSystem::start(vec![TestDestination::new("down", "/fail").retry(10, 20, 1)]).await;
-    send_numbered(&system, 2, 3).await;
+    system.send_numbered(2, 3).await;
     wait_view(&system, "down", "6 dead letters", |v| {
         v["dead_letters"] == 6
     })

@@ -7,7 +7,6 @@
 //! `EVD_BROWSER_PYTHON`; Chromium at `/usr/bin/chromium`, or set
 //! `EVD_CHROMIUM`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -78,13 +77,7 @@ async fn status_page_in_a_browser_matches_the_admin_api_and_replays_dead_letters
 
     // Billing is down while these arrive: each ends as a dead letter.
     system.recorder.set_outage("/outage/billing", true);
-    let mut accepted: HashMap<String, Vec<String>> = HashMap::new();
-    for seq in 0..8 {
-        for user in ["early-a", "early-b", "early-c"] {
-            let id = system.send(user, json!({ "seq": seq })).await;
-            accepted.entry(user.to_owned()).or_default().push(id);
-        }
-    }
+    let accepted = system.send_numbered(3, 8).await;
     wait_for("24 dead letters for billing", PATIENCE, || async {
         let view = system.destination_view("billing").await;
         view["dead_letters"] == 24 && view["pending"] == 0
@@ -126,11 +119,7 @@ async fn status_page_in_a_browser_matches_the_admin_api_and_replays_dead_letters
     stop.cancel();
     let flowed = flow.await.expect("poster");
     assert!(flowed > 0, "events flowed during the browser check");
-    let mut delivered: HashMap<String, Vec<String>> = HashMap::new();
-    for event in system.received("billing").events {
-        if event.status == 200 && event.user.starts_with("early-") {
-            delivered.entry(event.user).or_default().push(event.id);
-        }
-    }
+    let mut delivered = system.delivered_per_user("billing");
+    delivered.retain(|user, _| !user.starts_with("live-"));
     assert_eq!(delivered, accepted);
 }
