@@ -3,7 +3,7 @@
 //! same event with the same `messageId` (so a retry of a write that did land
 //! is not stored twice) before moving on to the next.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ pub struct Load {
     posters: JoinSet<()>,
     accepted: Arc<Mutex<Vec<Accepted>>>,
     unavailable: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
 }
 
 /// How long one event may keep being refused before the test fails.
@@ -31,15 +32,36 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(180);
 impl Load {
     /// Starts `users` posters of `per_user` events each.
     pub fn start(system: &TestSystem, users: usize, per_user: usize) -> Self {
-        let accepted = Arc::new(Mutex::new(Vec::with_capacity(users * per_user)));
+        Self::spawn(system, users, per_user, Duration::ZERO)
+    }
+
+    /// Starts `users` posters that keep sending, one event every `pace` each,
+    /// until [`Load::stop`]. For tests that need requests in flight at a
+    /// moment they choose, however fast the gateway is.
+    pub fn until_stopped(system: &TestSystem, users: usize, pace: Duration) -> Self {
+        Self::spawn(system, users, usize::MAX, pace)
+    }
+
+    fn spawn(system: &TestSystem, users: usize, per_user: usize, pace: Duration) -> Self {
+        let accepted = Arc::new(Mutex::new(Vec::new()));
         let unavailable = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
         let mut posters = JoinSet::new();
         for user in 0..users {
             let http = system.http.clone();
             let url = format!("{}/v1/events", system.gateway_url);
-            let (accepted, unavailable) = (accepted.clone(), unavailable.clone());
+            let (accepted, unavailable, stop) =
+                (accepted.clone(), unavailable.clone(), stop.clone());
             posters.spawn(async move {
                 for seq in 0..per_user {
+                    // Checked only between events: the one being retried is
+                    // finished first, so none is left half-sent.
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if !pace.is_zero() {
+                        tokio::time::sleep(pace).await;
+                    }
                     let body = serde_json::json!({
                         "userId": format!("user-{user}"),
                         "messageId": format!("user-{user}-{seq}"),
@@ -90,6 +112,7 @@ impl Load {
             posters,
             accepted,
             unavailable,
+            stop,
         }
     }
 
@@ -104,6 +127,13 @@ impl Load {
 
     pub fn accepted(&self) -> Vec<Accepted> {
         self.accepted.lock().expect("not poisoned").clone()
+    }
+
+    /// Lets each poster finish the event it is on, then stops; returns every
+    /// accepted event.
+    pub async fn stop(self) -> Vec<Accepted> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.finish().await
     }
 
     /// Waits until every event is accepted; returns them.

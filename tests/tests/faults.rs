@@ -188,9 +188,10 @@ async fn redis_killed_and_restarted_from_its_aof_delivers_every_accepted_event()
     let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
     system.start_router();
 
-    let (users, per_user) = (40, 50);
-    let load = Load::start(&system, users, per_user);
-    wait_fast_delivered(&system, users * per_user / 4).await;
+    // A load that runs until stopped: a fixed number of events could all be
+    // accepted before Redis goes down, leaving no request to see the outage.
+    let load = Load::until_stopped(&system, 40, Duration::from_millis(10));
+    wait_fast_delivered(&system, 500).await;
     system.redis.stop().await;
     let refused_before = load.unavailable_count();
     wait_for(
@@ -212,8 +213,15 @@ async fn redis_killed_and_restarted_from_its_aof_delivers_every_accepted_event()
         "202s resumed {} ms after Redis restarted",
         restarted_at.elapsed().as_millis()
     );
+    let accepted_after_restart = load.accepted_count();
+    wait_for(
+        "more events to be accepted after the restart",
+        Duration::from_secs(30),
+        || async { load.accepted_count() >= accepted_after_restart + 500 },
+    )
+    .await;
 
-    let accepted = load.finish().await;
+    let accepted = load.stop().await;
     system
         .assert_all_delivered(&accepted, Duration::from_secs(120))
         .await;
