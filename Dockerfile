@@ -10,4 +10,5 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/gateway /src/target/release/router /src/target/release/mock-destinations /usr/local/bin/
 COPY config/router.docker.toml /etc/event-delivery/router.toml
+COPY config/gateway.demo.toml /etc/event-delivery/gateway.toml
 USER nobody

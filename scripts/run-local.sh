@@ -50,10 +50,12 @@ router_config=$(mktemp)
 sed "s#http://127.0.0.1:9000#$mock#" router/config/router.default.toml > "$router_config"
 ROUTER_REDIS__URL="$redis_url" ROUTER_ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT" "$bin/router" --config "$router_config" &
 pids+=($!)
-GATEWAY_REDIS__URL="$redis_url" GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" "$bin/gateway" &
+GATEWAY_REDIS__URL="$redis_url" GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" "$bin/gateway" --config config/gateway.demo.toml &
 pids+=($!)
 
 gateway="http://127.0.0.1:$GATEWAY_PORT"
+# The demo key of config/gateway.demo.toml (local use only).
+key="evd_demo-key-for-local-use-only"
 for _ in $(seq 100); do curl -sf "$gateway/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 
 cat <<EOT
@@ -66,13 +68,13 @@ cat <<EOT
 
   Send an event:
     curl -s -XPOST $gateway/v1/events -H 'content-type: application/json' \\
-      -d '{"userId": "alice", "payload": {"order": 1}}'
+      -H 'authorization: Bearer $key' -d '{"userId": "alice", "payload": {"order": 1}}'
 
   Send a batch, or an event for one destination only:
     curl -s -XPOST $gateway/v1/batch -H 'content-type: application/json' \\
-      -d '{"events": [{"userId": "bob", "payload": 1}, {"userId": "bob", "payload": 2}]}'
+      -H 'authorization: Bearer $key' -d '{"events": [{"userId": "bob", "payload": 1}, {"userId": "bob", "payload": 2}]}'
     curl -s -XPOST $gateway/v1/events -H 'content-type: application/json' \\
-      -d '{"userId": "carol", "payload": {}, "destinations": ["healthy"]}'
+      -H 'authorization: Bearer $key' -d '{"userId": "carol", "payload": {}, "destinations": ["healthy"]}'
 
   Watch them land (per-user order violations and duplicates are counted):
     curl -s '$mock/received?path=/ok'

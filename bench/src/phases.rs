@@ -164,7 +164,13 @@ impl Bench {
         sink: Arc<Sink>,
         sink_url: String,
     ) -> anyhow::Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", crate::system::API_KEY).parse()?,
+        );
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .pool_max_idle_per_host(CONNECTIONS)
             .timeout(Duration::from_secs(10))
             .build()?;

@@ -243,6 +243,10 @@ impl Redis {
     }
 }
 
+/// The API key the benchmark's gateway accepts: authentication stays on, as
+/// in production, so its cost is part of what is measured.
+pub const API_KEY: &str = "evd_bench-key";
+
 /// Starts the gateway against `redis` and waits until it is ready.
 pub async fn start_gateway(
     binaries: &Binaries,
@@ -254,7 +258,14 @@ pub async fn start_gateway(
     let mut command = Command::new(&binaries.gateway);
     command
         .env("GATEWAY_REDIS__URL", &redis.url)
-        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"));
+        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "GATEWAY_AUTH__KEYS",
+            format!(
+                r#"[{{name = "bench", sha256 = "{}"}}]"#,
+                protocol::secret::TokenDigest::of(API_KEY).to_hex()
+            ),
+        );
     let process = Process::spawn("gateway", command, &dir.join("gateway.log"))?;
     let url = format!("http://127.0.0.1:{port}");
     wait_until_ready(http, &format!("{url}/readyz")).await?;

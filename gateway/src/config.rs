@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use protocol::secret::TokenDigest;
 use protocol::RedisConfig;
 use serde::Deserialize;
 
@@ -22,6 +23,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Most events one batch request may carry.
     pub max_batch_events: usize,
+    /// Deepest nesting of arrays and objects a request body may have.
+    pub max_json_depth: usize,
     /// How long an idempotency key is remembered, in seconds.
     pub idempotency_ttl_secs: u64,
     /// Retry-After seconds sent with a 503.
@@ -34,6 +37,28 @@ pub struct Config {
     pub redis: RedisConfig,
     /// When to refuse events because destinations fall behind.
     pub backlog: BacklogConfig,
+    /// Who may post events.
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether `/v1/*` requests must carry one of `keys`.
+    pub required: bool,
+    pub keys: Vec<KeyConfig>,
+}
+
+/// One API key, known by its SHA-256 digest only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Recorded on every event the key sends.
+    pub name: String,
+    pub sha256: TokenDigest,
+    /// Most events per second this key may send through one gateway.
+    #[serde(default)]
+    pub events_per_sec: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,11 +120,58 @@ impl Config {
         if !(1..=100).contains(&backlog.max_memory_percent) {
             return Err("backlog.max_memory_percent must be between 1 and 100".into());
         }
-        Ok(())
+        if self.max_json_depth < 2 {
+            return Err(
+                "max_json_depth must be at least 2 (an event is an object in a request)".into(),
+            );
+        }
+        self.auth.validate()
     }
 
     pub fn idempotency_ttl(&self) -> Duration {
         Duration::from_secs(self.idempotency_ttl_secs)
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.required && self.keys.is_empty() {
+            return Err(
+                "auth.required is true but auth.keys is empty: create a key with \
+                 `gateway new-key --name NAME` and add the line it prints, or set \
+                 auth.required = false (local demos only)"
+                    .into(),
+            );
+        }
+        for (index, key) in self.keys.iter().enumerate() {
+            if !protocol::config::is_valid_name(&key.name) {
+                return Err(format!(
+                    "auth.keys[{index}].name `{}` must be 1-64 letters, digits, `-` or `_`",
+                    key.name
+                ));
+            }
+            if self.keys[..index]
+                .iter()
+                .any(|other| other.name == key.name)
+            {
+                return Err(format!("auth.keys: the name `{}` is used twice", key.name));
+            }
+            if self.keys[..index]
+                .iter()
+                .any(|other| other.sha256 == key.sha256)
+            {
+                return Err(format!(
+                    "auth.keys: `{}` has the same key as another",
+                    key.name
+                ));
+            }
+            if key.events_per_sec == Some(0) {
+                return Err(format!(
+                    "auth.keys[{index}].events_per_sec must be positive (omit it for no limit)"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -108,8 +180,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn embedded_defaults_are_valid() {
-        assert_eq!(Config::defaults().validate(), Ok(()));
-        assert_eq!(Config::defaults().redis.shards, 16);
+    fn embedded_defaults_are_valid_once_a_key_is_added() {
+        let mut config = Config::defaults();
+        assert!(config
+            .validate()
+            .expect_err("no keys")
+            .contains("gateway new-key"));
+        config.auth.keys.push(KeyConfig {
+            name: "web-app".into(),
+            sha256: TokenDigest::of("key"),
+            events_per_sec: None,
+        });
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.redis.shards, 16);
+        config.auth.keys.push(KeyConfig {
+            name: "web-app".into(),
+            sha256: TokenDigest::of("other"),
+            events_per_sec: None,
+        });
+        assert!(config
+            .validate()
+            .expect_err("same name")
+            .contains("used twice"));
     }
 }

@@ -15,6 +15,11 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("content-type must be application/json")]
     UnsupportedMediaType,
+    /// No valid API key; the message says what was wrong, never which key.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("API key `{key}` is over its rate limit; retry in {retry_after_secs} s")]
+    RateLimited { key: String, retry_after_secs: u64 },
     #[error("{}", unavailable_reason(cause))]
     Unavailable {
         #[source]
@@ -39,6 +44,8 @@ impl ApiError {
             ApiError::Invalid(_) => "invalid",
             ApiError::TooLarge { .. } => "too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unavailable {
                 cause: StoreError::BacklogFull(_),
                 ..
@@ -54,19 +61,31 @@ impl ResponseError for ApiError {
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::Unavailable {
-            cause,
-            retry_after_secs,
-        } = self
-        {
-            tracing::warn!(error = %cause, "Event store unavailable; answering 503.");
-            response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        match self {
+            ApiError::Unavailable {
+                cause,
+                retry_after_secs,
+            } => {
+                tracing::warn!(error = %cause, "Event store unavailable; answering 503.");
+                response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => {
+                response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::Unauthorized(_) => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            _ => {}
         }
         response.json(json!({ "error": self.to_string() }))
     }

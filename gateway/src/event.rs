@@ -48,6 +48,37 @@ fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de Raw
     <&RawValue>::deserialize(deserializer).map(Some)
 }
 
+/// Refuses a body whose arrays and objects nest deeper than `max_depth`
+/// (the outermost is level 1), before any parser recurses into it.
+pub fn check_depth(body: &[u8], max_depth: usize) -> Result<(), ApiError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(ApiError::Invalid(format!(
+                        "JSON nests deeper than the limit of {max_depth} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn utf8(body: &[u8]) -> Result<&str, ApiError> {
     std::str::from_utf8(body)
         .map_err(|_| ApiError::Invalid("request body is not valid UTF-8".into()))
@@ -121,6 +152,7 @@ fn validate(event: EventBody, idempotency_header: Option<&str>) -> Result<NewEve
             received_at_ms: unix_millis(),
             message_id: event.message_id,
             destinations: event.destinations,
+            source: None,
             replay: None,
         },
     })
@@ -213,6 +245,15 @@ mod tests {
                 .as_deref(),
             Some("h")
         );
+    }
+
+    #[test]
+    fn depth_counts_nesting_outside_strings_only() {
+        assert!(check_depth(br#"{"a": [1, {"b": 2}]}"#, 3).is_ok());
+        assert!(message(check_depth(br#"{"a": [1, {"b": 2}]}"#, 2)).contains("limit of 2 levels"));
+        assert!(check_depth(br#"{"a": "[[[[{{{{\"[["}"#, 1).is_ok());
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(check_depth(deep.as_bytes(), 32).is_err());
     }
 
     #[test]

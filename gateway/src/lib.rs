@@ -6,9 +6,11 @@
 //! - [`config`]: settings and their defaults.
 //! - [`event`]: request bodies → validated events.
 //! - [`store`]: the shard streams (XADD, idempotency script).
+//! - [`auth`]: API keys and their rate limits.
 //! - [`routes`]: HTTP handlers; [`error`]: what each failure answers.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -48,10 +50,18 @@ pub async fn run(
         config.backlog.check_interval(),
         shutdown.clone(),
     ));
+    if !config.auth.required {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (auth.required = false): anyone who can reach this \
+             gateway can post events. Use this for local demos only."
+        );
+    }
     let state = web::Data::new(AppState {
         store,
+        auth: auth::Authenticator::new(&config.auth),
         max_body_bytes: config.max_body_bytes,
         max_batch_events: config.max_batch_events,
+        max_json_depth: config.max_json_depth,
         retry_after_secs: config.retry_after_secs,
     });
     let workers = match config.workers {

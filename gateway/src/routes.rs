@@ -6,18 +6,32 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
+use crate::auth::{ApiKey, Authenticator};
 use crate::error::ApiError;
 use crate::event::{self, NewEvent};
 use crate::store::{Appended, EventStore};
 
 pub struct AppState {
     pub store: std::sync::Arc<EventStore>,
+    pub auth: Authenticator,
     pub max_body_bytes: usize,
     pub max_batch_events: usize,
+    pub max_json_depth: usize,
     pub retry_after_secs: u64,
 }
 
 impl AppState {
+    /// The API key the request carries (`None` when authentication is off
+    /// and none was sent).
+    fn authenticate(&self, request: &HttpRequest) -> Result<Option<&ApiKey>, ApiError> {
+        self.auth.authenticate(
+            request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|value| value.as_bytes()),
+        )
+    }
+
     fn unavailable(&self, cause: crate::store::StoreError) -> ApiError {
         ApiError::Unavailable {
             cause,
@@ -64,6 +78,17 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics));
+}
+
+/// Charges `events` to the key's rate limit and records its name on them.
+fn attribute(key: Option<&ApiKey>, events: &mut [NewEvent]) -> Result<(), ApiError> {
+    if let Some(key) = key {
+        key.admit(events.len())?;
+        for event in events {
+            event.entry.source = Some(key.name.clone());
+        }
+    }
+    Ok(())
 }
 
 /// Counts a finished ingest request: its outcome, latency and, when
@@ -117,12 +142,14 @@ impl Ingested {
     }
 }
 
-/// Checks the content type, then reads the body up to the size limit.
+/// Checks the content type, then reads the body up to the size limit and
+/// checks its nesting depth.
 async fn read_json_body(
+    state: &AppState,
     request: &HttpRequest,
     payload: web::Payload,
-    limit: usize,
 ) -> Result<web::Bytes, ApiError> {
+    let limit = state.max_body_bytes;
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -142,7 +169,10 @@ async fn read_json_body(
         Ok(Err(error)) => Err(ApiError::Invalid(format!(
             "could not read request body: {error}"
         ))),
-        Ok(Ok(body)) => Ok(body),
+        Ok(Ok(body)) => {
+            event::check_depth(&body, state.max_json_depth)?;
+            Ok(body)
+        }
     }
 }
 
@@ -162,14 +192,16 @@ async fn ingest_event(
     request: &HttpRequest,
     payload: web::Payload,
 ) -> Result<Ingested, ApiError> {
-    let body = read_json_body(request, payload, state.max_body_bytes).await?;
+    let key = state.authenticate(request)?;
+    let body = read_json_body(state, request, payload).await?;
     let idempotency_key = match request.headers().get("idempotency-key") {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
             ApiError::Invalid("Idempotency-Key header must be visible ASCII".into())
         })?),
     };
-    let event = event::parse_event(&body, idempotency_key)?;
+    let mut event = event::parse_event(&body, idempotency_key)?;
+    attribute(key, std::slice::from_mut(&mut event))?;
     state
         .check_destinations(std::slice::from_ref(&event))
         .await?;
@@ -201,8 +233,10 @@ async fn ingest_batch(
     request: &HttpRequest,
     payload: web::Payload,
 ) -> Result<Ingested, ApiError> {
-    let body = read_json_body(request, payload, state.max_body_bytes).await?;
-    let events = event::parse_batch(&body, state.max_batch_events)?;
+    let key = state.authenticate(request)?;
+    let body = read_json_body(state, request, payload).await?;
+    let mut events = event::parse_batch(&body, state.max_batch_events)?;
+    attribute(key, &mut events)?;
     metrics::histogram!("gateway_batch_size").record(events.len() as f64);
     state.check_destinations(&events).await?;
     let appended = state

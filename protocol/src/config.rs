@@ -45,6 +45,16 @@ pub fn parse_defaults<T: DeserializeOwned>(defaults: &str) -> T {
         .expect("the embedded default config is valid")
 }
 
+/// 1 to 64 letters, digits, `-` or `_`: the rule for destination and API
+/// key names, which appear in Redis keys, URLs, metric labels and events.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// The `[redis]` section of the gateway and router configs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

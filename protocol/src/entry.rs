@@ -14,6 +14,9 @@ pub mod field {
     pub const MESSAGE_ID: &str = "message_id";
     /// JSON array of destination names; absent means every destination.
     pub const DESTINATIONS: &str = "destinations";
+    /// The name of the API key the event was sent with (absent when the
+    /// gateway runs without authentication).
+    pub const SOURCE: &str = "source";
     /// A replayed dead letter: its id in the shard's dead-letter stream of
     /// the one destination it is replayed to.
     pub const REPLAY_OF: &str = "replay_of";
@@ -41,6 +44,8 @@ pub struct EventEntry {
     pub message_id: Option<String>,
     /// Deliver only to these destinations; `None` means all.
     pub destinations: Option<Vec<String>>,
+    /// The name of the API key that sent it.
+    pub source: Option<String>,
     /// Set when this entry replays a dead letter (written by the router's
     /// admin API, never by the gateway).
     pub replay: Option<Replay>,
@@ -79,6 +84,9 @@ impl EventEntry {
             let list = serde_json::to_string(destinations).expect("a list of strings serializes");
             fields.push((field::DESTINATIONS, Cow::Owned(list)));
         }
+        if let Some(source) = &self.source {
+            fields.push((field::SOURCE, Cow::Borrowed(source.as_str())));
+        }
         if let Some(replay) = &self.replay {
             fields.push((
                 field::REPLAY_OF,
@@ -103,6 +111,7 @@ impl EventEntry {
     ) -> Result<Self, EntryError> {
         let (mut user, mut payload, mut received_at, mut message_id, mut destinations) =
             (None, None, None, None, None);
+        let mut source = None;
         let (mut replay_of, mut replay_event_id, mut replayed_at) = (None, None, None);
         for (name, value) in pairs {
             match name {
@@ -111,6 +120,7 @@ impl EventEntry {
                 field::RECEIVED_AT => received_at = Some(value),
                 field::MESSAGE_ID => message_id = Some(value),
                 field::DESTINATIONS => destinations = Some(value),
+                field::SOURCE => source = Some(value),
                 field::REPLAY_OF => replay_of = Some(value),
                 field::REPLAY_EVENT_ID => replay_event_id = Some(value),
                 field::REPLAYED_AT => replayed_at = Some(value),
@@ -149,6 +159,7 @@ impl EventEntry {
                     })
                 })
                 .transpose()?,
+            source: source.map(str::to_owned),
             replay,
         })
     }
@@ -252,6 +263,7 @@ mod tests {
             received_at_ms: 1_700_000_000_123,
             message_id: Some("m-1".into()),
             destinations: Some(vec!["crm".into(), "warehouse".into()]),
+            source: Some("web-app".into()),
             replay: Some(Replay {
                 dead_letter_id: "9-1".into(),
                 event_id: "3-5-0".into(),

@@ -5,6 +5,7 @@
 //! - [`shard`]: the pinned user → shard hash.
 //! - [`keys`]: every Redis key name, each shard's keys under one hash tag.
 //! - [`entry`]: the fields of one event in a shard stream, and event ids.
+//! - [`secret`]: API keys and the admin token, kept as digests.
 //! - [`meta`]: start-up checks both services share (the recorded shard count, Redis
 //!   persistence settings).
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@ pub mod config;
 pub mod entry;
 pub mod keys;
 pub mod meta;
+pub mod secret;
 pub mod shard;
 
 pub use config::RedisConfig;

@@ -23,12 +23,12 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::is_valid_destination_name;
 use crate::consumer;
 use crate::dead_letters::{DeadLetterError, DeadLetters, Selection};
 use crate::delivery::Destination;
 use crate::overview::{Overview, SharedOverview};
 use crate::status_page;
+use protocol::config::is_valid_name;
 
 /// Most dead letters one list request returns.
 const MAX_PAGE: usize = 1000;
@@ -52,7 +52,7 @@ impl AdminState {
     /// Dead letters of a configured destination, or of one removed from the
     /// config whose dead-letter streams are kept.
     fn dead_letters(&self, name: &str) -> Result<DeadLetters, AdminError> {
-        if !is_valid_destination_name(name) {
+        if !is_valid_name(name) {
             return Err(AdminError::UnknownDestination(name.to_owned()));
         }
         Ok(DeadLetters::new(
@@ -220,7 +220,7 @@ async fn remove(
     if state.configured(&name).is_ok() {
         return Err(AdminError::StillConfigured(name.into_inner()));
     }
-    if !is_valid_destination_name(&name) {
+    if !is_valid_name(&name) {
         return Err(AdminError::UnknownDestination(name.into_inner()));
     }
     let shards =

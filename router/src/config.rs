@@ -246,19 +246,10 @@ impl Config {
     }
 }
 
-/// 1 to 64 letters, digits, `-` or `_`: safe in keys, URLs and metric labels.
-pub fn is_valid_destination_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
 impl DestinationConfig {
     fn validate(&self) -> Result<(), String> {
         let name = &self.name;
-        if !is_valid_destination_name(name) {
+        if !protocol::config::is_valid_name(name) {
             return Err(format!(
                 "destination name `{name}` must be 1 to 64 letters, digits, `-` or `_`"
             ));

@@ -57,6 +57,8 @@ pub struct DeadLetterView {
     /// The event's payload as sent (JSON), when the entry had one.
     pub payload: Option<Box<RawValue>>,
     pub received_at_ms: Option<u64>,
+    /// The name of the API key that sent the event.
+    pub source: Option<String>,
     pub attempts: Option<u32>,
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
@@ -386,6 +388,7 @@ fn view(entry: &RawEntry, replaying: bool) -> DeadLetterView {
             })
         }),
         received_at_ms: event.as_ref().map(|e| e.received_at_ms),
+        source: event.as_ref().and_then(|e| e.source.clone()),
         attempts: number("attempts").and_then(|n| u32::try_from(n).ok()),
         last_status: number("last_status").and_then(|n| u16::try_from(n).ok()),
         last_error: entry.field("last_error").map(str::to_owned),

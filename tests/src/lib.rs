@@ -28,6 +28,37 @@ use tokio_util::sync::CancellationToken;
 
 pub const SHARDS: u16 = 8;
 
+/// The API key the suite's gateways accept (named [`API_KEY_NAME`]).
+pub const API_KEY: &str = "evd_test-suite-key";
+pub const API_KEY_NAME: &str = "test-suite";
+
+/// The gateway's defaults, accepting [`API_KEY`], on `redis_url`.
+pub fn gateway_config(redis_url: &str) -> gateway::Config {
+    let mut config = gateway::Config::defaults();
+    config.redis.url = redis_url.to_owned();
+    config.redis.shards = SHARDS;
+    config.workers = 2;
+    config.auth.keys = vec![gateway::config::KeyConfig {
+        name: API_KEY_NAME.into(),
+        sha256: protocol::secret::TokenDigest::of(API_KEY),
+        events_per_sec: None,
+    }];
+    config
+}
+
+/// An HTTP client that sends [`API_KEY`] with every request.
+pub fn authorized_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {API_KEY}").parse().expect("a valid header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("a client builds")
+}
+
 /// Polls `condition` every 25 ms until it holds; panics naming `what` after `timeout`.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
 where
@@ -155,10 +186,7 @@ impl TestSystem {
             shutdown.clone(),
         ));
 
-        let mut gateway_config = gateway::Config::defaults();
-        gateway_config.redis.url = redis.url().to_owned();
-        gateway_config.redis.shards = SHARDS;
-        gateway_config.workers = 2;
+        let mut gateway_config = gateway_config(redis.url());
         configure_gateway(&mut gateway_config);
         let gateway_listener = TcpListener::bind("127.0.0.1:0").expect("bind gateway");
         let gateway_url = format!("http://{}", gateway_listener.local_addr().expect("addr"));
@@ -175,7 +203,7 @@ impl TestSystem {
             mock_url,
             gateway_url,
             destinations,
-            http: reqwest::Client::new(),
+            http: authorized_client(),
             keys,
             admin_url: None,
             shutdown,

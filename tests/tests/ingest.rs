@@ -125,6 +125,30 @@ async fn invalid_requests_get_a_status_and_a_message_naming_the_problem_and_stor
             400,
             "at least one event",
         ),
+        (
+            "/v1/events",
+            json_type,
+            format!(
+                r#"{{"userId": "u", "payload": {}1{}}}"#,
+                "[".repeat(32),
+                "]".repeat(32)
+            )
+            .into_bytes(),
+            400,
+            "JSON nests deeper than the limit of 32 levels",
+        ),
+        (
+            "/v1/batch",
+            json_type,
+            format!(
+                r#"{{"events": [{{"userId": "u", "payload": {}1{}}}]}}"#,
+                "{\"a\": ".repeat(40),
+                "}".repeat(40)
+            )
+            .into_bytes(),
+            400,
+            "JSON nests deeper than the limit of 32 levels",
+        ),
     ];
     // Once the router has registered its destinations, `nowhere` is the only unknown.
     system.wait_destinations_registered("crm").await;

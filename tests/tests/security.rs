@@ -1,0 +1,177 @@
+//! Hostile and unauthenticated callers: API keys, rate limits.
+
+use std::time::Duration;
+
+use e2e_tests::{wait_for, RedisServer, TestDestination, TestSystem, API_KEY, API_KEY_NAME};
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+async fn post_with(
+    system: &TestSystem,
+    authorization: Option<&str>,
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/v1/events", system.gateway_url))
+        .json(body);
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let response = request.send().await.expect("gateway answers");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (
+        status,
+        headers,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// The `source` field of every stored event, over all shards.
+async fn stored_sources(system: &TestSystem) -> Vec<Option<String>> {
+    let mut con = system.redis.connection().await;
+    let mut sources = Vec::new();
+    for shard in 0..e2e_tests::SHARDS {
+        let entries: redis::streams::StreamRangeReply = con
+            .xrange_all(system.keys.events(shard))
+            .await
+            .expect("XRANGE");
+        for entry in entries.ids {
+            sources.push(entry.get::<String>(protocol::entry::field::SOURCE));
+        }
+    }
+    sources
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_needs_a_valid_api_key_and_records_its_name() {
+    let system = TestSystem::start_without_router(vec![TestDestination::new("crm", "/ok")]).await;
+    let event = json!({ "userId": "u", "payload": 1 });
+    let wrong = format!("Bearer {API_KEY}x");
+    for (authorization, message) in [
+        (None, "missing API key"),
+        (Some("Bearer evd_not-a-key"), "invalid API key"),
+        (Some(wrong.as_str()), "invalid API key"),
+        (Some(API_KEY), "malformed Authorization header"),
+        (Some("Basic dXNlcjpwYXNz"), "malformed Authorization header"),
+    ] {
+        let (status, headers, body) = post_with(&system, authorization, &event).await;
+        assert_eq!(status, 401, "{authorization:?}: {body}");
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(message),
+            "{authorization:?}: expected `{message}` in `{error}`"
+        );
+    }
+    // The batch route is guarded too.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/batch", system.gateway_url))
+        .json(&json!({ "events": [event] }))
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        system.stream_lengths().await,
+        0,
+        "refused requests stored nothing"
+    );
+
+    let (status, _, body) = post_with(&system, Some(&format!("Bearer {API_KEY}")), &event).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, _, body) = post_with(&system, Some(&format!("bearer  {API_KEY} ")), &event).await;
+    assert_eq!(status, 202, "the scheme is case-insensitive: {body}");
+    assert_eq!(
+        stored_sources(&system).await,
+        vec![Some(API_KEY_NAME.to_owned()); 2],
+        "each event records the key's name"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_limit_gets_429_with_retry_after() {
+    let redis = RedisServer::start().await;
+    let system = TestSystem::start_custom(redis, vec![], |config| {
+        config.auth.keys[0].events_per_sec = Some(5);
+    })
+    .await;
+    let mut accepted = 0;
+    let mut limited = None;
+    for seq in 0..20 {
+        let (status, body) = system
+            .post("/v1/events", &json!({ "userId": "u", "payload": seq }))
+            .await;
+        match status {
+            202 => accepted += 1,
+            429 => {
+                limited = Some(body);
+                break;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    // One second's worth at once (one more if the test ran slowly enough for
+    // the bucket to refill a token meanwhile).
+    assert!((5..=6).contains(&accepted), "{accepted} admitted");
+    let body = limited.expect("the sixth event is limited");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("`{API_KEY_NAME}` is over its rate limit")),
+        "{error}"
+    );
+
+    let response = system
+        .http
+        .post(format!("{}/v1/batch", system.gateway_url))
+        .json(&json!({ "events": [{ "userId": "u", "payload": 1 }] }))
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(
+        response.status(),
+        429,
+        "batches count against the same limit"
+    );
+    assert_eq!(response.headers()["retry-after"], "1");
+
+    // The allowance comes back with time.
+    wait_for(
+        "the limit to admit again",
+        Duration::from_secs(5),
+        || async {
+            system
+                .post("/v1/events", &json!({ "userId": "u", "payload": "later" }))
+                .await
+                .0
+                == 202
+        },
+    )
+    .await;
+    assert_eq!(
+        system.stream_lengths().await,
+        6,
+        "limited requests stored nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_off_anyone_may_post_and_no_source_is_recorded() {
+    let redis = RedisServer::start().await;
+    let system = TestSystem::start_custom(redis, vec![], |config| {
+        config.auth.required = false;
+        config.auth.keys.clear();
+    })
+    .await;
+    let (status, _, body) = post_with(&system, None, &json!({ "userId": "u", "payload": 1 })).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(stored_sources(&system).await, vec![None]);
+    // A key that is sent must still be valid.
+    let (status, _, _) = post_with(
+        &system,
+        Some("Bearer nope"),
+        &json!({ "userId": "u", "payload": 1 }),
+    )
+    .await;
+    assert_eq!(status, 401);
+}
