@@ -20,19 +20,21 @@ ensure_redis_server() {
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-server
 }
 
-# The status page test drives Debian's Chromium with Playwright (PyPI),
-# installed in target/browser-venv; Playwright's own browser download is
-# not used.
-BROWSER_VENV=target/browser-venv
-PLAYWRIGHT_VERSION=1.65.2
-ensure_browser() {
+# Python tools of the test suite (tests/python/requirements.txt: Playwright,
+# standardwebhooks, schemathesis) in target/python-venv, reinstalled when the
+# requirements change. The status page test drives Debian's Chromium;
+# Playwright's own browser download is not used.
+PYTHON_VENV=target/python-venv
+ensure_python_tools() {
   command -v chromium >/dev/null 2>&1 || apt_install chromium chromium
   if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     apt_install "python3-venv" python3-venv
   fi
-  if ! "$BROWSER_VENV/bin/python" -c "import playwright" >/dev/null 2>&1; then
-    echo "Installing Playwright $PLAYWRIGHT_VERSION into $BROWSER_VENV." >&2
-    python3 -m venv "$BROWSER_VENV"
-    "$BROWSER_VENV/bin/pip" install -q "playwright==$PLAYWRIGHT_VERSION"
+  local requirements=tests/python/requirements.txt
+  if ! cmp -s "$requirements" "$PYTHON_VENV/installed-requirements.txt"; then
+    echo "Installing the Python test tools into $PYTHON_VENV." >&2
+    python3 -m venv "$PYTHON_VENV"
+    "$PYTHON_VENV/bin/pip" install -q -r "$requirements"
+    cp "$requirements" "$PYTHON_VENV/installed-requirements.txt"
   fi
 }

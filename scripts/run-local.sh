@@ -43,19 +43,26 @@ for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
 
 redis_url="redis://127.0.0.1:$REDIS_PORT"
 mock="http://127.0.0.1:$MOCK_PORT"
-"$bin/mock-destinations" --listen "127.0.0.1:$MOCK_PORT" &
+# The demo signing secret of config/router.demo.toml: the mocks answer 401 to
+# a delivery without its valid signature.
+"$bin/mock-destinations" --listen "127.0.0.1:$MOCK_PORT" --signing-secret "whsec_ZGVtby1zaWduaW5nLXNlY3JldC1mb3ItbG9jYWwtdXNlLW9ubHk=" &
 pids+=($!)
-# The default router config is the demo; point its destinations at MOCK_PORT.
+# The demo router config, its destinations pointed at MOCK_PORT.
 router_config=$(mktemp)
-sed "s#http://127.0.0.1:9000#$mock#" router/config/router.default.toml > "$router_config"
+sed "s#http://mock-destinations:9000#$mock#" config/router.demo.toml > "$router_config"
 ROUTER_REDIS__URL="$redis_url" ROUTER_ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT" "$bin/router" --config "$router_config" &
 pids+=($!)
-GATEWAY_REDIS__URL="$redis_url" GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" "$bin/gateway" --config config/gateway.demo.toml &
+# GATEWAY_PORT is this script's setting, not the gateway's (whose GATEWAY_*
+# variables are config keys): keep it out of the gateway's environment.
+env -u GATEWAY_PORT GATEWAY_REDIS__URL="$redis_url" GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" \
+  "$bin/gateway" --config config/gateway.demo.toml &
 pids+=($!)
 
 gateway="http://127.0.0.1:$GATEWAY_PORT"
-# The demo key of config/gateway.demo.toml (local use only).
+# The demo API key of config/gateway.demo.toml and admin token of
+# config/router.demo.toml (local use only).
 key="evd_demo-key-for-local-use-only"
+admin_token="evd_admin_demo-token-for-local-use-only"
 for _ in $(seq 100); do curl -sf "$gateway/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 
 cat <<EOT
@@ -64,6 +71,8 @@ cat <<EOT
     gateway            $gateway
     mock destinations  $mock      (healthy: /ok, flaky: /flaky/2, slow: /slow/2000, down: /fail)
     status page        http://127.0.0.1:$ADMIN_PORT/   (admin API under /admin, metrics at /metrics)
+                       sign in with any user name and the admin token $admin_token
+    API key            $key
     redis              $redis_url   (data in ./data)
 
   Send an event:
@@ -81,12 +90,12 @@ cat <<EOT
     curl -s '$mock/received'
 
   Dead letters of the always-failing destination, and replaying them:
-    curl -s 'http://127.0.0.1:$ADMIN_PORT/admin/destinations/down/dead-letters?limit=5'
-    curl -s -XPOST http://127.0.0.1:$ADMIN_PORT/admin/destinations/down/dead-letters/replay
+    curl -s -H 'authorization: Bearer $admin_token' 'http://127.0.0.1:$ADMIN_PORT/admin/destinations/down/dead-letters?limit=5'
+    curl -s -XPOST -H 'authorization: Bearer $admin_token' http://127.0.0.1:$ADMIN_PORT/admin/destinations/down/dead-letters/replay
 
   Pause and resume a destination (its events wait in Redis meanwhile):
-    curl -s -XPOST http://127.0.0.1:$ADMIN_PORT/admin/destinations/slow/pause
-    curl -s -XPOST http://127.0.0.1:$ADMIN_PORT/admin/destinations/slow/resume
+    curl -s -XPOST -H 'authorization: Bearer $admin_token' http://127.0.0.1:$ADMIN_PORT/admin/destinations/slow/pause
+    curl -s -XPOST -H 'authorization: Bearer $admin_token' http://127.0.0.1:$ADMIN_PORT/admin/destinations/slow/resume
 
   Ctrl-C stops everything.
 EOT

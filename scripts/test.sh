@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs redis-server,
-# Chromium and Playwright when missing, builds the binaries the crash tests
+# Chromium and the Python test tools when missing, builds the binaries the crash tests
 # start, compiles the testcontainers variant of the harness, and runs every
 # test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure-tools.sh
 ensure_redis_server
-ensure_browser
+ensure_python_tools
 
 # The crash-recovery tests run the router as a child process.
 cargo build --workspace --bins --locked

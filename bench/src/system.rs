@@ -305,7 +305,13 @@ pub fn start_router(
     dir: &Path,
     label: &str,
 ) -> anyhow::Result<Process> {
-    let mut config = format!("[redis]\nurl = \"{}\"\n", redis.url);
+    // The admin listener is not used here, but stays locked as in production.
+    let admin_token = protocol::secret::generate_token("evd_admin_");
+    let mut config = format!(
+        "[redis]\nurl = \"{}\"\n[admin]\ntoken_sha256 = \"{}\"\n",
+        redis.url,
+        protocol::secret::TokenDigest::of(&admin_token).to_hex()
+    );
     for (name, url) in destinations {
         config.push_str(&format!(
             "\n[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n"

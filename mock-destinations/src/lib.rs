@@ -15,6 +15,11 @@
 //! | `/scripted` | 503 while the payload's `failUntil` (unix ms) is in the future, else 200 |
 //! | `/outage` | 503 while an outage is declared for the path, else 200 |
 //! | `/huge/{bytes}` | 500 with a body of that many bytes |
+//! | `/capture` | 200, and keeps the whole request (`GET /captured`) |
+//!
+//! With signing secrets configured (`--signing-secret`), every request must
+//! also carry a valid Standard Webhooks signature by one of them, made
+//! within the last 5 minutes; otherwise it is answered 401, whatever the path.
 //!
 //! `PUT /outages?path=/outage/crm` declares an outage of that path and
 //! `DELETE /outages?path=/outage/crm` ends it, so a demo or test can take a
@@ -37,7 +42,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-pub use recorder::{PathSummary, Received, Recorder};
+pub use recorder::{Captured, PathSummary, Received, Recorder};
 
 /// Serves the mock paths on `listener` until `shutdown` is cancelled.
 pub async fn run(
@@ -53,6 +58,7 @@ pub async fn run(
             .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
             .route("/received", web::get().to(received))
             .route("/received", web::delete().to(clear))
+            .route("/captured", web::get().to(captured))
             .route("/outages", web::put().to(declare_outage))
             .route("/outages", web::delete().to(end_outage))
             .default_service(web::post().to(webhook))
@@ -95,10 +101,33 @@ async fn webhook(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let number = |index: usize| segments.get(index).and_then(|s| s.parse::<u64>().ok());
 
+    let signature_problem = recorder.signature_problem(
+        header("webhook-id").as_deref(),
+        header("webhook-timestamp").as_deref(),
+        header("webhook-signature").as_deref(),
+        &body,
+        now / 1000,
+    );
     let mut retry_after = None;
     let mut huge_body = None;
     let status = match segments.as_slice() {
+        _ if signature_problem.is_some() => StatusCode::UNAUTHORIZED,
         ["ok", ..] => StatusCode::OK,
+        ["capture", ..] => {
+            recorder.capture(Captured {
+                path: path.clone(),
+                headers: request
+                    .headers()
+                    .iter()
+                    .filter(|(name, _)| name.as_str().starts_with("webhook-"))
+                    .filter_map(|(name, value)| {
+                        Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+                    })
+                    .collect(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+            StatusCode::OK
+        }
         ["fail", ..] => StatusCode::INTERNAL_SERVER_ERROR,
         ["bad-request", ..] => StatusCode::BAD_REQUEST,
         ["flaky", _, ..] => match number(1) {
@@ -151,7 +180,7 @@ async fn webhook(
         .and_then(|at| humantime::parse_rfc3339(at).ok())
         .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
         .map(|at| now.saturating_sub(u64::try_from(at.as_millis()).unwrap_or(u64::MAX)));
-    tracing::info!(path = %path, event_id = %id, user = %user, attempt, status = status.as_u16(), "Webhook received.");
+    tracing::info!(path = %path, event_id = %id, user = %user, attempt, status = status.as_u16(), signature_problem, "Webhook received.");
     recorder.record(
         &path,
         Received {
@@ -167,10 +196,15 @@ async fn webhook(
     if let Some(seconds) = retry_after {
         response.insert_header(("retry-after", seconds.to_string()));
     }
-    match huge_body {
-        Some(body) => response.body(body),
-        None => response.json(json!({ "status": status.as_u16() })),
+    match (huge_body, signature_problem) {
+        (Some(body), _) => response.body(body),
+        (None, Some(problem)) => response.json(json!({ "error": problem })),
+        (None, None) => response.json(json!({ "status": status.as_u16() })),
     }
+}
+
+async fn captured(recorder: web::Data<Recorder>) -> HttpResponse {
+    HttpResponse::Ok().json(recorder.captured())
 }
 
 #[derive(Deserialize)]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use mock_destinations::Recorder;
+use protocol::webhook::SigningSecret;
 
 /// Mock webhook destinations that succeed, fail, flap, stall and rate-limit.
 #[derive(Parser)]
@@ -11,6 +12,14 @@ struct Args {
     /// Address and port to listen on.
     #[arg(long, default_value = "127.0.0.1:9000")]
     listen: String,
+    /// Refuse (401) requests without a valid Standard Webhooks signature by
+    /// this secret (`whsec_…`); repeat for several.
+    #[arg(
+        long = "signing-secret",
+        env = "MOCK_SIGNING_SECRETS",
+        value_delimiter = ','
+    )]
+    signing_secrets: Vec<String>,
 }
 
 #[tokio::main]
@@ -20,6 +29,20 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let shutdown = telemetry::shutdown_on_signal();
-    mock_destinations::run(listener, Arc::new(Recorder::default()), shutdown).await?;
+    let recorder = Arc::new(Recorder::default());
+    let secrets = args
+        .signing_secrets
+        .into_iter()
+        .map(SigningSecret::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--signing-secret: {e}"))?;
+    if !secrets.is_empty() {
+        tracing::info!(
+            secrets = secrets.len(),
+            "Requests must carry a valid webhook signature."
+        );
+    }
+    recorder.require_signatures(secrets);
+    mock_destinations::run(listener, recorder, shutdown).await?;
     Ok(())
 }

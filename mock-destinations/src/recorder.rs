@@ -4,8 +4,23 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
+use protocol::webhook::SigningSecret;
 use protocol::EventId;
 use serde::{Deserialize, Serialize};
+
+/// How far a `webhook-timestamp` may be from now, as Standard Webhooks
+/// receivers allow: older signed requests could be replays.
+const TIMESTAMP_TOLERANCE_SECS: u64 = 5 * 60;
+
+/// A request kept whole by `/capture`, for checks from outside (e.g. an
+/// independent signature verifier).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Captured {
+    pub path: String,
+    /// The `webhook-*` headers, by lower-case name.
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
 
 /// One request as received.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,9 +68,59 @@ struct PathLog {
 pub struct Recorder {
     paths: Mutex<HashMap<String, PathLog>>,
     outages: Mutex<HashSet<String>>,
+    signing_secrets: Mutex<Vec<SigningSecret>>,
+    captured: Mutex<Vec<Captured>>,
 }
 
 impl Recorder {
+    /// From now on every request must carry a valid Standard Webhooks
+    /// signature by one of `secrets` (none: signatures are not checked).
+    pub fn require_signatures(&self, secrets: Vec<SigningSecret>) {
+        *self.signing_secrets.lock().expect("never poisoned") = secrets;
+    }
+
+    /// Why a request's signature is refused, if it is; `now_secs` is the
+    /// current Unix time.
+    pub fn signature_problem(
+        &self,
+        id: Option<&str>,
+        timestamp: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+        now_secs: u64,
+    ) -> Option<&'static str> {
+        let secrets = self.signing_secrets.lock().expect("never poisoned");
+        if secrets.is_empty() {
+            return None;
+        }
+        let (Some(id), Some(timestamp), Some(signature)) = (id, timestamp, signature) else {
+            return Some("missing webhook-id, webhook-timestamp or webhook-signature");
+        };
+        let Ok(timestamp) = timestamp.parse::<u64>() else {
+            return Some("malformed webhook-timestamp");
+        };
+        if timestamp.abs_diff(now_secs) > TIMESTAMP_TOLERANCE_SECS {
+            return Some("webhook-timestamp is too far from now");
+        }
+        if secrets
+            .iter()
+            .any(|secret| secret.verify(id, timestamp, body, signature))
+        {
+            None
+        } else {
+            Some("no valid signature")
+        }
+    }
+
+    pub fn capture(&self, request: Captured) {
+        self.captured.lock().expect("never poisoned").push(request);
+    }
+
+    /// Every request `/capture` kept, oldest first.
+    pub fn captured(&self) -> Vec<Captured> {
+        self.captured.lock().expect("never poisoned").clone()
+    }
+
     /// Declares (`true`) or ends an outage of `path` (see `/outage`).
     pub fn set_outage(&self, path: &str, down: bool) {
         let mut outages = self.outages.lock().expect("outage lock is never poisoned");

@@ -6,6 +6,7 @@
 //! - [`keys`]: every Redis key name, each shard's keys under one hash tag.
 //! - [`entry`]: the fields of one event in a shard stream, and event ids.
 //! - [`secret`]: API keys and the admin token, kept as digests.
+//! - [`webhook`]: Standard Webhooks signatures of deliveries.
 //! - [`meta`]: start-up checks both services share (the recorded shard count, Redis
 //!   persistence settings).
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod keys;
 pub mod meta;
 pub mod secret;
 pub mod shard;
+pub mod webhook;
 
 pub use config::RedisConfig;
 pub use entry::{unix_millis, EventEntry, EventId, Replay, StreamId};

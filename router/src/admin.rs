@@ -11,12 +11,21 @@
 //! | `POST /admin/destinations/{name}/dead-letters/replay` | replay all, `{"ids": […]}` or `{"from_ms", "to_ms"}` |
 //! | `DELETE /admin/destinations/{name}/dead-letters/{id}` | delete one |
 //! | `DELETE /admin/destinations/{name}/dead-letters` | delete all |
+//!
+//! Every route needs the admin token (unless `admin.require_token` is off):
+//! `Authorization: Bearer <token>`, or HTTP Basic with the token as the
+//! password, which is what a browser sends after asking for it.
 
 use std::net::TcpListener;
 use std::sync::Arc;
 
+use actix_web::body::BoxBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
+use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
+use base64::Engine;
+use protocol::secret::{find_token, TokenDigest};
 use protocol::Keys;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
@@ -39,6 +48,28 @@ pub struct AdminState {
     pub con: ConnectionManager,
     pub destinations: Vec<Arc<Destination>>,
     pub overview: SharedOverview,
+    pub access: Access,
+}
+
+/// Who the admin listener lets in.
+pub enum Access {
+    /// Everyone (`admin.require_token = false`).
+    Open,
+    /// Requests with the token of this digest.
+    Token(TokenDigest),
+    /// No one: a token is required but none is configured (a config that
+    /// skipped validation fails closed).
+    Closed,
+}
+
+impl Access {
+    pub fn new(config: &crate::config::AdminConfig) -> Self {
+        match (config.require_token, &config.token_sha256) {
+            (false, _) => Access::Open,
+            (true, Some(digest)) => Access::Token(digest.clone()),
+            (true, None) => Access::Closed,
+        }
+    }
 }
 
 impl AdminState {
@@ -103,6 +134,8 @@ pub enum AdminError {
     DeadLetters(#[from] DeadLetterError),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("missing or invalid admin token")]
+    Unauthorized,
 }
 
 impl ResponseError for AdminError {
@@ -112,6 +145,7 @@ impl ResponseError for AdminError {
                 StatusCode::NOT_FOUND
             }
             AdminError::StillConfigured(_) => StatusCode::CONFLICT,
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
             AdminError::DeadLetters(DeadLetterError::Redis(_)) | AdminError::Redis(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -125,8 +159,58 @@ impl ResponseError for AdminError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             tracing::warn!(error = %self, "Admin request failed.");
         }
-        HttpResponse::build(status).json(json!({ "error": self.to_string() }))
+        let mut response = HttpResponse::build(status);
+        if let AdminError::Unauthorized = self {
+            // Basic lets a browser ask for the token; Bearer serves scripts.
+            response.insert_header((
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"event-delivery admin\", charset=\"UTF-8\"",
+            ));
+        }
+        response.json(json!({ "error": self.to_string() }))
     }
+}
+
+/// Lets a request through only with the admin token (see the module docs).
+async fn require_token(
+    request: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let state = request
+        .app_data::<web::Data<AdminState>>()
+        .expect("the admin state is registered");
+    let allowed = match &state.access {
+        Access::Open => true,
+        Access::Closed => false,
+        Access::Token(digest) => request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(presented_token)
+            .is_some_and(|token| find_token(&token, [digest]).is_some()),
+    };
+    if allowed {
+        next.call(request).await
+    } else {
+        Ok(request.into_response(AdminError::Unauthorized.error_response()))
+    }
+}
+
+/// The token of a `Bearer` credential, or the password of a `Basic` one.
+fn presented_token(authorization: &str) -> Option<String> {
+    let (scheme, credentials) = authorization.trim().split_once(' ')?;
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(credentials.to_owned());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .ok()?;
+    let (_user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(password.to_owned())
 }
 
 /// Serves the admin routes on `listener` until `shutdown`.
@@ -140,6 +224,7 @@ pub async fn serve(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .wrap(from_fn(require_token))
             .app_data(web::JsonConfig::default().error_handler(|error, _| {
                 AdminError::Invalid(format!("invalid JSON body: {error}")).into()
             }))

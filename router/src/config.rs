@@ -74,6 +74,10 @@ pub struct AdminConfig {
     pub listen: String,
     /// How often destinations are measured for the admin API and gauges (ms).
     pub overview_interval_ms: u64,
+    /// Whether every request to the admin listener must carry the token.
+    pub require_token: bool,
+    /// SHA-256 of the admin token; required when `require_token`.
+    pub token_sha256: Option<protocol::secret::TokenDigest>,
 }
 
 impl AdminConfig {
@@ -122,6 +126,10 @@ pub struct DestinationConfig {
     /// When and how often to retry.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Standard Webhooks secrets (`whsec_…`) each delivery is signed with;
+    /// more than one while a secret is rotated. Empty: unsigned.
+    #[serde(default)]
+    pub signing_secrets: Vec<protocol::webhook::SigningSecret>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -178,6 +186,12 @@ impl Config {
         }
         if self.admin.overview_interval_ms == 0 {
             return Err("admin.overview_interval_ms must be positive".into());
+        }
+        if self.admin.require_token && self.admin.token_sha256.is_none() {
+            return Err("admin.token_sha256 is not set: create a token with \
+                 `router new-admin-token` and add the line it prints, or set \
+                 admin.require_token = false (local demos only)"
+                .into());
         }
         if self.retention.trim_interval_ms == 0 {
             return Err("retention.trim_interval_ms must be positive".into());
@@ -298,9 +312,19 @@ impl DestinationConfig {
 mod tests {
     use super::*;
 
+    /// The defaults plus the admin token they lack.
+    fn valid_defaults() -> Config {
+        let mut config = Config::defaults();
+        config.admin.token_sha256 = Some(protocol::secret::TokenDigest::of("token"));
+        config
+    }
+
     #[test]
-    fn embedded_defaults_are_valid() {
-        let config = Config::defaults();
+    fn embedded_defaults_are_valid_once_an_admin_token_is_set() {
+        let mut config = Config::defaults();
+        let refusal = config.validate().expect_err("no admin token");
+        assert!(refusal.contains("router new-admin-token"), "{refusal}");
+        config.admin.token_sha256 = Some(protocol::secret::TokenDigest::of("token"));
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.destinations.len(), 4);
         assert_eq!(config.destinations[1].retry, RetryConfig::default());
@@ -308,26 +332,26 @@ mod tests {
 
     #[test]
     fn bad_destinations_are_refused_with_their_name() {
-        let mut config = Config::defaults();
+        let mut config = valid_defaults();
         config.destinations[0].name = "has space".into();
         assert!(config
             .validate()
             .expect_err("invalid")
             .contains("has space"));
-        let mut config = Config::defaults();
+        let mut config = valid_defaults();
         config.destinations[1].name = "healthy".into();
         assert!(config
             .validate()
             .expect_err("invalid")
             .contains("used twice"));
-        let mut config = Config::defaults();
+        let mut config = valid_defaults();
         config.destinations[2].url = "ftp://x".into();
         assert!(config.validate().expect_err("invalid").contains("http"));
     }
 
     #[test]
     fn a_lease_too_short_for_an_attempt_is_refused() {
-        let mut config = Config::defaults();
+        let mut config = valid_defaults();
         config.destinations[2].timeout_ms = 17_001;
         let error = config.validate().expect_err("too short");
         assert!(error.contains("`slow`"), "{error}");

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use protocol::webhook::{signature_header, SigningSecret};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -103,6 +104,8 @@ pub struct Destination {
     pub max_age: Option<Duration>,
     /// This router's counters for the destination (metrics, admin API).
     pub stats: DestinationStats,
+    /// Every delivery is signed with each of these (Standard Webhooks).
+    signing_secrets: Vec<SigningSecret>,
     /// Whether delivery is paused (set by the admin API, shared by all
     /// routers through Redis; see [`crate::pause`]).
     paused: watch::Sender<bool>,
@@ -140,6 +143,7 @@ impl Destination {
             timeout: config.timeout(),
             max_age: config.max_age_ms.map(Duration::from_millis),
             stats: DestinationStats::new(&config.name),
+            signing_secrets: config.signing_secrets.clone(),
             paused: watch::Sender::new(false),
             pause_requests: AtomicU64::new(0),
         })
@@ -220,16 +224,20 @@ impl Destination {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let response = self
+        let mut request = self
             .client
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("webhook-id", event_id)
             .header("webhook-timestamp", timestamp)
-            .header("webhook-attempt", attempt)
-            .body(body.clone())
-            .send()
-            .await;
+            .header("webhook-attempt", attempt);
+        if !self.signing_secrets.is_empty() {
+            request = request.header(
+                "webhook-signature",
+                signature_header(&self.signing_secrets, event_id, timestamp, body),
+            );
+        }
+        let response = request.body(body.clone()).send().await;
         let outcome = match response {
             Err(error) => AttemptOutcome::Retry {
                 status: None,

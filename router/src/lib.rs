@@ -172,7 +172,14 @@ pub async fn run(
         con: admin_connection,
         destinations: configured,
         overview,
+        access: admin::Access::new(&config.admin),
     };
+    if !config.admin.require_token {
+        tracing::warn!(
+            "ADMIN AUTHENTICATION IS OFF (admin.require_token = false): anyone who can reach \
+             the admin listener can replay, delete and pause. Use this for local demos only."
+        );
+    }
     let admin_server = tokio::spawn(admin::serve(admin_state, admin_listener, shutdown.clone()));
 
     let trimmer = tokio::spawn(retention::run(

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use protocol::secret::{generate_token, TokenDigest};
+use protocol::webhook::SigningSecret;
 
 /// Event delivery router: delivers events from Redis streams to webhook destinations.
 #[derive(Parser)]
@@ -24,15 +26,25 @@ enum Command {
         /// The destination's name, as it was in the config.
         name: String,
     },
+    /// Create an admin token: prints the token, for operators, and the line
+    /// to set in `[admin]`, which holds only its digest.
+    NewAdminToken,
+    /// Create a webhook signing secret (`whsec_…`) for a destination's
+    /// `signing_secrets`; give the same secret to the receiver.
+    NewSigningSecret,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = router::Config::load(args.config.as_deref())?;
-    telemetry::init_logging(config.log_format);
-    match args.command.unwrap_or(Command::Run) {
+    let load = || -> anyhow::Result<router::Config> {
+        let config = router::Config::load(args.config.as_deref())?;
+        telemetry::init_logging(config.log_format);
+        Ok(config)
+    };
+    match args.command.as_ref().unwrap_or(&Command::Run) {
         Command::Run => {
+            let config = load()?;
             let admin = std::net::TcpListener::bind(&config.admin.listen).with_context(|| {
                 format!("cannot listen on {} (admin.listen)", config.admin.listen)
             })?;
@@ -40,11 +52,23 @@ async fn main() -> anyhow::Result<()> {
             router::run(config, admin, shutdown).await
         }
         Command::RemoveDestination { name } => {
-            let shards = router::remove_destination(&config, &name).await?;
+            let config = load()?;
+            let shards = router::remove_destination(&config, name).await?;
             println!(
                 "Deleted the consumer groups of `{name}` on {shards} of {} shards; its dead-letter streams are kept.",
                 config.redis.shards
             );
+            Ok(())
+        }
+        Command::NewAdminToken => {
+            let token = generate_token("evd_admin_");
+            println!("Admin token (for operators; it is not stored anywhere): {token}");
+            println!("Set in [admin] of the router config:");
+            println!("  token_sha256 = \"{}\"", TokenDigest::of(&token).to_hex());
+            Ok(())
+        }
+        Command::NewSigningSecret => {
+            println!("{}", SigningSecret::generate());
             Ok(())
         }
     }

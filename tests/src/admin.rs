@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::TestSystem;
+use crate::{TestSystem, ADMIN_TOKEN};
 
 impl TestSystem {
     fn admin(&self, path: &str) -> String {
@@ -18,6 +18,7 @@ impl TestSystem {
         let response = self
             .http
             .get(self.admin(path))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .expect("admin answers");
@@ -33,7 +34,10 @@ impl TestSystem {
         path: &str,
         body: Option<&Value>,
     ) -> (u16, Value) {
-        let mut request = self.http.request(method, self.admin(path));
+        let mut request = self
+            .http
+            .request(method, self.admin(path))
+            .bearer_auth(ADMIN_TOKEN);
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -66,7 +70,14 @@ impl TestSystem {
     }
 
     async fn metrics_at(&self, url: String) -> Metrics {
-        let response = self.http.get(url).send().await.expect("metrics answer");
+        // The gateway's metrics are open; the router's need the admin token.
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("metrics answer");
         Metrics(response.text().await.expect("text"))
     }
 }

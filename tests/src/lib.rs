@@ -32,6 +32,9 @@ pub const SHARDS: u16 = 8;
 pub const API_KEY: &str = "evd_test-suite-key";
 pub const API_KEY_NAME: &str = "test-suite";
 
+/// The admin token of the suite's routers.
+pub const ADMIN_TOKEN: &str = "evd_admin_test-suite-token";
+
 /// The gateway's defaults, accepting [`API_KEY`], on `redis_url`.
 pub fn gateway_config(redis_url: &str) -> gateway::Config {
     let mut config = gateway::Config::defaults();
@@ -95,6 +98,8 @@ pub struct TestDestination {
     pub timeout_ms: u64,
     pub max_concurrency: usize,
     pub max_age_ms: Option<u64>,
+    /// `whsec_…` secrets deliveries are signed with.
+    pub signing_secrets: Vec<String>,
 }
 
 impl TestDestination {
@@ -111,7 +116,13 @@ impl TestDestination {
             timeout_ms: 2000,
             max_concurrency: 64,
             max_age_ms: None,
+            signing_secrets: Vec::new(),
         }
+    }
+
+    pub fn signed_with(mut self, secrets: &[&str]) -> Self {
+        self.signing_secrets = secrets.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     pub fn max_age_ms(mut self, max_age_ms: u64) -> Self {
@@ -240,6 +251,7 @@ impl TestSystem {
         config.redis.timeout_ms = 1000;
         config.retention.trim_interval_ms = 100;
         config.admin.overview_interval_ms = 100;
+        config.admin.token_sha256 = Some(protocol::secret::TokenDigest::of(ADMIN_TOKEN));
         config.destinations = self
             .destinations
             .iter()
@@ -256,6 +268,11 @@ impl TestSystem {
                 headers: Default::default(),
                 max_age_ms: d.max_age_ms,
                 retry: d.retry,
+                signing_secrets: d
+                    .signing_secrets
+                    .iter()
+                    .map(|secret| secret.clone().try_into().expect("a valid test secret"))
+                    .collect(),
             })
             .collect();
         config
@@ -269,7 +286,7 @@ impl TestSystem {
             "consumer_name = \"{}\"\nshutdown_grace_ms = {}\n\
              [redis]\nurl = \"{}\"\nshards = {}\ntimeout_ms = {}\n\
              [reader]\nbatch_size = 100\nblock_ms = {}\nwindow = 1000\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\
              [lease]\nttl_ms = {}\nrenew_interval_ms = {}\nsafety_margin_ms = {}\n\
              [retention]\ntrim_interval_ms = {}\n",
             config.consumer_name,
@@ -278,18 +295,22 @@ impl TestSystem {
             config.redis.shards,
             config.redis.timeout_ms,
             config.reader.block_ms,
+            protocol::secret::TokenDigest::of(ADMIN_TOKEN).to_hex(),
             lease.ttl_ms,
             lease.renew_interval_ms,
             lease.safety_margin_ms,
             config.retention.trim_interval_ms,
         );
-        for d in &config.destinations {
+        for (d, test) in config.destinations.iter().zip(&self.destinations) {
             toml.push_str(&format!(
                 "[[destinations]]\nname = \"{}\"\nurl = \"{}\"\ntimeout_ms = {}\nmax_concurrency = {}\nretry = {{ initial_delay_ms = {}, max_delay_ms = {}, max_attempts = {} }}\n",
                 d.name, d.url, d.timeout_ms, d.max_concurrency, d.retry.initial_delay_ms, d.retry.max_delay_ms, d.retry.max_attempts
             ));
             if let Some(max_age_ms) = d.max_age_ms {
                 toml.push_str(&format!("max_age_ms = {max_age_ms}\n"));
+            }
+            if !test.signing_secrets.is_empty() {
+                toml.push_str(&format!("signing_secrets = {:?}\n", test.signing_secrets));
             }
         }
         toml
@@ -584,6 +605,28 @@ pub fn users_in_one_shard() -> (String, String) {
 }
 
 /// A built binary of this workspace (`cargo build` puts it beside the test's deps dir).
+pub fn workspace_root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+}
+
+/// The Python that has the suite's tools (`tests/python/requirements.txt`):
+/// `target/python-venv`, which `scripts/test.sh` installs, or `EVD_PYTHON`.
+pub fn test_python() -> PathBuf {
+    let python = std::env::var_os("EVD_PYTHON").map_or_else(
+        || workspace_root().join("target/python-venv/bin/python"),
+        PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/test.sh, which installs the Python test tools, \
+         or set EVD_PYTHON to a Python that has tests/python/requirements.txt",
+        python.display()
+    );
+    python
+}
+
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe

@@ -1,41 +1,18 @@
 //! The status page in a real browser: headless Chromium, driven by
-//! `tests/browser/status_page.py` (Playwright), while events flow. The
+//! `tests/python/status_page.py` (Playwright), while events flow. The
 //! screenshot it takes is the one the README shows.
 //!
-//! Needs `chromium` and a Python with Playwright: `scripts/test.sh`
-//! installs both (the Python in `target/browser-venv`, or set
-//! `EVD_BROWSER_PYTHON`; Chromium at `/usr/bin/chromium`, or set
-//! `EVD_CHROMIUM`).
+//! Needs `chromium` (at `/usr/bin/chromium`, or set `EVD_CHROMIUM`) and
+//! the suite's Python tools (see [`e2e_tests::test_python`]).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use e2e_tests::{wait_for, TestDestination, TestSystem};
+use e2e_tests::{test_python, wait_for, workspace_root, TestDestination, TestSystem, ADMIN_TOKEN};
 use reqwest::Method;
 use serde_json::{json, Value};
 
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate sits in the workspace")
-}
-
-fn browser_python() -> PathBuf {
-    let python = std::env::var_os("EVD_BROWSER_PYTHON").map_or_else(
-        || workspace_root().join("target/browser-venv/bin/python"),
-        PathBuf::from,
-    );
-    assert!(
-        python.exists(),
-        "{} not found: run scripts/test.sh, which installs Chromium and Playwright, \
-         or set EVD_BROWSER_PYTHON to a Python that has Playwright",
-        python.display()
-    );
-    python
-}
 
 /// Posts events of a few users, one at a time each, until `stop`; returns
 /// how many were accepted.
@@ -61,7 +38,7 @@ async fn post_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_in_a_browser_matches_the_admin_api_and_replays_dead_letters() {
-    let python = browser_python();
+    let python = test_python();
     let chromium = std::env::var("EVD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     let system = TestSystem::start(vec![
         TestDestination::new("crm", "/ok/crm"),
@@ -94,8 +71,9 @@ async fn status_page_in_a_browser_matches_the_admin_api_and_replays_dead_letters
     ));
     let screenshot = workspace_root().join("docs/status-page.png");
     let output = Command::new(&python)
-        .arg(workspace_root().join("tests/browser/status_page.py"))
+        .arg(workspace_root().join("tests/python/status_page.py"))
         .args(["--admin-url", system.admin_url.as_deref().expect("router")])
+        .args(["--admin-token", ADMIN_TOKEN])
         .args(["--replay", "billing", "--chromium", &chromium])
         .arg("--screenshot")
         .arg(&screenshot)

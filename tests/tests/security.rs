@@ -1,8 +1,12 @@
-//! Hostile and unauthenticated callers: API keys, rate limits.
+//! Hostile and unauthenticated callers: API keys, rate limits, webhook
+//! signatures, the admin token.
 
 use std::time::Duration;
 
-use e2e_tests::{wait_for, RedisServer, TestDestination, TestSystem, API_KEY, API_KEY_NAME};
+use e2e_tests::{
+    test_python, wait_for, workspace_root, RedisServer, TestDestination, TestSystem, ADMIN_TOKEN,
+    API_KEY, API_KEY_NAME,
+};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
@@ -174,4 +178,140 @@ async fn with_auth_off_anyone_may_post_and_no_source_is_recorded() {
     )
     .await;
     assert_eq!(status, 401);
+}
+
+const OLD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const NEW_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+fn secret(text: &str) -> protocol::webhook::SigningSecret {
+    text.to_owned().try_into().expect("a valid secret")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_are_signed_and_an_independent_verifier_agrees() {
+    // Mid-rotation: the router signs with the new and the old secret; the
+    // receiver still knows only the old one.
+    let mut system =
+        TestSystem::start_without_router(vec![TestDestination::new("signed", "/capture/signed")
+            .signed_with(&[NEW_SECRET, OLD_SECRET])])
+        .await;
+    system.recorder.require_signatures(vec![secret(OLD_SECRET)]);
+    system.start_router();
+    for seq in 0..20 {
+        system
+            .send(&format!("user-{}", seq % 3), json!({ "seq": seq }))
+            .await;
+    }
+    system
+        .wait_delivered("signed", 20, Duration::from_secs(30))
+        .await;
+    let summary = system.received("signed");
+    assert_eq!(
+        summary.requests, 20,
+        "every signature verified at the receiver"
+    );
+
+    let captured = system.recorder.captured();
+    assert_eq!(captured.len(), 20);
+    for request in &captured {
+        let signatures: Vec<&str> = request.headers["webhook-signature"].split(' ').collect();
+        assert_eq!(signatures.len(), 2, "one signature per secret");
+        assert!(signatures.iter().all(|s| s.starts_with("v1,")));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("captured.json");
+    std::fs::write(&file, serde_json::to_vec(&captured).expect("json")).expect("write");
+    let unrelated = protocol::webhook::SigningSecret::generate();
+    let output = std::process::Command::new(test_python())
+        .arg(workspace_root().join("tests/python/verify_signatures.py"))
+        .arg(&file)
+        .args([OLD_SECRET, NEW_SECRET, unrelated.as_str()])
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "verifier failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    let expected =
+        |verified: usize| json!({ "requests": 20, "verified": verified, "tampered_rejected": 20 });
+    assert_eq!(
+        report,
+        json!([expected(20), expected(20), expected(0)]),
+        "standardwebhooks verifies both signatures, refuses tampered requests and other secrets"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_refuses_a_wrong_signature_with_401_and_the_event_is_dead_lettered() {
+    let mut system =
+        TestSystem::start_without_router(vec![
+            TestDestination::new("wrong-secret", "/ok/wrong").signed_with(&[NEW_SECRET])
+        ])
+        .await;
+    system.recorder.require_signatures(vec![secret(OLD_SECRET)]);
+    system.start_router();
+    system.send("u", json!(1)).await;
+    wait_for("the dead letter", Duration::from_secs(30), || async {
+        !system.dead_letters("wrong-secret").await.is_empty()
+    })
+    .await;
+    let letter = &system.dead_letters("wrong-secret").await[0];
+    assert_eq!(letter["last_status"], "401", "{letter:?}");
+    assert!(
+        letter["last_error"].contains("no valid signature"),
+        "{letter:?}"
+    );
+    assert_eq!(system.received("wrong-secret").delivered, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_needs_its_own_token() {
+    let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
+    let admin = system.admin_url.clone().expect("router started");
+    let http = reqwest::Client::new();
+    let basic = |password: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("operator:{password}"))
+        )
+    };
+    for path in ["/", "/metrics", "/admin/destinations"] {
+        for authorization in [
+            None,
+            Some(format!("Bearer {API_KEY}")),
+            Some(format!("Bearer {ADMIN_TOKEN}x")),
+            Some(basic("wrong")),
+        ] {
+            let mut request = http.get(format!("{admin}{path}"));
+            if let Some(authorization) = &authorization {
+                request = request.header("authorization", authorization);
+            }
+            let response = request.send().await.expect("admin answers");
+            assert_eq!(response.status(), 401, "{path} with {authorization:?}");
+            assert!(response.headers()["www-authenticate"]
+                .to_str()
+                .expect("ascii")
+                .starts_with("Basic "));
+        }
+        for authorization in [format!("Bearer {ADMIN_TOKEN}"), basic(ADMIN_TOKEN)] {
+            let response = http
+                .get(format!("{admin}{path}"))
+                .header("authorization", &authorization)
+                .send()
+                .await
+                .expect("admin answers");
+            assert_eq!(response.status(), 200, "{path} with {authorization}");
+        }
+    }
+    // A refused request changes nothing.
+    let response = http
+        .post(format!("{admin}/admin/destinations/crm/pause"))
+        .send()
+        .await
+        .expect("admin answers");
+    assert_eq!(response.status(), 401);
+    assert_eq!(system.destination_view("crm").await["paused"], false);
 }

@@ -1,5 +1,7 @@
 """Drives the router's status page in headless Chromium.
 
+0. Checks the page refuses a browser without the admin token (401), then
+   signs in the way a person would: HTTP Basic, the token as the password.
 1. Loads the page and checks every number it shows against the admin API
    answer for the same measurement (the page's data-sequence).
 2. Saves a screenshot.
@@ -15,7 +17,7 @@ import json
 import sys
 import urllib.request
 
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Error, sync_playwright
 
 NUMBER_FIELDS = [
     "lag",
@@ -28,8 +30,11 @@ NUMBER_FIELDS = [
 ]
 
 
-def fetch_overview(admin_url):
-    with urllib.request.urlopen(admin_url + "/admin/destinations", timeout=10) as response:
+def fetch_overview(admin_url, token):
+    request = urllib.request.Request(
+        admin_url + "/admin/destinations", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
 
@@ -38,12 +43,12 @@ def expected_text(destination, field):
     return "?" if value is None else str(value)
 
 
-def check_page_matches_api(page, admin_url):
+def check_page_matches_api(page, admin_url, token):
     """Returns the overview the page was checked against."""
     for _ in range(100):
         page.goto(admin_url + "/")
         sequence = int(page.get_attribute("body", "data-sequence"))
-        overview = fetch_overview(admin_url)
+        overview = fetch_overview(admin_url, token)
         if overview["sequence"] == sequence:
             break
     else:
@@ -75,6 +80,7 @@ def check_page_matches_api(page, admin_url):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--admin-url", required=True)
+    parser.add_argument("--admin-token", required=True)
     parser.add_argument("--replay", required=True, help="destination whose replay button to click")
     parser.add_argument("--screenshot", required=True)
     parser.add_argument("--chromium", default="/usr/bin/chromium")
@@ -90,8 +96,25 @@ def main():
                 "--disable-background-networking",
             ],
         )
-        page = browser.new_page(viewport={"width": 1500, "height": 420})
-        overview = check_page_matches_api(page, args.admin_url)
+        stranger = browser.new_page()
+        try:
+            status = stranger.goto(args.admin_url + "/").status
+        except Error as error:
+            # Chromium ends a 401 Basic challenge it has no credentials for
+            # with this error instead of showing the page.
+            if "ERR_INVALID_AUTH_CREDENTIALS" not in str(error):
+                raise
+            status = 401
+        if status != 401:
+            sys.exit(f"the status page answered {status} without the admin token, not 401")
+        stranger.close()
+
+        context = browser.new_context(
+            viewport={"width": 1500, "height": 420},
+            http_credentials={"username": "admin", "password": args.admin_token},
+        )
+        page = context.new_page()
+        overview = check_page_matches_api(page, args.admin_url, args.admin_token)
         page.screenshot(path=args.screenshot, full_page=True)
 
         target = next(d for d in overview["destinations"] if d["name"] == args.replay)
