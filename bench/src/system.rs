@@ -308,7 +308,8 @@ pub fn start_router(
     // The admin listener is not used here, but stays locked as in production.
     let admin_token = protocol::secret::generate_token("evd_admin_");
     let mut config = format!(
-        "[redis]\nurl = \"{}\"\n[admin]\ntoken_sha256 = \"{}\"\n",
+        "[redis]\nurl = \"{}\"\n[admin]\ntoken_sha256 = \"{}\"\n\
+         [outbound]\nallowed_networks = [\"127.0.0.0/8\"]\n",
         redis.url,
         protocol::secret::TokenDigest::of(&admin_token).to_hex()
     );

@@ -33,6 +33,8 @@ pub struct Config {
     pub reader: ReaderConfig,
     /// Where events are delivered.
     pub destinations: Vec<DestinationConfig>,
+    /// Where deliveries may connect (the SSRF guard).
+    pub outbound: crate::outbound::OutboundConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -206,9 +208,14 @@ impl Config {
         if self.destinations.is_empty() {
             return Err("at least one [[destinations]] entry is required".into());
         }
+        let policy = crate::outbound::Policy::new(&self.outbound)?;
         let mut names = HashSet::new();
         for destination in &self.destinations {
             destination.validate()?;
+            let url = reqwest::Url::parse(&destination.url).expect("validated above");
+            policy
+                .check_url(&url)
+                .map_err(|refused| format!("destination `{}`: {refused}", destination.name))?;
             if !names.insert(&destination.name) {
                 return Err(format!(
                     "destination name `{}` is used twice",
@@ -312,19 +319,27 @@ impl DestinationConfig {
 mod tests {
     use super::*;
 
-    /// The defaults plus the admin token they lack.
+    /// The defaults plus the admin token they lack, and the loopback network
+    /// their example destinations are on allow-listed.
     fn valid_defaults() -> Config {
         let mut config = Config::defaults();
         config.admin.token_sha256 = Some(protocol::secret::TokenDigest::of("token"));
+        config.outbound.allowed_networks = vec!["127.0.0.0/8".into()];
         config
     }
 
     #[test]
-    fn embedded_defaults_are_valid_once_an_admin_token_is_set() {
+    fn embedded_defaults_are_valid_once_a_token_is_set_and_loopback_allowed() {
         let mut config = Config::defaults();
         let refusal = config.validate().expect_err("no admin token");
         assert!(refusal.contains("router new-admin-token"), "{refusal}");
         config.admin.token_sha256 = Some(protocol::secret::TokenDigest::of("token"));
+        let refusal = config.validate().expect_err("loopback destinations");
+        assert!(
+            refusal.contains("destination `healthy`: refused to connect to 127.0.0.1"),
+            "{refusal}"
+        );
+        let config = valid_defaults();
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.destinations.len(), 4);
         assert_eq!(config.destinations[1].retry, RetryConfig::default());

@@ -14,6 +14,7 @@ use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DestinationConfig;
+use crate::outbound::{refusal_of, Policy};
 use crate::retry::RetryPolicy;
 use crate::stats::DestinationStats;
 
@@ -106,6 +107,9 @@ pub struct Destination {
     pub stats: DestinationStats,
     /// Every delivery is signed with each of these (Standard Webhooks).
     signing_secrets: Vec<SigningSecret>,
+    /// Set when the URL is an IP literal the outbound policy refuses: then
+    /// no attempt is made (names are checked by the resolver instead).
+    refused: Option<String>,
     /// Whether delivery is paused (set by the admin API, shared by all
     /// routers through Redis; see [`crate::pause`]).
     paused: watch::Sender<bool>,
@@ -115,7 +119,7 @@ pub struct Destination {
 }
 
 impl Destination {
-    pub fn new(config: &DestinationConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(config: &DestinationConfig, policy: &Policy) -> Result<Self, reqwest::Error> {
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             // Config validation has already checked both.
@@ -132,11 +136,17 @@ impl Destination {
             .pool_max_idle_per_host(config.max_concurrency)
             // A POST redirected becomes a GET elsewhere: treat 3xx as an answer.
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(policy.resolver())
             .default_headers(headers)
             .build()?;
+        let url = reqwest::Url::parse(&config.url).expect("config validation checked the url");
         Ok(Self {
             name: config.name.clone(),
-            url: reqwest::Url::parse(&config.url).expect("config validation checked the url"),
+            refused: policy
+                .check_url(&url)
+                .err()
+                .map(|refused| refused.to_string()),
+            url,
             client,
             in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
             retry: config.retry.into(),
@@ -220,6 +230,13 @@ impl Destination {
         attempt: u32,
     ) -> (AttemptOutcome, Duration) {
         let started = Instant::now();
+        if let Some(refused) = &self.refused {
+            let outcome = AttemptOutcome::Dead {
+                status: None,
+                error: refused.clone(),
+            };
+            return (outcome, started.elapsed());
+        }
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -239,6 +256,14 @@ impl Destination {
         }
         let response = request.body(body.clone()).send().await;
         let outcome = match response {
+            // The outbound policy refused the address: no retry can help
+            // until an operator changes the policy (then replay).
+            Err(error) if refusal_of(&error).is_some() => AttemptOutcome::Dead {
+                status: None,
+                error: refusal_of(&error)
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            },
             Err(error) => AttemptOutcome::Retry {
                 status: None,
                 error: describe(&error),
@@ -330,7 +355,9 @@ mod tests {
     #[test]
     fn a_stale_read_of_the_paused_set_does_not_undo_a_newer_request() {
         let config = crate::Config::defaults();
-        let destination = Destination::new(&config.destinations[0]).expect("client builds");
+        let policy = Policy::new(&config.outbound).expect("default policy");
+        let destination =
+            Destination::new(&config.destinations[0], &policy).expect("client builds");
         let read_started = destination.pause_token();
         assert!(destination.set_paused(true));
         assert!(!destination.apply_paused(false, read_started));

@@ -9,6 +9,7 @@
 //! - [`coordinator`]: acquires, renews, hands over and releases leases; starts and stops workers.
 //! - [`retention`]: trims shard streams below what every destination still needs.
 //! - [`delivery`]: one HTTP attempt and what its answer means.
+//! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`retry`]: the backoff policy.
 //! - [`worker`]: the per (shard, destination) loop: window, per-user order, lease checks.
 //! - [`stats`]: this router's counters per destination (metrics and admin API).
@@ -24,6 +25,7 @@ pub mod coordinator;
 pub mod dead_letters;
 pub mod delivery;
 pub mod lease;
+pub mod outbound;
 pub mod overview;
 pub mod retention;
 pub mod retry;
@@ -98,10 +100,11 @@ pub async fn run(
         return Ok(());
     };
 
+    let policy = outbound::Policy::new(&config.outbound).map_err(anyhow::Error::msg)?;
     let configured: Vec<Arc<Destination>> = config
         .destinations
         .iter()
-        .map(|d| Destination::new(d).map(Arc::new))
+        .map(|d| Destination::new(d, &policy).map(Arc::new))
         .collect::<Result<_, _>>()
         .context("cannot build HTTP clients")?;
     let destinations: HashMap<String, Arc<Destination>> = configured

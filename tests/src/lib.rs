@@ -252,6 +252,8 @@ impl TestSystem {
         config.retention.trim_interval_ms = 100;
         config.admin.overview_interval_ms = 100;
         config.admin.token_sha256 = Some(protocol::secret::TokenDigest::of(ADMIN_TOKEN));
+        // The mock destinations and hostile servers listen on loopback.
+        config.outbound.allowed_networks = vec!["127.0.0.0/8".into()];
         config.destinations = self
             .destinations
             .iter()
@@ -288,7 +290,8 @@ impl TestSystem {
              [reader]\nbatch_size = 100\nblock_ms = {}\nwindow = 1000\n\
              [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\
              [lease]\nttl_ms = {}\nrenew_interval_ms = {}\nsafety_margin_ms = {}\n\
-             [retention]\ntrim_interval_ms = {}\n",
+             [retention]\ntrim_interval_ms = {}\n\
+             [outbound]\nallowed_networks = [\"127.0.0.0/8\"]\n",
             config.consumer_name,
             config.shutdown_grace_ms,
             config.redis.url,

@@ -315,3 +315,65 @@ async fn the_admin_listener_needs_its_own_token() {
     assert_eq!(response.status(), 401);
     assert_eq!(system.destination_view("crm").await["paused"], false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_addresses_are_refused_at_connect_time_unless_allow_listed() {
+    let mut system = TestSystem::start_without_router(vec![]).await;
+    // A host name, so only the connect-time check can see where it leads.
+    let by_name = system.mock_url.replace("127.0.0.1", "localhost") + "/ok/internal";
+    system.destinations = vec![TestDestination::new("internal", &by_name)];
+    system.start_router_with(|config| config.outbound.allowed_networks.clear());
+    for seq in 0..3 {
+        system.send("u", json!(seq)).await;
+    }
+    wait_for(
+        "the refused events to be dead-lettered",
+        Duration::from_secs(30),
+        || async { system.dead_letters("internal").await.len() == 3 },
+    )
+    .await;
+    for letter in system.dead_letters("internal").await {
+        assert_eq!(
+            letter["attempts"], "1",
+            "a refusal is not retried: {letter:?}"
+        );
+        let error = &letter["last_error"];
+        assert!(
+            error.contains("refused to connect to localhost at") && error.contains("loopback"),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        system.received("internal").requests,
+        0,
+        "nothing reached the address"
+    );
+
+    // Allow-listed, the same dead letters replay and arrive.
+    system.stop_router().await;
+    system.start_router();
+    let (status, body) = system
+        .admin_call(
+            reqwest::Method::POST,
+            "/admin/destinations/internal/dead-letters/replay",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        "the replayed events to arrive",
+        Duration::from_secs(30),
+        || async { system.recorder.delivered_count("/ok/internal") == 3 },
+    )
+    .await;
+
+    // An IP literal in such a range is refused before the router starts.
+    let mut config = system.router_config();
+    config.destinations[0].url = "http://169.254.169.254/latest/meta-data".into();
+    config.outbound.allowed_networks.clear();
+    let refusal = config.validate().expect_err("metadata address");
+    assert!(
+        refusal.contains("destination `internal`: refused to connect to 169.254.169.254"),
+        "{refusal}"
+    );
+}
