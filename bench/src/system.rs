@@ -173,8 +173,16 @@ impl Redis {
         })
     }
 
+    /// A connection for the benchmark's own checks; an XRANGE of 10,000
+    /// entries can take longer than the client's default 500 ms on a busy
+    /// machine, so it waits up to 30 s.
     pub async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        Ok(self.client.get_multiplexed_async_connection().await?)
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
     }
 
     pub async fn set_fsync(&self, policy: &str) -> anyhow::Result<()> {
