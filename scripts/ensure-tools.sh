@@ -20,6 +20,11 @@ ensure_redis_server() {
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-server
 }
 
+# The Redis TLS test makes its throwaway CA and certificate with openssl.
+ensure_openssl() {
+  command -v openssl >/dev/null 2>&1 || apt_install openssl openssl
+}
+
 # Python tools of the test suite (tests/python/requirements.txt: Playwright,
 # standardwebhooks, schemathesis) in target/python-venv, reinstalled when the
 # requirements change. The status page test drives Debian's Chromium;

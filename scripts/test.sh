@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure-tools.sh
 ensure_redis_server
+ensure_openssl
 ensure_python_tools
 
 # The crash-recovery tests run the router as a child process.

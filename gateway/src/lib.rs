@@ -106,7 +106,7 @@ async fn connect(
             Ok(store) => return Ok(Some(store)),
             Err(ConnectError::Meta(protocol::MetaError::Redis(error)))
             | Err(ConnectError::Redis(error)) => {
-                tracing::warn!(%error, url = %config.redis.url, "Redis unreachable; retrying.");
+                tracing::warn!(%error, url = %config.redis.redacted_url(), "Redis unreachable; retrying.");
             }
             Err(error) => return Err(error).context("refusing to start"),
         }

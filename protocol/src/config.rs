@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -55,12 +56,28 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// `scheme://user:password@rest` → `scheme://user:***@rest`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparsable url>".into();
+    };
+    match rest.split_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// The `[redis]` section of the gateway and router configs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis URL, e.g. `redis://127.0.0.1:6379`.
-    pub url: String,
+    /// Redis URL, e.g. `redis://127.0.0.1:6379`, `redis://:password@host`,
+    /// `redis://user:password@host` (ACL) or `rediss://…` (TLS). Secret,
+    /// since it may hold a password: logs show [`Self::redacted_url`].
+    pub url: SecretString,
     /// Prefix of every key this deployment uses.
     pub key_prefix: String,
     /// Number of shard streams; fixed at first start.
@@ -93,9 +110,14 @@ impl RedisConfig {
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err("redis.key_prefix must be non-empty and free of `{` and `}` (hash tags are added per shard)".into());
         }
-        redis::Client::open(self.url.as_str())
+        redis::Client::open(self.url.expose_secret())
             .map(|_| ())
-            .map_err(|e| format!("redis.url `{}` is invalid: {e}", self.url))
+            .map_err(|e| format!("redis.url `{}` is invalid: {e}", self.redacted_url()))
+    }
+
+    /// The URL with any password replaced by `***`, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact_password(self.url.expose_secret())
     }
 
     /// A reconnecting connection whose commands fail after `timeout`
@@ -104,12 +126,31 @@ impl RedisConfig {
         &self,
         timeout: Option<Duration>,
     ) -> redis::RedisResult<redis::aio::ConnectionManager> {
-        let client = redis::Client::open(self.url.as_str())?;
+        let client = redis::Client::open(self.url.expose_secret())?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(timeout)
             .set_connection_timeout(Some(self.timeout()))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         redis::aio::ConnectionManager::new_with_config(client, config).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_password("redis://:hunter2@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(
+            redact_password("rediss://app:hunter2@h"),
+            "rediss://app:***@h"
+        );
+        assert_eq!(redact_password("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact_password("hunter2"), "<unparsable url>");
     }
 }

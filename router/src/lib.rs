@@ -341,7 +341,7 @@ async fn connect(
         match redis.connect(response_timeout).await {
             Ok(connection) => return Ok(Some(connection)),
             Err(error) => {
-                tracing::warn!(%error, url = %redis.url, "Redis unreachable; retrying.")
+                tracing::warn!(%error, url = %redis.redacted_url(), "Redis unreachable; retrying.")
             }
         }
         tokio::select! {

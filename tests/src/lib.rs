@@ -38,7 +38,7 @@ pub const ADMIN_TOKEN: &str = "evd_admin_test-suite-token";
 /// The gateway's defaults, accepting [`API_KEY`], on `redis_url`.
 pub fn gateway_config(redis_url: &str) -> gateway::Config {
     let mut config = gateway::Config::defaults();
-    config.redis.url = redis_url.to_owned();
+    config.redis.url = redis_url.into();
     config.redis.shards = SHARDS;
     config.workers = 2;
     config.auth.keys = vec![gateway::config::KeyConfig {
@@ -238,7 +238,7 @@ impl TestSystem {
     /// The router config for this system's destinations.
     pub fn router_config(&self) -> router::Config {
         let mut config = router::Config::defaults();
-        config.redis.url = self.redis.url().to_owned();
+        config.redis.url = self.redis.url().into();
         config.redis.shards = SHARDS;
         config.consumer_name = "test-router".into();
         config.reader.block_ms = 200;
@@ -294,7 +294,7 @@ impl TestSystem {
              [outbound]\nallowed_networks = [\"127.0.0.0/8\"]\n",
             config.consumer_name,
             config.shutdown_grace_ms,
-            config.redis.url,
+            self.redis.url(),
             config.redis.shards,
             config.redis.timeout_ms,
             config.reader.block_ms,

@@ -13,7 +13,7 @@ async fn services_refuse_a_redis_that_can_lose_events_unless_overridden() {
     let redis =
         RedisServer::start_with(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]).await;
     let mut gateway_config = gateway::Config::defaults();
-    gateway_config.redis.url = redis.url().to_owned();
+    gateway_config.redis.url = redis.url().into();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let error = gateway::run(gateway_config.clone(), listener, CancellationToken::new())
         .await
@@ -24,7 +24,7 @@ async fn services_refuse_a_redis_that_can_lose_events_unless_overridden() {
     assert!(message.contains("allow_unsafe_persistence"), "{message}");
 
     let mut router_config = router::Config::defaults();
-    router_config.redis.url = redis.url().to_owned();
+    router_config.redis.url = redis.url().into();
     let error = router::run(
         router_config.clone(),
         TcpListener::bind("127.0.0.1:0").expect("bind"),
