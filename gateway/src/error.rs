@@ -2,7 +2,6 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
 
 use crate::store::StoreError;
 
@@ -87,6 +86,8 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        response.json(json!({ "error": self.to_string() }))
+        response.json(crate::openapi::ErrorBody {
+            error: self.to_string(),
+        })
     }
 }

@@ -7,6 +7,7 @@
 //! - [`event`]: request bodies → validated events.
 //! - [`store`]: the shard streams (XADD, idempotency script).
 //! - [`auth`]: API keys and their rate limits.
+//! - [`openapi`]: the OpenAPI document (`/openapi.json`).
 //! - [`routes`]: HTTP handlers; [`error`]: what each failure answers.
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod openapi;
 pub mod routes;
 pub mod store;
 

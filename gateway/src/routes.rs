@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::auth::{ApiKey, Authenticator};
 use crate::error::ApiError;
 use crate::event::{self, NewEvent};
+use crate::openapi::{Accepted, BatchAccepted};
 use crate::store::{Appended, EventStore};
 
 pub struct AppState {
@@ -71,13 +72,15 @@ impl AppState {
     }
 }
 
+/// Each path is a resource, so another method gets 405 (not 404).
 pub fn configure(config: &mut web::ServiceConfig) {
     config
-        .route("/v1/events", web::post().to(post_event))
-        .route("/v1/batch", web::post().to(post_batch))
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
+        .service(web::resource("/v1/events").route(web::post().to(post_event)))
+        .service(web::resource("/v1/batch").route(web::post().to(post_batch)))
+        .service(web::resource("/healthz").route(web::get().to(healthz)))
+        .service(web::resource("/readyz").route(web::get().to(readyz)))
+        .service(web::resource("/metrics").route(web::get().to(metrics)))
+        .service(web::resource("/openapi.json").route(web::get().to(openapi)));
 }
 
 /// Charges `events` to the key's rate limit and records its name on them.
@@ -176,7 +179,23 @@ async fn read_json_body(
     }
 }
 
-async fn post_event(
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    request_body(content = crate::openapi::EventDoc, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Overrides messageId as the key a repeat is recognised by (1-128 bytes)")),
+    responses(
+        (status = 202, description = "Stored; delivery follows", body = crate::openapi::Accepted),
+        (status = 400, description = "Invalid event or limit exceeded (the message names it)", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = crate::openapi::ErrorBody),
+        (status = 413, description = "Body larger than max_body_bytes", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = crate::openapi::ErrorBody),
+        (status = 429, description = "The key is over its rate limit; see Retry-After", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Not stored (Redis unavailable or backlog full); see Retry-After", body = crate::openapi::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn post_event(
     state: web::Data<AppState>,
     request: HttpRequest,
     payload: web::Payload,
@@ -210,14 +229,29 @@ async fn ingest_event(
         .append(&event)
         .await
         .map_err(|e| state.unavailable(e))?;
-    let response = HttpResponse::Accepted().json(match &appended {
-        Appended::New(id) => json!({ "id": id.to_string() }),
-        Appended::Duplicate(id) => json!({ "id": id.to_string(), "duplicate": true }),
+    let response = HttpResponse::Accepted().json(Accepted {
+        id: appended.id().to_string(),
+        duplicate: matches!(appended, Appended::Duplicate(_)).then_some(true),
     });
     Ok(Ingested::new(response, std::slice::from_ref(&appended)))
 }
 
-async fn post_batch(
+#[utoipa::path(
+    post,
+    path = "/v1/batch",
+    request_body(content = crate::openapi::BatchDoc, content_type = "application/json"),
+    responses(
+        (status = 202, description = "All stored, in order; delivery follows", body = crate::openapi::BatchAccepted),
+        (status = 400, description = "An invalid event (named by index) or limit exceeded; nothing stored", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = crate::openapi::ErrorBody),
+        (status = 413, description = "Body larger than max_body_bytes", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = crate::openapi::ErrorBody),
+        (status = 429, description = "The key is over its rate limit; see Retry-After", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Not stored (Redis unavailable or backlog full); see Retry-After", body = crate::openapi::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn post_batch(
     state: web::Data<AppState>,
     request: HttpRequest,
     payload: web::Payload,
@@ -244,9 +278,16 @@ async fn ingest_batch(
         .append_all(&events)
         .await
         .map_err(|e| state.unavailable(e))?;
-    let ids: Vec<String> = appended.iter().map(|a| a.id().to_string()).collect();
-    let response = HttpResponse::Accepted().json(json!({ "ids": ids }));
+    let response = HttpResponse::Accepted().json(BatchAccepted {
+        ids: appended.iter().map(|a| a.id().to_string()).collect(),
+    });
     Ok(Ingested::new(response, &appended))
+}
+
+/// This API's OpenAPI 3 document.
+async fn openapi() -> HttpResponse {
+    use utoipa::OpenApi;
+    HttpResponse::Ok().json(crate::openapi::ApiDoc::openapi())
 }
 
 /// Prometheus text exposition of this process's metrics.
@@ -256,11 +297,20 @@ async fn metrics() -> HttpResponse {
         .body(telemetry::metrics().render())
 }
 
-async fn healthz() -> HttpResponse {
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up", body = crate::openapi::Status)))]
+pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "alive" }))
 }
 
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses(
+        (status = 200, description = "Redis answers: events can be accepted", body = crate::openapi::Status),
+        (status = 503, description = "Redis does not answer", body = crate::openapi::Status),
+    )
+)]
+pub(crate) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match state.store.ping().await {
         Ok(()) => HttpResponse::Ok().json(json!({ "status": "ready" })),
         Err(error) => HttpResponse::ServiceUnavailable()
