@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs redis-server,
-# Chromium and the Python test tools when missing, builds the binaries the crash tests
+# openssl, Chromium, the Python test tools, and nightly Rust with cargo-fuzz
+# when missing, builds the binaries the crash tests
 # start, compiles the testcontainers variant of the harness, and runs every
 # test.
 set -euo pipefail
@@ -20,3 +21,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+# The request-parsing fuzz target, briefly, without growing the kept corpus
+# (scripts/fuzz.sh documents the longer run).
+FUZZ_SCRATCH=1 scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
