@@ -136,6 +136,8 @@ pub enum AdminError {
     Redis(#[from] redis::RedisError),
     #[error("missing or invalid admin token")]
     Unauthorized,
+    #[error("a change requested from another site is refused")]
+    CrossSite,
 }
 
 impl ResponseError for AdminError {
@@ -146,6 +148,7 @@ impl ResponseError for AdminError {
             }
             AdminError::StillConfigured(_) => StatusCode::CONFLICT,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::CrossSite => StatusCode::FORBIDDEN,
             AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
             AdminError::DeadLetters(DeadLetterError::Redis(_)) | AdminError::Redis(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -189,10 +192,36 @@ async fn require_token(
             .and_then(presented_token)
             .is_some_and(|token| find_token(&token, [digest]).is_some()),
     };
-    if allowed {
-        next.call(request).await
-    } else {
+    if !allowed {
         Ok(request.into_response(AdminError::Unauthorized.error_response()))
+    } else if is_cross_site_change(&request) {
+        Ok(request.into_response(AdminError::CrossSite.error_response()))
+    } else {
+        next.call(request).await
+    }
+}
+
+/// A browser sends stored Basic credentials with any site's form POST, so
+/// a change (anything but GET/HEAD) coming from another origin is refused:
+/// that page could otherwise replay, purge or pause (CSRF). Scripts send no
+/// `Origin` and are not affected.
+fn is_cross_site_change(request: &ServiceRequest) -> bool {
+    use actix_web::http::Method;
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return false;
+    }
+    let headers = request.headers();
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match (text("origin"), text("host")) {
+        (Some(origin), Some(host)) => {
+            let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+            origin_host != Some(host)
+        }
+        (Some(_), None) => true,
+        (None, _) => false,
     }
 }
 

@@ -313,7 +313,39 @@ async fn the_admin_listener_needs_its_own_token() {
         .await
         .expect("admin answers");
     assert_eq!(response.status(), 401);
+    // Nor does one another site's page makes the browser send with its
+    // stored credentials (CSRF), whichever header gives it away.
+    for (name, value) in [
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let response = http
+            .post(format!("{admin}/destinations/crm/replay"))
+            .header("authorization", basic(ADMIN_TOKEN))
+            .header(name, value)
+            .send()
+            .await
+            .expect("admin answers");
+        assert_eq!(response.status(), 403, "{name}: {value}");
+        let response = http
+            .post(format!("{admin}/admin/destinations/crm/pause"))
+            .header("authorization", basic(ADMIN_TOKEN))
+            .header(name, value)
+            .send()
+            .await
+            .expect("admin answers");
+        assert_eq!(response.status(), 403, "{name}: {value}");
+    }
     assert_eq!(system.destination_view("crm").await["paused"], false);
+    let same_origin = admin.clone();
+    let response = http
+        .post(format!("{admin}/admin/destinations/crm/pause"))
+        .header("authorization", basic(ADMIN_TOKEN))
+        .header("origin", same_origin)
+        .send()
+        .await
+        .expect("admin answers");
+    assert_eq!(response.status(), 200, "the status page's own origin may");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
