@@ -1,7 +1,12 @@
 //! Request bodies from the internet, as `POST /v1/events` and `/v1/batch`
 //! read them: the depth check, then parsing and validation. Nothing may
 //! panic, and every event accepted must survive its trip through a stream
-//! entry unchanged, with a payload that is still valid JSON.
+//! entry unchanged, with a payload that is still JSON text.
+//!
+//! "JSON text" is the grammar, not what `serde_json::Value` can hold: the
+//! first run found `{"userId":"1","payload":4e666}`, a number no f64 can
+//! represent. JSON allows it and the payload is forwarded as sent, so that
+//! is the documented behaviour (README, API) rather than a bug.
 #![no_main]
 
 use gateway::event::{check_depth, parse_batch, parse_event, NewEvent};
@@ -14,7 +19,7 @@ const MAX_BATCH: usize = 1000;
 
 fn check_stored_form(event: &NewEvent) {
     let entry = &event.entry;
-    assert!(serde_json::from_str::<serde_json::Value>(&entry.payload).is_ok());
+    assert!(serde_json::from_str::<&serde_json::value::RawValue>(&entry.payload).is_ok());
     let fields = entry.to_fields();
     let read_back = EventEntry::from_fields(fields.iter().map(|(k, v)| (*k, v.as_ref())))
         .expect("a stored event reads back");
