@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use protocol::secret::{find_token, TokenDigest};
+use protocol::secret::{bearer_token, find_token, TokenDigest};
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
@@ -64,13 +64,6 @@ impl Authenticator {
     }
 }
 
-/// The token of a `Bearer` credential (the scheme is case-insensitive).
-pub fn bearer_token(header: &str) -> Option<&str> {
-    let (scheme, token) = header.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 impl ApiKey {
     /// Takes `events` from the key's allowance, or says when to come back.
     pub fn admit(&self, events: usize) -> Result<(), ApiError> {
@@ -122,15 +115,6 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bearer_tokens_are_read_from_the_header() {
-        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
-        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
-        assert_eq!(bearer_token("Basic abc"), None);
-        assert_eq!(bearer_token("Bearer "), None);
-        assert_eq!(bearer_token("abc"), None);
-    }
 
     #[test]
     fn the_bucket_admits_its_rate_then_says_when_to_return() {

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
 /// One event. Unknown fields are refused.
 #[derive(ToSchema)]
@@ -58,6 +58,28 @@ pub struct BatchAccepted {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// The refusals both ingest routes share (each an [`ErrorBody`]).
+#[derive(IntoResponses)]
+#[allow(dead_code)] // Documents `ApiError`'s statuses; never built.
+pub enum IngestRefusal {
+    #[response(status = 401, description = "Missing or invalid API key")]
+    Unauthorized(ErrorBody),
+    #[response(status = 413, description = "Body larger than max_body_bytes")]
+    TooLarge(ErrorBody),
+    #[response(status = 415, description = "Content-Type is not JSON")]
+    UnsupportedMediaType(ErrorBody),
+    #[response(
+        status = 429,
+        description = "The key is over its rate limit; see Retry-After"
+    )]
+    RateLimited(ErrorBody),
+    #[response(
+        status = 503,
+        description = "Not stored (Redis unavailable or backlog full); see Retry-After"
+    )]
+    Unavailable(ErrorBody),
 }
 
 #[derive(Serialize, ToSchema)]

@@ -187,11 +187,7 @@ async fn read_json_body(
     responses(
         (status = 202, description = "Stored; delivery follows", body = crate::openapi::Accepted),
         (status = 400, description = "Invalid event or limit exceeded (the message names it)", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::openapi::ErrorBody),
-        (status = 413, description = "Body larger than max_body_bytes", body = crate::openapi::ErrorBody),
-        (status = 415, description = "Content-Type is not JSON", body = crate::openapi::ErrorBody),
-        (status = 429, description = "The key is over its rate limit; see Retry-After", body = crate::openapi::ErrorBody),
-        (status = 503, description = "Not stored (Redis unavailable or backlog full); see Retry-After", body = crate::openapi::ErrorBody),
+        crate::openapi::IngestRefusal,
     ),
     security(("api_key" = []))
 )]
@@ -243,11 +239,7 @@ async fn ingest_event(
     responses(
         (status = 202, description = "All stored, in order; delivery follows", body = crate::openapi::BatchAccepted),
         (status = 400, description = "An invalid event (named by index) or limit exceeded; nothing stored", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::openapi::ErrorBody),
-        (status = 413, description = "Body larger than max_body_bytes", body = crate::openapi::ErrorBody),
-        (status = 415, description = "Content-Type is not JSON", body = crate::openapi::ErrorBody),
-        (status = 429, description = "The key is over its rate limit; see Retry-After", body = crate::openapi::ErrorBody),
-        (status = 503, description = "Not stored (Redis unavailable or backlog full); see Retry-After", body = crate::openapi::ErrorBody),
+        crate::openapi::IngestRefusal,
     ),
     security(("api_key" = []))
 )]

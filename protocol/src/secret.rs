@@ -68,6 +68,13 @@ pub fn find_token<'a>(
     found
 }
 
+/// The token of a `Bearer` credential (the scheme is case-insensitive).
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// A new random token: `prefix` then 32 random bytes in URL-safe base64.
 pub fn generate_token(prefix: &str) -> String {
     let mut bytes = [0; 32];
@@ -102,6 +109,15 @@ mod tests {
         assert_eq!(find_token("one", &digests), Some(0));
         assert_eq!(find_token("three", &digests), None);
         assert_eq!(find_token("", &digests), None);
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_header() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("abc"), None);
     }
 
     #[test]

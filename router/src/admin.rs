@@ -25,7 +25,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
 use base64::Engine;
-use protocol::secret::{find_token, TokenDigest};
+use protocol::secret::{bearer_token, find_token, TokenDigest};
 use protocol::Keys;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
@@ -227,16 +227,15 @@ fn is_cross_site_change(request: &ServiceRequest) -> bool {
 
 /// The token of a `Bearer` credential, or the password of a `Basic` one.
 fn presented_token(authorization: &str) -> Option<String> {
-    let (scheme, credentials) = authorization.trim().split_once(' ')?;
-    let credentials = credentials.trim();
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return Some(credentials.to_owned());
+    if let Some(token) = bearer_token(authorization) {
+        return Some(token.to_owned());
     }
+    let (scheme, credentials) = authorization.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
     let decoded = base64::engine::general_purpose::STANDARD
-        .decode(credentials)
+        .decode(credentials.trim())
         .ok()?;
     let (_user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
     Some(password.to_owned())

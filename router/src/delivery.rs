@@ -256,18 +256,18 @@ impl Destination {
         }
         let response = request.body(body.clone()).send().await;
         let outcome = match response {
-            // The outbound policy refused the address: no retry can help
-            // until an operator changes the policy (then replay).
-            Err(error) if refusal_of(&error).is_some() => AttemptOutcome::Dead {
-                status: None,
-                error: refusal_of(&error)
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-            },
-            Err(error) => AttemptOutcome::Retry {
-                status: None,
-                error: describe(&error),
-                retry_after: None,
+            Err(error) => match refusal_of(&error) {
+                // The outbound policy refused the address: no retry can help
+                // until an operator changes the policy (then replay).
+                Some(refused) => AttemptOutcome::Dead {
+                    status: None,
+                    error: refused.to_string(),
+                },
+                None => AttemptOutcome::Retry {
+                    status: None,
+                    error: describe(&error),
+                    retry_after: None,
+                },
             },
             Ok(response) => outcome_of(response).await,
         };
