@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
+use protocol::RedisConnection;
 use protocol::{shard_for, EventId, Keys, MetaError, RedisConfig, StreamId};
-use redis::aio::ConnectionManager;
 use redis::FromRedisValue;
 
 use crate::event::NewEvent;
@@ -81,7 +81,7 @@ struct Backlog {
 }
 
 pub struct EventStore {
-    connections: Vec<ConnectionManager>,
+    connections: Vec<RedisConnection>,
     backlog: Backlog,
     keys: Keys,
     shards: u16,
@@ -105,7 +105,7 @@ impl EventStore {
     ) -> Result<Self, ConnectError> {
         let mut connections = Vec::with_capacity(config.connections);
         for _ in 0..config.connections {
-            connections.push(config.connect(Some(config.timeout())).await?);
+            connections.push(config.connect(config.timeout()).await?);
         }
         let keys = Keys::new(config.key_prefix.clone());
         protocol::ensure_shard_count(&mut connections[0], &keys, config.shards).await?;
@@ -127,7 +127,7 @@ impl EventStore {
 
     /// Every command of a shard goes over the same connection, so commands
     /// for one user reach Redis in the order they were issued.
-    fn connection_for(&self, shard: u16) -> ConnectionManager {
+    fn connection_for(&self, shard: u16) -> RedisConnection {
         self.connections[usize::from(shard) % self.connections.len()].clone()
     }
 
@@ -250,25 +250,18 @@ impl EventStore {
     /// `backlog.check_interval_ms`, so a stream can pass its cap by at most
     /// what arrives in one interval.
     pub async fn refresh_backlog(&self) -> Result<(), StoreError> {
-        let mut pipeline = redis::pipe();
-        for shard in 0..self.shards {
-            pipeline.cmd("XLEN").arg(self.keys.events(shard));
-        }
-        pipeline.cmd("INFO").arg("memory");
-        let mut con = self.connection_for(0);
-        let (lengths, memory): (Vec<u64>, String) = self
+        let lengths = (0..self.shards)
+            .map(|shard| {
+                let mut xlen = redis::cmd("XLEN");
+                xlen.arg(self.keys.events(shard));
+                xlen
+            })
+            .collect();
+        let con = self.connection_for(0);
+        let (lengths, memory): (Vec<u64>, Vec<String>) = self
             .bounded(async {
-                let mut replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
-                let memory = replies
-                    .pop()
-                    .ok_or_else(|| StoreError::Reply("no INFO reply".into()))?;
-                let lengths = replies
-                    .into_iter()
-                    .map(u64::from_redis_value)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| StoreError::Reply(e.to_string()))?;
-                let memory = String::from_redis_value(memory)
-                    .map_err(|e| StoreError::Reply(e.to_string()))?;
+                let lengths = protocol::query_each(&con, lengths).await?;
+                let memory = con.clone().info_of_every_master("memory").await?;
                 Ok((lengths, memory))
             })
             .await?;
@@ -276,8 +269,11 @@ impl EventStore {
         for (full, length) in self.backlog.full_shards.iter().zip(lengths) {
             full.store(length >= limits.max_events_per_shard, Ordering::Relaxed);
         }
-        let memory_full = memory_percent(&memory)
-            .is_some_and(|percent| percent >= f64::from(limits.max_memory_percent));
+        // On a cluster, the fullest master.
+        let memory_full = memory
+            .iter()
+            .filter_map(|info| memory_percent(info))
+            .any(|percent| percent >= f64::from(limits.max_memory_percent));
         self.backlog
             .memory_full
             .store(memory_full, Ordering::Relaxed);

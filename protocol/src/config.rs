@@ -7,7 +7,9 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+use crate::RedisConnection;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,11 @@ pub struct RedisConfig {
     /// `redis://user:password@host` (ACL) or `rediss://…` (TLS). Secret,
     /// since it may hold a password: logs show [`Self::redacted_url`].
     pub url: SecretString,
+    /// Seed nodes of a Redis Cluster (any few of its masters or replicas;
+    /// the rest is discovered). When given, the cluster is used and `url`
+    /// is not. From the environment as one comma-separated value.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub cluster_nodes: Vec<SecretString>,
     /// Prefix of every key this deployment uses.
     pub key_prefix: String,
     /// Number of shard streams; fixed at first start.
@@ -110,30 +117,118 @@ impl RedisConfig {
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err("redis.key_prefix must be non-empty and free of `{` and `}` (hash tags are added per shard)".into());
         }
+        if self.is_cluster() {
+            return redis::cluster::ClusterClient::new(self.cluster_node_urls())
+                .map(|_| ())
+                .map_err(|e| {
+                    format!(
+                        "redis.cluster_nodes `{}` is invalid: {e}",
+                        self.redacted_url()
+                    )
+                });
+        }
         redis::Client::open(self.url.expose_secret())
             .map(|_| ())
             .map_err(|e| format!("redis.url `{}` is invalid: {e}", self.redacted_url()))
     }
 
-    /// The URL with any password replaced by `***`, for logs and errors.
+    /// Whether `cluster_nodes` selects a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+
+    fn cluster_node_urls(&self) -> Vec<&str> {
+        self.cluster_nodes
+            .iter()
+            .map(|url| url.expose_secret())
+            .collect()
+    }
+
+    /// The URL (or the cluster's seed URLs) with any password replaced by
+    /// `***`, for logs and errors.
     pub fn redacted_url(&self) -> String {
+        if self.is_cluster() {
+            let nodes: Vec<String> = self
+                .cluster_node_urls()
+                .into_iter()
+                .map(redact_password)
+                .collect();
+            return format!("cluster {}", nodes.join(","));
+        }
         redact_password(self.url.expose_secret())
     }
 
-    /// A reconnecting connection whose commands fail after `timeout`
-    /// instead of hanging while Redis is unreachable or paused.
-    pub async fn connect(
+    /// A reconnecting connection for ordinary commands, which fail after
+    /// `timeout` instead of hanging while Redis is unreachable or paused.
+    /// On a cluster, a command that failed on a connection error is retried
+    /// (within `timeout`) after the client re-learns which node owns its slot.
+    pub async fn connect(&self, timeout: Duration) -> redis::RedisResult<RedisConnection> {
+        self.connect_with(timeout, true).await
+    }
+
+    /// A connection for blocking reads only (`XREADGROUP … BLOCK`), whose
+    /// replies may take up to `timeout`. On a cluster it never retries a
+    /// command by itself: a read whose reply was lost may still have moved
+    /// entries into our pending list, so the caller must see the error and
+    /// re-read that list before reading anything newer. A `MOVED` still
+    /// refreshes the slot map, so the caller's next read reaches the new owner.
+    pub async fn connect_for_blocking_reads(
         &self,
-        timeout: Option<Duration>,
-    ) -> redis::RedisResult<redis::aio::ConnectionManager> {
+        timeout: Duration,
+    ) -> redis::RedisResult<RedisConnection> {
+        self.connect_with(timeout, false).await
+    }
+
+    async fn connect_with(
+        &self,
+        timeout: Duration,
+        retry_commands: bool,
+    ) -> redis::RedisResult<RedisConnection> {
+        if self.is_cluster() {
+            let mut builder = redis::cluster::ClusterClient::builder(self.cluster_node_urls())
+                .connection_timeout(self.timeout())
+                .response_timeout(timeout);
+            if !retry_commands {
+                builder = builder.retries(0);
+            }
+            let client = builder.build()?;
+            return Ok(RedisConnection::Cluster(
+                client.get_async_connection().await?,
+            ));
+        }
         let client = redis::Client::open(self.url.expose_secret())?;
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(timeout)
+            .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(self.timeout()))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        redis::aio::ConnectionManager::new_with_config(client, config).await
+        Ok(RedisConnection::Single(
+            redis::aio::ConnectionManager::new_with_config(client, config).await?,
+        ))
     }
+}
+
+/// A list of URLs from TOML, or one comma-separated string (from an
+/// environment variable).
+fn list_or_comma_separated<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        String(String),
+    }
+    let urls = match ListOrString::deserialize(deserializer)? {
+        ListOrString::List(urls) => urls,
+        ListOrString::String(joined) => joined
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    Ok(urls.into_iter().map(SecretString::from).collect())
 }
 
 #[cfg(test)]

@@ -38,10 +38,6 @@ impl Keys {
         format!("{}:{{s:{shard}}}:dead:{destination}", self.prefix)
     }
 
-    /// The idempotency record of (`user_id`, `message_id`) in `shard`.
-    ///
-    /// Scoped per user: two users may use the same message id. The user id
-    /// is length-prefixed so no (user, message id) pair can spell another's key.
     /// Ids of the dead letters of `destination` on `shard` whose replay is
     /// under way, so a second replay request does not send them twice.
     pub fn replaying(&self, shard: u16, destination: &str) -> String {
@@ -53,6 +49,10 @@ impl Keys {
         format!("{}:meta:paused", self.prefix)
     }
 
+    /// The idempotency record of (`user_id`, `message_id`) in `shard`.
+    ///
+    /// Scoped per user: two users may use the same message id. The user id
+    /// is length-prefixed so no (user, message id) pair can spell another's key.
     pub fn idempotency(&self, shard: u16, user_id: &str, message_id: &str) -> String {
         format!(
             "{}:{{s:{shard}}}:idem:{}:{user_id}:{message_id}",

@@ -5,6 +5,7 @@
 //! - [`shard`]: the pinned user → shard hash.
 //! - [`keys`]: every Redis key name, each shard's keys under one hash tag.
 //! - [`entry`]: the fields of one event in a shard stream, and event ids.
+//! - [`connection`]: one connection type for a single Redis or a Redis Cluster.
 //! - [`secret`]: API keys and the admin token, kept as digests.
 //! - [`webhook`]: Standard Webhooks signatures of deliveries.
 //! - [`meta`]: start-up checks both services share (the recorded shard count, Redis
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod connection;
 pub mod entry;
 pub mod keys;
 pub mod meta;
@@ -20,6 +22,7 @@ pub mod shard;
 pub mod webhook;
 
 pub use config::RedisConfig;
+pub use connection::{query_each, RedisConnection};
 pub use entry::{unix_millis, EventEntry, EventId, Replay, StreamId};
 pub use keys::Keys;
 pub use meta::{check_persistence, ensure_shard_count, info_field, MetaError};

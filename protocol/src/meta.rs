@@ -2,7 +2,7 @@
 
 use redis::aio::ConnectionLike;
 
-use crate::Keys;
+use crate::{Keys, RedisConnection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -107,18 +107,22 @@ impl Persistence {
 }
 
 /// Refuses a Redis that could silently lose accepted events (AOF off or an
-/// evicting policy), unless `allow_unsafe` is set, which logs a warning instead.
-pub async fn check_persistence<C: ConnectionLike + Send>(
-    con: &mut C,
+/// evicting policy; on a cluster, on any master), unless `allow_unsafe` is
+/// set, which logs a warning instead.
+pub async fn check_persistence(
+    con: &mut RedisConnection,
     allow_unsafe: bool,
 ) -> Result<(), MetaError> {
-    let persistence: String = redis::cmd("INFO")
-        .arg("persistence")
-        .query_async(con)
-        .await?;
-    let memory: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
-    let persistence = Persistence::from_info(&format!("{persistence}\n{memory}"));
-    let problems = persistence.problems();
+    let persistence = con.info_of_every_master("persistence").await?;
+    let memory = con.info_of_every_master("memory").await?;
+    let mut problems: Vec<String> = Vec::new();
+    for (persistence, memory) in persistence.iter().zip(&memory) {
+        for problem in Persistence::from_info(&format!("{persistence}\n{memory}")).problems() {
+            if !problems.contains(&problem) {
+                problems.push(problem);
+            }
+        }
+    }
     if problems.is_empty() {
         return Ok(());
     }

@@ -27,7 +27,7 @@ use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
 use base64::Engine;
 use protocol::secret::{bearer_token, find_token, TokenDigest};
 use protocol::Keys;
-use redis::aio::ConnectionManager;
+use protocol::RedisConnection;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,7 @@ const MAX_PAGE: usize = 1000;
 pub struct AdminState {
     pub keys: Keys,
     pub shards: u16,
-    pub con: ConnectionManager,
+    pub con: RedisConnection,
     pub destinations: Vec<Arc<Destination>>,
     pub overview: SharedOverview,
     pub access: Access,

@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use protocol::RedisConnection;
 use protocol::{EventEntry, Keys, Replay};
-use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Value};
 
 /// Where the next read starts.
@@ -77,9 +77,9 @@ pub struct GroupConsumer {
     consumer: String,
     /// Only for blocking reads: a blocked XREADGROUP would stall every other
     /// command multiplexed on its connection.
-    blocking: ConnectionManager,
+    blocking: RedisConnection,
     /// Acknowledgements and dead-letter writes.
-    commands: ConnectionManager,
+    commands: RedisConnection,
 }
 
 impl GroupConsumer {
@@ -88,8 +88,8 @@ impl GroupConsumer {
         shard: u16,
         destination: &str,
         consumer: &str,
-        blocking: ConnectionManager,
-        commands: ConnectionManager,
+        blocking: RedisConnection,
+        commands: RedisConnection,
     ) -> Self {
         Self {
             shard,
@@ -295,7 +295,7 @@ fn replay_of(entry: &Entry) -> Option<&Replay> {
 /// router first ran are delivered), creating the stream too, unless the
 /// group exists.
 pub async fn create_group(
-    con: &mut ConnectionManager,
+    con: &mut RedisConnection,
     stream: &str,
     group: &str,
 ) -> redis::RedisResult<()> {
@@ -322,7 +322,7 @@ pub async fn create_group(
 /// dead-letter streams are kept. Returns on how many shards a group was
 /// deleted.
 pub async fn destroy_groups(
-    con: &mut ConnectionManager,
+    con: &mut RedisConnection,
     keys: &Keys,
     shards: u16,
     destination: &str,

@@ -16,8 +16,8 @@
 
 use std::collections::BTreeMap;
 
+use protocol::RedisConnection;
 use protocol::{EventEntry, EventId, Keys, Replay, StreamId};
-use redis::aio::ConnectionManager;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -127,14 +127,14 @@ impl RawEntry {
 
 /// A destination's dead letters over all shards.
 pub struct DeadLetters {
-    con: ConnectionManager,
+    con: RedisConnection,
     keys: Keys,
     shards: u16,
     destination: String,
 }
 
 impl DeadLetters {
-    pub fn new(con: ConnectionManager, keys: Keys, shards: u16, destination: &str) -> Self {
+    pub fn new(con: RedisConnection, keys: Keys, shards: u16, destination: &str) -> Self {
         Self {
             con,
             keys,
@@ -146,22 +146,25 @@ impl DeadLetters {
     /// Up to `limit` dead letters after `cursor`, oldest failure first.
     pub async fn list(&self, limit: usize, cursor: Option<&str>) -> Result<Page, DeadLetterError> {
         let after = cursor.map(|c| self.parse_id(c)).transpose()?;
-        let mut pipe = redis::pipe();
-        for shard in 0..self.shards {
-            // Ties on the stream id are broken by shard, as the list is sorted.
-            let start = match after {
-                None => "-".to_owned(),
-                Some(after) if shard > after.shard => after.stream_id.to_string(),
-                Some(after) => format!("({}", after.stream_id),
-            };
-            pipe.cmd("XRANGE")
-                .arg(self.keys.dead_letters(shard, &self.destination))
-                .arg(start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(limit + 1);
-        }
-        let replies: Vec<Value> = pipe.query_async(&mut self.con.clone()).await?;
+        let ranges = (0..self.shards)
+            .map(|shard| {
+                // Ties on the stream id are broken by shard, as the list is sorted.
+                let start = match after {
+                    None => "-".to_owned(),
+                    Some(after) if shard > after.shard => after.stream_id.to_string(),
+                    Some(after) => format!("({}", after.stream_id),
+                };
+                let mut xrange = redis::cmd("XRANGE");
+                xrange
+                    .arg(self.keys.dead_letters(shard, &self.destination))
+                    .arg(start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit + 1);
+                xrange
+            })
+            .collect();
+        let replies: Vec<Value> = protocol::query_each(&self.con, ranges).await?;
         let mut entries = Vec::new();
         for (shard, reply) in (0..self.shards).zip(replies) {
             entries.extend(parse_entries(shard, reply)?);
@@ -350,13 +353,17 @@ impl DeadLetters {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for entry in entries {
-            pipe.cmd("SISMEMBER")
-                .arg(self.keys.replaying(entry.shard, &self.destination))
-                .arg(entry.id.to_string());
-        }
-        Ok(pipe.query_async(&mut self.con.clone()).await?)
+        let checks = entries
+            .iter()
+            .map(|entry| {
+                let mut sismember = redis::cmd("SISMEMBER");
+                sismember
+                    .arg(self.keys.replaying(entry.shard, &self.destination))
+                    .arg(entry.id.to_string());
+                sismember
+            })
+            .collect();
+        Ok(protocol::query_each(&self.con, checks).await?)
     }
 
     fn parse_id(&self, id: &str) -> Result<EventId, DeadLetterError> {

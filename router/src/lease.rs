@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use protocol::Keys;
-use redis::aio::ConnectionManager;
+use protocol::RedisConnection;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -92,14 +92,14 @@ pub fn assign(pairs: &[LeaseId], members: &[String], me: &str) -> Vec<LeaseId> {
 
 /// Lease and membership commands of one router instance.
 pub struct LeaseStore {
-    con: ConnectionManager,
+    con: RedisConnection,
     keys: Keys,
     instance: String,
     ttl_ms: u64,
 }
 
 impl LeaseStore {
-    pub fn new(con: ConnectionManager, keys: Keys, instance: String, ttl: Duration) -> Self {
+    pub fn new(con: RedisConnection, keys: Keys, instance: String, ttl: Duration) -> Self {
         Self {
             con,
             keys,
@@ -149,22 +149,21 @@ impl LeaseStore {
         Ok(reply.is_some())
     }
 
-    /// Renews `leases` in one pipeline; per lease, whether we still hold it.
+    /// Renews `leases` all at once; per lease, whether we still hold it.
     pub async fn renew(&self, leases: &[&LeaseId]) -> redis::RedisResult<Vec<bool>> {
-        if leases.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipeline = redis::pipe();
-        for lease in leases {
-            pipeline
-                .cmd("EVAL")
-                .arg(RENEW)
-                .arg(1)
-                .arg(self.key(lease))
-                .arg(&self.instance)
-                .arg(self.ttl_ms);
-        }
-        pipeline.query_async(&mut self.con.clone()).await
+        let renewals = leases
+            .iter()
+            .map(|lease| {
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(RENEW)
+                    .arg(1)
+                    .arg(self.key(lease))
+                    .arg(&self.instance)
+                    .arg(self.ttl_ms);
+                eval
+            })
+            .collect();
+        protocol::query_each(&self.con, renewals).await
     }
 
     /// Gives the lease up so another router can take it at once.

@@ -39,8 +39,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use protocol::RedisConnection;
 use protocol::{Keys, RedisConfig};
-use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -65,9 +65,7 @@ pub async fn run(
     // Installed before the first delivery so no count is lost.
     telemetry::metrics();
     let keys = Keys::new(config.redis.key_prefix.clone());
-    let Some(mut commands) =
-        connect(&config.redis, &shutdown, Some(config.redis.timeout())).await?
-    else {
+    let Some(mut commands) = connect(&config.redis, &shutdown, Connection::Commands).await? else {
         return Ok(());
     };
     loop {
@@ -85,8 +83,7 @@ pub async fn run(
     }
     let mut command_connections = vec![commands];
     while command_connections.len() < config.redis.connections {
-        let Some(connection) =
-            connect(&config.redis, &shutdown, Some(config.redis.timeout())).await?
+        let Some(connection) = connect(&config.redis, &shutdown, Connection::Commands).await?
         else {
             return Ok(());
         };
@@ -94,8 +91,7 @@ pub async fn run(
     }
 
     // Its own connection, so a large replay does not delay acknowledgements.
-    let Some(admin_connection) =
-        connect(&config.redis, &shutdown, Some(config.redis.timeout())).await?
+    let Some(admin_connection) = connect(&config.redis, &shutdown, Connection::Commands).await?
     else {
         return Ok(());
     };
@@ -219,7 +215,7 @@ struct Workers {
     keys: Keys,
     consumer_name: String,
     destinations: HashMap<String, Arc<Destination>>,
-    command_connections: Vec<ConnectionManager>,
+    command_connections: Vec<RedisConnection>,
     settings: WorkerSettings,
 }
 
@@ -235,8 +231,8 @@ impl StartWorker for Workers {
         let settings = self.settings;
         let shard = lease.shard;
         tokio::spawn(async move {
-            let blocking_timeout = Some(settings.read_span);
-            let Ok(Some(blocking)) = connect(&redis, &stop, blocking_timeout).await else {
+            let purpose = Connection::BlockingReads(settings.read_span);
+            let Ok(Some(blocking)) = connect(&redis, &stop, purpose).await else {
                 return;
             };
             let consumer = GroupConsumer::new(
@@ -277,7 +273,7 @@ impl StartupError {
 /// any trimming: a destination without its group would miss whatever is
 /// trimmed before the group exists.
 async fn prepare_redis(
-    con: &mut ConnectionManager,
+    con: &mut RedisConnection,
     keys: &Keys,
     config: &Config,
 ) -> Result<(), StartupError> {
@@ -306,7 +302,7 @@ pub async fn remove_destination(config: &Config, name: &str) -> anyhow::Result<u
     let keys = Keys::new(config.redis.key_prefix.clone());
     let mut con = config
         .redis
-        .connect(Some(config.redis.timeout()))
+        .connect(config.redis.timeout())
         .await
         .context("cannot connect to Redis")?;
     consumer::destroy_groups(&mut con, &keys, config.redis.shards, name)
@@ -317,7 +313,7 @@ pub async fn remove_destination(config: &Config, name: &str) -> anyhow::Result<u
 /// Publishes the configured destination names, which the gateway checks
 /// per-event destination filters against.
 async fn register_destinations(
-    con: &mut ConnectionManager,
+    con: &mut RedisConnection,
     keys: &Keys,
     config: &Config,
 ) -> redis::RedisResult<()> {
@@ -330,15 +326,27 @@ async fn register_destinations(
     Ok(())
 }
 
+/// What a connection is for.
+enum Connection {
+    /// Ordinary commands, answered within `redis.timeout_ms`.
+    Commands,
+    /// One worker's blocking reads, whose replies may take this long.
+    BlockingReads(Duration),
+}
+
 /// Connects, waiting for Redis while it is unreachable (it may still be
 /// starting); `None` if shutdown came first.
 async fn connect(
     redis: &RedisConfig,
     shutdown: &CancellationToken,
-    response_timeout: Option<Duration>,
-) -> anyhow::Result<Option<ConnectionManager>> {
+    purpose: Connection,
+) -> anyhow::Result<Option<RedisConnection>> {
     loop {
-        match redis.connect(response_timeout).await {
+        let connection = match purpose {
+            Connection::Commands => redis.connect(redis.timeout()).await,
+            Connection::BlockingReads(span) => redis.connect_for_blocking_reads(span).await,
+        };
+        match connection {
             Ok(connection) => return Ok(Some(connection)),
             Err(error) => {
                 tracing::warn!(%error, url = %redis.redacted_url(), "Redis unreachable; retrying.")

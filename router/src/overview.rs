@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::Keys;
-use redis::aio::ConnectionManager;
+use protocol::RedisConnection;
 use redis::{FromRedisValue, Value};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -60,7 +60,7 @@ pub type SharedOverview = Arc<Mutex<Overview>>;
 
 /// Measures destinations on request, remembering what it needs for rates.
 pub struct Observer {
-    con: ConnectionManager,
+    con: RedisConnection,
     keys: Keys,
     shards: u16,
     instance: String,
@@ -73,7 +73,7 @@ pub struct Observer {
 
 impl Observer {
     pub fn new(
-        con: ConnectionManager,
+        con: RedisConnection,
         keys: Keys,
         shards: u16,
         instance: String,

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use protocol::Keys;
-use redis::aio::ConnectionManager;
+use protocol::RedisConnection;
 use tokio_util::sync::CancellationToken;
 
 /// KEYS: the shard stream. ARGV: the configured destinations (group names).
@@ -63,7 +63,7 @@ pub struct Trimmed {
 
 /// Trims the stream of `shard` as far as every group allows.
 pub async fn trim(
-    con: &mut ConnectionManager,
+    con: &mut RedisConnection,
     keys: &Keys,
     shard: u16,
     destinations: &[String],
@@ -84,7 +84,7 @@ pub async fn trim(
 /// Trims every shard every `every` until `shutdown`. Each router does this
 /// for all shards; the script is safe to run concurrently.
 pub async fn run(
-    mut con: ConnectionManager,
+    mut con: RedisConnection,
     keys: Keys,
     shards: u16,
     destinations: Vec<String>,
