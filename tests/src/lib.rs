@@ -6,8 +6,10 @@
 mod admin;
 mod hostile;
 mod load;
+mod redis_cluster;
 mod redis_server;
 mod router_process;
+mod test_redis;
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -20,8 +22,10 @@ pub use hostile::{spawn_hostile_server, Misbehaviour};
 pub use load::{Accepted, Load, Verdict};
 use mock_destinations::{PathSummary, Recorder};
 use protocol::Keys;
+pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use redis_server::RedisServer;
 pub use router_process::RouterProcess;
+pub use test_redis::TestRedis;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -35,10 +39,10 @@ pub const API_KEY_NAME: &str = "test-suite";
 /// The admin token of the suite's routers.
 pub const ADMIN_TOKEN: &str = "evd_admin_test-suite-token";
 
-/// The gateway's defaults, accepting [`API_KEY`], on `redis_url`.
-pub fn gateway_config(redis_url: &str) -> gateway::Config {
+/// The gateway's defaults, accepting [`API_KEY`], on `redis`.
+pub fn gateway_config(redis: &TestRedis) -> gateway::Config {
     let mut config = gateway::Config::defaults();
-    config.redis.url = redis_url.into();
+    redis.configure(&mut config.redis);
     config.redis.shards = SHARDS;
     config.workers = 2;
     config.auth.keys = vec![gateway::config::KeyConfig {
@@ -152,7 +156,7 @@ impl TestDestination {
 
 /// Redis, mock destinations, gateway and (optionally) an in-process router.
 pub struct TestSystem {
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     pub recorder: Arc<Recorder>,
     pub mock_url: String,
     pub gateway_url: String,
@@ -173,19 +177,21 @@ impl TestSystem {
         system
     }
 
-    /// Starts Redis, the mock destinations and the gateway; no router.
+    /// Starts Redis (a cluster with `EVD_TEST_REDIS=cluster`), the mock
+    /// destinations and the gateway; no router.
     pub async fn start_without_router(destinations: Vec<TestDestination>) -> Self {
-        Self::start_custom(RedisServer::start().await, destinations, |_| {}).await
+        Self::start_custom(TestRedis::start().await, destinations, |_| {}).await
     }
 
     /// Starts the mock destinations and the gateway (configured by
     /// `configure_gateway`) on `redis`; no router.
     pub async fn start_custom(
-        redis: RedisServer,
+        redis: impl Into<TestRedis>,
         destinations: Vec<TestDestination>,
         configure_gateway: impl FnOnce(&mut gateway::Config),
     ) -> Self {
         init_tracing();
+        let redis = redis.into();
         let shutdown = CancellationToken::new();
 
         let recorder = Arc::new(Recorder::default());
@@ -197,7 +203,7 @@ impl TestSystem {
             shutdown.clone(),
         ));
 
-        let mut gateway_config = gateway_config(redis.url());
+        let mut gateway_config = gateway_config(&redis);
         configure_gateway(&mut gateway_config);
         let gateway_listener = TcpListener::bind("127.0.0.1:0").expect("bind gateway");
         let gateway_url = format!("http://{}", gateway_listener.local_addr().expect("addr"));
@@ -238,7 +244,7 @@ impl TestSystem {
     /// The router config for this system's destinations.
     pub fn router_config(&self) -> router::Config {
         let mut config = router::Config::defaults();
-        config.redis.url = self.redis.url().into();
+        self.redis.configure(&mut config.redis);
         config.redis.shards = SHARDS;
         config.consumer_name = "test-router".into();
         config.reader.block_ms = 200;
@@ -286,7 +292,7 @@ impl TestSystem {
         let lease = config.lease;
         let mut toml = format!(
             "consumer_name = \"{}\"\nshutdown_grace_ms = {}\n\
-             [redis]\nurl = \"{}\"\nshards = {}\ntimeout_ms = {}\n\
+             [redis]\n{}\nshards = {}\ntimeout_ms = {}\n\
              [reader]\nbatch_size = 100\nblock_ms = {}\nwindow = 1000\n\
              [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\
              [lease]\nttl_ms = {}\nrenew_interval_ms = {}\nsafety_margin_ms = {}\n\
@@ -294,7 +300,7 @@ impl TestSystem {
              [outbound]\nallowed_networks = [\"127.0.0.0/8\"]\n",
             config.consumer_name,
             config.shutdown_grace_ms,
-            self.redis.url(),
+            self.redis.toml_setting(),
             config.redis.shards,
             config.redis.timeout_ms,
             config.reader.block_ms,

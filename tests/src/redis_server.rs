@@ -16,14 +16,15 @@ impl RedisServer {
     /// A connection for the test's own checks. Its replies may take long on
     /// a loaded machine (a big XRANGE while the suite runs in parallel), so
     /// it waits up to 30 s instead of the client's default 500 ms.
-    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        let config = redis::AsyncConnectionConfig::new()
+    pub async fn connection(&self) -> protocol::RedisConnection {
+        let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(std::time::Duration::from_secs(30)));
-        redis::Client::open(self.url.as_str())
-            .expect("valid redis url")
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .expect("test redis accepts connections")
+        let client = redis::Client::open(self.url.as_str()).expect("valid redis url");
+        protocol::RedisConnection::Single(
+            redis::aio::ConnectionManager::new_with_config(client, config)
+                .await
+                .expect("test redis accepts connections"),
+        )
     }
 }
 

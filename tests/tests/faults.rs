@@ -192,7 +192,7 @@ async fn redis_killed_and_restarted_from_its_aof_delivers_every_accepted_event()
     // accepted before Redis goes down, leaving no request to see the outage.
     let load = Load::until_stopped(&system, 40, Duration::from_millis(10));
     wait_fast_delivered(&system, 500).await;
-    system.redis.stop().await;
+    system.redis.server().stop().await;
     let refused_before = load.unavailable_count();
     wait_for(
         "the gateway to answer 503",
@@ -200,7 +200,7 @@ async fn redis_killed_and_restarted_from_its_aof_delivers_every_accepted_event()
         || async { load.unavailable_count() > refused_before },
     )
     .await;
-    system.redis.restart().await;
+    system.redis.server().restart().await;
     let restarted_at = Instant::now();
     let accepted_before = load.accepted_count();
     wait_for(
@@ -229,14 +229,16 @@ async fn redis_killed_and_restarted_from_its_aof_delivers_every_accepted_event()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_gets_503s_within_the_bound_and_no_202_then_recovers() {
-    let mut system = TestSystem::start_without_router(three_destinations()).await;
+    // One server to pause (cluster failover has its own test).
+    let redis = RedisServer::start().await;
+    let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
     system.start_router();
     let bound = Duration::from_millis(gateway::Config::defaults().redis.timeout_ms);
 
     let (users, per_user) = (40, 50);
     let load = Load::start(&system, users, per_user);
     wait_fast_delivered(&system, users * per_user / 4).await;
-    system.redis.pause().await;
+    system.redis.server().pause().await;
     let paused_at = Instant::now();
     let mut probes = 0;
     while paused_at.elapsed() < Duration::from_secs(5) {
@@ -255,7 +257,7 @@ async fn redis_paused_gets_503s_within_the_bound_and_no_202_then_recovers() {
         );
         probes += 1;
     }
-    system.redis.resume().await;
+    system.redis.server().resume().await;
     let resumed_at = Instant::now();
     eprintln!("{probes} probes during the 5 s pause: all 503 within {bound:?}");
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e_tests::{TestDestination, TestSystem};
+use e2e_tests::{RedisServer, TestDestination, TestSystem};
 use serde_json::{json, Value};
 
 async fn raw_post(
@@ -185,9 +185,10 @@ async fn a_batch_is_stored_in_order_and_answers_every_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_gets_a_quick_503_with_retry_after_never_a_202() {
-    let mut system = TestSystem::start_without_router(vec![]).await;
+    let redis = RedisServer::start().await;
+    let mut system = TestSystem::start_custom(redis, vec![], |_| {}).await;
     system.send("u", json!(1)).await;
-    system.redis.stop().await;
+    system.redis.server().stop().await;
 
     for _ in 0..3 {
         let started = Instant::now();

@@ -1,0 +1,335 @@
+//! A real Redis Cluster per test: 3 masters and 3 replicas, each a
+//! `redis-server` child process on free ports with its data in a temp dir,
+//! joined by `redis-cli --cluster create`. Killed on drop.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use protocol::RedisConnection;
+
+use crate::wait_for;
+
+const MASTERS: usize = 3;
+/// Short, so a killed master's replica takes over within a few seconds.
+pub const NODE_TIMEOUT_MS: u64 = 1000;
+
+struct Node {
+    port: u16,
+    bus_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self, extra_args: &[String]) {
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&binary)
+            .args(["--port", &self.port.to_string()])
+            .args(["--cluster-port", &self.bus_port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+            // A replica takes over however long it was disconnected: the
+            // tests kill masters on purpose.
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+            .args(["--maxmemory-policy", "noeviction"])
+            .args(extra_args)
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {binary} (install redis-server or set REDIS_SERVER): {e}")
+            });
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub port: u16,
+    pub is_master: bool,
+    pub failed: bool,
+    /// Slot ranges served (masters only), inclusive.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl ClusterNode {
+    pub fn serves(&self, slot: u16) -> bool {
+        self.slots
+            .iter()
+            .any(|(first, last)| (*first..=*last).contains(&slot))
+    }
+}
+
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+}
+
+impl RedisCluster {
+    /// Starts 3 masters with one replica each and waits until every slot is
+    /// served and every node agrees the cluster is up.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// As [`Self::start`], every node with `extra_args` after the defaults.
+    pub async fn start_with(extra_args: &[&str]) -> Self {
+        let extra_args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
+        // Hold every listener until all ports are chosen, so none repeats.
+        let listeners: Vec<TcpListener> = (0..MASTERS * 4)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").port())
+            .collect();
+        drop(listeners);
+        let mut nodes: Vec<Node> = ports
+            .chunks_exact(2)
+            .map(|pair| Node {
+                port: pair[0],
+                bus_port: pair[1],
+                dir: tempfile::tempdir().expect("a temp dir"),
+                child: None,
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn(&extra_args);
+        }
+        let cluster = RedisCluster { nodes };
+        for node in &cluster.nodes {
+            let url = node.url();
+            wait_for(
+                "a cluster node to answer",
+                Duration::from_secs(10),
+                || async { ping(&url).await },
+            )
+            .await;
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs (it comes with redis-server; apt install redis-tools)");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        cluster.wait_healthy(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    /// The URL of every node started (seed nodes for the services).
+    pub fn seed_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Node::url).collect()
+    }
+
+    /// A cluster connection for the test's own checks, waiting up to 30 s
+    /// for a reply (a big XRANGE on a loaded machine).
+    pub async fn connection(&self) -> RedisConnection {
+        let client = redis::cluster::ClusterClient::builder(self.seed_urls())
+            .response_timeout(Duration::from_secs(30))
+            .build()
+            .expect("valid seed urls");
+        RedisConnection::Cluster(
+            client
+                .get_async_connection()
+                .await
+                .expect("the test cluster accepts connections"),
+        )
+    }
+
+    /// `CLUSTER <args>` answered by some live node.
+    async fn ask_any_node<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            if let Some(reply) = cluster_command(&node.url(), args).await {
+                return reply;
+            }
+        }
+        panic!("no cluster node answers CLUSTER {args:?}");
+    }
+
+    /// `CLUSTER NODES` as seen by a live node.
+    pub async fn topology(&self) -> Vec<ClusterNode> {
+        parse_cluster_nodes(&self.ask_any_node::<String>(&["NODES"]).await)
+    }
+
+    /// The cluster slot of `key`, as Redis computes it (CRC16 of its hash tag).
+    pub async fn key_slot(&self, key: &str) -> u16 {
+        self.ask_any_node(&["KEYSLOT", key]).await
+    }
+
+    /// The ports of the live masters and how many of `keys` each serves.
+    pub async fn keys_per_master(&self, keys: &[String]) -> BTreeMap<u16, usize> {
+        let topology = self.topology().await;
+        let mut per_master: BTreeMap<u16, usize> = topology
+            .iter()
+            .filter(|n| n.is_master && !n.failed && !n.slots.is_empty())
+            .map(|n| (n.port, 0))
+            .collect();
+        for key in keys {
+            let slot = self.key_slot(key).await;
+            if let Some(master) = topology
+                .iter()
+                .find(|n| n.is_master && !n.failed && n.serves(slot))
+            {
+                *per_master.entry(master.port).or_default() += 1;
+            }
+        }
+        per_master
+    }
+
+    /// SIGKILLs the master serving `key`; returns its port.
+    pub async fn kill_master_of(&mut self, key: &str) -> u16 {
+        let slot = self.key_slot(key).await;
+        let port = self
+            .topology()
+            .await
+            .into_iter()
+            .find(|n| n.is_master && !n.failed && n.serves(slot))
+            .expect("some master serves the slot")
+            .port;
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("the master is one of ours")
+            .kill();
+        port
+    }
+
+    /// Waits until every live node reports the cluster up with all 16384
+    /// slots served by live masters.
+    pub async fn wait_healthy(&self, within: Duration) {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(Node::url)
+            .collect();
+        wait_for("every cluster node to report the cluster up", within, || {
+            let urls = urls.clone();
+            async move {
+                for url in &urls {
+                    let Some(info) = cluster_command::<String>(url, &["INFO"]).await else {
+                        return false;
+                    };
+                    if protocol::info_field(&info, "cluster_state") != Some("ok")
+                        || protocol::info_field(&info, "cluster_slots_ok") != Some("16384")
+                    {
+                        return false;
+                    }
+                }
+                true
+            }
+        })
+        .await;
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    match client.get_multiplexed_async_connection().await {
+        Ok(mut con) => redis::cmd("PING")
+            .query_async::<String>(&mut con)
+            .await
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// `CLUSTER <args>` on one node; `None` if it does not answer.
+async fn cluster_command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> Option<T> {
+    let client = redis::Client::open(url).ok()?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_connection_timeout(Some(Duration::from_secs(2)));
+    let mut con = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .ok()?;
+    redis::cmd("CLUSTER")
+        .arg(args)
+        .query_async(&mut con)
+        .await
+        .ok()
+}
+
+/// Parses `CLUSTER NODES`: `<id> <ip:port@bus> <flags> <master> <ping>
+/// <pong> <epoch> <link> <slot ranges…>`.
+fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let address = fields.get(1)?;
+            let port = address.split('@').next()?.rsplit(':').next()?.parse().ok()?;
+            let flags = fields.get(2)?;
+            let slots = fields
+                .iter()
+                .skip(8)
+                .filter(|range| !range.starts_with('['))
+                .filter_map(|range| match range.split_once('-') {
+                    Some((first, last)) => Some((first.parse().ok()?, last.parse().ok()?)),
+                    None => range.parse().ok().map(|slot| (slot, slot)),
+                })
+                .collect();
+            Some(ClusterNode {
+                port,
+                is_master: flags.contains("master"),
+                failed: flags.contains("fail") && !flags.contains("fail?"),
+                slots,
+            })
+        })
+        .collect()
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_lines_are_parsed() {
+        let text = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                    b2 127.0.0.1:7001@17001 slave a1 0 0 1 connected\n\
+                    c3 127.0.0.1:7002@17002 master,fail - 0 0 2 disconnected 5461 5462-10922\n";
+        let nodes = parse_cluster_nodes(text);
+        assert_eq!(nodes.len(), 3);
+        assert!(nodes[0].is_master && nodes[0].serves(5460) && !nodes[0].serves(5461));
+        assert!(!nodes[1].is_master && nodes[1].slots.is_empty());
+        assert!(nodes[2].failed && nodes[2].serves(5461) && nodes[2].serves(10922));
+    }
+}
