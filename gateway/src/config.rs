@@ -9,7 +9,7 @@ use protocol::secret::TokenDigest;
 use protocol::RedisConfig;
 use serde::Deserialize;
 
-use crate::store::BacklogLimits;
+use crate::store::{BacklogLimits, Replication};
 
 /// The commented reference configuration, also the defaults.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/gateway.default.toml");
@@ -39,6 +39,26 @@ pub struct Config {
     pub backlog: BacklogConfig,
     /// Who may post events.
     pub auth: AuthConfig,
+    /// How many Redis replicas must hold an event before its 202.
+    pub replication: ReplicationConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Replicas of the shard's master that must confirm each write (WAIT).
+    pub min_replicas: u32,
+    /// How long to wait for them (ms) before answering 503.
+    pub timeout_ms: u64,
+}
+
+impl ReplicationConfig {
+    pub fn replication(&self) -> Replication {
+        Replication {
+            min_replicas: self.min_replicas,
+            timeout: Duration::from_millis(self.timeout_ms),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +139,16 @@ impl Config {
         }
         if !(1..=100).contains(&backlog.max_memory_percent) {
             return Err("backlog.max_memory_percent must be between 1 and 100".into());
+        }
+        let replication = &self.replication;
+        if replication.min_replicas > 0
+            && !(1..self.redis.timeout_ms).contains(&replication.timeout_ms)
+        {
+            return Err(format!(
+                "replication.timeout_ms must be positive and below redis.timeout_ms ({}), so a \
+                 write that replicas do not confirm in time gets a clear 503",
+                self.redis.timeout_ms
+            ));
         }
         if self.max_json_depth < 2 {
             return Err(

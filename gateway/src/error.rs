@@ -32,6 +32,7 @@ pub enum ApiError {
 fn unavailable_reason(cause: &StoreError) -> String {
     match cause {
         StoreError::BacklogFull(reason) => reason.clone(),
+        StoreError::NotReplicated { .. } => cause.to_string(),
         _ => "event store unavailable, retry later".into(),
     }
 }
@@ -49,6 +50,10 @@ impl ApiError {
                 cause: StoreError::BacklogFull(_),
                 ..
             } => "backlog_full",
+            ApiError::Unavailable {
+                cause: StoreError::NotReplicated { .. },
+                ..
+            } => "not_replicated",
             ApiError::Unavailable { .. } => "store_unavailable",
         }
     }

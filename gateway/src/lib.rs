@@ -102,6 +102,7 @@ async fn connect(
             &config.redis,
             config.idempotency_ttl(),
             config.backlog.limits(),
+            config.replication.replication(),
         )
         .await
         {

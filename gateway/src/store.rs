@@ -44,6 +44,19 @@ pub enum StoreError {
     /// The backlog cap: destinations are too far behind to accept more now.
     #[error("{0}")]
     BacklogFull(String),
+    /// Stored on the master, but not confirmed on enough replicas in time.
+    #[error(
+        "the event reached {confirmed} of the {wanted} Redis replicas required in time; \
+         retry later (with the same messageId a retry is not stored twice)"
+    )]
+    NotReplicated { wanted: u32, confirmed: u32 },
+}
+
+/// How many replicas must confirm each write before the client gets 202.
+#[derive(Debug, Clone, Copy)]
+pub struct Replication {
+    pub min_replicas: u32,
+    pub timeout: Duration,
 }
 
 /// Whether an append stored a new event or found an earlier one.
@@ -83,6 +96,7 @@ struct Backlog {
 pub struct EventStore {
     connections: Vec<RedisConnection>,
     backlog: Backlog,
+    replication: Replication,
     keys: Keys,
     shards: u16,
     idempotency_ttl_ms: u64,
@@ -102,6 +116,7 @@ impl EventStore {
         config: &RedisConfig,
         idempotency_ttl: Duration,
         limits: BacklogLimits,
+        replication: Replication,
     ) -> Result<Self, ConnectError> {
         let mut connections = Vec::with_capacity(config.connections);
         for _ in 0..config.connections {
@@ -117,6 +132,7 @@ impl EventStore {
                 full_shards: (0..config.shards).map(|_| AtomicBool::new(false)).collect(),
                 memory_full: AtomicBool::new(false),
             },
+            replication,
             keys,
             shards: config.shards,
             idempotency_ttl_ms: u64::try_from(idempotency_ttl.as_millis()).unwrap_or(u64::MAX),
@@ -177,10 +193,12 @@ impl EventStore {
     }
 
     /// Writes `events`, each user's in the given order; returns their ids in
-    /// the same order once Redis has acknowledged every write. Each shard's
-    /// events go as one pipeline; shards are written concurrently. On error
-    /// some events may be stored: clients retry, and idempotency keys make
-    /// that retry safe.
+    /// the same order once Redis has acknowledged every write (and, with
+    /// `min_replicas`, once that many replicas confirmed it: a `WAIT` ends
+    /// the shard's pipeline, on the same connection to the same master).
+    /// Each shard's events go as one pipeline; shards are written
+    /// concurrently. On error some events may be stored: clients retry, and
+    /// idempotency keys make that retry safe.
     pub async fn append_all(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
         let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (index, event) in events.iter().enumerate() {
@@ -195,9 +213,30 @@ impl EventStore {
             for &index in &indices {
                 pipeline.add_command(self.append_command(shard, &events[index]));
             }
+            let replication = self.replication;
+            if replication.min_replicas > 0 {
+                pipeline
+                    .cmd("WAIT")
+                    .arg(replication.min_replicas)
+                    .arg(u64::try_from(replication.timeout.as_millis()).unwrap_or(u64::MAX));
+            }
             let mut con = self.connection_for(shard);
             async move {
-                let replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
+                let mut replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
+                if replication.min_replicas > 0 {
+                    let confirmed = replies
+                        .pop()
+                        .map(u32::from_redis_value)
+                        .transpose()
+                        .map_err(|e| StoreError::Reply(format!("WAIT: {e}")))?
+                        .unwrap_or(0);
+                    if confirmed < replication.min_replicas {
+                        return Err(StoreError::NotReplicated {
+                            wanted: replication.min_replicas,
+                            confirmed,
+                        });
+                    }
+                }
                 if replies.len() != indices.len() {
                     return Err(StoreError::Reply(format!(
                         "{} replies for {} commands",

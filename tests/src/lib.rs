@@ -25,8 +25,8 @@ use protocol::Keys;
 pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use redis_server::RedisServer;
 pub use router_process::RouterProcess;
-pub use test_redis::TestRedis;
 use serde_json::Value;
+pub use test_redis::TestRedis;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

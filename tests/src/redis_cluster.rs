@@ -1,6 +1,6 @@
-//! A real Redis Cluster per test: 3 masters and 3 replicas, each a
-//! `redis-server` child process on free ports with its data in a temp dir,
-//! joined by `redis-cli --cluster create`. Killed on drop.
+//! A real Redis Cluster per test: 3 masters with one replica each (or
+//! more), each a `redis-server` child process on free ports with its data
+//! in a temp dir, joined by `redis-cli --cluster create`. Killed on drop.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -27,7 +27,7 @@ impl Node {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self, extra_args: &[String]) {
+    fn spawn(&mut self) {
         let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(&binary)
             .args(["--port", &self.port.to_string()])
@@ -36,12 +36,11 @@ impl Node {
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
-            // A replica takes over however long it was disconnected: the
-            // tests kill masters on purpose.
-            .args(["--cluster-replica-validity-factor", "0"])
+            // Replicas sync at once instead of waiting 5 s for others to
+            // share a diskless transfer; until synced they hold nothing.
+            .args(["--repl-diskless-sync-delay", "0"])
             .args(["--appendonly", "yes", "--appendfsync", "everysec"])
             .args(["--maxmemory-policy", "noeviction"])
-            .args(extra_args)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -93,14 +92,15 @@ impl RedisCluster {
     /// Starts 3 masters with one replica each and waits until every slot is
     /// served and every node agrees the cluster is up.
     pub async fn start() -> Self {
-        Self::start_with(&[]).await
+        Self::start_with_replicas(1).await
     }
 
-    /// As [`Self::start`], every node with `extra_args` after the defaults.
-    pub async fn start_with(extra_args: &[&str]) -> Self {
-        let extra_args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
-        // Hold every listener until all ports are chosen, so none repeats.
-        let listeners: Vec<TcpListener> = (0..MASTERS * 4)
+    /// Starts 3 masters with `replicas` replicas each.
+    pub async fn start_with_replicas(replicas: usize) -> Self {
+        let node_count = MASTERS * (1 + replicas);
+        // Hold every listener until all ports are chosen, so none repeats;
+        // two per node: clients and the cluster bus.
+        let listeners: Vec<TcpListener> = (0..node_count * 2)
             .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
             .collect();
         let ports: Vec<u16> = listeners
@@ -118,7 +118,7 @@ impl RedisCluster {
             })
             .collect();
         for node in &mut nodes {
-            node.spawn(&extra_args);
+            node.spawn();
         }
         let cluster = RedisCluster { nodes };
         for node in &cluster.nodes {
@@ -138,7 +138,7 @@ impl RedisCluster {
         let output = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli runs (it comes with redis-server; apt install redis-tools)");
         assert!(
@@ -148,7 +148,34 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stderr)
         );
         cluster.wait_healthy(Duration::from_secs(30)).await;
+        cluster.wait_replicas_synced(Duration::from_secs(30)).await;
         cluster
+    }
+
+    /// Waits until every replica has finished its first sync and follows
+    /// its master: before that a failover would promote a replica holding
+    /// none of the recent writes.
+    async fn wait_replicas_synced(&self, within: Duration) {
+        let urls: Vec<String> = self.nodes.iter().map(Node::url).collect();
+        wait_for("every replica to sync with its master", within, || {
+            let urls = urls.clone();
+            async move {
+                for url in &urls {
+                    let Some(info) = info_replication(url).await else {
+                        return false;
+                    };
+                    let field = |name| protocol::info_field(&info, name);
+                    if field("role") == Some("slave")
+                        && (field("master_link_status") != Some("up")
+                            || field("master_sync_in_progress") != Some("0"))
+                    {
+                        return false;
+                    }
+                }
+                true
+            }
+        })
+        .await;
     }
 
     /// The URL of every node started (seed nodes for the services).
@@ -211,22 +238,47 @@ impl RedisCluster {
         per_master
     }
 
-    /// SIGKILLs the master serving `key`; returns its port.
-    pub async fn kill_master_of(&mut self, key: &str) -> u16 {
+    /// The port of the master serving `key` as the cluster sees it now
+    /// (a killed master still counts until the others mark it failed).
+    pub async fn master_of(&self, key: &str) -> Option<u16> {
         let slot = self.key_slot(key).await;
-        let port = self
-            .topology()
+        self.topology()
             .await
             .into_iter()
             .find(|n| n.is_master && !n.failed && n.serves(slot))
-            .expect("some master serves the slot")
-            .port;
+            .map(|n| n.port)
+    }
+
+    /// SIGKILLs the master serving `key`; returns its port.
+    pub async fn kill_master_of(&mut self, key: &str) -> u16 {
+        let port = self
+            .master_of(key)
+            .await
+            .expect("some master serves the slot");
         self.nodes
             .iter_mut()
             .find(|n| n.port == port)
             .expect("the master is one of ours")
             .kill();
         port
+    }
+
+    /// Waits until a live master other than `old_port` serves `key`: its
+    /// replica was promoted.
+    pub async fn wait_failover(&self, key: &str, old_port: u16, within: Duration) {
+        let live: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect();
+        wait_for("a replica to be promoted", within, || async {
+            self.master_of(key)
+                .await
+                .is_some_and(|port| port != old_port && live.contains(&port))
+        })
+        .await;
+        self.wait_healthy(within).await;
     }
 
     /// Waits until every live node reports the cluster up with all 16384
@@ -238,22 +290,26 @@ impl RedisCluster {
             .filter(|n| n.child.is_some())
             .map(Node::url)
             .collect();
-        wait_for("every cluster node to report the cluster up", within, || {
-            let urls = urls.clone();
-            async move {
-                for url in &urls {
-                    let Some(info) = cluster_command::<String>(url, &["INFO"]).await else {
-                        return false;
-                    };
-                    if protocol::info_field(&info, "cluster_state") != Some("ok")
-                        || protocol::info_field(&info, "cluster_slots_ok") != Some("16384")
-                    {
-                        return false;
+        wait_for(
+            "every cluster node to report the cluster up",
+            within,
+            || {
+                let urls = urls.clone();
+                async move {
+                    for url in &urls {
+                        let Some(info) = cluster_command::<String>(url, &["INFO"]).await else {
+                            return false;
+                        };
+                        if protocol::info_field(&info, "cluster_state") != Some("ok")
+                            || protocol::info_field(&info, "cluster_slots_ok") != Some("16384")
+                        {
+                            return false;
+                        }
                     }
+                    true
                 }
-                true
-            }
-        })
+            },
+        )
         .await;
     }
 }
@@ -273,6 +329,19 @@ async fn ping(url: &str) -> bool {
 
 /// `CLUSTER <args>` on one node; `None` if it does not answer.
 async fn cluster_command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> Option<T> {
+    let mut command = redis::cmd("CLUSTER");
+    command.arg(args);
+    ask_node(url, command).await
+}
+
+/// `INFO replication` of one node; `None` if it does not answer.
+async fn info_replication(url: &str) -> Option<String> {
+    let mut command = redis::cmd("INFO");
+    command.arg("replication");
+    ask_node(url, command).await
+}
+
+async fn ask_node<T: redis::FromRedisValue>(url: &str, command: redis::Cmd) -> Option<T> {
     let client = redis::Client::open(url).ok()?;
     let config = redis::AsyncConnectionConfig::new()
         .set_response_timeout(Some(Duration::from_secs(2)))
@@ -281,11 +350,7 @@ async fn cluster_command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> 
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .ok()?;
-    redis::cmd("CLUSTER")
-        .arg(args)
-        .query_async(&mut con)
-        .await
-        .ok()
+    command.query_async(&mut con).await.ok()
 }
 
 /// Parses `CLUSTER NODES`: `<id> <ip:port@bus> <flags> <master> <ping>
@@ -295,7 +360,13 @@ fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let address = fields.get(1)?;
-            let port = address.split('@').next()?.rsplit(':').next()?.parse().ok()?;
+            let port = address
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
             let flags = fields.get(2)?;
             let slots = fields
                 .iter()
@@ -315,7 +386,6 @@ fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
         })
         .collect()
 }
-
 
 #[cfg(test)]
 mod tests {
