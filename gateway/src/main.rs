@@ -5,6 +5,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use protocol::secret::{generate_token, TokenDigest};
 
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Event delivery gateway: accepts events over HTTP into Redis streams.
 #[derive(Parser)]
 struct Args {
@@ -26,6 +28,9 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Exit 0 if the gateway configured here is ready (`GET /readyz` on its
+    /// listen port: up and reaching Redis); the container health check.
+    Health,
 }
 
 #[tokio::main]
@@ -46,6 +51,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = gateway::Config::load(args.config.as_deref())?;
+    if let Some(Command::Health) = args.command {
+        telemetry::health::probe(&config.listen, "/readyz", HEALTH_TIMEOUT)?;
+        return Ok(());
+    }
     telemetry::init_logging(config.log_format);
     let listener = TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;

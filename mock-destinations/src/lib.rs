@@ -21,6 +21,8 @@
 //! also carry a valid Standard Webhooks signature by one of them, made
 //! within the last 5 minutes; otherwise it is answered 401, whatever the path.
 //!
+//! `GET /healthz` answers 200 (the container health check).
+//!
 //! `PUT /outages?path=/outage/crm` declares an outage of that path and
 //! `DELETE /outages?path=/outage/crm` ends it, so a demo or test can take a
 //! destination down and bring it back while the router keeps running.
@@ -56,6 +58,7 @@ pub async fn run(
         App::new()
             .app_data(recorder.clone())
             .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
+            .route("/healthz", web::get().to(HttpResponse::Ok))
             .route("/received", web::get().to(received))
             .route("/received", web::delete().to(clear))
             .route("/captured", web::get().to(captured))

@@ -2,7 +2,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use mock_destinations::Recorder;
 use protocol::webhook::SigningSecret;
 
@@ -20,11 +20,25 @@ struct Args {
         value_delimiter = ','
     )]
     signing_secrets: Vec<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Exit 0 if the mocks answer on `--listen` (`GET /healthz`); the
+    /// container health check.
+    Health,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Health) = args.command {
+        let timeout = std::time::Duration::from_secs(3);
+        telemetry::health::probe(&args.listen, "/healthz", timeout)?;
+        return Ok(());
+    }
     telemetry::init_logging(telemetry::LogFormat::Text);
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -12,7 +12,9 @@
 //! | `DELETE /admin/destinations/{name}/dead-letters/{id}` | delete one |
 //! | `DELETE /admin/destinations/{name}/dead-letters` | delete all |
 //!
-//! Every route needs the admin token (unless `admin.require_token` is off):
+//! | `GET /healthz` | 200 while the router runs (no token: for health checks) |
+//!
+//! Every other route needs the admin token (unless `admin.require_token` is off):
 //! `Authorization: Bearer <token>`, or HTTP Basic with the token as the
 //! password, which is what a browser sends after asking for it.
 
@@ -179,6 +181,9 @@ async fn require_token(
     request: ServiceRequest,
     next: Next<BoxBody>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    if request.path() == "/healthz" {
+        return next.call(request).await;
+    }
     let state = request
         .app_data::<web::Data<AdminState>>()
         .expect("the admin state is registered");
@@ -241,6 +246,10 @@ fn presented_token(authorization: &str) -> Option<String> {
     Some(password.to_owned())
 }
 
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
 /// Serves the admin routes on `listener` until `shutdown`.
 pub async fn serve(
     state: AdminState,
@@ -260,6 +269,7 @@ pub async fn serve(
                 AdminError::Invalid(format!("invalid query: {error}")).into()
             }))
             .route("/", web::get().to(status))
+            .route("/healthz", web::get().to(healthz))
             .route(
                 "/destinations/{name}/replay",
                 web::post().to(replay_from_page),

@@ -32,6 +32,9 @@ enum Command {
     /// Create a webhook signing secret (`whsec_…`) for a destination's
     /// `signing_secrets`; give the same secret to the receiver.
     NewSigningSecret,
+    /// Exit 0 if the router configured here answers on its admin listener
+    /// (`GET /healthz`, open without the token); the container health check.
+    Health,
 }
 
 #[tokio::main]
@@ -69,6 +72,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::NewSigningSecret => {
             println!("{}", SigningSecret::generate());
+            Ok(())
+        }
+        Command::Health => {
+            let config = router::Config::load(args.config.as_deref())?;
+            let timeout = std::time::Duration::from_secs(3);
+            telemetry::health::probe(&config.admin.listen, "/healthz", timeout)?;
             Ok(())
         }
     }

@@ -1,7 +1,10 @@
 //! Process set-up shared by the binaries: the log format, the process's
 //! Prometheus recorder (one place owns it, so a gateway and a router started
-//! in one process, as the tests do, share it), and the shutdown signal.
+//! in one process, as the tests do, share it), the shutdown signal, and the
+//! container health check ([`health::probe`]).
 #![forbid(unsafe_code)]
+
+pub mod health;
 
 use std::sync::OnceLock;
 use std::time::Duration;
