@@ -18,6 +18,13 @@ apt_install() {
 
 ensure_redis_server() {
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-server
+  # redis-cli forms the test clusters (Debian ships it in redis-tools).
+  command -v redis-cli >/dev/null 2>&1 || apt_install redis-cli redis-tools
+}
+
+# Validates the compose files without a Docker engine (Debian's v1 client).
+ensure_docker_compose() {
+  command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose docker-compose
 }
 
 # The Redis TLS test makes its throwaway CA and certificate with openssl.
@@ -26,7 +33,7 @@ ensure_openssl() {
 }
 
 # Python tools of the test suite (tests/python/requirements.txt: Playwright,
-# standardwebhooks, schemathesis) in target/python-venv, reinstalled when the
+# standardwebhooks, schemathesis, hadolint) in target/python-venv, reinstalled when the
 # requirements change. The status page test drives Debian's Chromium;
 # Playwright's own browser download is not used.
 PYTHON_VENV=target/python-venv

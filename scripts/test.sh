@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs redis-server,
-# openssl, Chromium, the Python test tools, and nightly Rust with cargo-fuzz
-# when missing, builds the binaries the crash tests
-# start, compiles the testcontainers variant of the harness, and runs every
-# test.
+# openssl, Chromium, the Python test tools, docker-compose, and nightly Rust
+# with cargo-fuzz when missing, checks the container files, builds the
+# binaries the crash tests start, compiles the testcontainers variant of the
+# harness, runs every test, then the end-to-end suite again on a Redis
+# Cluster, then the fuzz target briefly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure-tools.sh
@@ -11,15 +12,25 @@ ensure_redis_server
 ensure_openssl
 ensure_python_tools
 
+scripts/check-containers.sh
+
 # The crash-recovery tests run the router as a child process.
 cargo build --workspace --bins --locked
 # CI compiles (but cannot run: no Docker engine) the testcontainers harness.
 cargo check -p e2e-tests --features testcontainers --tests --locked
 
+# The end-to-end tests that run on whatever Redis the harness starts, run a
+# second time on a local Redis Cluster (3 masters + 3 replicas). Tests named
+# redis_* stop or pause their one Redis server and stay single-server.
+cluster_suite=(-p e2e-tests --test delivery --test admin --test faults --test ingest)
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
+  EVD_TEST_REDIS=cluster cargo nextest run "${cluster_suite[@]}" --locked --no-fail-fast \
+    -E 'not test(/^redis_/)'
 else
   cargo test --workspace --locked --no-fail-fast
+  EVD_TEST_REDIS=cluster cargo test "${cluster_suite[@]}" --locked --no-fail-fast \
+    -- --skip redis_
 fi
 
 # The request-parsing fuzz target, briefly, without growing the kept corpus
