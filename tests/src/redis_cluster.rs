@@ -249,6 +249,30 @@ impl RedisCluster {
             .map(|n| n.port)
     }
 
+    /// CPU time each live master has used (`INFO cpu`), by port.
+    pub async fn master_cpu_times(&self) -> BTreeMap<u16, Duration> {
+        let mut times = BTreeMap::new();
+        for node in self
+            .topology()
+            .await
+            .iter()
+            .filter(|n| n.is_master && !n.failed)
+        {
+            let mut command = redis::cmd("INFO");
+            command.arg("cpu");
+            let url = format!("redis://127.0.0.1:{}", node.port);
+            let info: String = ask_node(&url, command)
+                .await
+                .expect("a live master answers");
+            let seconds: f64 = ["used_cpu_sys", "used_cpu_user"]
+                .iter()
+                .filter_map(|field| protocol::info_field(&info, field)?.parse::<f64>().ok())
+                .sum();
+            times.insert(node.port, Duration::from_secs_f64(seconds));
+        }
+        times
+    }
+
     /// SIGKILLs the master serving `key`; returns its port.
     pub async fn kill_master_of(&mut self, key: &str) -> u16 {
         let port = self

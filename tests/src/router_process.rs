@@ -42,6 +42,23 @@ impl RouterProcess {
         }
     }
 
+    /// CPU time (user + system) the router has used so far, from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the router's /proc entry");
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields of the line.
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<u64> = after_name
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let ticks: u64 = fields.iter().sum();
+        Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
+    }
+
     /// SIGKILL: no shutdown code runs, as in a crash or an OOM kill.
     pub fn kill(mut self) {
         self.child.kill().expect("kill router");
@@ -74,4 +91,14 @@ impl Drop for RouterProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
