@@ -528,6 +528,27 @@ impl TestSystem {
         lengths
     }
 
+    /// Entries ever added to the shard streams (`XINFO STREAM`
+    /// `entries-added`), however many were trimmed since.
+    pub async fn entries_added(&self) -> u64 {
+        let mut con = self.redis.connection().await;
+        let mut total = 0;
+        for shard in 0..SHARDS {
+            let info: redis::RedisResult<std::collections::HashMap<String, redis::Value>> =
+                redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(self.keys.events(shard))
+                    .query_async(&mut con)
+                    .await;
+            // No stream yet: nothing added.
+            let added = info.ok().and_then(|info| {
+                redis::from_redis_value::<u64>(info.get("entries-added")?.clone()).ok()
+            });
+            total += added.unwrap_or(0);
+        }
+        total
+    }
+
     /// Total entries in all shard streams.
     pub async fn stream_lengths(&self) -> u64 {
         self.shard_lengths().await.iter().sum()

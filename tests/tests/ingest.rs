@@ -152,7 +152,7 @@ async fn invalid_requests_get_a_status_and_a_message_naming_the_problem_and_stor
     ];
     // Once the router has registered its destinations, `nowhere` is the only unknown.
     system.wait_destinations_registered("crm").await;
-    let before = system.stream_lengths().await;
+    let before = system.entries_added().await;
 
     for (path, content_type, body, status, message) in cases {
         let (got_status, got_body) = raw_post(&system, path, content_type, body).await;
@@ -161,7 +161,7 @@ async fn invalid_requests_get_a_status_and_a_message_naming_the_problem_and_stor
         assert!(error.contains(message), "expected `{message}` in `{error}`");
     }
     assert_eq!(
-        system.stream_lengths().await,
+        system.entries_added().await,
         before,
         "rejected requests stored nothing"
     );

@@ -77,7 +77,7 @@ async fn ingest_needs_a_valid_api_key_and_records_its_name() {
         .expect("gateway answers");
     assert_eq!(response.status(), 401);
     assert_eq!(
-        system.stream_lengths().await,
+        system.entries_added().await,
         0,
         "refused requests stored nothing"
     );
