@@ -77,6 +77,11 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
+    /// A master the cluster has not marked failed.
+    pub fn is_live_master(&self) -> bool {
+        self.is_master && !self.failed
+    }
+
     pub fn serves(&self, slot: u16) -> bool {
         self.slots
             .iter()
@@ -126,7 +131,7 @@ impl RedisCluster {
             wait_for(
                 "a cluster node to answer",
                 Duration::from_secs(10),
-                || async { ping(&url).await },
+                || async { ask_node::<String>(&url, redis::cmd("PING")).await.is_some() },
             )
             .await;
         }
@@ -223,16 +228,13 @@ impl RedisCluster {
         let topology = self.topology().await;
         let mut per_master: BTreeMap<u16, usize> = topology
             .iter()
-            .filter(|n| n.is_master && !n.failed && !n.slots.is_empty())
+            .filter(|n| n.is_live_master() && !n.slots.is_empty())
             .map(|n| (n.port, 0))
             .collect();
         for key in keys {
             let slot = self.key_slot(key).await;
-            if let Some(master) = topology
-                .iter()
-                .find(|n| n.is_master && !n.failed && n.serves(slot))
-            {
-                *per_master.entry(master.port).or_default() += 1;
+            if let Some(port) = serving_master(&topology, slot) {
+                *per_master.entry(port).or_default() += 1;
             }
         }
         per_master
@@ -242,22 +244,13 @@ impl RedisCluster {
     /// (a killed master still counts until the others mark it failed).
     pub async fn master_of(&self, key: &str) -> Option<u16> {
         let slot = self.key_slot(key).await;
-        self.topology()
-            .await
-            .into_iter()
-            .find(|n| n.is_master && !n.failed && n.serves(slot))
-            .map(|n| n.port)
+        serving_master(&self.topology().await, slot)
     }
 
     /// CPU time each live master has used (`INFO cpu`), by port.
     pub async fn master_cpu_times(&self) -> BTreeMap<u16, Duration> {
         let mut times = BTreeMap::new();
-        for node in self
-            .topology()
-            .await
-            .iter()
-            .filter(|n| n.is_master && !n.failed)
-        {
+        for node in self.topology().await.iter().filter(|n| n.is_live_master()) {
             let mut command = redis::cmd("INFO");
             command.arg("cpu");
             let url = format!("redis://127.0.0.1:{}", node.port);
@@ -338,17 +331,12 @@ impl RedisCluster {
     }
 }
 
-async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
-    match client.get_multiplexed_async_connection().await {
-        Ok(mut con) => redis::cmd("PING")
-            .query_async::<String>(&mut con)
-            .await
-            .is_ok(),
-        Err(_) => false,
-    }
+/// The port of the live master serving `slot` in `topology`.
+fn serving_master(topology: &[ClusterNode], slot: u16) -> Option<u16> {
+    topology
+        .iter()
+        .find(|n| n.is_live_master() && n.serves(slot))
+        .map(|n| n.port)
 }
 
 /// `CLUSTER <args>` on one node; `None` if it does not answer.
