@@ -172,7 +172,6 @@ impl EventEntry {
     }
 }
 
-/// A Redis stream entry id, `<ms>-<seq>`; ordered as Redis orders them.
 /// Milliseconds since the Unix epoch: the clock of `received_at` and of
 /// every other timestamp the services record.
 pub fn unix_millis() -> u64 {
@@ -191,7 +190,9 @@ fn parse_ms(name: &'static str, value: &str) -> Result<u64, EntryError> {
         })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A Redis stream entry id, `<ms>-<seq>`; ordered as Redis orders them.
+/// The default, `0-0`, is below every entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId {
     pub ms: u64,
     pub seq: u64,
@@ -218,6 +219,15 @@ impl FromStr for StreamId {
 impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl redis::ToRedisArgs for StreamId {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        out.write_arg_fmt(self);
     }
 }
 

@@ -104,6 +104,19 @@ pub struct ReaderConfig {
     pub block_ms: u64,
     /// Most entries one shard × destination reader holds in memory.
     pub window: usize,
+    /// Most bytes of entries one destination holds in memory, split evenly
+    /// over the shards (each shard's worker gets `max_bytes / shards`).
+    pub max_bytes: usize,
+    /// Most entries of one user queued in memory behind its head; further
+    /// ones are parked (ids only) until their turn.
+    pub max_queued_per_user: usize,
+}
+
+impl ReaderConfig {
+    /// The byte budget of one (shard, destination) worker.
+    pub fn max_bytes_per_worker(&self, shards: u16) -> usize {
+        self.max_bytes / usize::from(shards.max(1))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +214,16 @@ impl Config {
         self.validate_lease()?;
         if self.reader.batch_size == 0 || self.reader.window == 0 {
             return Err("reader.batch_size and reader.window must be at least 1".into());
+        }
+        if self.reader.max_queued_per_user == 0 || self.reader.max_queued_per_user > self.reader.window {
+            return Err("reader.max_queued_per_user must be between 1 and reader.window".into());
+        }
+        if self.reader.max_bytes_per_worker(self.redis.shards) < 64 * 1024 {
+            return Err(format!(
+                "reader.max_bytes must allow at least 64 KiB per shard ({} shards: at least {} bytes)",
+                self.redis.shards,
+                64 * 1024 * usize::from(self.redis.shards)
+            ));
         }
         if self.reader.block_ms == 0 {
             return Err("reader.block_ms must be positive (0 would block forever)".into());

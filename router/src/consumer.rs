@@ -14,14 +14,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use protocol::RedisConnection;
-use protocol::{EventEntry, Keys, Replay};
+use protocol::{EventEntry, Keys, Replay, StreamId};
 use redis::{FromRedisValue, Value};
 
 /// Where the next read starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadFrom {
-    /// Our own pending entries with ids above this one (`0` = all).
-    Pending(String),
+    /// Our own pending entries with ids above this one (`0-0` = all).
+    Pending(StreamId),
     /// Entries never handed to this group (`>`).
     New,
 }
@@ -29,7 +29,9 @@ pub enum ReadFrom {
 /// One stream entry as read.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    pub stream_id: String,
+    pub id: StreamId,
+    /// Bytes of its field names and values as read: what holding it costs.
+    pub bytes: usize,
     pub content: EntryContent,
 }
 
@@ -185,27 +187,50 @@ impl GroupConsumer {
             .arg(&self.consumer)
             .arg("COUNT")
             .arg(count);
-        let id = match from {
+        match from {
             ReadFrom::New => {
                 command
                     .arg("BLOCK")
-                    .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
-                ">"
+                    .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
+                    .arg("STREAMS")
+                    .arg(&self.stream)
+                    .arg(">");
             }
-            ReadFrom::Pending(after) => after.as_str(),
-        };
-        command.arg("STREAMS").arg(&self.stream).arg(id);
+            ReadFrom::Pending(after) => {
+                command.arg("STREAMS").arg(&self.stream).arg(after);
+            }
+        }
         let reply: Value = command.query_async(&mut self.blocking.clone()).await?;
         parse_read_reply(reply)
     }
 
+    /// Reads one entry again by id (a parked entry whose turn came). An
+    /// entry deleted from the stream meanwhile comes back as
+    /// [`EntryContent::Deleted`], as XREADGROUP reports it.
+    pub async fn fetch(&self, id: StreamId) -> Result<Entry, ConsumerError> {
+        let reply: Vec<Value> = redis::cmd("XRANGE")
+            .arg(&self.stream)
+            .arg(id)
+            .arg(id)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        match reply.into_iter().next() {
+            Some(item) => parse_entry(item),
+            None => Ok(Entry {
+                id,
+                bytes: 0,
+                content: EntryContent::Deleted,
+            }),
+        }
+    }
+
     /// Acknowledges an entry this destination is done with without
     /// delivering it (not addressed to it, or deleted).
-    pub async fn ack(&self, stream_id: &str) -> Result<(), ConsumerError> {
+    pub async fn ack(&self, id: StreamId) -> Result<(), ConsumerError> {
         let _: i64 = redis::cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
-            .arg(stream_id)
+            .arg(id)
             .query_async(&mut self.commands.clone())
             .await?;
         Ok(())
@@ -215,14 +240,14 @@ impl GroupConsumer {
     /// dead letter, in the same MULTI (one hash tag, so valid on a cluster).
     pub async fn delivered(&self, entry: &Entry) -> Result<(), ConsumerError> {
         let Some(replay) = replay_of(entry) else {
-            return self.ack(&entry.stream_id).await;
+            return self.ack(entry.id).await;
         };
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
-            .arg(&entry.stream_id);
+            .arg(entry.id);
         self.finish_replay(&mut pipe, replay);
         let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
         Ok(())
@@ -252,7 +277,7 @@ impl GroupConsumer {
         xadd.arg("event_id")
             .arg(letter.event_id)
             .arg("stream_id")
-            .arg(&entry.stream_id)
+            .arg(entry.id)
             .arg("destination")
             .arg(&self.group)
             .arg("attempts")
@@ -275,7 +300,7 @@ impl GroupConsumer {
         pipe.cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
-            .arg(&entry.stream_id);
+            .arg(entry.id);
         if let Some(replay) = replay_of(entry) {
             self.finish_replay(&mut pipe, replay);
         }
@@ -384,8 +409,10 @@ fn parse_entry(item: Value) -> Result<Entry, ConsumerError> {
         return Err(ConsumerError::Reply("entry is not [id, fields]".into()));
     }
     let fields = parts.pop().unwrap_or(Value::Nil);
-    let stream_id = text(parts.pop().unwrap_or(Value::Nil))
-        .ok_or_else(|| ConsumerError::Reply("entry id is not text".into()))?;
+    let id = text(parts.pop().unwrap_or(Value::Nil))
+        .and_then(|id| id.parse::<StreamId>().ok())
+        .ok_or_else(|| ConsumerError::Reply("entry id is not a stream id".into()))?;
+    let mut bytes = 0;
     let content = match fields {
         Value::Nil => EntryContent::Deleted,
         Value::Array(values) => {
@@ -393,6 +420,7 @@ fn parse_entry(item: Value) -> Result<Entry, ConsumerError> {
             match texts {
                 None => EntryContent::Malformed("a field is not UTF-8 text".into()),
                 Some(texts) => {
+                    bytes = texts.iter().map(String::len).sum();
                     let pairs = texts
                         .chunks_exact(2)
                         .map(|pair| (pair[0].as_str(), pair[1].as_str()));
@@ -405,7 +433,7 @@ fn parse_entry(item: Value) -> Result<Entry, ConsumerError> {
         }
         other => EntryContent::Malformed(format!("fields are {other:?}")),
     };
-    Ok(Entry { stream_id, content })
+    Ok(Entry { id, bytes, content })
 }
 
 fn text(value: Value) -> Option<String> {

@@ -11,7 +11,10 @@
 //! - [`delivery`]: one HTTP attempt and what its answer means.
 //! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`retry`]: the backoff policy.
-//! - [`worker`]: the per (shard, destination) loop: window, per-user order, lease checks.
+//! - [`worker`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
+//! - [`budget`]: how many entries and bytes a worker holds in memory.
+//! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.
+//! - [`job`]: one entry to its terminal outcome (fetch, prepare, attempt, record).
 //! - [`stats`]: this router's counters per destination (metrics and admin API).
 //! - [`overview`]: measures every destination (lag, pending, dead letters, owners) and applies pauses.
 //! - [`dead_letters`]: listing, replaying and deleting dead letters.
@@ -19,14 +22,17 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod budget;
 pub mod config;
 pub mod consumer;
 pub mod coordinator;
 pub mod dead_letters;
 pub mod delivery;
+pub mod job;
 pub mod lease;
 pub mod outbound;
 pub mod overview;
+pub mod parking;
 pub mod retention;
 pub mod retry;
 pub mod stats;
@@ -131,6 +137,8 @@ pub async fn run(
             // A blocking read's reply may take the whole block time, plus the usual margin.
             read_span: block + config.redis.timeout(),
             window: config.reader.window,
+            max_bytes: config.reader.max_bytes_per_worker(config.redis.shards),
+            max_queued_per_user: config.reader.max_queued_per_user,
             shutdown_grace: config.shutdown_grace(),
         },
     };

@@ -8,6 +8,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 
+use crate::parking::ParkedCount;
+
 /// The latest failed attempt.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct LastError {
@@ -26,6 +28,9 @@ pub struct Counts {
     pub filtered: u64,
     pub in_flight: i64,
     pub users_in_backoff: i64,
+    /// Users with events parked (out of memory, in order, until their turn).
+    pub parked_users: i64,
+    pub parked_events: i64,
     pub last_error: Option<LastError>,
 }
 
@@ -37,6 +42,8 @@ pub struct DestinationStats {
     filtered: AtomicU64,
     in_flight: AtomicI64,
     users_in_backoff: AtomicI64,
+    parked_users: AtomicI64,
+    parked_events: AtomicI64,
     last_error: Mutex<Option<LastError>>,
     metrics: Metrics,
 }
@@ -53,6 +60,8 @@ struct Metrics {
     end_to_end: Histogram,
     in_flight: Gauge,
     users_in_backoff: Gauge,
+    parked_users: Gauge,
+    parked_events: Gauge,
 }
 
 /// How an attempt ended, for the attempt latency histogram.
@@ -78,7 +87,9 @@ impl DestinationStats {
             attempt_dead: attempts("dead"),
             end_to_end: metrics::histogram!(telemetry::END_TO_END_METRIC, "destination" => name.clone()),
             in_flight: metrics::gauge!("router_in_flight", "destination" => name.clone()),
-            users_in_backoff: metrics::gauge!("router_users_in_backoff", "destination" => name),
+            users_in_backoff: metrics::gauge!("router_users_in_backoff", "destination" => name.clone()),
+            parked_users: metrics::gauge!("router_parked_users", "destination" => name.clone()),
+            parked_events: metrics::gauge!("router_parked_events", "destination" => name),
         };
         Self {
             delivered: AtomicU64::new(0),
@@ -87,6 +98,8 @@ impl DestinationStats {
             filtered: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
             users_in_backoff: AtomicI64::new(0),
+            parked_users: AtomicI64::new(0),
+            parked_events: AtomicI64::new(0),
             last_error: Mutex::new(None),
             metrics,
         }
@@ -143,6 +156,19 @@ impl DestinationStats {
         GaugeGuard::new(&self.users_in_backoff, &self.metrics.users_in_backoff)
     }
 
+    /// One worker's parked counts went from `before` to `now`.
+    pub fn parked_changed(&self, before: ParkedCount, now: ParkedCount) {
+        let delta = |before: usize, now: usize| {
+            i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX)
+        };
+        let users = delta(before.users, now.users);
+        let events = delta(before.events, now.events);
+        self.parked_users.fetch_add(users, Ordering::Relaxed);
+        self.parked_events.fetch_add(events, Ordering::Relaxed);
+        self.metrics.parked_users.increment(users as f64);
+        self.metrics.parked_events.increment(events as f64);
+    }
+
     pub fn counts(&self) -> Counts {
         Counts {
             delivered: self.delivered.load(Ordering::Relaxed),
@@ -151,6 +177,8 @@ impl DestinationStats {
             filtered: self.filtered.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             users_in_backoff: self.users_in_backoff.load(Ordering::Relaxed),
+            parked_users: self.parked_users.load(Ordering::Relaxed),
+            parked_events: self.parked_events.load(Ordering::Relaxed),
             last_error: self
                 .last_error
                 .lock()

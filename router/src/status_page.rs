@@ -62,7 +62,7 @@ button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap
     }
     page.push_str(
         "<table><thead><tr><th>Destination</th><th>State</th><th>Delivered/s</th><th>Lag</th>\
-         <th>Pending</th><th>In flight</th><th>Users in backoff</th><th>Dead letters</th>\
+         <th>Pending</th><th>In flight</th><th>Users in backoff</th><th>Parked users</th><th>Parked events</th><th>Dead letters</th>\
          <th>Delivered</th><th>Retries</th><th>Last error</th><th>Shards owned here</th><th></th></tr></thead><tbody>\n",
     );
     for destination in &overview.destinations {
@@ -106,6 +106,8 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
 <td class="num" data-field="pending">{pending}</td>
 <td class="num" data-field="in_flight">{in_flight}</td>
 <td class="num" data-field="users_in_backoff">{backoff}</td>
+<td class="num" data-field="parked_users">{parked_users}</td>
+<td class="num" data-field="parked_events">{parked_events}</td>
 <td class="num" data-field="dead_letters">{dead_letters}</td>
 <td class="num" data-field="delivered">{delivered}</td>
 <td class="num" data-field="retried">{retried}</td>
@@ -119,6 +121,8 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
         pending = d.pending,
         in_flight = d.counts.in_flight,
         backoff = d.counts.users_in_backoff,
+        parked_users = d.counts.parked_users,
+        parked_events = d.counts.parked_events,
         dead_letters = d.dead_letters,
         delivered = d.counts.delivered,
         retried = d.counts.retried,

@@ -1,36 +1,37 @@
 //! The delivery loop of one destination on one shard.
 //!
-//! A reader task fetches entries into a bounded window; the dispatcher runs
-//! one job per user at a time (a user's next event waits until the previous
-//! one reached a terminal outcome) and jobs of different users concurrently.
-//! A user in backoff therefore holds back only their own later events.
-//!
-//! A job ends in one of:
-//! - delivered → XACK;
-//! - dead (permanent answer or attempts exhausted) → dead-letter + XACK in one MULTI;
-//! - not for this destination, or deleted from the stream → XACK;
-//! - expired (older than the destination's `max_age_ms`) → dead-letter + XACK;
-//! - abandoned at shutdown or when the lease goes → nothing: it stays
-//!   pending and is redelivered by the next owner.
+//! A reader task fetches entries within the worker's memory budget (entries
+//! and bytes, [`crate::budget`]); the dispatcher admits them into per-user
+//! queues ([`crate::parking`]) and runs one job ([`crate::job`]) per user at
+//! a time: a user's next event starts only after the previous one's
+//! terminal outcome is recorded. Jobs of different users run concurrently.
+//! A user whose head is in backoff, or who has more queued than its
+//! allowance, has its further entries parked (ids only), so reading goes on
+//! for everyone else.
 //!
 //! Every read and every attempt starts only if it ends while this router
 //! still surely holds the (shard, destination) lease; see [`crate::lease`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use protocol::StreamId;
+use tokio::sync::mpsc;
 use tokio::task::{Id as TaskId, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer, ReadFrom};
-use crate::delivery::{request_body, AttemptOutcome, Destination};
+use crate::budget::{Amount, Budget};
+use crate::consumer::{EntryContent, GroupConsumer, ReadFrom};
+use crate::delivery::Destination;
+use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::lease::LeaseGuard;
-use crate::stats::AttemptResult;
+use crate::parking::{Admission, Next, ParkedCount, UserQueues};
 
-/// Longest pause between retries of a failing Redis command.
-const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(5);
+/// The entry size a worker assumes before it has read anything: the
+/// gateway's default event size limit, so the first reads of a stream of
+/// large events stay within the budget.
+const FIRST_ENTRY_ESTIMATE: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
@@ -38,7 +39,12 @@ pub struct WorkerSettings {
     pub block: Duration,
     /// Longest a read can take: the block time plus the reply timeout.
     pub read_span: Duration,
+    /// Most entries held in memory.
     pub window: usize,
+    /// Most bytes of entries held in memory.
+    pub max_bytes: usize,
+    /// Most entries of one user queued behind its head.
+    pub max_queued_per_user: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -52,33 +58,45 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let consumer = Arc::new(consumer);
-    let window = Arc::new(Semaphore::new(settings.window));
+    let budget = Budget::new(
+        Amount {
+            entries: settings.window,
+            bytes: settings.max_bytes,
+        },
+        FIRST_ENTRY_ESTIMATE.min(settings.max_bytes),
+    );
     let (batches, mut incoming) = mpsc::channel(2);
     let reader = tokio::spawn(read_loop(
         consumer.clone(),
         destination.clone(),
         batches,
-        window.clone(),
+        budget.clone(),
         settings,
         lease.clone(),
         shutdown.clone(),
     ));
-
-    let mut dispatcher = Dispatcher {
+    let (blocked, mut blocked_users) = mpsc::unbounded_channel();
+    let context = Arc::new(JobContext {
         consumer,
         destination,
-        window,
-        lease,
+        budget,
         shutdown: shutdown.clone(),
-        queued: HashMap::new(),
-        in_window: HashSet::new(),
+        blocked,
+    });
+    let mut dispatcher = Dispatcher {
+        context,
+        lease,
+        queues: UserQueues::new(settings.max_queued_per_user),
+        admitted_up_to: None,
         jobs: JoinSet::new(),
-        job_keys: HashMap::new(),
+        job_users: HashMap::new(),
+        published: ParkedCount::default(),
     };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(finished) = dispatcher.jobs.join_next_with_id() => dispatcher.finished(finished),
+            Some(user) = blocked_users.recv() => dispatcher.blocked(user),
             batch = incoming.recv() => match batch {
                 Some(entries) => dispatcher.accept(entries),
                 None => break,
@@ -96,8 +114,8 @@ pub async fn run(
     .await;
     if drained.is_err() {
         tracing::warn!(
-            destination = %dispatcher.destination.name,
-            shard = dispatcher.consumer.shard(),
+            destination = %dispatcher.context.destination.name,
+            shard = dispatcher.context.consumer.shard(),
             "Attempts still in flight after the shutdown grace period; they stay pending."
         );
         dispatcher.jobs.abort_all();
@@ -105,100 +123,128 @@ pub async fn run(
 }
 
 struct Dispatcher {
-    consumer: Arc<GroupConsumer>,
-    destination: Arc<Destination>,
-    window: Arc<Semaphore>,
+    context: Arc<JobContext>,
     lease: LeaseGuard,
-    shutdown: CancellationToken,
-    /// Per ordering key (user): entries waiting behind the one in flight.
-    /// A key is present exactly while one of its entries is in flight.
-    queued: HashMap<String, VecDeque<Entry>>,
-    /// Stream ids held in the window, to drop the second copy when the
-    /// reader re-scans the pending list after a Redis error.
-    in_window: HashSet<String>,
-    jobs: JoinSet<()>,
-    job_keys: HashMap<TaskId, (String, String)>,
-}
-
-/// Events of one user are delivered one at a time in stream order; entries
-/// that are not events get their own key so they wait for nothing.
-fn ordering_key(entry: &Entry) -> &str {
-    match &entry.content {
-        EntryContent::Event(event) => &event.user_id,
-        EntryContent::Deleted | EntryContent::Malformed(_) => &entry.stream_id,
-    }
+    queues: UserQueues<Held>,
+    /// The highest stream id admitted. Entries arrive in id order, so one
+    /// at or below it is a second copy (the reader re-scans the pending
+    /// list after a Redis error) and is dropped.
+    admitted_up_to: Option<StreamId>,
+    jobs: JoinSet<JobEnd>,
+    /// The user of each running job; `None` for entries outside per-user
+    /// order (not for this destination, deleted, malformed).
+    job_users: HashMap<TaskId, Option<String>>,
+    /// The parked counts last added to the destination's stats.
+    published: ParkedCount,
 }
 
 impl Dispatcher {
-    fn accept(&mut self, entries: Vec<Entry>) {
-        for entry in entries {
-            if !self.in_window.insert(entry.stream_id.clone()) {
-                self.window.add_permits(1);
+    fn accept(&mut self, entries: Vec<Held>) {
+        for held in entries {
+            let id = held.entry.id;
+            if self.admitted_up_to.is_some_and(|up_to| id <= up_to) {
                 continue;
             }
-            match self.queued.get_mut(ordering_key(&entry)) {
-                Some(waiting) => waiting.push_back(entry),
-                None => {
-                    self.queued
-                        .insert(ordering_key(&entry).to_owned(), VecDeque::new());
-                    self.start(entry);
+            self.admitted_up_to = Some(id);
+            // Only events sent to this destination wait for each other;
+            // anything else is settled at once.
+            let user = match &held.entry.content {
+                EntryContent::Event(event) if event.is_for(&self.context.destination.name) => {
+                    event.user_id.clone()
                 }
+                _ => {
+                    self.start(None, Source::Held(held));
+                    continue;
+                }
+            };
+            match self.queues.admit(&user, id, held) {
+                Admission::Start(held) => self.start(Some(user), Source::Held(held)),
+                Admission::Queued => {}
+                // Dropping it gives back its budget; its id is kept.
+                Admission::Parked(held) => drop(held),
             }
         }
+        self.publish_parked();
     }
 
-    fn start(&mut self, entry: Entry) {
-        let key = (ordering_key(&entry).to_owned(), entry.stream_id.clone());
-        let handle = self.jobs.spawn(process(
-            self.consumer.clone(),
-            self.destination.clone(),
-            entry,
+    fn start(&mut self, user: Option<String>, source: Source) {
+        let handle = self.jobs.spawn(job::run(
+            self.context.clone(),
             self.lease.clone(),
-            self.shutdown.clone(),
+            source,
         ));
-        self.job_keys.insert(handle.id(), key);
+        self.job_users.insert(handle.id(), user);
     }
 
-    fn finished(&mut self, result: Result<(TaskId, ()), tokio::task::JoinError>) {
+    fn blocked(&mut self, blocked: Blocked) {
+        let evicted = self.queues.blocked(&blocked.user, blocked.head);
+        drop(evicted);
+        self.publish_parked();
+    }
+
+    fn finished(&mut self, result: Result<(TaskId, JobEnd), tokio::task::JoinError>) {
         let task = match &result {
-            Ok((task, ())) => *task,
+            Ok((task, _)) => *task,
             Err(error) => {
                 if error.is_panic() {
-                    tracing::error!(destination = %self.destination.name, %error, "Delivery job panicked; its entry stays pending.");
+                    tracing::error!(destination = %self.context.destination.name, %error, "Delivery job panicked; its entry stays pending.");
                 }
                 error.id()
             }
         };
-        let Some((key, stream_id)) = self.job_keys.remove(&task) else {
+        let Some(user) = self.job_users.remove(&task) else {
             return;
         };
-        self.in_window.remove(&stream_id);
-        self.window.add_permits(1);
-        if self.shutdown.is_cancelled() {
+        // Abandoned jobs end only at shutdown: start nothing new.
+        if self.context.shutdown.is_cancelled() {
             return;
         }
-        let next = self.queued.get_mut(&key).and_then(VecDeque::pop_front);
-        match next {
-            Some(entry) => self.start(entry),
-            None => {
-                self.queued.remove(&key);
-            }
+        let Some(user) = user else {
+            return;
+        };
+        match self.queues.finished(&user) {
+            Next::Start(held) => self.start(Some(user), Source::Held(held)),
+            Next::Fetch(id) => self.start(Some(user), Source::Parked(id)),
+            Next::Idle => {}
+        }
+        self.publish_parked();
+    }
+
+    fn publish_parked(&mut self) {
+        let now = self.queues.parked();
+        if now != self.published {
+            self.context
+                .destination
+                .stats
+                .parked_changed(self.published, now);
+            self.published = now;
         }
     }
 }
 
-/// Fetches entries while the window has room: first everything pending on
+impl Drop for Dispatcher {
+    /// What this worker parked is no longer its to count (the next owner
+    /// counts it again when it re-reads the pending list).
+    fn drop(&mut self) {
+        self.context
+            .destination
+            .stats
+            .parked_changed(self.published, ParkedCount::default());
+    }
+}
+
+/// Fetches entries while the budget has room: first everything pending on
 /// us (in id order), then new entries.
 async fn read_loop(
     consumer: Arc<GroupConsumer>,
     destination: Arc<Destination>,
-    batches: mpsc::Sender<Vec<Entry>>,
-    window: Arc<Semaphore>,
+    batches: mpsc::Sender<Vec<Held>>,
+    budget: Arc<Budget>,
     settings: WorkerSettings,
     mut lease: LeaseGuard,
     shutdown: CancellationToken,
 ) {
-    let mut from = ReadFrom::Pending("0".into());
+    let mut from = ReadFrom::Pending(StreamId::default());
     let mut failures = 0u32;
     let mut prepared = false;
     loop {
@@ -212,7 +258,7 @@ async fn read_loop(
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(shard = consumer.shard(), %error, "Cannot prepare consumer group; retrying.");
-                    if !pause(&shutdown, failures).await {
+                    if !job::redis_backoff(&shutdown, failures).await {
                         return;
                     }
                     continue;
@@ -223,19 +269,10 @@ async fn read_loop(
         if !destination.wait_until_resumed(&shutdown).await {
             return;
         }
-        let capacity = tokio::select! {
+        let mut reservation = tokio::select! {
             () = shutdown.cancelled() => return,
-            permit = window.acquire() => permit.expect("the window semaphore is never closed"),
+            reservation = budget.reserve(settings.batch_size) => reservation,
         };
-        capacity.forget();
-        let mut taken = 1;
-        while taken < settings.batch_size {
-            match window.try_acquire() {
-                Ok(permit) => permit.forget(),
-                Err(_) => break,
-            }
-            taken += 1;
-        }
         // A read by a router whose lease has expired would take entries
         // away from the new owner, so a read starts only if it ends in time.
         if !lease.hold_for(settings.read_span, &shutdown).await {
@@ -245,24 +282,35 @@ async fn read_loop(
         // next owner of this shard claims and reads them first.
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            result = consumer.read(&from, taken, settings.block) => result,
+            result = consumer.read(&from, reservation.entries(), settings.block) => result,
         };
         match result {
             Ok(entries) => {
                 failures = 0;
-                window.add_permits(taken - entries.len());
                 if let ReadFrom::Pending(after) = &mut from {
                     match entries.last() {
-                        Some(last) => after.clone_from(&last.stream_id),
+                        Some(last) => *after = last.id,
                         None => from = ReadFrom::New,
                     }
                 }
-                if !entries.is_empty() && batches.send(entries).await.is_err() {
+                if let Some(largest) = entries.iter().map(|entry| entry.bytes).max() {
+                    budget.observe(largest);
+                }
+                let held: Vec<Held> = entries
+                    .into_iter()
+                    .map(|entry| Held {
+                        charge: reservation.take(entry.bytes),
+                        entry,
+                    })
+                    .collect();
+                // Room reserved but not filled goes back now.
+                drop(reservation);
+                if !held.is_empty() && batches.send(held).await.is_err() {
                     return;
                 }
             }
             Err(error) => {
-                window.add_permits(taken);
+                drop(reservation);
                 failures += 1;
                 if error.is_missing_group() {
                     tracing::warn!(
@@ -272,13 +320,13 @@ async fn read_loop(
                     prepared = false;
                 } else {
                     tracing::warn!(shard = consumer.shard(), %error, "Reading the stream failed; retrying.");
-                    if !pause(&shutdown, failures).await {
+                    if !job::redis_backoff(&shutdown, failures).await {
                         return;
                     }
                 }
                 // A reply lost in the failure may have left entries pending on
                 // us; re-read the pending list before anything newer.
-                from = ReadFrom::Pending("0".into());
+                from = ReadFrom::Pending(StreamId::default());
             }
         }
     }
@@ -286,7 +334,7 @@ async fn read_loop(
 
 /// Takes over what earlier owners left: their pending entries become ours
 /// (read first, in id order), and their consumers, now empty, are removed.
-async fn prepare(consumer: &GroupConsumer) -> Result<(), ConsumerError> {
+async fn prepare(consumer: &GroupConsumer) -> Result<(), crate::consumer::ConsumerError> {
     consumer.ensure_group().await?;
     let claimed = consumer.claim_pending_of_others().await?;
     let removed = consumer.remove_idle_consumers().await?;
@@ -301,190 +349,3 @@ async fn prepare(consumer: &GroupConsumer) -> Result<(), ConsumerError> {
     Ok(())
 }
 
-/// Sleeps a doubling delay; false when shutdown came first.
-async fn pause(shutdown: &CancellationToken, failures: u32) -> bool {
-    let delay = Duration::from_millis(100)
-        .saturating_mul(1 << failures.min(10))
-        .min(MAX_REDIS_BACKOFF);
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        () = tokio::time::sleep(delay) => true,
-    }
-}
-
-/// Takes one entry to a terminal outcome and records it, or abandons it at
-/// shutdown or when the lease goes.
-async fn process(
-    consumer: Arc<GroupConsumer>,
-    destination: Arc<Destination>,
-    entry: Entry,
-    mut lease: LeaseGuard,
-    shutdown: CancellationToken,
-) {
-    let shard = consumer.shard();
-    let stats = &destination.stats;
-    let prepared = match &entry.content {
-        EntryContent::Event(event) if event.is_for(&destination.name) => {
-            // A replay keeps the id the event was first delivered under.
-            let event_id = match &event.replay {
-                Some(replay) => replay.event_id.clone(),
-                None => format!("{shard}-{}", entry.stream_id),
-            };
-            match request_body(
-                &event_id,
-                &event.user_id,
-                &event.payload,
-                event.received_at_ms,
-            ) {
-                Ok(body) => Ok((event, event_id, body)),
-                Err(reason) => Err((event_id, reason)),
-            }
-        }
-        EntryContent::Event(_) => {
-            record(&shutdown, || consumer.ack(&entry.stream_id)).await;
-            stats.filtered();
-            return;
-        }
-        EntryContent::Deleted => {
-            record(&shutdown, || consumer.ack(&entry.stream_id)).await;
-            return;
-        }
-        EntryContent::Malformed(reason) => Err((
-            format!("{shard}-{}", entry.stream_id),
-            format!("malformed stream entry: {reason}"),
-        )),
-    };
-    let (event, event_id, body) = match prepared {
-        Ok(prepared) => prepared,
-        Err((event_id, reason)) => {
-            tracing::error!(%event_id, destination = %destination.name, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
-            let letter = DeadLetter {
-                event_id: &event_id,
-                attempts: 0,
-                last_status: None,
-                last_error: &reason,
-            };
-            record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
-            stats.dead_lettered();
-            return;
-        }
-    };
-    // A replay's age (for `max_age_ms` and end-to-end latency) starts at
-    // the replay.
-    let age_from_ms = event
-        .replay
-        .as_ref()
-        .map_or(event.received_at_ms, |replay| replay.replayed_at_ms);
-    let user = event.user_id.as_str();
-    let name = destination.name.as_str();
-    let mut attempt = 1;
-    loop {
-        if let Some(age) = expired(age_from_ms, destination.max_age) {
-            let error = format!(
-                "expired: undelivered {}s after it was accepted (max_age_ms)",
-                age.as_secs()
-            );
-            tracing::warn!(%event_id, user, destination = name, shard, attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
-            let letter = DeadLetter {
-                event_id: &event_id,
-                attempts: attempt - 1,
-                last_status: None,
-                last_error: &error,
-            };
-            record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
-            stats.dead_lettered();
-            return;
-        }
-        // A paused destination starts no attempt; the entry stays pending.
-        if !destination.wait_until_resumed(&shutdown).await {
-            return;
-        }
-        let slot = destination.slot().await;
-        // The attempt must be over before the lease could pass to another
-        // router, or the next owner could deliver this user's next event first.
-        if !lease.hold_for(destination.timeout, &shutdown).await {
-            return;
-        }
-        let in_flight = stats.attempt_in_flight();
-        let (outcome, latency) = destination.attempt(&slot, &event_id, &body, attempt).await;
-        drop(in_flight);
-        drop(slot);
-        let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
-        let (status, error) = match &outcome {
-            AttemptOutcome::Delivered { status } => {
-                tracing::info!(%event_id, user, destination = name, shard, attempt, status, latency_ms, outcome = "delivered", "Delivery attempt.");
-                stats.attempted(AttemptResult::Delivered, latency);
-                record(&shutdown, || consumer.delivered(&entry)).await;
-                // From acceptance, or for a replay from the replay.
-                stats.delivered(age_since(age_from_ms));
-                return;
-            }
-            AttemptOutcome::Retry { status, error, .. }
-            | AttemptOutcome::Dead { status, error } => (*status, error),
-        };
-        stats.failed(error, status);
-        let retry_after = match &outcome {
-            AttemptOutcome::Retry { retry_after, .. }
-                if destination.retry.allows_another(attempt) =>
-            {
-                Some(*retry_after)
-            }
-            _ => None,
-        };
-        let Some(retry_after) = retry_after else {
-            tracing::warn!(%event_id, user, destination = name, shard, attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
-            stats.attempted(AttemptResult::Dead, latency);
-            let letter = DeadLetter {
-                event_id: &event_id,
-                attempts: attempt,
-                last_status: status,
-                last_error: error,
-            };
-            record(&shutdown, || consumer.dead_letter(&entry, &letter)).await;
-            stats.dead_lettered();
-            return;
-        };
-        stats.attempted(AttemptResult::Retry, latency);
-        let delay = destination.retry.delay_after(attempt, retry_after);
-        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        tracing::info!(%event_id, user, destination = name, shard, attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
-        let _in_backoff = stats.user_in_backoff();
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
-        attempt += 1;
-    }
-}
-
-fn age_since(unix_ms: u64) -> Duration {
-    Duration::from_millis(protocol::unix_millis().saturating_sub(unix_ms))
-}
-
-/// How old the event is, if older than `max_age`.
-fn expired(since_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
-    let age = age_since(since_ms);
-    max_age.filter(|max| age > *max).map(|_| age)
-}
-
-/// Runs a terminal Redis write until it succeeds. Before the user's next
-/// event may go out, this one must be recorded; otherwise a restart would
-/// redeliver it after its successor. Bounded at shutdown by the grace period.
-async fn record<F, Fut>(shutdown: &CancellationToken, mut write: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), ConsumerError>>,
-{
-    let mut failures = 0;
-    while let Err(error) = write().await {
-        failures += 1;
-        tracing::warn!(%error, failures, "Recording a terminal outcome failed; retrying.");
-        let delay = Duration::from_millis(50)
-            .saturating_mul(1 << failures.min(10))
-            .min(MAX_REDIS_BACKOFF);
-        if shutdown.is_cancelled() && failures > 3 {
-            return;
-        }
-        tokio::time::sleep(delay).await;
-    }
-}

@@ -24,6 +24,8 @@ NUMBER_FIELDS = [
     "pending",
     "in_flight",
     "users_in_backoff",
+    "parked_users",
+    "parked_events",
     "dead_letters",
     "delivered",
     "retried",

@@ -1,0 +1,245 @@
+//! How much of its stream one (shard, destination) worker holds in memory,
+//! counted in entries and in bytes.
+//!
+//! The reader reserves room before each read and the fetch of a parked entry
+//! before each fetch; every entry in memory carries a [`Charge`] that gives
+//! its share back when dropped, however the entry leaves (delivered, parked,
+//! put into backoff, or abandoned at shutdown). A read reserves room for as
+//! many entries as fit at the size of the largest entry seen recently; an
+//! entry larger than its reservation is charged anyway (it is already in
+//! memory), so the budget is exceeded only by a read whose entries are
+//! larger than any of the last few reads, and then only until they leave.
+//! When nothing is held, one entry may be reserved whatever its size, so an
+//! event larger than the whole budget is still delivered, alone.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+/// A number of entries and their bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    pub entries: usize,
+    pub bytes: usize,
+}
+
+/// The memory limits of one worker.
+pub struct Budget {
+    limit: Amount,
+    state: Mutex<State>,
+    freed: Notify,
+}
+
+struct State {
+    held: Amount,
+    /// The size a read expects per entry: the largest entry of the last
+    /// read, or half the previous estimate when that is larger, so one big
+    /// entry keeps later reads small for a few reads.
+    estimate: usize,
+}
+
+impl Budget {
+    /// `first_estimate` is the entry size assumed before anything was read.
+    pub fn new(limit: Amount, first_estimate: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            state: Mutex::new(State {
+                held: Amount::default(),
+                estimate: first_estimate.max(1),
+            }),
+            freed: Notify::new(),
+        })
+    }
+
+    /// What is held now.
+    pub fn held(&self) -> Amount {
+        self.lock().held
+    }
+
+    /// Waits until at least one entry of the expected size fits (or nothing
+    /// is held at all), then reserves room for as many entries as fit, up
+    /// to `most`.
+    pub async fn reserve(self: &Arc<Self>, most: usize) -> Charge {
+        let most = most.max(1);
+        loop {
+            // Registered before the check, so a release in between wakes us.
+            let freed = self.freed.notified();
+            if let Some(amount) = self.try_reserve(most) {
+                return Charge {
+                    budget: self.clone(),
+                    amount,
+                };
+            }
+            freed.await;
+        }
+    }
+
+    fn try_reserve(&self, most: usize) -> Option<Amount> {
+        let mut state = self.lock();
+        let estimate = state.estimate;
+        let free_entries = self.limit.entries.saturating_sub(state.held.entries);
+        let free_bytes = self.limit.bytes.saturating_sub(state.held.bytes);
+        let fitting = most.min(free_entries).min(free_bytes / estimate);
+        let entries = match fitting {
+            0 if state.held.entries == 0 => 1,
+            0 => return None,
+            n => n,
+        };
+        let amount = Amount {
+            entries,
+            bytes: entries * estimate,
+        };
+        state.held.entries += amount.entries;
+        state.held.bytes += amount.bytes;
+        Some(amount)
+    }
+
+    /// Records the largest entry of a read, for the next reservations.
+    pub fn observe(&self, largest_entry: usize) {
+        let mut state = self.lock();
+        state.estimate = largest_entry.max(state.estimate / 2).max(1);
+    }
+
+    fn charge_more(&self, amount: Amount) {
+        let mut state = self.lock();
+        state.held.entries += amount.entries;
+        state.held.bytes += amount.bytes;
+    }
+
+    fn release(&self, amount: Amount) {
+        if amount == Amount::default() {
+            return;
+        }
+        let mut state = self.lock();
+        state.held.entries -= amount.entries;
+        state.held.bytes -= amount.bytes;
+        drop(state);
+        self.freed.notify_waiters();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is two counters, consistent after every statement.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A share of a [`Budget`], given back when dropped.
+pub struct Charge {
+    budget: Arc<Budget>,
+    amount: Amount,
+}
+
+impl Charge {
+    /// Entries this charge has room for.
+    pub fn entries(&self) -> usize {
+        self.amount.entries
+    }
+
+    /// Splits off the charge of one entry of `bytes`. What the reservation
+    /// lacks is charged on top: the entry is in memory already.
+    pub fn take(&mut self, bytes: usize) -> Charge {
+        let covered = Amount {
+            entries: self.amount.entries.min(1),
+            bytes: self.amount.bytes.min(bytes),
+        };
+        self.amount.entries -= covered.entries;
+        self.amount.bytes -= covered.bytes;
+        self.budget.charge_more(Amount {
+            entries: 1 - covered.entries,
+            bytes: bytes - covered.bytes,
+        });
+        Charge {
+            budget: self.budget.clone(),
+            amount: Amount { entries: 1, bytes },
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.release(self.amount);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn budget(entries: usize, bytes: usize, estimate: usize) -> Arc<Budget> {
+        Budget::new(Amount { entries, bytes }, estimate)
+    }
+
+    #[tokio::test]
+    async fn a_read_reserves_what_fits_at_the_expected_size() {
+        let budget = budget(100, 1000, 100);
+        let reservation = budget.reserve(50).await;
+        assert_eq!(reservation.entries(), 10, "1000 bytes at 100 per entry");
+        let by_entries = self::budget(4, 1000, 10).reserve(50).await;
+        assert_eq!(by_entries.entries(), 4, "the entry window binds first");
+    }
+
+    #[tokio::test]
+    async fn taking_entries_moves_their_bytes_and_unused_room_is_given_back() {
+        let budget = budget(100, 1000, 100);
+        let mut reservation = budget.reserve(10).await;
+        let small = reservation.take(40);
+        drop(reservation);
+        assert_eq!(budget.held(), Amount { entries: 1, bytes: 40 });
+        drop(small);
+        assert_eq!(budget.held(), Amount::default());
+    }
+
+    #[tokio::test]
+    async fn an_entry_larger_than_its_reservation_is_charged_in_full() {
+        let budget = budget(100, 1000, 100);
+        let mut reservation = budget.reserve(1).await;
+        let big = reservation.take(5000);
+        drop(reservation);
+        assert_eq!(budget.held(), Amount { entries: 1, bytes: 5000 });
+        drop(big);
+        assert_eq!(budget.held(), Amount::default());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_budget_waits_until_an_entry_leaves() {
+        let budget = budget(100, 1000, 500);
+        let mut first = budget.reserve(2).await;
+        let held = first.take(1000);
+        drop(first);
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(1).await.entries() }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!waiting.is_finished(), "nothing fits while 1000 of 1000 bytes are held");
+        drop(held);
+        let entries = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("the release wakes the waiter")
+            .expect("no panic");
+        assert_eq!(entries, 1);
+    }
+
+    #[tokio::test]
+    async fn an_entry_larger_than_the_whole_budget_goes_alone() {
+        let budget = budget(100, 1000, 4000);
+        let mut reservation = budget.reserve(10).await;
+        assert_eq!(reservation.entries(), 1, "nothing else is held");
+        let _huge = reservation.take(4000);
+        drop(reservation);
+        let second = tokio::time::timeout(Duration::from_millis(50), budget.reserve(1)).await;
+        assert!(second.is_err(), "a second one waits until the first leaves");
+    }
+
+    #[tokio::test]
+    async fn the_estimate_follows_the_largest_entry_and_decays_by_halves() {
+        let budget = budget(1000, 100_000, 10_000);
+        assert_eq!(budget.reserve(1000).await.entries(), 10);
+        budget.observe(100);
+        assert_eq!(budget.reserve(1000).await.entries(), 20, "halved to 5000");
+        budget.observe(20_000);
+        assert_eq!(budget.reserve(1000).await.entries(), 5, "a large entry at once");
+    }
+}

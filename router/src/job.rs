@@ -1,0 +1,386 @@
+//! One entry taken to a terminal outcome, in typed phases:
+//! load (fetch it again when it was parked) → prepare (the request, or a
+//! terminal decision without one) → attempt → handle the outcome (record
+//! it, or wait out a retry delay and go round again).
+//!
+//! A job ends in one of:
+//! - delivered → XACK;
+//! - dead (permanent answer or attempts exhausted) → dead-letter + XACK in one MULTI;
+//! - not for this destination, or deleted from the stream → XACK;
+//! - expired (older than the destination's `max_age_ms`) → dead-letter + XACK;
+//! - abandoned at shutdown or when the lease goes → nothing: it stays
+//!   pending and is redelivered by the next owner.
+//!
+//! While it waits out a retry delay the job holds no entry in memory: it
+//! drops the entry (giving back its budget), tells the dispatcher its user
+//! is blocked, and fetches the entry again for the next attempt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use protocol::{EventEntry, EventId, StreamId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::budget::{Budget, Charge};
+use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
+use crate::delivery::{request_body, AttemptOutcome, Destination};
+use crate::lease::LeaseGuard;
+use crate::stats::AttemptResult;
+
+/// Longest pause between retries of a failing Redis command.
+pub const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(5);
+
+/// An entry in memory with the budget it holds.
+pub struct Held {
+    pub entry: Entry,
+    pub charge: Charge,
+}
+
+/// Where a job's entry is.
+pub enum Source {
+    Held(Held),
+    /// Parked: only its id is known; the job fetches it.
+    Parked(StreamId),
+}
+
+impl Source {
+    fn id(&self) -> StreamId {
+        match self {
+            Source::Held(held) => held.entry.id,
+            Source::Parked(id) => *id,
+        }
+    }
+}
+
+/// A user's head went into backoff.
+#[derive(Debug)]
+pub struct Blocked {
+    pub user: String,
+    pub head: StreamId,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobEnd {
+    /// A terminal outcome is recorded in Redis.
+    Recorded,
+    /// Stopped at shutdown or when the lease went; the entry stays pending.
+    Abandoned,
+}
+
+/// What every job of one worker shares.
+pub struct JobContext {
+    pub consumer: Arc<GroupConsumer>,
+    pub destination: Arc<Destination>,
+    pub budget: Arc<Budget>,
+    pub shutdown: CancellationToken,
+    pub blocked: mpsc::UnboundedSender<Blocked>,
+}
+
+/// What preparing an entry decided.
+enum Prepared<'a> {
+    Deliver(Request<'a>),
+    /// Acknowledge without an attempt; `filtered` counts it as such.
+    Acknowledge { filtered: bool },
+    /// Dead-letter without an attempt.
+    DeadLetter { event_id: String, reason: String },
+}
+
+/// One event, ready to send.
+struct Request<'a> {
+    event: &'a EventEntry,
+    event_id: String,
+    body: Bytes,
+    /// When the event's age starts: its acceptance, or for a replay the replay.
+    age_from_ms: u64,
+}
+
+/// What to do after an attempt.
+enum Step {
+    Done(JobEnd),
+    RetryAfter(Duration),
+}
+
+/// Takes `source` to a terminal outcome, or abandons it.
+pub async fn run(context: Arc<JobContext>, lease: LeaseGuard, source: Source) -> JobEnd {
+    let span = tracing::info_span!(
+        "delivery",
+        destination = %context.destination.name,
+        shard = context.consumer.shard(),
+        stream_id = %source.id(),
+        event_id = tracing::field::Empty,
+        user = tracing::field::Empty,
+    );
+    Job { context, lease }.run(source).instrument(span).await
+}
+
+struct Job {
+    context: Arc<JobContext>,
+    lease: LeaseGuard,
+}
+
+impl Job {
+    async fn run(mut self, mut source: Source) -> JobEnd {
+        let mut attempt = 1;
+        loop {
+            let Some(held) = self.load(source).await else {
+                return JobEnd::Abandoned;
+            };
+            let entry = &held.entry;
+            let request = match prepare(entry, &self.context.destination.name, self.shard()) {
+                Prepared::Deliver(request) => request,
+                Prepared::Acknowledge { filtered } => {
+                    let consumer = &self.context.consumer;
+                    self.record(|| consumer.ack(entry.id)).await;
+                    if filtered {
+                        self.context.destination.stats.filtered();
+                    }
+                    return JobEnd::Recorded;
+                }
+                Prepared::DeadLetter { event_id, reason } => {
+                    tracing::error!(%event_id, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
+                    return self.dead_letter(entry, &event_id, 0, None, &reason).await;
+                }
+            };
+            let span = tracing::Span::current();
+            span.record("event_id", request.event_id.as_str());
+            span.record("user", request.event.user_id.as_str());
+            match self.attempt(entry, &request, attempt).await {
+                Step::Done(end) => return end,
+                Step::RetryAfter(delay) => {
+                    let user = request.event.user_id.clone();
+                    let id = entry.id;
+                    // The entry leaves memory while the user waits.
+                    drop(held);
+                    // The dispatcher may already have stopped listening.
+                    let _ = self.context.blocked.send(Blocked { user, head: id });
+                    let _in_backoff = self.context.destination.stats.user_in_backoff();
+                    tokio::select! {
+                        () = self.context.shutdown.cancelled() => return JobEnd::Abandoned,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    source = Source::Parked(id);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn shard(&self) -> u16 {
+        self.context.consumer.shard()
+    }
+
+    /// The entry in memory: as read, or fetched again within the budget.
+    async fn load(&self, source: Source) -> Option<Held> {
+        let id = match source {
+            Source::Held(held) => return Some(held),
+            Source::Parked(id) => id,
+        };
+        let mut reservation = tokio::select! {
+            () = self.context.shutdown.cancelled() => return None,
+            reservation = self.context.budget.reserve(1) => reservation,
+        };
+        let mut failures = 0;
+        loop {
+            match self.context.consumer.fetch(id).await {
+                Ok(entry) => {
+                    let charge = reservation.take(entry.bytes);
+                    return Some(Held { entry, charge });
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, "Fetching a parked entry failed; retrying.");
+                    if !redis_backoff(&self.context.shutdown, failures).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt and what follows from its outcome.
+    async fn attempt(&mut self, entry: &Entry, request: &Request<'_>, attempt: u32) -> Step {
+        let destination = self.context.destination.clone();
+        let stats = &destination.stats;
+        if let Some(age) = expired(request.age_from_ms, destination.max_age) {
+            let error = format!(
+                "expired: undelivered {}s after it was accepted (max_age_ms)",
+                age.as_secs()
+            );
+            tracing::warn!(attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
+            let end = self
+                .dead_letter(entry, &request.event_id, attempt - 1, None, &error)
+                .await;
+            return Step::Done(end);
+        }
+        // A paused destination starts no attempt; the entry stays pending.
+        if !destination
+            .wait_until_resumed(&self.context.shutdown)
+            .await
+        {
+            return Step::Done(JobEnd::Abandoned);
+        }
+        let slot = destination.slot().await;
+        // The attempt must be over before the lease could pass to another
+        // router, or the next owner could deliver this user's next event first.
+        if !self
+            .lease
+            .hold_for(destination.timeout, &self.context.shutdown)
+            .await
+        {
+            return Step::Done(JobEnd::Abandoned);
+        }
+        let in_flight = stats.attempt_in_flight();
+        let (outcome, latency) = destination
+            .attempt(&slot, &request.event_id, &request.body, attempt)
+            .await;
+        drop(in_flight);
+        drop(slot);
+        let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        let (status, error, retry_after) = match outcome {
+            AttemptOutcome::Delivered { status } => {
+                tracing::info!(attempt, status, latency_ms, outcome = "delivered", "Delivery attempt.");
+                stats.attempted(AttemptResult::Delivered, latency);
+                let consumer = &self.context.consumer;
+                self.record(|| consumer.delivered(entry)).await;
+                stats.delivered(age_since(request.age_from_ms));
+                return Step::Done(JobEnd::Recorded);
+            }
+            AttemptOutcome::Retry {
+                status,
+                error,
+                retry_after,
+            } if destination.retry.allows_another(attempt) => (status, error, Some(retry_after)),
+            AttemptOutcome::Retry { status, error, .. } | AttemptOutcome::Dead { status, error } => {
+                (status, error, None)
+            }
+        };
+        stats.failed(&error, status);
+        let Some(retry_after) = retry_after else {
+            tracing::warn!(attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
+            stats.attempted(AttemptResult::Dead, latency);
+            let end = self
+                .dead_letter(entry, &request.event_id, attempt, status, &error)
+                .await;
+            return Step::Done(end);
+        };
+        stats.attempted(AttemptResult::Retry, latency);
+        let delay = destination.retry.delay_after(attempt, retry_after);
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
+        Step::RetryAfter(delay)
+    }
+
+    /// Records the dead letter (and the acknowledgement with it).
+    async fn dead_letter(
+        &self,
+        entry: &Entry,
+        event_id: &str,
+        attempts: u32,
+        last_status: Option<u16>,
+        last_error: &str,
+    ) -> JobEnd {
+        let letter = DeadLetter {
+            event_id,
+            attempts,
+            last_status,
+            last_error,
+        };
+        let consumer = &self.context.consumer;
+        self.record(|| consumer.dead_letter(entry, &letter)).await;
+        self.context.destination.stats.dead_lettered();
+        JobEnd::Recorded
+    }
+
+    /// Runs a terminal Redis write until it succeeds. Before the user's next
+    /// event may go out, this one must be recorded; otherwise a restart
+    /// would redeliver it after its successor. Bounded at shutdown by the
+    /// grace period.
+    async fn record<F, Fut>(&self, mut write: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), ConsumerError>>,
+    {
+        let mut failures = 0;
+        while let Err(error) = write().await {
+            failures += 1;
+            tracing::warn!(%error, failures, "Recording a terminal outcome failed; retrying.");
+            if self.context.shutdown.is_cancelled() && failures > 3 {
+                return;
+            }
+            tokio::time::sleep(backoff_delay(failures)).await;
+        }
+    }
+}
+
+/// Builds the request, or decides the entry's fate without one.
+fn prepare<'a>(entry: &'a Entry, destination: &str, shard: u16) -> Prepared<'a> {
+    let event = match &entry.content {
+        EntryContent::Event(event) if event.is_for(destination) => event,
+        EntryContent::Event(_) => return Prepared::Acknowledge { filtered: true },
+        EntryContent::Deleted => return Prepared::Acknowledge { filtered: false },
+        EntryContent::Malformed(reason) => {
+            return Prepared::DeadLetter {
+                event_id: event_id(shard, entry.id),
+                reason: format!("malformed stream entry: {reason}"),
+            }
+        }
+    };
+    // A replay keeps the id the event was first delivered under.
+    let event_id = match &event.replay {
+        Some(replay) => replay.event_id.clone(),
+        None => event_id(shard, entry.id),
+    };
+    match request_body(
+        &event_id,
+        &event.user_id,
+        &event.payload,
+        event.received_at_ms,
+    ) {
+        Ok(body) => Prepared::Deliver(Request {
+            event,
+            event_id,
+            body,
+            // A replay's age (for `max_age_ms` and end-to-end latency)
+            // starts at the replay.
+            age_from_ms: event
+                .replay
+                .as_ref()
+                .map_or(event.received_at_ms, |replay| replay.replayed_at_ms),
+        }),
+        Err(reason) => Prepared::DeadLetter { event_id, reason },
+    }
+}
+
+fn event_id(shard: u16, stream_id: StreamId) -> String {
+    EventId { shard, stream_id }.to_string()
+}
+
+fn age_since(unix_ms: u64) -> Duration {
+    Duration::from_millis(protocol::unix_millis().saturating_sub(unix_ms))
+}
+
+/// How old the event is, if older than `max_age`.
+fn expired(since_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
+    let age = age_since(since_ms);
+    max_age.filter(|max| age > *max).map(|_| age)
+}
+
+/// The pause after `failures` failed Redis commands in a row: doubling from
+/// 100 ms, at most [`MAX_REDIS_BACKOFF`].
+pub fn backoff_delay(failures: u32) -> Duration {
+    Duration::from_millis(50)
+        .saturating_mul(1 << failures.min(10))
+        .min(MAX_REDIS_BACKOFF)
+}
+
+/// Sleeps [`backoff_delay`]; false when shutdown came first.
+pub async fn redis_backoff(shutdown: &CancellationToken, failures: u32) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(backoff_delay(failures)) => true,
+    }
+}
