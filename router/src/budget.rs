@@ -1,8 +1,8 @@
 //! How much of its stream one (shard, destination) worker holds in memory,
 //! counted in entries and in bytes.
 //!
-//! The reader reserves room before each read and the fetch of a parked entry
-//! before each fetch; every entry in memory carries a [`Charge`] that gives
+//! The reader reserves room before each read, and a job before it fetches a
+//! parked entry again; every entry in memory carries a [`Charge`] that gives
 //! its share back when dropped, however the entry leaves (delivered, parked,
 //! put into backoff, or abandoned at shutdown). A read reserves room for as
 //! many entries as fit at the size of the largest entry seen recently; an
@@ -11,6 +11,10 @@
 //! larger than any of the last few reads, and then only until they leave.
 //! When nothing is held, one entry may be reserved whatever its size, so an
 //! event larger than the whole budget is still delivered, alone.
+//!
+//! A read holds its reservation while it blocks on an idle stream, so it
+//! takes at most half of what is free: a job fetching a parked entry for
+//! its next attempt never waits for a read to time out.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -56,15 +60,24 @@ impl Budget {
         self.lock().held
     }
 
-    /// Waits until at least one entry of the expected size fits (or nothing
-    /// is held at all), then reserves room for as many entries as fit, up
-    /// to `most`.
-    pub async fn reserve(self: &Arc<Self>, most: usize) -> Charge {
-        let most = most.max(1);
+    /// For a read: waits until half of what is free holds at least one
+    /// entry of the expected size (or nothing is held at all), then
+    /// reserves room for as many entries as that half holds, up to `most`.
+    pub async fn reserve_for_read(self: &Arc<Self>, most: usize) -> Charge {
+        self.reserve(most.max(1), 2).await
+    }
+
+    /// For one entry fetched again: waits until it fits (or nothing is held).
+    pub async fn reserve_one(self: &Arc<Self>) -> Charge {
+        self.reserve(1, 1).await
+    }
+
+    /// Reserves up to `most` entries out of `1 / share` of what is free.
+    async fn reserve(self: &Arc<Self>, most: usize, share: usize) -> Charge {
         loop {
             // Registered before the check, so a release in between wakes us.
             let freed = self.freed.notified();
-            if let Some(amount) = self.try_reserve(most) {
+            if let Some(amount) = self.try_reserve(most, share) {
                 return Charge {
                     budget: self.clone(),
                     amount,
@@ -74,11 +87,11 @@ impl Budget {
         }
     }
 
-    fn try_reserve(&self, most: usize) -> Option<Amount> {
+    fn try_reserve(&self, most: usize, share: usize) -> Option<Amount> {
         let mut state = self.lock();
         let estimate = state.estimate;
-        let free_entries = self.limit.entries.saturating_sub(state.held.entries);
-        let free_bytes = self.limit.bytes.saturating_sub(state.held.bytes);
+        let free_entries = self.limit.entries.saturating_sub(state.held.entries) / share;
+        let free_bytes = self.limit.bytes.saturating_sub(state.held.bytes) / share;
         let fitting = most.min(free_entries).min(free_bytes / estimate);
         let entries = match fitting {
             0 if state.held.entries == 0 => 1,
@@ -172,18 +185,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_read_reserves_what_fits_at_the_expected_size() {
+    async fn a_read_reserves_half_of_what_is_free_at_the_expected_size() {
         let budget = budget(100, 1000, 100);
-        let reservation = budget.reserve(50).await;
-        assert_eq!(reservation.entries(), 10, "1000 bytes at 100 per entry");
-        let by_entries = self::budget(4, 1000, 10).reserve(50).await;
+        let reservation = budget.reserve_for_read(50).await;
+        assert_eq!(reservation.entries(), 5, "half of 1000 bytes at 100 per entry");
+        let by_entries = self::budget(8, 1000, 10).reserve_for_read(50).await;
         assert_eq!(by_entries.entries(), 4, "the entry window binds first");
+        let by_most = self::budget(1000, 1000, 1).reserve_for_read(50).await;
+        assert_eq!(by_most.entries(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_fetch_finds_room_while_a_read_holds_its_reservation() {
+        let budget = budget(100, 1000, 100);
+        let read = budget.reserve_for_read(100).await;
+        assert_eq!(read.entries(), 5);
+        let fetch = tokio::time::timeout(Duration::from_millis(50), budget.reserve_one()).await;
+        assert_eq!(fetch.expect("room left").entries(), 1);
     }
 
     #[tokio::test]
     async fn taking_entries_moves_their_bytes_and_unused_room_is_given_back() {
         let budget = budget(100, 1000, 100);
-        let mut reservation = budget.reserve(10).await;
+        let mut reservation = budget.reserve_for_read(10).await;
         let small = reservation.take(40);
         drop(reservation);
         assert_eq!(budget.held(), Amount { entries: 1, bytes: 40 });
@@ -194,7 +218,7 @@ mod tests {
     #[tokio::test]
     async fn an_entry_larger_than_its_reservation_is_charged_in_full() {
         let budget = budget(100, 1000, 100);
-        let mut reservation = budget.reserve(1).await;
+        let mut reservation = budget.reserve_one().await;
         let big = reservation.take(5000);
         drop(reservation);
         assert_eq!(budget.held(), Amount { entries: 1, bytes: 5000 });
@@ -205,12 +229,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_budget_waits_until_an_entry_leaves() {
         let budget = budget(100, 1000, 500);
-        let mut first = budget.reserve(2).await;
+        let mut first = budget.reserve_one().await;
         let held = first.take(1000);
         drop(first);
         let waiting = tokio::spawn({
             let budget = budget.clone();
-            async move { budget.reserve(1).await.entries() }
+            async move { budget.reserve_one().await.entries() }
         });
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!waiting.is_finished(), "nothing fits while 1000 of 1000 bytes are held");
@@ -225,21 +249,21 @@ mod tests {
     #[tokio::test]
     async fn an_entry_larger_than_the_whole_budget_goes_alone() {
         let budget = budget(100, 1000, 4000);
-        let mut reservation = budget.reserve(10).await;
+        let mut reservation = budget.reserve_for_read(10).await;
         assert_eq!(reservation.entries(), 1, "nothing else is held");
         let _huge = reservation.take(4000);
         drop(reservation);
-        let second = tokio::time::timeout(Duration::from_millis(50), budget.reserve(1)).await;
+        let second = tokio::time::timeout(Duration::from_millis(50), budget.reserve_one()).await;
         assert!(second.is_err(), "a second one waits until the first leaves");
     }
 
     #[tokio::test]
     async fn the_estimate_follows_the_largest_entry_and_decays_by_halves() {
-        let budget = budget(1000, 100_000, 10_000);
-        assert_eq!(budget.reserve(1000).await.entries(), 10);
+        let budget = budget(1000, 200_000, 10_000);
+        assert_eq!(budget.reserve_for_read(1000).await.entries(), 10);
         budget.observe(100);
-        assert_eq!(budget.reserve(1000).await.entries(), 20, "halved to 5000");
+        assert_eq!(budget.reserve_for_read(1000).await.entries(), 20, "halved to 5000");
         budget.observe(20_000);
-        assert_eq!(budget.reserve(1000).await.entries(), 5, "a large entry at once");
+        assert_eq!(budget.reserve_for_read(1000).await.entries(), 5, "a large entry at once");
     }
 }

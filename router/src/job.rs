@@ -181,7 +181,7 @@ impl Job {
         };
         let mut reservation = tokio::select! {
             () = self.context.shutdown.cancelled() => return None,
-            reservation = self.context.budget.reserve(1) => reservation,
+            reservation = self.context.budget.reserve_one() => reservation,
         };
         let mut failures = 0;
         loop {

@@ -271,7 +271,7 @@ async fn read_loop(
         }
         let mut reservation = tokio::select! {
             () = shutdown.cancelled() => return,
-            reservation = budget.reserve(settings.batch_size) => reservation,
+            reservation = budget.reserve_for_read(settings.batch_size) => reservation,
         };
         // A read by a router whose lease has expired would take entries
         // away from the new owner, so a read starts only if it ends in time.

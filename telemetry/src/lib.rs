@@ -38,7 +38,10 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            // A delivery's event id, user, destination and shard are fields
+            // of its span (`"span": {...}`), not repeated on every line.
+            .with_current_span(true)
+            .with_span_list(false)
             .init(),
     }
 }
