@@ -12,8 +12,9 @@
 //! | `/hang` | nothing for an hour (past any sane timeout) |
 //! | `/rate-limit/{per_second}` | 429 + `Retry-After: 1` above that rate, else 200 |
 //! | `/bad-request` | 400 |
-//! | `/scripted` | 503 while the payload's `failUntil` (unix ms) is in the future, else 200 |
+//! | `/scripted` | 503 while the payload's `failUntil` (unix ms) is in the future, or while fewer than its `failAttempts` attempts of the event arrived before, else 200 |
 //! | `/outage` | 503 while an outage is declared for the path, else 200 |
+//! | `/stall` | no answer while an outage is declared for the path, then 200 |
 //! | `/huge/{bytes}` | 500 with a body of that many bytes |
 //! | `/capture` | 200, and keeps the whole request (`GET /captured`) |
 //!
@@ -23,7 +24,8 @@
 //!
 //! `GET /healthz` answers 200 (the container health check).
 //!
-//! `PUT /outages?path=/outage/crm` declares an outage of that path and
+//! `PUT /outages?path=/outage/crm` declares an outage of that path (or of a
+//! `/stall/…` path) and
 //! `DELETE /outages?path=/outage/crm` ends it, so a demo or test can take a
 //! destination down and bring it back while the router keeps running.
 //!
@@ -162,10 +164,24 @@ async fn webhook(
             Some(_) => StatusCode::OK,
             None => StatusCode::NOT_FOUND,
         },
-        ["scripted", ..] => match event["payload"]["failUntil"].as_u64() {
-            Some(until) if now < until => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::OK,
-        },
+        ["scripted", ..] => {
+            let script = &event["payload"];
+            let failing_until = script["failUntil"].as_u64().is_some_and(|until| now < until);
+            let failing_attempts = script["failAttempts"]
+                .as_u64()
+                .is_some_and(|n| (prior_attempts as u64) < n);
+            if failing_until || failing_attempts {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            }
+        }
+        ["stall", ..] => {
+            while recorder.in_outage(&path) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            StatusCode::OK
+        }
         ["outage", ..] if recorder.in_outage(&path) => StatusCode::SERVICE_UNAVAILABLE,
         ["outage", ..] => StatusCode::OK,
         ["huge", _, ..] => match number(1).and_then(|n| usize::try_from(n).ok()) {

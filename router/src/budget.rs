@@ -168,6 +168,16 @@ impl Charge {
     }
 }
 
+impl Charge {
+    /// Adds `bytes` held with this charge's entry (its request body while
+    /// an attempt is made), given back with it.
+    pub fn grow(&mut self, bytes: usize) {
+        let more = Amount { entries: 0, bytes };
+        self.budget.charge_more(more);
+        self.amount.bytes += bytes;
+    }
+}
+
 impl Drop for Charge {
     fn drop(&mut self) {
         self.budget.release(self.amount);
@@ -223,6 +233,16 @@ mod tests {
         drop(reservation);
         assert_eq!(budget.held(), Amount { entries: 1, bytes: 5000 });
         drop(big);
+        assert_eq!(budget.held(), Amount::default());
+    }
+
+    #[tokio::test]
+    async fn what_an_entry_grows_by_is_given_back_with_it() {
+        let budget = budget(100, 1000, 100);
+        let mut charge = budget.reserve_one().await.take(100);
+        charge.grow(300);
+        assert_eq!(budget.held(), Amount { entries: 1, bytes: 400 });
+        drop(charge);
         assert_eq!(budget.held(), Amount::default());
     }
 

@@ -126,12 +126,16 @@ impl Job {
     async fn run(mut self, mut source: Source) -> JobEnd {
         let mut attempt = 1;
         loop {
-            let Some(held) = self.load(source).await else {
+            let Some(mut held) = self.load(source).await else {
                 return JobEnd::Abandoned;
             };
             let entry = &held.entry;
             let request = match prepare(entry, &self.context.destination.name, self.shard()) {
-                Prepared::Deliver(request) => request,
+                Prepared::Deliver(request) => {
+                    // The body is a second copy of the payload.
+                    held.charge.grow(request.body.len());
+                    request
+                }
                 Prepared::Acknowledge { filtered } => {
                     let consumer = &self.context.consumer;
                     self.record(|| consumer.ack(entry.id)).await;

@@ -9,7 +9,7 @@ impl TestSystem {
         let base = self
             .admin_url
             .as_deref()
-            .expect("the in-process router is running");
+            .expect("a router's admin listener is known");
         format!("{base}{path}")
     }
 
@@ -44,6 +44,24 @@ impl TestSystem {
         let response = request.send().await.expect("admin answers");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The admin view of one destination, or `None` while the router's
+    /// admin listener does not answer (a child router still starting).
+    pub async fn try_destination_view(&self, name: &str) -> Option<Value> {
+        let response = self
+            .http
+            .get(self.admin("/admin/destinations"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .ok()?;
+        let overview: Value = response.json().await.ok()?;
+        overview["destinations"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == name)
+            .cloned()
     }
 
     /// The admin view of one destination.

@@ -634,6 +634,13 @@ pub fn users_in_one_shard() -> (String, String) {
     (first, second)
 }
 
+/// A loopback address with a port that was free a moment ago, for a child
+/// process to listen on.
+pub fn free_local_address() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").to_string()
+}
+
 /// A built binary of this workspace (`cargo build` puts it beside the test's deps dir).
 pub fn workspace_root() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
