@@ -166,7 +166,9 @@ async fn webhook(
         },
         ["scripted", ..] => {
             let script = &event["payload"];
-            let failing_until = script["failUntil"].as_u64().is_some_and(|until| now < until);
+            let failing_until = script["failUntil"]
+                .as_u64()
+                .is_some_and(|until| now < until);
             let failing_attempts = script["failAttempts"]
                 .as_u64()
                 .is_some_and(|n| (prior_attempts as u64) < n);

@@ -198,7 +198,11 @@ mod tests {
     async fn a_read_reserves_half_of_what_is_free_at_the_expected_size() {
         let budget = budget(100, 1000, 100);
         let reservation = budget.reserve_for_read(50).await;
-        assert_eq!(reservation.entries(), 5, "half of 1000 bytes at 100 per entry");
+        assert_eq!(
+            reservation.entries(),
+            5,
+            "half of 1000 bytes at 100 per entry"
+        );
         let by_entries = self::budget(8, 1000, 10).reserve_for_read(50).await;
         assert_eq!(by_entries.entries(), 4, "the entry window binds first");
         let by_most = self::budget(1000, 1000, 1).reserve_for_read(50).await;
@@ -220,7 +224,13 @@ mod tests {
         let mut reservation = budget.reserve_for_read(10).await;
         let small = reservation.take(40);
         drop(reservation);
-        assert_eq!(budget.held(), Amount { entries: 1, bytes: 40 });
+        assert_eq!(
+            budget.held(),
+            Amount {
+                entries: 1,
+                bytes: 40
+            }
+        );
         drop(small);
         assert_eq!(budget.held(), Amount::default());
     }
@@ -231,7 +241,13 @@ mod tests {
         let mut reservation = budget.reserve_one().await;
         let big = reservation.take(5000);
         drop(reservation);
-        assert_eq!(budget.held(), Amount { entries: 1, bytes: 5000 });
+        assert_eq!(
+            budget.held(),
+            Amount {
+                entries: 1,
+                bytes: 5000
+            }
+        );
         drop(big);
         assert_eq!(budget.held(), Amount::default());
     }
@@ -241,7 +257,13 @@ mod tests {
         let budget = budget(100, 1000, 100);
         let mut charge = budget.reserve_one().await.take(100);
         charge.grow(300);
-        assert_eq!(budget.held(), Amount { entries: 1, bytes: 400 });
+        assert_eq!(
+            budget.held(),
+            Amount {
+                entries: 1,
+                bytes: 400
+            }
+        );
         drop(charge);
         assert_eq!(budget.held(), Amount::default());
     }
@@ -257,7 +279,10 @@ mod tests {
             async move { budget.reserve_one().await.entries() }
         });
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!waiting.is_finished(), "nothing fits while 1000 of 1000 bytes are held");
+        assert!(
+            !waiting.is_finished(),
+            "nothing fits while 1000 of 1000 bytes are held"
+        );
         drop(held);
         let entries = tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
@@ -282,8 +307,16 @@ mod tests {
         let budget = budget(1000, 200_000, 10_000);
         assert_eq!(budget.reserve_for_read(1000).await.entries(), 10);
         budget.observe(100);
-        assert_eq!(budget.reserve_for_read(1000).await.entries(), 20, "halved to 5000");
+        assert_eq!(
+            budget.reserve_for_read(1000).await.entries(),
+            20,
+            "halved to 5000"
+        );
         budget.observe(20_000);
-        assert_eq!(budget.reserve_for_read(1000).await.entries(), 5, "a large entry at once");
+        assert_eq!(
+            budget.reserve_for_read(1000).await.entries(),
+            5,
+            "a large entry at once"
+        );
     }
 }

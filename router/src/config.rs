@@ -215,7 +215,9 @@ impl Config {
         if self.reader.batch_size == 0 || self.reader.window == 0 {
             return Err("reader.batch_size and reader.window must be at least 1".into());
         }
-        if self.reader.max_queued_per_user == 0 || self.reader.max_queued_per_user > self.reader.window {
+        if self.reader.max_queued_per_user == 0
+            || self.reader.max_queued_per_user > self.reader.window
+        {
             return Err("reader.max_queued_per_user must be between 1 and reader.window".into());
         }
         if self.reader.max_bytes_per_worker(self.redis.shards) < 64 * 1024 {

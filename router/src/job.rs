@@ -40,6 +40,9 @@ pub struct Held {
 }
 
 /// Where a job's entry is.
+// Moved once into the job's future, which has room for the entry anyway;
+// boxing would add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     Held(Held),
     /// Parked: only its id is known; the job fetches it.
@@ -84,9 +87,14 @@ pub struct JobContext {
 enum Prepared<'a> {
     Deliver(Request<'a>),
     /// Acknowledge without an attempt; `filtered` counts it as such.
-    Acknowledge { filtered: bool },
+    Acknowledge {
+        filtered: bool,
+    },
     /// Dead-letter without an attempt.
-    DeadLetter { event_id: String, reason: String },
+    DeadLetter {
+        event_id: String,
+        reason: String,
+    },
 }
 
 /// One event, ready to send.
@@ -221,10 +229,7 @@ impl Job {
             return Step::Done(end);
         }
         // A paused destination starts no attempt; the entry stays pending.
-        if !destination
-            .wait_until_resumed(&self.context.shutdown)
-            .await
-        {
+        if !destination.wait_until_resumed(&self.context.shutdown).await {
             return Step::Done(JobEnd::Abandoned);
         }
         let slot = destination.slot().await;
@@ -246,7 +251,13 @@ impl Job {
         let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
         let (status, error, retry_after) = match outcome {
             AttemptOutcome::Delivered { status } => {
-                tracing::info!(attempt, status, latency_ms, outcome = "delivered", "Delivery attempt.");
+                tracing::info!(
+                    attempt,
+                    status,
+                    latency_ms,
+                    outcome = "delivered",
+                    "Delivery attempt."
+                );
                 stats.attempted(AttemptResult::Delivered, latency);
                 let consumer = &self.context.consumer;
                 self.record(|| consumer.delivered(entry)).await;
@@ -258,9 +269,8 @@ impl Job {
                 error,
                 retry_after,
             } if destination.retry.allows_another(attempt) => (status, error, Some(retry_after)),
-            AttemptOutcome::Retry { status, error, .. } | AttemptOutcome::Dead { status, error } => {
-                (status, error, None)
-            }
+            AttemptOutcome::Retry { status, error, .. }
+            | AttemptOutcome::Dead { status, error } => (status, error, None),
         };
         stats.failed(&error, status);
         let Some(retry_after) = retry_after else {

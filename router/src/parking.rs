@@ -169,12 +169,20 @@ mod tests {
         let mut queues = UserQueues::new(10);
         assert_eq!(admit(&mut queues, "u", 1), Admission::Start(1));
         assert_eq!(admit(&mut queues, "u", 2), Admission::Queued);
-        assert_eq!(admit(&mut queues, "v", 3), Admission::Start(3), "others do not wait");
+        assert_eq!(
+            admit(&mut queues, "v", 3),
+            Admission::Start(3),
+            "others do not wait"
+        );
         assert_eq!(admit(&mut queues, "u", 4), Admission::Queued);
         assert_eq!(queues.finished("u"), Next::Start(2));
         assert_eq!(queues.finished("u"), Next::Start(4));
         assert_eq!(queues.finished("u"), Next::Idle);
-        assert_eq!(admit(&mut queues, "u", 5), Admission::Start(5), "forgotten, then new");
+        assert_eq!(
+            admit(&mut queues, "u", 5),
+            Admission::Start(5),
+            "forgotten, then new"
+        );
     }
 
     #[test]
@@ -185,7 +193,13 @@ mod tests {
         assert_eq!(admit(&mut queues, "hot", 3), Admission::Queued);
         assert_eq!(admit(&mut queues, "hot", 4), Admission::Parked(4));
         assert_eq!(admit(&mut queues, "hot", 5), Admission::Parked(5));
-        assert_eq!(queues.parked(), ParkedCount { users: 1, events: 2 });
+        assert_eq!(
+            queues.parked(),
+            ParkedCount {
+                users: 1,
+                events: 2
+            }
+        );
         assert_eq!(queues.finished("hot"), Next::Start(2));
         assert_eq!(
             admit(&mut queues, "hot", 6),
@@ -207,8 +221,18 @@ mod tests {
         assert_eq!(admit(&mut queues, "u", 2), Admission::Queued);
         assert_eq!(admit(&mut queues, "u", 3), Admission::Queued);
         assert_eq!(queues.blocked("u", id(1)), vec![3, 2], "both leave memory");
-        assert_eq!(queues.parked(), ParkedCount { users: 1, events: 2 });
-        assert_eq!(admit(&mut queues, "u", 4), Admission::Parked(4), "still blocked");
+        assert_eq!(
+            queues.parked(),
+            ParkedCount {
+                users: 1,
+                events: 2
+            }
+        );
+        assert_eq!(
+            admit(&mut queues, "u", 4),
+            Admission::Parked(4),
+            "still blocked"
+        );
         assert_eq!(queues.finished("u"), Next::Fetch(id(2)));
         assert_eq!(queues.finished("u"), Next::Fetch(id(3)));
         assert_eq!(queues.finished("u"), Next::Fetch(id(4)));
@@ -248,8 +272,20 @@ mod tests {
             assert_eq!(admit(&mut queues, user, 1), Admission::Start(1));
             assert_eq!(admit(&mut queues, user, 2), Admission::Parked(2));
         }
-        assert_eq!(queues.parked(), ParkedCount { users: 2, events: 2 });
+        assert_eq!(
+            queues.parked(),
+            ParkedCount {
+                users: 2,
+                events: 2
+            }
+        );
         assert_eq!(queues.finished("a"), Next::Fetch(id(2)));
-        assert_eq!(queues.parked(), ParkedCount { users: 1, events: 1 });
+        assert_eq!(
+            queues.parked(),
+            ParkedCount {
+                users: 1,
+                events: 1
+            }
+        );
     }
 }

@@ -168,11 +168,9 @@ impl Dispatcher {
     }
 
     fn start(&mut self, user: Option<String>, source: Source) {
-        let handle = self.jobs.spawn(job::run(
-            self.context.clone(),
-            self.lease.clone(),
-            source,
-        ));
+        let handle = self
+            .jobs
+            .spawn(job::run(self.context.clone(), self.lease.clone(), source));
         self.job_users.insert(handle.id(), user);
     }
 
@@ -348,4 +346,3 @@ async fn prepare(consumer: &GroupConsumer) -> Result<(), crate::consumer::Consum
     }
     Ok(())
 }
-
