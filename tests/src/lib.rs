@@ -380,14 +380,7 @@ impl TestSystem {
 
     /// POSTs one event and returns its id, insisting on 202.
     pub async fn send(&self, user: &str, payload: Value) -> String {
-        let (status, body) = self
-            .post(
-                "/v1/events",
-                &serde_json::json!({ "userId": user, "payload": payload }),
-            )
-            .await;
-        assert_eq!(status, 202, "event rejected: {body}");
-        body["id"].as_str().expect("id in 202 body").to_owned()
+        post_event(&self.http, &self.gateway_url, user, payload).await
     }
 
     /// Sends `per_user` events (`{"seq": n}`) for each of `users` (`user-N`),
@@ -632,6 +625,39 @@ pub fn users_in_one_shard() -> (String, String) {
         .find(|u| protocol::shard_for(u, SHARDS) == shard)
         .expect("some user shares the shard");
     (first, second)
+}
+
+/// The event ids of a `/v1/batch` answer, in order.
+pub fn batch_ids(answer: &Value) -> Vec<String> {
+    answer["ids"]
+        .as_array()
+        .expect("ids in the batch answer")
+        .iter()
+        .map(|id| id.as_str().expect("an id").to_owned())
+        .collect()
+}
+
+/// POSTs one event with `http` to the gateway at `gateway_url`, insisting
+/// on 202; returns its id. For tasks that cannot borrow a [`TestSystem`].
+pub async fn post_event(
+    http: &reqwest::Client,
+    gateway_url: &str,
+    user: &str,
+    payload: Value,
+) -> String {
+    let body = serde_json::json!({ "userId": user, "payload": payload });
+    let response = http
+        .post(format!("{gateway_url}/v1/events"))
+        .json(&body)
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(response.status(), 202, "an event of {user} rejected");
+    let answer: Value = response.json().await.expect("JSON answer");
+    answer["id"]
+        .as_str()
+        .expect("id in the 202 answer")
+        .to_owned()
 }
 
 /// A loopback address with a port that was free a moment ago, for a child

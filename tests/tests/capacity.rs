@@ -32,13 +32,7 @@ async fn fill(system: &TestSystem, round: &str, per_user: usize) -> Vec<String> 
         });
         for (status, body) in futures_util::future::join_all(requests).await {
             assert_eq!(status, 202, "{body}");
-            ids.extend(
-                body["ids"]
-                    .as_array()
-                    .expect("ids")
-                    .iter()
-                    .map(|id| id.as_str().expect("id").to_owned()),
-            );
+            ids.extend(e2e_tests::batch_ids(&body));
         }
     }
     ids

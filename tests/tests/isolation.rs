@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use e2e_tests::{free_local_address, wait_for, RouterProcess, TestDestination, TestSystem, SHARDS};
+use e2e_tests::{
+    batch_ids, free_local_address, post_event, wait_for, RouterProcess, TestDestination,
+    TestSystem, SHARDS,
+};
 use serde_json::{json, Value};
 
 /// `count` users named `<prefix>N` whose events land in `of`'s shard.
@@ -28,13 +31,7 @@ async fn post_in_order(system: &TestSystem, user: &str, payloads: Vec<Value>) ->
             .collect();
         let (status, body) = system.post("/v1/batch", &json!({ "events": events })).await;
         assert_eq!(status, 202, "batch rejected: {body}");
-        ids.extend(
-            body["ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|id| id.as_str().expect("id").to_owned()),
-        );
+        ids.extend(batch_ids(&body));
     }
     ids
 }
@@ -50,22 +47,13 @@ async fn post_users(
     for user in users {
         let (http, url, user) = (
             system.http.clone(),
-            format!("{}/v1/events", system.gateway_url),
+            system.gateway_url.clone(),
             user.clone(),
         );
         posters.spawn(async move {
             let mut ids = Vec::new();
             for seq in 0..per_user {
-                let body = json!({ "userId": user, "payload": { "seq": seq } });
-                let response = http
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("gateway answers");
-                assert_eq!(response.status(), 202, "event {seq} of {user} rejected");
-                let body: Value = response.json().await.expect("json");
-                ids.push(body["id"].as_str().expect("id").to_owned());
+                ids.push(post_event(&http, &url, &user, json!({ "seq": seq })).await);
             }
             (user, ids)
         });
@@ -280,21 +268,13 @@ async fn post_large(
     for n in 0..count {
         let (http, url, filler) = (
             system.http.clone(),
-            format!("{}/v1/events", system.gateway_url),
+            system.gateway_url.clone(),
             filler.clone(),
         );
         posting.spawn(async move {
             let user = format!("user-{n}");
-            let body = json!({ "userId": user, "payload": { "filler": filler } });
-            let response = http
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .expect("gateway answers");
-            assert_eq!(response.status(), 202, "event of {user} rejected");
-            let body: Value = response.json().await.expect("json");
-            (user, body["id"].as_str().expect("id").to_owned())
+            let id = post_event(&http, &url, &user, json!({ "filler": filler })).await;
+            (user, id)
         });
         if posting.len() >= 8 {
             let (user, id) = posting
