@@ -48,6 +48,15 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
 }
 
+/// What the reader hands the dispatcher.
+enum Read {
+    /// Entries in stream order.
+    Entries(Vec<Held>),
+    /// The consumer group was missing and is created anew at the start of
+    /// the stream, which the new group hands out again from its first entry.
+    GroupRecreated,
+}
+
 /// Delivers shard `consumer.shard()` to `destination` until `shutdown`
 /// (the router stopping, or the lease lost or handed over).
 pub async fn run(
@@ -96,9 +105,12 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(finished) = dispatcher.jobs.join_next_with_id() => dispatcher.finished(finished),
-            Some(user) = blocked_users.recv() => dispatcher.blocked(user),
-            batch = incoming.recv() => match batch {
-                Some(entries) => dispatcher.accept(entries),
+            Some(blocked) = blocked_users.recv() => dispatcher.blocked(blocked),
+            read = incoming.recv() => match read {
+                Some(Read::Entries(entries)) => dispatcher.accept(entries),
+                // Entries admitted before count as new again (delivered
+                // twice rather than left pending in the new group forever).
+                Some(Read::GroupRecreated) => dispatcher.admitted_up_to = None,
                 None => break,
             },
         }
@@ -236,7 +248,7 @@ impl Drop for Dispatcher {
 async fn read_loop(
     consumer: Arc<GroupConsumer>,
     destination: Arc<Destination>,
-    batches: mpsc::Sender<Vec<Held>>,
+    batches: mpsc::Sender<Read>,
     budget: Arc<Budget>,
     settings: WorkerSettings,
     mut lease: LeaseGuard,
@@ -303,7 +315,7 @@ async fn read_loop(
                     .collect();
                 // Room reserved but not filled goes back now.
                 drop(reservation);
-                if !held.is_empty() && batches.send(held).await.is_err() {
+                if !held.is_empty() && batches.send(Read::Entries(held)).await.is_err() {
                     return;
                 }
             }
@@ -316,6 +328,9 @@ async fn read_loop(
                         "Consumer group missing; recreating it."
                     );
                     prepared = false;
+                    if batches.send(Read::GroupRecreated).await.is_err() {
+                        return;
+                    }
                 } else {
                     tracing::warn!(shard = consumer.shard(), %error, "Reading the stream failed; retrying.");
                     if !job::redis_backoff(&shutdown, failures).await {
