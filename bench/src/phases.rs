@@ -100,6 +100,8 @@ pub struct DrainRow {
     pub seconds: f64,
     pub events_per_sec: f64,
     pub router_peak_rss: u64,
+    /// The router's user + system time from its start, per delivered event.
+    pub router_cpu_us: f64,
     pub verdict: Verdict,
 }
 
@@ -465,6 +467,7 @@ impl Bench {
             .await?;
         let seconds = finished.duration_since(started).as_secs_f64();
         let router_peak_rss = router.peak_rss_bytes()?;
+        let router_cpu = router.cpu_time()?;
         router.stop().await?;
         let received = self.sink.take();
         let verdict = received
@@ -477,6 +480,7 @@ impl Bench {
             seconds,
             events_per_sec: filled.events() as f64 / seconds,
             router_peak_rss,
+            router_cpu_us: router_cpu.as_secs_f64() * 1e6 / filled.events() as f64,
             verdict,
         })
     }

@@ -168,7 +168,7 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "| events | users | seconds | events/s | router peak RSS | delivered |\n|---|---|---|---|---|---|"
+        "| events | users | seconds | events/s | router CPU µs/event | router peak RSS | delivered |\n|---|---|---|---|---|---|---|"
     );
     for row in [&results.drain, &results.big_drain] {
         let delivered = if row.verdict.passed() {
@@ -178,11 +178,12 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {:.0} | {} | {delivered} |",
+            "| {} | {} | {:.1} | {:.0} | {:.1} | {} | {delivered} |",
             row.events,
             row.users,
             row.seconds,
             row.events_per_sec,
+            row.router_cpu_us,
             mb(row.router_peak_rss)
         );
     }
