@@ -395,3 +395,79 @@ async fn a_router_killed_twice_while_thousands_of_entries_are_parked_loses_and_r
     assert_delivered_in_order(&system, "crm", &accepted);
     drop(router);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_events_expire_in_order_and_events_for_other_destinations_wait_for_none() {
+    // crm refuses everything until it expires (max_age_ms); billing takes all.
+    let crm = TestDestination::new("crm", "/scripted/crm")
+        .retry(50, 100, 1_000_000)
+        .max_age_ms(1500);
+    let billing = TestDestination::new("billing", "/ok/billing");
+    let system = TestSystem::start(vec![crm, billing]).await;
+    system.wait_destinations_registered("billing").await;
+    // Every third event is for billing only: crm acknowledges it at once
+    // instead of parking it behind the user's refused head.
+    let events: Vec<Value> = (0..600)
+        .map(|seq| {
+            let mut event = json!({
+                "userId": "hot3",
+                "payload": { "seq": seq, "failUntil": u64::MAX },
+            });
+            if seq % 3 == 2 {
+                event["destinations"] = json!(["billing"]);
+            }
+            event
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for chunk in events.chunks(300) {
+        let (status, body) = system.post("/v1/batch", &json!({ "events": chunk })).await;
+        assert_eq!(status, 202, "{body}");
+        ids.extend(batch_ids(&body));
+    }
+    let for_crm: Vec<&str> = ids
+        .iter()
+        .enumerate()
+        .filter(|(seq, _)| seq % 3 != 2)
+        .map(|(_, id)| id.as_str())
+        .collect();
+
+    wait_for("parked events", Duration::from_secs(20), || async {
+        count_of(&system, "crm", "parked_events")
+            .await
+            .is_some_and(|parked| parked > 100)
+    })
+    .await;
+    // Billing's events wait for no crm event: crm has acknowledged them all.
+    wait_for(
+        "billing's 200 events filtered out",
+        Duration::from_secs(20),
+        || async { count_of(&system, "crm", "filtered").await == Some(200) },
+    )
+    .await;
+    system
+        .wait_delivered("billing", 600, Duration::from_secs(30))
+        .await;
+
+    wait_for(
+        "every crm event dead-lettered",
+        Duration::from_secs(60),
+        || async { system.dead_letters("crm").await.len() == for_crm.len() },
+    )
+    .await;
+    let letters = system.dead_letters("crm").await;
+    let dead: Vec<&str> = letters.iter().map(|l| l["event_id"].as_str()).collect();
+    assert_eq!(dead, for_crm, "dead-lettered in acceptance order");
+    assert!(letters
+        .iter()
+        .all(|l| l["last_error"].starts_with("expired")));
+    wait_for(
+        "nothing parked or pending",
+        Duration::from_secs(10),
+        || async {
+            count_of(&system, "crm", "parked_events").await == Some(0)
+                && system.pending("crm").await == 0
+        },
+    )
+    .await;
+}
