@@ -146,11 +146,11 @@ impl Job {
                 }
                 Prepared::Acknowledge { filtered } => {
                     let consumer = &self.context.consumer;
-                    self.record(|| consumer.ack(entry.id)).await;
-                    if filtered {
+                    let end = self.record(|| consumer.ack(entry.id)).await;
+                    if filtered && end == JobEnd::Recorded {
                         self.context.destination.stats.filtered();
                     }
-                    return JobEnd::Recorded;
+                    return end;
                 }
                 Prepared::DeadLetter { event_id, reason } => {
                     tracing::error!(%event_id, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
@@ -260,9 +260,9 @@ impl Job {
                 );
                 stats.attempted(AttemptResult::Delivered, latency);
                 let consumer = &self.context.consumer;
-                self.record(|| consumer.delivered(entry)).await;
+                let end = self.record(|| consumer.delivered(entry)).await;
                 stats.delivered(age_since(request.age_from_ms));
-                return Step::Done(JobEnd::Recorded);
+                return Step::Done(end);
             }
             AttemptOutcome::Retry {
                 status,
@@ -304,16 +304,18 @@ impl Job {
             last_error,
         };
         let consumer = &self.context.consumer;
-        self.record(|| consumer.dead_letter(entry, &letter)).await;
-        self.context.destination.stats.dead_lettered();
-        JobEnd::Recorded
+        let end = self.record(|| consumer.dead_letter(entry, &letter)).await;
+        if end == JobEnd::Recorded {
+            self.context.destination.stats.dead_lettered();
+        }
+        end
     }
 
     /// Runs a terminal Redis write until it succeeds. Before the user's next
     /// event may go out, this one must be recorded; otherwise a restart
-    /// would redeliver it after its successor. Bounded at shutdown by the
-    /// grace period.
-    async fn record<F, Fut>(&self, mut write: F)
+    /// would redeliver it after its successor. At shutdown it gives up
+    /// after a few tries (the entry stays pending).
+    async fn record<F, Fut>(&self, mut write: F) -> JobEnd
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), ConsumerError>>,
@@ -323,10 +325,11 @@ impl Job {
             failures += 1;
             tracing::warn!(%error, failures, "Recording a terminal outcome failed; retrying.");
             if self.context.shutdown.is_cancelled() && failures > 3 {
-                return;
+                return JobEnd::Abandoned;
             }
             tokio::time::sleep(backoff_delay(failures)).await;
         }
+        JobEnd::Recorded
     }
 }
 

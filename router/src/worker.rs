@@ -193,20 +193,21 @@ impl Dispatcher {
     }
 
     fn finished(&mut self, result: Result<(TaskId, JobEnd), tokio::task::JoinError>) {
-        let task = match &result {
-            Ok((task, _)) => *task,
+        let (task, end) = match &result {
+            Ok((task, end)) => (*task, Some(*end)),
             Err(error) => {
                 if error.is_panic() {
                     tracing::error!(destination = %self.context.destination.name, %error, "Delivery job panicked; its entry stays pending.");
                 }
-                error.id()
+                (error.id(), None)
             }
         };
         let Some(user) = self.job_users.remove(&task) else {
             return;
         };
-        // Abandoned jobs end only at shutdown: start nothing new.
-        if self.context.shutdown.is_cancelled() {
+        // An abandoned entry stays pending, so nothing after it may start
+        // (jobs abandon only at shutdown or when the lease goes).
+        if end == Some(JobEnd::Abandoned) || self.context.shutdown.is_cancelled() {
             return;
         }
         let Some(user) = user else {
