@@ -247,7 +247,10 @@ impl Bench {
             let drain = self
                 .drain(&redis, &gateway_url, self.plan.drain_events, "drain")
                 .await?;
-            eprintln!("  {:.0} events/s; {}", drain.events_per_sec, drain.verdict);
+            eprintln!(
+                "  {:.0} events/s, router CPU {:.1} µs/event; {}",
+                drain.events_per_sec, drain.router_cpu_us, drain.verdict
+            );
             eprintln!("» drain {} events (memory)", self.plan.big_drain_events);
             let big_drain = self
                 .drain(
@@ -258,8 +261,9 @@ impl Bench {
                 )
                 .await?;
             eprintln!(
-                "  {:.0} events/s, router peak RSS {} MB; {}",
+                "  {:.0} events/s, router CPU {:.1} µs/event, router peak RSS {} MB; {}",
                 big_drain.events_per_sec,
+                big_drain.router_cpu_us,
                 big_drain.router_peak_rss / 1_000_000,
                 big_drain.verdict
             );

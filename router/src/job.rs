@@ -15,14 +15,15 @@
 //! drops the entry (giving back its budget), tells the dispatcher its user
 //! is blocked, and fetches the entry again for the next attempt.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use protocol::{EventEntry, EventId, StreamId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::Span;
 
 use crate::budget::{Budget, Charge};
 use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
@@ -47,15 +48,6 @@ pub enum Source {
     Held(Held),
     /// Parked: only its id is known; the job fetches it.
     Parked(StreamId),
-}
-
-impl Source {
-    fn id(&self) -> StreamId {
-        match self {
-            Source::Held(held) => held.entry.id,
-            Source::Parked(id) => *id,
-        }
-    }
 }
 
 /// A user's head went into backoff.
@@ -114,20 +106,26 @@ enum Step {
 
 /// Takes `source` to a terminal outcome, or abandons it.
 pub async fn run(context: Arc<JobContext>, lease: LeaseGuard, source: Source) -> JobEnd {
-    let span = tracing::info_span!(
-        "delivery",
-        destination = %context.destination.name,
-        shard = context.consumer.shard(),
-        stream_id = %source.id(),
-        event_id = tracing::field::Empty,
-        user = tracing::field::Empty,
-    );
-    Job { context, lease }.run(source).instrument(span).await
+    Job {
+        context,
+        lease,
+        span: OnceLock::new(),
+        identified: AtomicBool::new(false),
+    }
+    .run(source)
+    .await
 }
 
 struct Job {
     context: Arc<JobContext>,
     lease: LeaseGuard,
+    /// The delivery's span (destination, shard, event id, user), parent of
+    /// every line it logs. Made at its first line: a delivery that logs
+    /// nothing (a success, logged at debug) pays nothing for it, and spans
+    /// cost more than the rest of a delivery's bookkeeping.
+    span: OnceLock<Span>,
+    /// Whether the span names the event yet.
+    identified: AtomicBool,
 }
 
 impl Job {
@@ -153,13 +151,10 @@ impl Job {
                     return end;
                 }
                 Prepared::DeadLetter { event_id, reason } => {
-                    tracing::error!(%event_id, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
+                    tracing::error!(parent: self.span(None), %event_id, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
                     return self.dead_letter(entry, &event_id, 0, None, &reason).await;
                 }
             };
-            let span = tracing::Span::current();
-            span.record("event_id", request.event_id.as_str());
-            span.record("user", request.event.user_id.as_str());
             match self.attempt(entry, &request, attempt).await {
                 Step::Done(end) => return end,
                 Step::RetryAfter(delay) => {
@@ -185,6 +180,27 @@ impl Job {
         self.context.consumer.shard()
     }
 
+    /// The span, made now if this is the first line; named after the event
+    /// once a request for it is known.
+    fn span(&self, request: Option<&Request<'_>>) -> &Span {
+        let span = self.span.get_or_init(|| {
+            tracing::info_span!(
+                "delivery",
+                destination = %self.context.destination.name,
+                shard = self.shard(),
+                event_id = tracing::field::Empty,
+                user = tracing::field::Empty,
+            )
+        });
+        if let Some(request) = request {
+            if !self.identified.swap(true, Ordering::Relaxed) {
+                span.record("event_id", request.event_id.as_str());
+                span.record("user", request.event.user_id.as_str());
+            }
+        }
+        span
+    }
+
     /// The entry in memory: as read, or fetched again within the budget.
     async fn load(&self, source: Source) -> Option<Held> {
         let id = match source {
@@ -204,7 +220,7 @@ impl Job {
                 }
                 Err(error) => {
                     failures += 1;
-                    tracing::warn!(%error, "Fetching a parked entry failed; retrying.");
+                    tracing::warn!(parent: self.span(None), stream_id = %id, %error, "Fetching a parked entry failed; retrying.");
                     if !redis_backoff(&self.context.shutdown, failures).await {
                         return None;
                     }
@@ -222,7 +238,7 @@ impl Job {
                 "expired: undelivered {}s after it was accepted (max_age_ms)",
                 age.as_secs()
             );
-            tracing::warn!(attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
+            tracing::warn!(parent: self.span(Some(request)), attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
             let end = self
                 .dead_letter(entry, &request.event_id, attempt - 1, None, &error)
                 .await;
@@ -251,7 +267,11 @@ impl Job {
         let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
         let (status, error, retry_after) = match outcome {
             AttemptOutcome::Delivered { status } => {
-                tracing::info!(
+                // Debug: at info, a line (and a span) per delivery would cost
+                // more CPU than the rest of its bookkeeping. Failures stay at
+                // info and warn.
+                tracing::debug!(
+                    parent: self.span(Some(request)),
                     attempt,
                     status,
                     latency_ms,
@@ -274,7 +294,7 @@ impl Job {
         };
         stats.failed(&error, status);
         let Some(retry_after) = retry_after else {
-            tracing::warn!(attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
+            tracing::warn!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
             stats.attempted(AttemptResult::Dead, latency);
             let end = self
                 .dead_letter(entry, &request.event_id, attempt, status, &error)
@@ -284,7 +304,7 @@ impl Job {
         stats.attempted(AttemptResult::Retry, latency);
         let delay = destination.retry.delay_after(attempt, retry_after);
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        tracing::info!(attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
+        tracing::info!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
         Step::RetryAfter(delay)
     }
 
@@ -323,7 +343,7 @@ impl Job {
         let mut failures = 0;
         while let Err(error) = write().await {
             failures += 1;
-            tracing::warn!(%error, failures, "Recording a terminal outcome failed; retrying.");
+            tracing::warn!(parent: self.span(None), %error, failures, "Recording a terminal outcome failed; retrying.");
             if self.context.shutdown.is_cancelled() && failures > 3 {
                 return JobEnd::Abandoned;
             }

@@ -378,8 +378,16 @@ async fn json_logs_carry_one_event_per_attempt_with_its_fields() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = system.write_router_config(dir.path());
     let log = dir.path().join("router.log");
-    let _router =
-        RouterProcess::start_with_env(&config, "router", &log, &[("ROUTER_LOG_FORMAT", "json")]);
+    // Deliveries that succeed are logged at debug; failures at info and up.
+    let _router = RouterProcess::start_with_env(
+        &config,
+        "router",
+        &log,
+        &[
+            ("ROUTER_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,router=debug"),
+        ],
+    );
     system.wait_destinations_registered("flaky").await;
     let id = system.send("alice", json!({ "n": 1 })).await;
     system.wait_delivered("flaky", 1, PATIENCE).await;
