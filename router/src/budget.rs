@@ -9,6 +9,7 @@
 //! entry larger than its reservation is charged anyway (it is already in
 //! memory), so the budget is exceeded only by a read whose entries are
 //! larger than any of the last few reads, and then only until they leave.
+//! A worker's first read takes one entry, to learn the size.
 //! When nothing is held, one entry may be reserved whatever its size, so an
 //! event larger than the whole budget is still delivered, alone.
 //!
@@ -37,19 +38,19 @@ pub struct Budget {
 struct State {
     held: Amount,
     /// The size a read expects per entry: the largest entry of the last
-    /// read, or half the previous estimate when that is larger, so one big
-    /// entry keeps later reads small for a few reads.
-    estimate: usize,
+    /// read, or a quarter of the previous estimate when that is larger, so
+    /// one big entry keeps the next reads small; `None` before the first
+    /// entry was read, when a read takes one entry to learn the size.
+    estimate: Option<usize>,
 }
 
 impl Budget {
-    /// `first_estimate` is the entry size assumed before anything was read.
-    pub fn new(limit: Amount, first_estimate: usize) -> Arc<Self> {
+    pub fn new(limit: Amount) -> Arc<Self> {
         Arc::new(Self {
             limit,
             state: Mutex::new(State {
                 held: Amount::default(),
-                estimate: first_estimate.max(1),
+                estimate: None,
             }),
             freed: Notify::new(),
         })
@@ -89,9 +90,13 @@ impl Budget {
 
     fn try_reserve(&self, most: usize, share: usize) -> Option<Amount> {
         let mut state = self.lock();
-        let estimate = state.estimate;
         let free_entries = self.limit.entries.saturating_sub(state.held.entries) / share;
         let free_bytes = self.limit.bytes.saturating_sub(state.held.bytes) / share;
+        let (most, estimate) = match state.estimate {
+            Some(estimate) => (most, estimate),
+            // Nothing read yet: one entry, with room for whatever its size.
+            None => (1, free_bytes.max(1)),
+        };
         let fitting = most.min(free_entries).min(free_bytes / estimate);
         let entries = match fitting {
             0 if state.held.entries == 0 => 1,
@@ -110,7 +115,8 @@ impl Budget {
     /// Records the largest entry of a read, for the next reservations.
     pub fn observe(&self, largest_entry: usize) {
         let mut state = self.lock();
-        state.estimate = largest_entry.max(state.estimate / 2).max(1);
+        let previous = state.estimate.unwrap_or(0);
+        state.estimate = Some(largest_entry.max(previous / 4).max(1));
     }
 
     fn charge_more(&self, amount: Amount) {
@@ -190,8 +196,22 @@ mod tests {
 
     use super::*;
 
+    /// A budget whose reads expect entries of `estimate` bytes.
     fn budget(entries: usize, bytes: usize, estimate: usize) -> Arc<Budget> {
-        Budget::new(Amount { entries, bytes }, estimate)
+        let budget = Budget::new(Amount { entries, bytes });
+        budget.observe(estimate);
+        budget
+    }
+
+    #[tokio::test]
+    async fn the_first_read_takes_one_entry_to_learn_their_size() {
+        let budget = Budget::new(Amount { entries: 100, bytes: 1000 });
+        let mut first = budget.reserve_for_read(50).await;
+        assert_eq!(first.entries(), 1);
+        drop(first.take(10));
+        drop(first);
+        budget.observe(10);
+        assert_eq!(budget.reserve_for_read(50).await.entries(), 50);
     }
 
     #[tokio::test]
@@ -303,14 +323,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_estimate_follows_the_largest_entry_and_decays_by_halves() {
+    async fn the_estimate_follows_the_largest_entry_and_decays_by_quarters() {
         let budget = budget(1000, 200_000, 10_000);
         assert_eq!(budget.reserve_for_read(1000).await.entries(), 10);
         budget.observe(100);
         assert_eq!(
             budget.reserve_for_read(1000).await.entries(),
-            20,
-            "halved to 5000"
+            40,
+            "a quarter: 2500"
         );
         budget.observe(20_000);
         assert_eq!(

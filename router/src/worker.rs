@@ -28,11 +28,6 @@ use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::lease::LeaseGuard;
 use crate::parking::{Admission, Next, ParkedCount, UserQueues};
 
-/// The entry size a worker assumes before it has read anything: the
-/// gateway's default event size limit, so the first reads of a stream of
-/// large events stay within the budget.
-const FIRST_ENTRY_ESTIMATE: usize = 1024 * 1024;
-
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
     pub batch_size: usize,
@@ -67,13 +62,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let consumer = Arc::new(consumer);
-    let budget = Budget::new(
-        Amount {
-            entries: settings.window,
-            bytes: settings.max_bytes,
-        },
-        FIRST_ENTRY_ESTIMATE.min(settings.max_bytes),
-    );
+    let budget = Budget::new(Amount {
+        entries: settings.window,
+        bytes: settings.max_bytes,
+    });
     let (batches, mut incoming) = mpsc::channel(2);
     let reader = tokio::spawn(read_loop(
         consumer.clone(),
