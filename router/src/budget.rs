@@ -205,7 +205,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_read_takes_one_entry_to_learn_their_size() {
-        let budget = Budget::new(Amount { entries: 100, bytes: 1000 });
+        let budget = Budget::new(Amount {
+            entries: 100,
+            bytes: 1000,
+        });
         let mut first = budget.reserve_for_read(50).await;
         assert_eq!(first.entries(), 1);
         drop(first.take(10));

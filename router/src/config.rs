@@ -390,6 +390,22 @@ mod tests {
     }
 
     #[test]
+    fn reader_budgets_that_cannot_work_are_refused_with_their_names() {
+        let mut config = valid_defaults();
+        config.reader.max_queued_per_user = 0;
+        let error = config.validate().expect_err("no allowance");
+        assert!(error.contains("reader.max_queued_per_user"), "{error}");
+        config.reader.max_queued_per_user = config.reader.window + 1;
+        assert!(config.validate().is_err(), "more than the window");
+        let mut config = valid_defaults();
+        config.reader.max_bytes = 16 * 64 * 1024 - 1;
+        let error = config.validate().expect_err("under 64 KiB a shard");
+        assert!(error.contains("reader.max_bytes"), "{error}");
+        config.reader.max_bytes += 1;
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
     fn a_lease_too_short_for_an_attempt_is_refused() {
         let mut config = valid_defaults();
         config.destinations[2].timeout_ms = 17_001;
