@@ -196,19 +196,20 @@ mod tests {
 
     use super::*;
 
+    fn amount(entries: usize, bytes: usize) -> Amount {
+        Amount { entries, bytes }
+    }
+
     /// A budget whose reads expect entries of `estimate` bytes.
     fn budget(entries: usize, bytes: usize, estimate: usize) -> Arc<Budget> {
-        let budget = Budget::new(Amount { entries, bytes });
+        let budget = Budget::new(amount(entries, bytes));
         budget.observe(estimate);
         budget
     }
 
     #[tokio::test]
     async fn the_first_read_takes_one_entry_to_learn_their_size() {
-        let budget = Budget::new(Amount {
-            entries: 100,
-            bytes: 1000,
-        });
+        let budget = Budget::new(amount(100, 1000));
         let mut first = budget.reserve_for_read(50).await;
         assert_eq!(first.entries(), 1);
         drop(first.take(10));
@@ -247,13 +248,7 @@ mod tests {
         let mut reservation = budget.reserve_for_read(10).await;
         let small = reservation.take(40);
         drop(reservation);
-        assert_eq!(
-            budget.held(),
-            Amount {
-                entries: 1,
-                bytes: 40
-            }
-        );
+        assert_eq!(budget.held(), amount(1, 40));
         drop(small);
         assert_eq!(budget.held(), Amount::default());
     }
@@ -264,13 +259,7 @@ mod tests {
         let mut reservation = budget.reserve_one().await;
         let big = reservation.take(5000);
         drop(reservation);
-        assert_eq!(
-            budget.held(),
-            Amount {
-                entries: 1,
-                bytes: 5000
-            }
-        );
+        assert_eq!(budget.held(), amount(1, 5000));
         drop(big);
         assert_eq!(budget.held(), Amount::default());
     }
@@ -280,13 +269,7 @@ mod tests {
         let budget = budget(100, 1000, 100);
         let mut charge = budget.reserve_one().await.take(100);
         charge.grow(300);
-        assert_eq!(
-            budget.held(),
-            Amount {
-                entries: 1,
-                bytes: 400
-            }
-        );
+        assert_eq!(budget.held(), amount(1, 400));
         drop(charge);
         assert_eq!(budget.held(), Amount::default());
     }

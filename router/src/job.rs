@@ -26,13 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
 use crate::budget::{Budget, Charge};
-use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
+use crate::consumer::{
+    backoff_delay, redis_backoff, ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer,
+};
 use crate::delivery::{request_body, AttemptOutcome, Destination};
 use crate::lease::LeaseGuard;
 use crate::stats::AttemptResult;
-
-/// Longest pause between retries of a failing Redis command.
-pub const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(5);
 
 /// An entry in memory with the budget it holds.
 pub struct Held {
@@ -231,7 +230,7 @@ impl Job {
 
     /// One attempt and what follows from its outcome.
     async fn attempt(&mut self, entry: &Entry, request: &Request<'_>, attempt: u32) -> Step {
-        let destination = self.context.destination.clone();
+        let destination = &self.context.destination;
         let stats = &destination.stats;
         if let Some(age) = expired(request.age_from_ms, destination.max_age) {
             let error = format!(
@@ -404,20 +403,4 @@ fn age_since(unix_ms: u64) -> Duration {
 fn expired(since_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
     let age = age_since(since_ms);
     max_age.filter(|max| age > *max).map(|_| age)
-}
-
-/// The pause after `failures` failed Redis commands in a row: doubling from
-/// 100 ms, at most [`MAX_REDIS_BACKOFF`].
-pub fn backoff_delay(failures: u32) -> Duration {
-    Duration::from_millis(50)
-        .saturating_mul(1 << failures.min(10))
-        .min(MAX_REDIS_BACKOFF)
-}
-
-/// Sleeps [`backoff_delay`]; false when shutdown came first.
-pub async fn redis_backoff(shutdown: &CancellationToken, failures: u32) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        () = tokio::time::sleep(backoff_delay(failures)) => true,
-    }
 }

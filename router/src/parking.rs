@@ -159,6 +159,10 @@ mod tests {
         StreamId { ms: n, seq: 0 }
     }
 
+    fn parked(users: usize, events: usize) -> ParkedCount {
+        ParkedCount { users, events }
+    }
+
     /// Admits entry `n` of `user`; the entry is its number.
     fn admit(queues: &mut UserQueues<u64>, user: &str, n: u64) -> Admission<u64> {
         queues.admit(user, id(n), n)
@@ -193,13 +197,7 @@ mod tests {
         assert_eq!(admit(&mut queues, "hot", 3), Admission::Queued);
         assert_eq!(admit(&mut queues, "hot", 4), Admission::Parked(4));
         assert_eq!(admit(&mut queues, "hot", 5), Admission::Parked(5));
-        assert_eq!(
-            queues.parked(),
-            ParkedCount {
-                users: 1,
-                events: 2
-            }
-        );
+        assert_eq!(queues.parked(), parked(1, 2));
         assert_eq!(queues.finished("hot"), Next::Start(2));
         assert_eq!(
             admit(&mut queues, "hot", 6),
@@ -221,13 +219,7 @@ mod tests {
         assert_eq!(admit(&mut queues, "u", 2), Admission::Queued);
         assert_eq!(admit(&mut queues, "u", 3), Admission::Queued);
         assert_eq!(queues.blocked("u", id(1)), vec![3, 2], "both leave memory");
-        assert_eq!(
-            queues.parked(),
-            ParkedCount {
-                users: 1,
-                events: 2
-            }
-        );
+        assert_eq!(queues.parked(), parked(1, 2));
         assert_eq!(
             admit(&mut queues, "u", 4),
             Admission::Parked(4),
@@ -272,20 +264,8 @@ mod tests {
             assert_eq!(admit(&mut queues, user, 1), Admission::Start(1));
             assert_eq!(admit(&mut queues, user, 2), Admission::Parked(2));
         }
-        assert_eq!(
-            queues.parked(),
-            ParkedCount {
-                users: 2,
-                events: 2
-            }
-        );
+        assert_eq!(queues.parked(), parked(2, 2));
         assert_eq!(queues.finished("a"), Next::Fetch(id(2)));
-        assert_eq!(
-            queues.parked(),
-            ParkedCount {
-                users: 1,
-                events: 1
-            }
-        );
+        assert_eq!(queues.parked(), parked(1, 1));
     }
 }

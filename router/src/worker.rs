@@ -22,7 +22,7 @@ use tokio::task::{Id as TaskId, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Amount, Budget};
-use crate::consumer::{EntryContent, GroupConsumer, ReadFrom};
+use crate::consumer::{redis_backoff, EntryContent, GroupConsumer, ReadFrom};
 use crate::delivery::Destination;
 use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::lease::LeaseGuard;
@@ -179,8 +179,8 @@ impl Dispatcher {
     }
 
     fn blocked(&mut self, blocked: Blocked) {
-        let evicted = self.queues.blocked(&blocked.user, blocked.head);
-        drop(evicted);
+        // Dropping the evicted entries gives back their budget.
+        drop(self.queues.blocked(&blocked.user, blocked.head));
         self.publish_parked();
     }
 
@@ -261,7 +261,7 @@ async fn read_loop(
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(shard = consumer.shard(), %error, "Cannot prepare consumer group; retrying.");
-                    if !job::redis_backoff(&shutdown, failures).await {
+                    if !redis_backoff(&shutdown, failures).await {
                         return;
                     }
                     continue;
@@ -326,7 +326,7 @@ async fn read_loop(
                     }
                 } else {
                     tracing::warn!(shard = consumer.shard(), %error, "Reading the stream failed; retrying.");
-                    if !job::redis_backoff(&shutdown, failures).await {
+                    if !redis_backoff(&shutdown, failures).await {
                         return;
                     }
                 }
