@@ -73,8 +73,16 @@ mod tests {
         let address = listener.local_addr().expect("addr");
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().expect("accept");
-            let mut request = [0u8; 1024];
-            let _ = stream.read(&mut request);
+            // The whole request first: closing with some of it unread resets
+            // the connection, and the probe would see a reset, not the answer.
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&chunk[..n]),
+                }
+            }
             let _ = write!(stream, "{status_line}\r\nContent-Length: 0\r\n\r\n");
         });
         format!("0.0.0.0:{}", address.port())
