@@ -9,6 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
+use crate::connection::HealingCluster;
 use crate::RedisConnection;
 
 /// Why a configuration could not be loaded.
@@ -193,7 +194,7 @@ impl RedisConfig {
             }
             let client = builder.build()?;
             return Ok(RedisConnection::Cluster(
-                client.get_async_connection().await?,
+                HealingCluster::connect(client).await?,
             ));
         }
         let client = redis::Client::open(self.url.expose_secret())?;

@@ -9,24 +9,46 @@
 //!   cluster; [`query_each`] sends them as separate commands instead;
 //! - `INFO` answers per node on a cluster; [`RedisConnection::info_of_every_master`]
 //!   returns one reply per master.
+//!
+//! A cluster connection repairs itself in the background after a node is
+//! lost, but redis-rs 1.x does not always manage it (redis-rs issue 2277:
+//! retries exhausted against stale node connections). A long-lived
+//! connection that could never recover would stall everything that shares
+//! it (lease renewals, acknowledgements), so [`HealingCluster`] replaces a
+//! connection that has answered nothing but connection errors for
+//! [`REBUILD_AFTER`] with a new one from the same client.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+
+/// How long a cluster connection may fail every command with a connection
+/// error before it is rebuilt: longer than a failover takes (a replica is
+/// promoted within about two node timeouts), so a healthy client gets the
+/// chance to repair itself first.
+pub const REBUILD_AFTER: Duration = Duration::from_secs(5);
 
 /// A reconnecting connection to a single server or a cluster. Cheap to
 /// clone: clones share the underlying multiplexed connections.
 #[derive(Clone)]
 pub enum RedisConnection {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(HealingCluster),
 }
 
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConnection::Single(con) => con.req_packed_command(cmd),
-            RedisConnection::Cluster(con) => con.req_packed_command(cmd),
+            RedisConnection::Cluster(cluster) => Box::pin(async move {
+                let result = cluster.current().req_packed_command(cmd).await;
+                cluster.observe(result.as_ref().err());
+                result
+            }),
         }
     }
 
@@ -38,15 +60,110 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConnection::Single(con) => con.req_packed_commands(pipeline, offset, count),
-            RedisConnection::Cluster(con) => con.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(cluster) => Box::pin(async move {
+                let result = cluster
+                    .current()
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                cluster.observe(result.as_ref().err());
+                result
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisConnection::Single(con) => con.get_db(),
-            RedisConnection::Cluster(con) => con.get_db(),
+            RedisConnection::Cluster(_) => 0,
         }
+    }
+}
+
+/// A cluster connection that is rebuilt from its client once it has
+/// failed every command with a connection error for [`REBUILD_AFTER`].
+/// Clones share the connection and its health.
+#[derive(Clone)]
+pub struct HealingCluster {
+    inner: Arc<Healing>,
+}
+
+struct Healing {
+    client: ClusterClient,
+    state: Mutex<Health>,
+}
+
+struct Health {
+    connection: ClusterConnection,
+    /// Since when every command failed with a connection error.
+    failing_since: Option<Instant>,
+    rebuilding: bool,
+}
+
+impl HealingCluster {
+    /// Connects with `client`, which keeps the settings for rebuilding.
+    pub async fn connect(client: ClusterClient) -> RedisResult<Self> {
+        let connection = client.get_async_connection().await?;
+        Ok(Self {
+            inner: Arc::new(Healing {
+                client,
+                state: Mutex::new(Health {
+                    connection,
+                    failing_since: None,
+                    rebuilding: false,
+                }),
+            }),
+        })
+    }
+
+    fn current(&self) -> ClusterConnection {
+        self.lock().connection.clone()
+    }
+
+    /// Records a command's outcome; starts a rebuild in the background when
+    /// the connection has been failing for too long. An error reply from a
+    /// server (a wrong type, a missing group) is an answer, and healthy.
+    fn observe(&self, error: Option<&RedisError>) {
+        let unreachable = error.is_some_and(|e| {
+            e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+        });
+        let mut health = self.lock();
+        if !unreachable {
+            health.failing_since = None;
+            return;
+        }
+        let since = *health.failing_since.get_or_insert_with(Instant::now);
+        if health.rebuilding || since.elapsed() < REBUILD_AFTER {
+            return;
+        }
+        health.rebuilding = true;
+        drop(health);
+        tracing::warn!(
+            failing_for_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "Redis Cluster connection has failed every command; building a new one."
+        );
+        let this = self.clone();
+        tokio::spawn(async move {
+            let rebuilt = this.inner.client.get_async_connection().await;
+            let mut health = this.lock();
+            health.rebuilding = false;
+            match rebuilt {
+                Ok(connection) => {
+                    health.connection = connection;
+                    health.failing_since = None;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot build a new Redis Cluster connection yet.");
+                }
+            }
+        });
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Health> {
+        // Plain assignments only: consistent after a panic elsewhere.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

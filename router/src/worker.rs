@@ -308,7 +308,7 @@ async fn read_loop(
                     .collect();
                 // Room reserved but not filled goes back now.
                 drop(reservation);
-                if !held.is_empty() && batches.send(Read::Entries(held)).await.is_err() {
+                if !held.is_empty() && !hand_over(&batches, Read::Entries(held), &shutdown).await {
                     return;
                 }
             }
@@ -321,7 +321,7 @@ async fn read_loop(
                         "Consumer group missing; recreating it."
                     );
                     prepared = false;
-                    if batches.send(Read::GroupRecreated).await.is_err() {
+                    if !hand_over(&batches, Read::GroupRecreated, &shutdown).await {
                         return;
                     }
                 } else {
@@ -335,6 +335,16 @@ async fn read_loop(
                 from = ReadFrom::Pending(StreamId::default());
             }
         }
+    }
+}
+
+/// Passes a read to the dispatcher; false once the worker stops (the
+/// dispatcher no longer takes reads then, so waiting for room could last
+/// forever and keep the worker from ending).
+async fn hand_over(batches: &mpsc::Sender<Read>, read: Read, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        sent = batches.send(read) => sent.is_ok(),
     }
 }
 

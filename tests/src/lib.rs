@@ -82,14 +82,16 @@ where
     }
 }
 
-/// Logs to the test output when `RUST_LOG` is set.
+/// Logs warnings of the services a test runs in-process to the test's
+/// output, which the test runner shows only when the test fails (so a
+/// failure explains itself); `RUST_LOG` chooses more or less.
 pub fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// One destination of a test: its name and the mock path it posts to.

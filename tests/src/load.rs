@@ -204,9 +204,11 @@ impl TestSystem {
             eprintln!("{verdict}");
             assert!(
                 verdict.missing == 0,
-                "timed out after {timeout:?}: {verdict}; pending {}, stream entries {}",
+                "timed out after {timeout:?}: {verdict}; pending {}, stream entries {}, \
+                 lease holders {:?}",
                 self.pending(&destination).await,
                 self.stream_lengths().await,
+                self.lease_holders().await,
             );
             assert_eq!(verdict.order_violations, 0, "{verdict}");
         }

@@ -196,8 +196,7 @@ impl RedisCluster {
             .build()
             .expect("valid seed urls");
         RedisConnection::Cluster(
-            client
-                .get_async_connection()
+            protocol::HealingCluster::connect(client)
                 .await
                 .expect("the test cluster accepts connections"),
         )
