@@ -66,7 +66,7 @@ pub async fn run(
         entries: settings.window,
         bytes: settings.max_bytes,
     });
-    let (batches, mut incoming) = mpsc::channel(2);
+    let (batches, incoming) = mpsc::channel(2);
     let reader = tokio::spawn(read_loop(
         consumer.clone(),
         destination.clone(),
@@ -76,7 +76,7 @@ pub async fn run(
         lease.clone(),
         shutdown.clone(),
     ));
-    let (blocked, mut blocked_users) = mpsc::unbounded_channel();
+    let (blocked, blocked_users) = mpsc::unbounded_channel();
     let context = Arc::new(JobContext {
         consumer,
         destination,
@@ -84,51 +84,57 @@ pub async fn run(
         shutdown: shutdown.clone(),
         blocked,
     });
-    let mut dispatcher = Dispatcher {
-        context,
-        lease,
-        queues: UserQueues::new(settings.max_queued_per_user),
-        admitted_up_to: None,
-        jobs: JoinSet::new(),
-        job_users: HashMap::new(),
-        published: ParkedCount::default(),
-    };
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            Some(finished) = dispatcher.jobs.join_next_with_id() => dispatcher.finished(finished),
-            Some(blocked) = blocked_users.recv() => dispatcher.blocked(blocked),
-            read = incoming.recv() => match read {
-                Some(Read::Entries(entries)) => dispatcher.accept(entries),
-                // Entries admitted before count as new again (delivered
-                // twice rather than left pending in the new group forever).
-                Some(Read::GroupRecreated) => dispatcher.admitted_up_to = None,
-                None => break,
-            },
-        }
-    }
+    let runner = Jobs { context, lease };
+    let mut dispatcher = Dispatcher::new(runner, settings.max_queued_per_user, shutdown);
+    dispatcher.run(incoming, blocked_users).await;
     // Stop reading; let attempts in flight finish within the grace period.
     // Jobs in backoff stop at once (their entries stay pending).
     let _ = reader.await;
-    let drained = tokio::time::timeout(settings.shutdown_grace, async {
-        while let Some(finished) = dispatcher.jobs.join_next_with_id().await {
-            dispatcher.finished(finished);
-        }
-    })
-    .await;
-    if drained.is_err() {
+    if !dispatcher.drain(settings.shutdown_grace).await {
+        let context = &dispatcher.runner.context;
         tracing::warn!(
-            destination = %dispatcher.context.destination.name,
-            shard = dispatcher.context.consumer.shard(),
+            destination = %context.destination.name,
+            shard = context.consumer.shard(),
             "Attempts still in flight after the shutdown grace period; they stay pending."
         );
-        dispatcher.jobs.abort_all();
     }
 }
 
-struct Dispatcher {
+/// Starts the dispatcher's jobs: [`job::run`] in the router, a stand-in
+/// whose delays and outcomes a unit test controls in the tests.
+trait JobRunner {
+    /// Spawns the job that takes `source` to its terminal outcome.
+    fn spawn(&self, jobs: &mut JoinSet<JobEnd>, source: Source) -> TaskId;
+    /// The destination whose events wait for each other, per user.
+    fn destination(&self) -> &str;
+    /// Publishes a change of the parked counts.
+    fn parked_changed(&self, before: ParkedCount, now: ParkedCount);
+}
+
+/// The router's jobs.
+struct Jobs {
     context: Arc<JobContext>,
     lease: LeaseGuard,
+}
+
+impl JobRunner for Jobs {
+    fn spawn(&self, jobs: &mut JoinSet<JobEnd>, source: Source) -> TaskId {
+        jobs.spawn(job::run(self.context.clone(), self.lease.clone(), source))
+            .id()
+    }
+
+    fn destination(&self) -> &str {
+        &self.context.destination.name
+    }
+
+    fn parked_changed(&self, before: ParkedCount, now: ParkedCount) {
+        self.context.destination.stats.parked_changed(before, now);
+    }
+}
+
+struct Dispatcher<R: JobRunner> {
+    runner: R,
+    shutdown: CancellationToken,
     queues: UserQueues<Held>,
     /// The highest stream id admitted. Entries arrive in id order, so one
     /// at or below it is a second copy (the reader re-scans the pending
@@ -138,11 +144,62 @@ struct Dispatcher {
     /// The user of each running job; `None` for entries outside per-user
     /// order (not for this destination, deleted, malformed).
     job_users: HashMap<TaskId, Option<String>>,
-    /// The parked counts last added to the destination's stats.
+    /// The parked counts last published.
     published: ParkedCount,
 }
 
-impl Dispatcher {
+impl<R: JobRunner> Dispatcher<R> {
+    fn new(runner: R, max_queued_per_user: usize, shutdown: CancellationToken) -> Self {
+        Self {
+            runner,
+            shutdown,
+            queues: UserQueues::new(max_queued_per_user),
+            admitted_up_to: None,
+            jobs: JoinSet::new(),
+            job_users: HashMap::new(),
+            published: ParkedCount::default(),
+        }
+    }
+
+    /// Admits reads and starts each user's next job until shutdown or the
+    /// reader ends.
+    async fn run(
+        &mut self,
+        mut incoming: mpsc::Receiver<Read>,
+        mut blocked_users: mpsc::UnboundedReceiver<Blocked>,
+    ) {
+        let shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(finished) = self.jobs.join_next_with_id() => self.finished(finished),
+                Some(blocked) = blocked_users.recv() => self.blocked(blocked),
+                read = incoming.recv() => match read {
+                    Some(Read::Entries(entries)) => self.accept(entries),
+                    // Entries admitted before count as new again (delivered
+                    // twice rather than left pending in the new group forever).
+                    Some(Read::GroupRecreated) => self.admitted_up_to = None,
+                    None => break,
+                },
+            }
+        }
+    }
+
+    /// Waits up to `grace` for the jobs still running; false if some had to
+    /// be aborted.
+    async fn drain(&mut self, grace: Duration) -> bool {
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(finished) = self.jobs.join_next_with_id().await {
+                self.finished(finished);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            self.jobs.abort_all();
+        }
+        drained.is_ok()
+    }
+
     fn accept(&mut self, entries: Vec<Held>) {
         for held in entries {
             let id = held.entry.id;
@@ -153,7 +210,7 @@ impl Dispatcher {
             // Only events sent to this destination wait for each other;
             // anything else is settled at once.
             let user = match &held.entry.content {
-                EntryContent::Event(event) if event.is_for(&self.context.destination.name) => {
+                EntryContent::Event(event) if event.is_for(self.runner.destination()) => {
                     event.user_id.clone()
                 }
                 _ => {
@@ -172,10 +229,8 @@ impl Dispatcher {
     }
 
     fn start(&mut self, user: Option<String>, source: Source) {
-        let handle = self
-            .jobs
-            .spawn(job::run(self.context.clone(), self.lease.clone(), source));
-        self.job_users.insert(handle.id(), user);
+        let task = self.runner.spawn(&mut self.jobs, source);
+        self.job_users.insert(task, user);
     }
 
     fn blocked(&mut self, blocked: Blocked) {
@@ -189,7 +244,7 @@ impl Dispatcher {
             Ok((task, end)) => (*task, Some(*end)),
             Err(error) => {
                 if error.is_panic() {
-                    tracing::error!(destination = %self.context.destination.name, %error, "Delivery job panicked; its entry stays pending.");
+                    tracing::error!(destination = %self.runner.destination(), %error, "Delivery job panicked; its entry stays pending.");
                 }
                 (error.id(), None)
             }
@@ -199,7 +254,7 @@ impl Dispatcher {
         };
         // An abandoned entry stays pending, so nothing after it may start
         // (jobs abandon only at shutdown or when the lease goes).
-        if end == Some(JobEnd::Abandoned) || self.context.shutdown.is_cancelled() {
+        if end == Some(JobEnd::Abandoned) || self.shutdown.is_cancelled() {
             return;
         }
         let Some(user) = user else {
@@ -216,22 +271,17 @@ impl Dispatcher {
     fn publish_parked(&mut self) {
         let now = self.queues.parked();
         if now != self.published {
-            self.context
-                .destination
-                .stats
-                .parked_changed(self.published, now);
+            self.runner.parked_changed(self.published, now);
             self.published = now;
         }
     }
 }
 
-impl Drop for Dispatcher {
+impl<R: JobRunner> Drop for Dispatcher<R> {
     /// What this worker parked is no longer its to count (the next owner
     /// counts it again when it re-reads the pending list).
     fn drop(&mut self) {
-        self.context
-            .destination
-            .stats
+        self.runner
             .parked_changed(self.published, ParkedCount::default());
     }
 }
@@ -363,4 +413,222 @@ async fn prepare(consumer: &GroupConsumer) -> Result<(), crate::consumer::Consum
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use protocol::EventEntry;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::consumer::Entry;
+
+    /// What a stand-in job did, at what (paused) time since the start.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Step {
+        /// Started with the entry in hand, or with its id only (parked).
+        Started {
+            n: u64,
+            parked: bool,
+        },
+        Delivered(u64),
+    }
+
+    /// Jobs that take `ATTEMPT` per attempt; the first `failures` attempts
+    /// of entry `failing` fail, each followed by `BACKOFF` (as a job in
+    /// backoff does: it reports the block and drops its entry).
+    struct StandIn {
+        users: HashMap<StreamId, String>,
+        failing: u64,
+        failures: u32,
+        blocked: mpsc::UnboundedSender<Blocked>,
+        log: Arc<Mutex<Vec<(Duration, Step)>>>,
+        parked: Arc<Mutex<ParkedCount>>,
+        since: Instant,
+    }
+
+    const ATTEMPT: Duration = Duration::from_millis(10);
+    const BACKOFF: Duration = Duration::from_secs(1);
+
+    impl JobRunner for StandIn {
+        fn spawn(&self, jobs: &mut JoinSet<JobEnd>, source: Source) -> TaskId {
+            let (id, parked, mut held) = match source {
+                Source::Held(held) => (held.entry.id, false, Some(held)),
+                Source::Parked(id) => (id, true, None),
+            };
+            let user = self.users[&id].clone();
+            let failures = if id.ms == self.failing {
+                self.failures
+            } else {
+                0
+            };
+            let (blocked, log, since) = (self.blocked.clone(), self.log.clone(), self.since);
+            let record = move |step| log.lock().expect("log").push((since.elapsed(), step));
+            record(Step::Started { n: id.ms, parked });
+            jobs.spawn(async move {
+                for _ in 0..failures {
+                    tokio::time::sleep(ATTEMPT).await;
+                    drop(held.take());
+                    blocked
+                        .send(Blocked {
+                            user: user.clone(),
+                            head: id,
+                        })
+                        .expect("the dispatcher listens while jobs run");
+                    tokio::time::sleep(BACKOFF).await;
+                }
+                tokio::time::sleep(ATTEMPT).await;
+                record(Step::Delivered(id.ms));
+                drop(held);
+                JobEnd::Recorded
+            })
+            .id()
+        }
+
+        fn destination(&self) -> &str {
+            "d"
+        }
+
+        fn parked_changed(&self, before: ParkedCount, now: ParkedCount) {
+            let mut parked = self.parked.lock().expect("counts");
+            assert_eq!(*parked, before, "changes are published in sequence");
+            *parked = now;
+        }
+    }
+
+    fn id(n: u64) -> StreamId {
+        StreamId { ms: n, seq: 0 }
+    }
+
+    fn event(user: &str) -> EntryContent {
+        EntryContent::Event(EventEntry {
+            user_id: user.to_owned(),
+            payload: "{}".to_owned(),
+            received_at_ms: 0,
+            message_id: None,
+            destinations: None,
+            source: None,
+            replay: None,
+        })
+    }
+
+    /// Delivery times of `numbers`, in the order delivered.
+    fn delivered(log: &[(Duration, Step)], numbers: &[u64]) -> Vec<(u64, Duration)> {
+        log.iter()
+            .filter_map(|(at, step)| match step {
+                Step::Delivered(n) if numbers.contains(n) => Some((*n, *at)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// One user ("hot") with 200 events whose first is refused three times,
+    /// 100 other users with 2 events each, read in one stream: the others
+    /// are delivered while the hot user's head waits out its retry delays,
+    /// the hot user's later events leave memory (parked) and come back in
+    /// order once its head is delivered.
+    #[tokio::test(start_paused = true)]
+    async fn a_user_in_backoff_parks_its_entries_and_delays_no_other_user() {
+        const HOT: u64 = 200;
+        let budget = Budget::new(Amount {
+            entries: 1000,
+            bytes: 1 << 20,
+        });
+        let mut reservation = budget.reserve_for_read(1000).await;
+        let mut users = HashMap::new();
+        let mut entries = Vec::new();
+        for n in 1..=HOT + 200 {
+            let user = if n <= HOT {
+                "hot".to_owned()
+            } else {
+                format!("user-{}", n % 100)
+            };
+            users.insert(id(n), user.clone());
+            entries.push(Held {
+                charge: reservation.take(100),
+                entry: Entry {
+                    id: id(n),
+                    bytes: 100,
+                    content: event(&user),
+                },
+            });
+        }
+        drop(reservation);
+        let (blocked, blocked_users) = mpsc::unbounded_channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let parked = Arc::new(Mutex::new(ParkedCount::default()));
+        let runner = StandIn {
+            users,
+            failing: 1,
+            failures: 3,
+            blocked,
+            log: log.clone(),
+            parked: parked.clone(),
+            since: Instant::now(),
+        };
+        let shutdown = CancellationToken::new();
+        let (reads, incoming) = mpsc::channel(2);
+        let dispatcher = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                let mut dispatcher = Dispatcher::new(runner, 10, shutdown);
+                dispatcher.run(incoming, blocked_users).await;
+            }
+        });
+        reads
+            .send(Read::Entries(entries))
+            .await
+            .expect("the dispatcher reads");
+
+        // Within the head's first retry delay.
+        tokio::time::sleep(BACKOFF / 2).await;
+        let others: Vec<u64> = (HOT + 1..=HOT + 200).collect();
+        let early = delivered(&log.lock().expect("log"), &others);
+        assert_eq!(early.len(), 200, "every other user's events are delivered");
+        assert!(
+            early.iter().all(|(_, at)| *at <= 3 * ATTEMPT),
+            "two events a user, one after the other: {early:?}"
+        );
+        assert_eq!(
+            *parked.lock().expect("counts"),
+            ParkedCount {
+                users: 1,
+                events: usize::try_from(HOT - 1).expect("small")
+            },
+            "everything behind the blocked head is parked"
+        );
+        assert_eq!(
+            budget.held(),
+            Amount::default(),
+            "a blocked user holds nothing in memory"
+        );
+
+        // Three retry delays, then 200 events one after the other.
+        tokio::time::sleep(3 * BACKOFF + ATTEMPT * u32::try_from(HOT).expect("small")).await;
+        let log = log.lock().expect("log").clone();
+        let hot: Vec<u64> = (1..=HOT).collect();
+        let order: Vec<u64> = delivered(&log, &hot).iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            order, hot,
+            "the hot user's events arrive once each, in order"
+        );
+        assert!(
+            delivered(&log, &[1])[0].1 >= 3 * BACKOFF,
+            "its head waited out three delays"
+        );
+        let refetched = log
+            .iter()
+            .filter(|(_, step)| matches!(step, Step::Started { n, parked: true } if *n > 1))
+            .count();
+        assert_eq!(
+            refetched,
+            usize::try_from(HOT - 1).expect("small"),
+            "each parked event is fetched again when its turn comes"
+        );
+        assert_eq!(*parked.lock().expect("counts"), ParkedCount::default());
+        shutdown.cancel();
+        dispatcher.await.expect("the dispatcher ends");
+    }
 }
