@@ -9,8 +9,6 @@ use protocol::secret::TokenDigest;
 use protocol::RedisConfig;
 use serde::Deserialize;
 
-use crate::store::{BacklogLimits, Replication};
-
 /// The commented reference configuration, also the defaults.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/gateway.default.toml");
 
@@ -52,15 +50,6 @@ pub struct ReplicationConfig {
     pub timeout_ms: u64,
 }
 
-impl ReplicationConfig {
-    pub fn replication(&self) -> Replication {
-        Replication {
-            min_replicas: self.min_replicas,
-            timeout: Duration::from_millis(self.timeout_ms),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
@@ -93,13 +82,6 @@ pub struct BacklogConfig {
 }
 
 impl BacklogConfig {
-    pub fn limits(&self) -> BacklogLimits {
-        BacklogLimits {
-            max_events_per_shard: self.max_events_per_shard,
-            max_memory_percent: self.max_memory_percent,
-        }
-    }
-
     pub fn check_interval(&self) -> Duration {
         Duration::from_millis(self.check_interval_ms)
     }

@@ -2,8 +2,17 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use crate::event::ParseError;
 use crate::store::StoreError;
+
+/// Every refusal: a message naming the field or limit.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -25,6 +34,12 @@ pub enum ApiError {
         cause: StoreError,
         retry_after_secs: u64,
     },
+}
+
+impl From<ParseError> for ApiError {
+    fn from(error: ParseError) -> Self {
+        ApiError::Invalid(error.to_string())
+    }
 }
 
 /// What a 503 tells the client: the backlog cap names its limit; Redis
@@ -91,7 +106,7 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        response.json(crate::openapi::ErrorBody {
+        response.json(ErrorBody {
             error: self.to_string(),
         })
     }

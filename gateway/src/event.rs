@@ -7,7 +7,10 @@ use protocol::{unix_millis, EventEntry};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::error::ApiError;
+/// Why a body was refused; the message names the field, index or limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(String);
 
 pub const MAX_USER_ID_BYTES: usize = 256;
 pub const MAX_MESSAGE_ID_BYTES: usize = 128;
@@ -50,7 +53,7 @@ fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de Raw
 
 /// Refuses a body whose arrays and objects nest deeper than `max_depth`
 /// (the outermost is level 1), before any parser recurses into it.
-pub fn check_depth(body: &[u8], max_depth: usize) -> Result<(), ApiError> {
+pub fn check_depth(body: &[u8], max_depth: usize) -> Result<(), ParseError> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &byte in body {
         if in_string {
@@ -67,7 +70,7 @@ pub fn check_depth(body: &[u8], max_depth: usize) -> Result<(), ApiError> {
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max_depth {
-                    return Err(ApiError::Invalid(format!(
+                    return Err(ParseError(format!(
                         "JSON nests deeper than the limit of {max_depth} levels"
                     )));
                 }
@@ -79,35 +82,32 @@ pub fn check_depth(body: &[u8], max_depth: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn utf8(body: &[u8]) -> Result<&str, ApiError> {
-    std::str::from_utf8(body)
-        .map_err(|_| ApiError::Invalid("request body is not valid UTF-8".into()))
+fn utf8(body: &[u8]) -> Result<&str, ParseError> {
+    std::str::from_utf8(body).map_err(|_| ParseError("request body is not valid UTF-8".into()))
 }
 
-fn json_error(context: &str, error: serde_json::Error) -> ApiError {
+fn json_error(context: &str, error: serde_json::Error) -> ParseError {
     match error.classify() {
-        serde_json::error::Category::Data => ApiError::Invalid(format!("{context}{error}")),
-        _ => ApiError::Invalid(format!("{context}malformed JSON: {error}")),
+        serde_json::error::Category::Data => ParseError(format!("{context}{error}")),
+        _ => ParseError(format!("{context}malformed JSON: {error}")),
     }
 }
 
 /// Parses and validates the body of `POST /v1/events`.
-pub fn parse_event(body: &[u8], idempotency_header: Option<&str>) -> Result<NewEvent, ApiError> {
+pub fn parse_event(body: &[u8], idempotency_header: Option<&str>) -> Result<NewEvent, ParseError> {
     let event: EventBody = serde_json::from_str(utf8(body)?).map_err(|e| json_error("", e))?;
-    validate(event, idempotency_header).map_err(ApiError::Invalid)
+    validate(event, idempotency_header).map_err(ParseError)
 }
 
 /// Parses and validates the body of `POST /v1/batch`; the first invalid
 /// event rejects the whole batch, and the message names its index.
-pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<NewEvent>, ApiError> {
+pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<NewEvent>, ParseError> {
     let batch: BatchBody = serde_json::from_str(utf8(body)?).map_err(|e| json_error("", e))?;
     if batch.events.is_empty() {
-        return Err(ApiError::Invalid(
-            "events must hold at least one event".into(),
-        ));
+        return Err(ParseError("events must hold at least one event".into()));
     }
     if batch.events.len() > max_events {
-        return Err(ApiError::Invalid(format!(
+        return Err(ParseError(format!(
             "events holds {} events; the limit is {max_events} per batch",
             batch.events.len()
         )));
@@ -120,8 +120,7 @@ pub fn parse_batch(body: &[u8], max_events: usize) -> Result<Vec<NewEvent>, ApiE
             let context = format!("events[{index}]: ");
             let event: EventBody =
                 serde_json::from_str(raw.get()).map_err(|e| json_error(&context, e))?;
-            validate(event, None)
-                .map_err(|message| ApiError::Invalid(format!("{context}{message}")))
+            validate(event, None).map_err(|message| ParseError(format!("{context}{message}")))
         })
         .collect()
 }
@@ -172,7 +171,7 @@ fn check_key(name: &str, value: Option<&str>) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn message<T: std::fmt::Debug>(result: Result<T, ApiError>) -> String {
+    fn message<T: std::fmt::Debug>(result: Result<T, ParseError>) -> String {
         result.expect_err("should be rejected").to_string()
     }
 

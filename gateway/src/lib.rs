@@ -3,14 +3,18 @@
 //! acknowledged the write. It never calls destinations.
 //!
 //! # Layout
+//! Modules import only modules listed above them (a test checks it):
 //! - [`config`]: settings and their defaults.
 //! - [`event`]: request bodies → validated events.
 //! - [`store`]: the shard streams (XADD, idempotency script).
+//! - [`error`]: every failure and what it answers.
 //! - [`auth`]: API keys and their rate limits.
+//! - [`api`]: the shapes of bodies and answers.
+//! - [`routes`]: HTTP handlers.
 //! - [`openapi`]: the OpenAPI document (`/openapi.json`).
-//! - [`routes`]: HTTP handlers; [`error`]: what each failure answers.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -75,6 +79,7 @@ pub async fn run(
         App::new()
             .app_data(state.clone())
             .configure(routes::configure)
+            .service(web::resource("/openapi.json").route(web::get().to(openapi::document)))
     })
     .workers(workers)
     .disable_signals()
@@ -101,8 +106,8 @@ async fn connect(
         match EventStore::connect(
             &config.redis,
             config.idempotency_ttl(),
-            config.backlog.limits(),
-            config.replication.replication(),
+            (&config.backlog).into(),
+            (&config.replication).into(),
         )
         .await
         {
@@ -132,6 +137,52 @@ async fn watch_backlog(store: Arc<EventStore>, every: Duration, shutdown: Cancel
         }
         if let Err(error) = store.refresh_backlog().await {
             tracing::debug!(%error, "Cannot measure the backlog.");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The modules in the order of the layout above.
+    const LAYERS: &[&str] = &[
+        "config", "event", "store", "error", "auth", "api", "routes", "openapi",
+    ];
+
+    #[test]
+    fn modules_import_only_modules_listed_above_them() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        for (layer, module) in LAYERS.iter().enumerate() {
+            let text = std::fs::read_to_string(src.join(format!("{module}.rs"))).expect("read");
+            let code = text.lines().filter(|l| !l.trim_start().starts_with("//"));
+            for line in code {
+                assert!(
+                    !line.contains("crate::{"),
+                    "{module}.rs: write `crate::<module>::…` so this test sees it: {line}"
+                );
+                for (at, _) in line.match_indices("crate::") {
+                    let used: String = line[at + "crate::".len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    let position = LAYERS.iter().position(|m| *m == used);
+                    assert!(
+                        position.is_some_and(|p| p < layer),
+                        "{module}.rs uses crate::{used}, which is not listed above it"
+                    );
+                }
+            }
+        }
+        for entry in std::fs::read_dir(&src).expect("list src") {
+            let name = entry
+                .expect("entry")
+                .file_name()
+                .into_string()
+                .expect("utf-8");
+            let module = name.trim_end_matches(".rs");
+            assert!(
+                ["lib", "main"].contains(&module) || LAYERS.contains(&module),
+                "{name} has no place in LAYERS"
+            );
         }
     }
 }

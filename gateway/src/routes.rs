@@ -6,10 +6,10 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
+use crate::api::{Accepted, BatchAccepted};
 use crate::auth::{ApiKey, Authenticator};
 use crate::error::ApiError;
 use crate::event::{self, NewEvent};
-use crate::openapi::{Accepted, BatchAccepted};
 use crate::store::{Appended, EventStore};
 
 pub struct AppState {
@@ -79,8 +79,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(web::resource("/v1/batch").route(web::post().to(post_batch)))
         .service(web::resource("/healthz").route(web::get().to(healthz)))
         .service(web::resource("/readyz").route(web::get().to(readyz)))
-        .service(web::resource("/metrics").route(web::get().to(metrics)))
-        .service(web::resource("/openapi.json").route(web::get().to(openapi)));
+        .service(web::resource("/metrics").route(web::get().to(metrics)));
 }
 
 /// Charges `events` to the key's rate limit and records its name on them.
@@ -182,12 +181,12 @@ async fn read_json_body(
 #[utoipa::path(
     post,
     path = "/v1/events",
-    request_body(content = crate::openapi::EventDoc, content_type = "application/json"),
+    request_body(content = crate::api::EventDoc, content_type = "application/json"),
     params(("Idempotency-Key" = Option<String>, Header, description = "Overrides messageId as the key a repeat is recognised by (1-128 bytes)")),
     responses(
-        (status = 202, description = "Stored; delivery follows", body = crate::openapi::Accepted),
-        (status = 400, description = "Invalid event or limit exceeded (the message names it)", body = crate::openapi::ErrorBody),
-        crate::openapi::IngestRefusal,
+        (status = 202, description = "Stored; delivery follows", body = crate::api::Accepted),
+        (status = 400, description = "Invalid event or limit exceeded (the message names it)", body = crate::error::ErrorBody),
+        crate::api::IngestRefusal,
     ),
     security(("api_key" = []))
 )]
@@ -235,11 +234,11 @@ async fn ingest_event(
 #[utoipa::path(
     post,
     path = "/v1/batch",
-    request_body(content = crate::openapi::BatchDoc, content_type = "application/json"),
+    request_body(content = crate::api::BatchDoc, content_type = "application/json"),
     responses(
-        (status = 202, description = "All stored, in order; delivery follows", body = crate::openapi::BatchAccepted),
-        (status = 400, description = "An invalid event (named by index) or limit exceeded; nothing stored", body = crate::openapi::ErrorBody),
-        crate::openapi::IngestRefusal,
+        (status = 202, description = "All stored, in order; delivery follows", body = crate::api::BatchAccepted),
+        (status = 400, description = "An invalid event (named by index) or limit exceeded; nothing stored", body = crate::error::ErrorBody),
+        crate::api::IngestRefusal,
     ),
     security(("api_key" = []))
 )]
@@ -276,12 +275,6 @@ async fn ingest_batch(
     Ok(Ingested::new(response, &appended))
 }
 
-/// This API's OpenAPI 3 document.
-async fn openapi() -> HttpResponse {
-    use utoipa::OpenApi;
-    HttpResponse::Ok().json(crate::openapi::ApiDoc::openapi())
-}
-
 /// Prometheus text exposition of this process's metrics.
 async fn metrics() -> HttpResponse {
     HttpResponse::Ok()
@@ -289,7 +282,7 @@ async fn metrics() -> HttpResponse {
         .body(telemetry::metrics().render())
 }
 
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up", body = crate::openapi::Status)))]
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up", body = crate::api::Status)))]
 pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "alive" }))
 }
@@ -298,8 +291,8 @@ pub(crate) async fn healthz() -> HttpResponse {
     get,
     path = "/readyz",
     responses(
-        (status = 200, description = "Redis answers: events can be accepted", body = crate::openapi::Status),
-        (status = 503, description = "Redis does not answer", body = crate::openapi::Status),
+        (status = 200, description = "Redis answers: events can be accepted", body = crate::api::Status),
+        (status = 503, description = "Redis does not answer", body = crate::api::Status),
     )
 )]
 pub(crate) async fn readyz(state: web::Data<AppState>) -> HttpResponse {

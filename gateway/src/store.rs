@@ -14,6 +14,7 @@ use protocol::RedisConnection;
 use protocol::{shard_for, EventId, Keys, MetaError, RedisConfig, StreamId};
 use redis::FromRedisValue;
 
+use crate::config::{BacklogConfig, ReplicationConfig};
 use crate::event::NewEvent;
 
 /// Adds an event unless its idempotency key was seen, atomically. Both keys
@@ -59,6 +60,15 @@ pub struct Replication {
     pub timeout: Duration,
 }
 
+impl From<&ReplicationConfig> for Replication {
+    fn from(config: &ReplicationConfig) -> Self {
+        Self {
+            min_replicas: config.min_replicas,
+            timeout: Duration::from_millis(config.timeout_ms),
+        }
+    }
+}
+
 /// Whether an append stored a new event or found an earlier one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -83,6 +93,15 @@ pub struct BacklogLimits {
     /// Percent of Redis `maxmemory` in use past which writes are refused
     /// (ignored when Redis has no `maxmemory`).
     pub max_memory_percent: u8,
+}
+
+impl From<&BacklogConfig> for BacklogLimits {
+    fn from(config: &BacklogConfig) -> Self {
+        Self {
+            max_events_per_shard: config.max_events_per_shard,
+            max_memory_percent: config.max_memory_percent,
+        }
+    }
 }
 
 /// The last measured backlog: which shards are at their cap, and whether

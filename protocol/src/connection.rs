@@ -168,10 +168,6 @@ impl HealingCluster {
 }
 
 impl RedisConnection {
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisConnection::Cluster(_))
-    }
-
     /// `INFO section` of the server, or of every master of a cluster.
     pub async fn info_of_every_master(&mut self, section: &str) -> RedisResult<Vec<String>> {
         let reply: Value = redis::cmd("INFO").arg(section).query_async(self).await?;

@@ -11,9 +11,11 @@
 //! | `<prefix>:{s:N}:dead:<destination>` | stream | events that destination gave up on |
 //! | `<prefix>:{s:N}:idem:<len(user)>:<user>:<messageId>` | string | first event id for an idempotency key |
 //! | `<prefix>:{s:N}:lease:<destination>` | string | the router instance delivering shard N to that destination (expires) |
+//! | `<prefix>:{s:N}:replaying:<destination>` | set | ids of that destination's dead letters on shard N whose replay is under way |
 //! | `<prefix>:meta:shards` | string | the shard count, fixed at first start |
 //! | `<prefix>:meta:destinations` | set | destination names the router serves |
 //! | `<prefix>:meta:routers` | sorted set | live router instances, scored by when their heartbeat expires |
+//! | `<prefix>:meta:paused` | set | destinations whose delivery is paused (admin API) |
 
 /// Builds key names under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 //! | route | does |
 //! |---|---|
 //! | `GET /` | status page (HTML, refreshes itself) |
+//! | `POST /destinations/{name}/replay` | the status page's replay-all button (a form post) |
 //! | `GET /metrics` | Prometheus metrics of this router |
 //! | `GET /admin/destinations` | every destination's state (the latest [`Overview`]) |
 //! | `POST /admin/destinations/{name}/pause`, `…/resume` | stop or restart delivery |
@@ -11,7 +12,6 @@
 //! | `POST /admin/destinations/{name}/dead-letters/replay` | replay all, `{"ids": […]}` or `{"from_ms", "to_ms"}` |
 //! | `DELETE /admin/destinations/{name}/dead-letters/{id}` | delete one |
 //! | `DELETE /admin/destinations/{name}/dead-letters` | delete all |
-//!
 //! | `GET /healthz` | 200 while the router runs (no token: for health checks) |
 //!
 //! Every other route needs the admin token (unless `admin.require_token` is off):

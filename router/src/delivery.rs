@@ -111,7 +111,7 @@ pub struct Destination {
     /// no attempt is made (names are checked by the resolver instead).
     refused: Option<String>,
     /// Whether delivery is paused (set by the admin API, shared by all
-    /// routers through Redis; see [`crate::pause`]).
+    /// routers through Redis; see [`crate::overview`]).
     paused: watch::Sender<bool>,
     /// Counts pauses and resumes requested on this router, so a read of
     /// the paused set that started before one cannot undo it.

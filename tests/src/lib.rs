@@ -476,13 +476,14 @@ impl TestSystem {
         let mut total = 0;
         for shard in 0..SHARDS {
             // The summary form: [count, smallest id, largest id, consumers].
-            let reply: redis::RedisResult<(u64, redis::Value, redis::Value, redis::Value)> =
+            let (count, _, _, _): (u64, redis::Value, redis::Value, redis::Value) =
                 redis::cmd("XPENDING")
                     .arg(self.keys.events(shard))
                     .arg(destination)
                     .query_async(&mut con)
-                    .await;
-            total += reply.map_or(0, |r| r.0);
+                    .await
+                    .unwrap_or_else(|e| panic!("XPENDING of {destination} on shard {shard}: {e}"));
+            total += count;
         }
         total
     }
@@ -529,17 +530,27 @@ impl TestSystem {
         let mut con = self.redis.connection().await;
         let mut total = 0;
         for shard in 0..SHARDS {
-            let info: redis::RedisResult<std::collections::HashMap<String, redis::Value>> =
-                redis::cmd("XINFO")
-                    .arg("STREAM")
-                    .arg(self.keys.events(shard))
-                    .query_async(&mut con)
-                    .await;
-            // No stream yet: nothing added.
-            let added = info.ok().and_then(|info| {
-                redis::from_redis_value::<u64>(info.get("entries-added")?.clone()).ok()
+            let stream = self.keys.events(shard);
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&stream)
+                .query_async(&mut con)
+                .await
+                .unwrap_or_else(|e| panic!("EXISTS {stream}: {e}"));
+            if !exists {
+                // No stream yet: nothing added.
+                continue;
+            }
+            let info: std::collections::HashMap<String, redis::Value> = redis::cmd("XINFO")
+                .arg("STREAM")
+                .arg(&stream)
+                .query_async(&mut con)
+                .await
+                .unwrap_or_else(|e| panic!("XINFO STREAM {stream}: {e}"));
+            let added = info.get("entries-added").unwrap_or_else(|| {
+                panic!("XINFO STREAM {stream} has no entries-added (Redis 7 needed)")
             });
-            total += added.unwrap_or(0);
+            total += redis::from_redis_value::<u64>(added.clone())
+                .unwrap_or_else(|e| panic!("entries-added of {stream}: {e}"));
         }
         total
     }
@@ -669,7 +680,7 @@ pub fn free_local_address() -> String {
     listener.local_addr().expect("addr").to_string()
 }
 
-/// A built binary of this workspace (`cargo build` puts it beside the test's deps dir).
+/// The workspace's root directory.
 pub fn workspace_root() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -692,6 +703,7 @@ pub fn test_python() -> PathBuf {
     python
 }
 
+/// A built binary of this workspace (`cargo build` puts it beside the test's deps dir).
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe

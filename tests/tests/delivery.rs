@@ -73,16 +73,14 @@ async fn failing_attempts_are_retried_with_doubling_delays_in_order() {
         .map(|e| e.at_ms)
         .collect();
     assert_eq!(times.len(), 4);
-    let gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]) as f64).collect();
-    assert!(
-        gaps[0] >= 95.0 && gaps[0] < 400.0,
-        "first delay ≈ 100 ms: {gaps:?}"
-    );
-    for pair in gaps.windows(2) {
-        let ratio = pair[1] / pair[0];
+    // Lower bounds only: a busy machine can stretch a delay, never shorten
+    // it (`retry.rs`'s unit tests pin the exact schedule).
+    let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    for (retry, gap) in gaps.iter().enumerate() {
+        let at_least = 95 << retry;
         assert!(
-            (1.5..=2.7).contains(&ratio),
-            "delays should double: {gaps:?}"
+            *gap >= at_least,
+            "delay {retry} should be at least {at_least} ms (doubling from 100 ms): {gaps:?}"
         );
     }
 }
