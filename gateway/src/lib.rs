@@ -29,9 +29,11 @@ use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
+use telemetry::lifecycle::{serve_until, OnShutdown, Ticks};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+use protocol::{run_with_retries, Backoff};
 use routes::AppState;
 use store::{ConnectError, EventStore};
 
@@ -87,13 +89,9 @@ pub async fn run(
     .listen(listener)
     .context("cannot serve on the listener")?
     .run();
-    let handle = server.handle();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        tracing::info!("Gateway shutting down: finishing in-flight requests.");
-        handle.stop(true).await;
-    });
-    server.await.context("gateway server failed")
+    serve_until(server, shutdown, OnShutdown::Finish)
+        .await
+        .context("gateway server failed")
 }
 
 /// Connects to Redis, waiting for it while it is unreachable (it may still
@@ -102,39 +100,31 @@ async fn connect(
     config: &Config,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<EventStore>> {
-    loop {
-        match EventStore::connect(
+    let what = format!("Redis unreachable at {}", config.redis.redacted_url());
+    let connect = || {
+        EventStore::connect(
             &config.redis,
             config.idempotency_ttl(),
             (&config.backlog).into(),
             (&config.replication).into(),
         )
-        .await
-        {
-            Ok(store) => return Ok(Some(store)),
-            Err(ConnectError::Meta(protocol::MetaError::Redis(error)))
-            | Err(ConnectError::Redis(error)) => {
-                tracing::warn!(%error, url = %config.redis.redacted_url(), "Redis unreachable; retrying.");
-            }
-            Err(error) => return Err(error).context("refusing to start"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    };
+    run_with_retries(
+        &what,
+        Backoff::STARTUP,
+        shutdown,
+        ConnectError::is_transient,
+        connect,
+    )
+    .await
+    .context("refusing to start")
 }
 
 /// Keeps the backlog measurement fresh until shutdown. While Redis is
 /// unreachable the last measurement stands (writes fail with 503 anyway).
 async fn watch_backlog(store: Arc<EventStore>, every: Duration, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut ticks = Ticks::new(every);
+    while ticks.next(&shutdown).await {
         if let Err(error) = store.refresh_backlog().await {
             tracing::debug!(%error, "Cannot measure the backlog.");
         }

@@ -79,7 +79,9 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(web::resource("/v1/batch").route(web::post().to(post_batch)))
         .service(web::resource("/healthz").route(web::get().to(healthz)))
         .service(web::resource("/readyz").route(web::get().to(readyz)))
-        .service(web::resource("/metrics").route(web::get().to(metrics)));
+        .service(
+            web::resource("/metrics").route(web::get().to(telemetry::lifecycle::metrics_endpoint)),
+        );
 }
 
 /// Charges `events` to the key's rate limit and records its name on them.
@@ -273,13 +275,6 @@ async fn ingest_batch(
         ids: appended.iter().map(|a| a.id().to_string()).collect(),
     });
     Ok(Ingested::new(response, &appended))
-}
-
-/// Prometheus text exposition of this process's metrics.
-async fn metrics() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(telemetry::metrics().render())
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up", body = crate::api::Status)))]

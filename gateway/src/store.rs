@@ -400,6 +400,17 @@ pub enum ConnectError {
     Meta(#[from] MetaError),
 }
 
+impl ConnectError {
+    /// Redis is unreachable or failing, as opposed to a configuration
+    /// conflict that waiting cannot fix.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnectError::Redis(_) => true,
+            ConnectError::Meta(error) => error.is_transient(),
+        }
+    }
+}
+
 /// `used_memory` as a percentage of `maxmemory`, from `INFO memory`;
 /// `None` when Redis has no memory limit.
 fn memory_percent(info: &str) -> Option<f64> {

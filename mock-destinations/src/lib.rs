@@ -44,6 +44,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use telemetry::lifecycle::{serve_until, OnShutdown};
 use tokio_util::sync::CancellationToken;
 
 pub use recorder::{Captured, PathSummary, Received, Recorder};
@@ -73,12 +74,7 @@ pub async fn run(
     .shutdown_timeout(1)
     .listen(listener)?
     .run();
-    let handle = server.handle();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        handle.stop(false).await;
-    });
-    server.await
+    serve_until(server, shutdown, OnShutdown::Drop).await
 }
 
 async fn webhook(

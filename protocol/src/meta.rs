@@ -30,6 +30,14 @@ pub enum MetaError {
     Redis(#[from] redis::RedisError),
 }
 
+impl MetaError {
+    /// Redis could not answer, which waiting can fix; the other errors are
+    /// configuration conflicts, which it cannot.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MetaError::Redis(_))
+    }
+}
+
 /// Records `configured` as the shard count if none is recorded yet, and
 /// refuses a count that differs from the recorded one.
 pub async fn ensure_shard_count<C: ConnectionLike + Send>(

@@ -32,6 +32,7 @@ use protocol::Keys;
 use protocol::RedisConnection;
 use serde::Deserialize;
 use serde_json::json;
+use telemetry::lifecycle::{metrics_endpoint, serve_until, OnShutdown};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer;
@@ -274,7 +275,7 @@ pub async fn serve(
                 "/destinations/{name}/replay",
                 web::post().to(replay_from_page),
             )
-            .route("/metrics", web::get().to(metrics))
+            .route("/metrics", web::get().to(metrics_endpoint))
             .route("/admin/destinations", web::get().to(destinations))
             .route("/admin/destinations/{name}", web::delete().to(remove))
             .route("/admin/destinations/{name}/pause", web::post().to(pause))
@@ -302,18 +303,7 @@ pub async fn serve(
     .shutdown_timeout(1)
     .listen(listener)?
     .run();
-    let handle = server.handle();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        handle.stop(true).await;
-    });
-    server.await
-}
-
-async fn metrics() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(telemetry::metrics().render())
+    serve_until(server, shutdown, OnShutdown::Finish).await
 }
 
 async fn destinations(state: web::Data<AdminState>) -> HttpResponse {

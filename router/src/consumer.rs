@@ -16,10 +16,6 @@ use std::time::Duration;
 use protocol::RedisConnection;
 use protocol::{EventEntry, Keys, Replay, StreamId};
 use redis::{FromRedisValue, Value};
-use tokio_util::sync::CancellationToken;
-
-/// Longest pause between retries of a failing Redis command.
-const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Where the next read starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,22 +445,6 @@ fn text(value: Value) -> Option<String> {
         Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
         Value::SimpleString(text) => Some(text),
         _ => None,
-    }
-}
-
-/// The pause after `failures` failed Redis commands in a row: doubling from
-/// 100 ms, at most [`MAX_REDIS_BACKOFF`].
-pub fn backoff_delay(failures: u32) -> Duration {
-    Duration::from_millis(50)
-        .saturating_mul(1 << failures.min(10))
-        .min(MAX_REDIS_BACKOFF)
-}
-
-/// Sleeps [`backoff_delay`]; false when shutdown came first.
-pub async fn redis_backoff(shutdown: &CancellationToken, failures: u32) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        () = tokio::time::sleep(backoff_delay(failures)) => true,
     }
 }
 

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use telemetry::lifecycle::Ticks;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -73,13 +74,8 @@ impl<W: StartWorker> Coordinator<W> {
     /// Runs until `shutdown`, then stops every worker, waits for them, and
     /// releases the leases so other routers take over at once.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.settings.renew_interval());
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                _ = ticks.tick() => {}
-            }
+        let mut ticks = Ticks::new(self.settings.renew_interval());
+        while ticks.next(&shutdown).await {
             self.renew().await;
             self.reap().await;
             self.rebalance().await;

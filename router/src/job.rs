@@ -20,15 +20,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use protocol::{EventEntry, EventId, StreamId};
+use protocol::{Backoff, EventEntry, EventId, StreamId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
 use crate::budget::{Budget, Charge};
-use crate::consumer::{
-    backoff_delay, redis_backoff, ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer,
-};
+use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
 use crate::delivery::{request_body, AttemptOutcome, Destination};
 use crate::lease::LeaseGuard;
 use crate::stats::AttemptResult;
@@ -220,7 +218,10 @@ impl Job {
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(parent: self.span(None), stream_id = %id, %error, "Fetching a parked entry failed; retrying.");
-                    if !redis_backoff(&self.context.shutdown, failures).await {
+                    if !Backoff::COMMANDS
+                        .wait(failures, &self.context.shutdown)
+                        .await
+                    {
                         return None;
                     }
                 }
@@ -346,7 +347,7 @@ impl Job {
             if self.context.shutdown.is_cancelled() && failures > 3 {
                 return JobEnd::Abandoned;
             }
-            tokio::time::sleep(backoff_delay(failures)).await;
+            tokio::time::sleep(Backoff::COMMANDS.delay(failures)).await;
         }
         JobEnd::Recorded
     }

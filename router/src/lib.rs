@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use protocol::RedisConnection;
-use protocol::{Keys, RedisConfig};
+use protocol::{run_with_retries, Backoff, Keys, RedisConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -71,21 +71,25 @@ pub async fn run(
     // Installed before the first delivery so no count is lost.
     telemetry::metrics();
     let keys = Keys::new(config.redis.key_prefix.clone());
-    let Some(mut commands) = connect(&config.redis, &shutdown, Connection::Commands).await? else {
+    let Some(commands) = connect(&config.redis, &shutdown, Connection::Commands).await? else {
         return Ok(());
     };
-    loop {
-        match prepare_redis(&mut commands, &keys, &config).await {
-            Ok(()) => break,
-            Err(error) if error.is_transient() => {
-                tracing::warn!(%error, "Redis not ready for start-up; retrying.");
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-            Err(error) => return Err(error).context("refusing to start"),
-        }
+    let prepare = || {
+        let mut con = commands.clone();
+        let (keys, config) = (&keys, &config);
+        async move { prepare_redis(&mut con, keys, config).await }
+    };
+    let prepared = run_with_retries(
+        "Redis not ready for start-up",
+        Backoff::STARTUP,
+        &shutdown,
+        StartupError::is_transient,
+        prepare,
+    )
+    .await
+    .context("refusing to start")?;
+    if prepared.is_none() {
+        return Ok(());
     }
     let mut command_connections = vec![commands];
     while command_connections.len() < config.redis.connections {
@@ -268,10 +272,10 @@ impl StartupError {
     /// Redis is unreachable or failing, as opposed to a configuration
     /// conflict that waiting cannot fix.
     fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            StartupError::Redis(_) | StartupError::Meta(protocol::MetaError::Redis(_))
-        )
+        match self {
+            StartupError::Redis(_) => true,
+            StartupError::Meta(error) => error.is_transient(),
+        }
     }
 }
 
@@ -335,6 +339,7 @@ async fn register_destinations(
 }
 
 /// What a connection is for.
+#[derive(Debug, Clone, Copy)]
 enum Connection {
     /// Ordinary commands, answered within `redis.timeout_ms`.
     Commands,
@@ -349,20 +354,12 @@ async fn connect(
     shutdown: &CancellationToken,
     purpose: Connection,
 ) -> anyhow::Result<Option<RedisConnection>> {
-    loop {
-        let connection = match purpose {
+    let what = format!("Redis unreachable at {}", redis.redacted_url());
+    let connect = || async move {
+        match purpose {
             Connection::Commands => redis.connect(redis.timeout()).await,
             Connection::BlockingReads(span) => redis.connect_for_blocking_reads(span).await,
-        };
-        match connection {
-            Ok(connection) => return Ok(Some(connection)),
-            Err(error) => {
-                tracing::warn!(%error, url = %redis.redacted_url(), "Redis unreachable; retrying.")
-            }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    };
+    Ok(run_with_retries(&what, Backoff::STARTUP, shutdown, |_| true, connect).await?)
 }

@@ -14,6 +14,7 @@ use protocol::Keys;
 use protocol::RedisConnection;
 use redis::{FromRedisValue, Value};
 use serde::Serialize;
+use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Destination;
@@ -232,13 +233,8 @@ pub async fn run(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut ticks = Ticks::new(every);
+    while ticks.next(&shutdown).await {
         if let Err(error) = observer.apply_paused().await {
             tracing::debug!(%error, "Cannot read paused destinations; will retry.");
         }

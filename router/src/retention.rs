@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use protocol::Keys;
 use protocol::RedisConnection;
+use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
 /// KEYS: the shard stream. ARGV: the configured destinations (group names).
@@ -92,13 +93,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut reported = HashSet::new();
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut ticks = Ticks::new(every);
+    while ticks.next(&shutdown).await {
         for shard in 0..shards {
             match trim(&mut con, &keys, shard, &destinations).await {
                 Ok(trimmed) => {

@@ -16,13 +16,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::StreamId;
+use protocol::{Backoff, StreamId};
 use tokio::sync::mpsc;
 use tokio::task::{Id as TaskId, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Amount, Budget};
-use crate::consumer::{redis_backoff, EntryContent, GroupConsumer, ReadFrom};
+use crate::consumer::{EntryContent, GroupConsumer, ReadFrom};
 use crate::delivery::Destination;
 use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::lease::LeaseGuard;
@@ -311,7 +311,7 @@ async fn read_loop(
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(shard = consumer.shard(), %error, "Cannot prepare consumer group; retrying.");
-                    if !redis_backoff(&shutdown, failures).await {
+                    if !Backoff::COMMANDS.wait(failures, &shutdown).await {
                         return;
                     }
                     continue;
@@ -376,7 +376,7 @@ async fn read_loop(
                     }
                 } else {
                     tracing::warn!(shard = consumer.shard(), %error, "Reading the stream failed; retrying.");
-                    if !redis_backoff(&shutdown, failures).await {
+                    if !Backoff::COMMANDS.wait(failures, &shutdown).await {
                         return;
                     }
                 }

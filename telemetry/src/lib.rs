@@ -1,10 +1,12 @@
 //! Process set-up shared by the binaries: the log format, the process's
 //! Prometheus recorder (one place owns it, so a gateway and a router started
-//! in one process, as the tests do, share it), the shutdown signal, and the
+//! in one process, as the tests do, share it), the shutdown signal, the
+//! loops every service runs until shutdown ([`lifecycle`]), and the
 //! container health check ([`health::probe`]).
 #![forbid(unsafe_code)]
 
 pub mod health;
+pub mod lifecycle;
 
 use std::sync::OnceLock;
 use std::time::Duration;
