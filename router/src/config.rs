@@ -370,6 +370,49 @@ mod tests {
         assert_eq!(config.destinations[1].retry, RetryConfig::default());
     }
 
+    /// The reference file states each destination default twice (the first
+    /// example spells them out, the comment above it lists them); the code
+    /// applies its own. All three must agree.
+    #[test]
+    fn the_reference_file_states_the_destination_defaults_the_code_applies() {
+        let implied: DestinationConfig =
+            protocol::config::parse_defaults("name = \"d\"\nurl = \"http://d.example/\"");
+        let spelled = &Config::defaults().destinations[0];
+        assert_eq!(spelled.timeout_ms, implied.timeout_ms);
+        assert_eq!(spelled.max_concurrency, implied.max_concurrency);
+        assert_eq!(spelled.retry, implied.retry);
+        let commented = |field: &str| {
+            DEFAULT_CONFIG
+                .lines()
+                .find(|line| line.starts_with(&format!("#   {field} ")))
+                .unwrap_or_else(|| panic!("the comment lists {field}"))
+                .to_owned()
+        };
+        let listed = [
+            ("timeout_ms", vec![implied.timeout_ms.to_string()]),
+            ("max_concurrency", vec![implied.max_concurrency.to_string()]),
+            (
+                "[retry]",
+                vec![
+                    format!("initial_delay_ms ({})", implied.retry.initial_delay_ms),
+                    format!("max_delay_ms ({})", implied.retry.max_delay_ms),
+                    format!("max_attempts ({})", implied.retry.max_attempts),
+                ],
+            ),
+        ];
+        for (field, values) in listed {
+            let line = commented(field);
+            for value in values {
+                let expected = if value.contains('(') {
+                    value
+                } else {
+                    format!("({value})")
+                };
+                assert!(line.contains(&expected), "`{line}` should say {expected}");
+            }
+        }
+    }
+
     #[test]
     fn bad_destinations_are_refused_with_their_name() {
         let mut config = valid_defaults();
