@@ -1,6 +1,6 @@
 //! The status page in a real browser: headless Chromium, driven by
 //! `tests/python/status_page.py` (Playwright), while events flow. The
-//! screenshot it takes is the one the README shows.
+//! screenshot it takes is the one docs/operations.md shows.
 //!
 //! Needs `chromium` (at `/usr/bin/chromium`, or set `EVD_CHROMIUM`) and
 //! the suite's Python tools (see [`e2e_tests::test_python`]).

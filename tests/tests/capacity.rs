@@ -1,4 +1,4 @@
-//! Capacity figures for the README's plan: how fast routers drain a backlog
+//! Capacity figures for the capacity plan in docs/scaling.md: how fast routers drain a backlog
 //! on a Redis Cluster, and the CPU each router and each Redis master spends
 //! per delivered event. A measurement, not a speed assertion: it checks only
 //! that every event arrived in order, and prints the figures. Ignored in the

@@ -26,7 +26,7 @@ const PAIRS: usize = SHARDS as usize * 3;
 
 /// `FAULT_USERS` × `FAULT_EVENTS_PER_USER` (default 40 × 50) and
 /// `FAULT_ROUTER_KILLS` (default 3) scale the router-kill test up for the
-/// long run reported in the README.
+/// long run reported in docs/guarantees.md.
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
