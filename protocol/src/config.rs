@@ -7,7 +7,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::connection::HealingCluster;
 use crate::RedisConnection;
@@ -73,18 +73,24 @@ fn redact_password(url: &str) -> String {
     }
 }
 
-/// The `[redis]` section of the gateway and router configs.
-#[derive(Debug, Clone, Deserialize)]
+/// The `[redis]` section of the gateway and router configs. `Serialize`
+/// writes a config file (the URLs in clear, as such a file holds them);
+/// logs use [`Self::redacted_url`].
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// Redis URL, e.g. `redis://127.0.0.1:6379`, `redis://:password@host`,
     /// `redis://user:password@host` (ACL) or `rediss://…` (TLS). Secret,
     /// since it may hold a password: logs show [`Self::redacted_url`].
+    #[serde(serialize_with = "in_clear")]
     pub url: SecretString,
     /// Seed nodes of a Redis Cluster (any few of its masters or replicas;
     /// the rest is discovered). When given, the cluster is used and `url`
     /// is not. From the environment as one comma-separated value.
-    #[serde(deserialize_with = "list_or_comma_separated")]
+    #[serde(
+        deserialize_with = "list_or_comma_separated",
+        serialize_with = "all_in_clear"
+    )]
     pub cluster_nodes: Vec<SecretString>,
     /// Prefix of every key this deployment uses.
     pub key_prefix: String,
@@ -207,6 +213,14 @@ impl RedisConfig {
             redis::aio::ConnectionManager::new_with_config(client, config).await?,
         ))
     }
+}
+
+fn in_clear<S: Serializer>(secret: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(secret.expose_secret())
+}
+
+fn all_in_clear<S: Serializer>(secrets: &[SecretString], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(secrets.iter().map(ExposeSecret::expose_secret))
 }
 
 /// A list of URLs from TOML, or one comma-separated string (from an

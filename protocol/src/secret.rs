@@ -9,13 +9,13 @@
 use std::fmt;
 
 use base64::Engine;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// The SHA-256 digest of a token, written in config as 64 hex digits.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct TokenDigest([u8; 32]);
 
 impl TokenDigest {
@@ -27,6 +27,12 @@ impl TokenDigest {
     /// The 64 hex digits config files hold.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
+    }
+}
+
+impl From<TokenDigest> for String {
+    fn from(digest: TokenDigest) -> Self {
+        digest.to_hex()
     }
 }
 

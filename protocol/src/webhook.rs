@@ -14,16 +14,23 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretSlice};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 const PREFIX: &str = "whsec_";
 
-/// A destination's signing secret. Never printed: `Debug` shows a placeholder.
-#[derive(Clone, Deserialize)]
-#[serde(try_from = "String")]
+/// A destination's signing secret. Never printed: `Debug` shows a
+/// placeholder; `Serialize` writes it as a config file holds it.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct SigningSecret(SecretSlice<u8>);
+
+impl From<SigningSecret> for String {
+    fn from(secret: SigningSecret) -> Self {
+        format!("{PREFIX}{}", STANDARD.encode(secret.0.expose_secret()))
+    }
+}
 
 impl TryFrom<String> for SigningSecret {
     type Error = String;

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use protocol::RedisConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The commented reference configuration, also the defaults.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/router.default.toml");
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This router's consumer name in every group; empty = the host name.
@@ -37,7 +37,7 @@ pub struct Config {
     pub outbound: crate::outbound::OutboundConfig,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseConfig {
     /// Lifetime of a lease without renewal (ms).
@@ -69,7 +69,7 @@ impl LeaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address and port of the admin API, status page and `/metrics`.
@@ -88,14 +88,14 @@ impl AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
     /// How often shard streams are trimmed (ms).
     pub trim_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReaderConfig {
     /// Most entries one XREADGROUP fetches.
@@ -119,7 +119,7 @@ impl ReaderConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// Consumer-group name; letters, digits, `-` and `_`.
@@ -147,7 +147,7 @@ pub struct DestinationConfig {
     pub signing_secrets: Vec<protocol::webhook::SigningSecret>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Delay before the second attempt (ms); each later delay doubles.

@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The `[outbound]` section of the router config.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
     /// Networks (CIDR) deliveries may reach even though they are internal.

@@ -94,50 +94,56 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// One destination of a test: its name and the mock path it posts to.
+/// One destination of a test: its name, the mock path it posts to, and
+/// the router's settings for it.
 #[derive(Debug, Clone)]
 pub struct TestDestination {
     pub name: String,
     pub path: String,
-    /// Adjusts the destination's defaults (retry, timeout, concurrency).
-    pub retry: router::config::RetryConfig,
-    pub timeout_ms: u64,
-    pub max_concurrency: usize,
-    pub max_age_ms: Option<u64>,
-    /// `whsec_…` secrets deliveries are signed with.
-    pub signing_secrets: Vec<String>,
+    /// The router's settings; its `url` is made from `path` when the
+    /// system starts (the mock's address is not known before).
+    pub settings: router::config::DestinationConfig,
 }
 
 impl TestDestination {
-    /// A destination with fast retries (10 ms doubling, 5 attempts).
+    /// A destination with fast retries (10 ms doubling, 5 attempts) and a
+    /// 2 s attempt timeout.
     pub fn new(name: &str, path: &str) -> Self {
         Self {
             name: name.into(),
             path: path.into(),
-            retry: router::config::RetryConfig {
-                initial_delay_ms: 10,
-                max_delay_ms: 1000,
-                max_attempts: 5,
+            settings: router::config::DestinationConfig {
+                name: name.into(),
+                url: String::new(),
+                timeout_ms: 2000,
+                max_concurrency: 64,
+                headers: Default::default(),
+                max_age_ms: None,
+                retry: router::config::RetryConfig {
+                    initial_delay_ms: 10,
+                    max_delay_ms: 1000,
+                    max_attempts: 5,
+                },
+                signing_secrets: Vec::new(),
             },
-            timeout_ms: 2000,
-            max_concurrency: 64,
-            max_age_ms: None,
-            signing_secrets: Vec::new(),
         }
     }
 
     pub fn signed_with(mut self, secrets: &[&str]) -> Self {
-        self.signing_secrets = secrets.iter().map(|s| s.to_string()).collect();
+        self.settings.signing_secrets = secrets
+            .iter()
+            .map(|secret| secret.to_string().try_into().expect("a valid test secret"))
+            .collect();
         self
     }
 
     pub fn max_age_ms(mut self, max_age_ms: u64) -> Self {
-        self.max_age_ms = Some(max_age_ms);
+        self.settings.max_age_ms = Some(max_age_ms);
         self
     }
 
     pub fn retry(mut self, initial_delay_ms: u64, max_delay_ms: u64, max_attempts: u32) -> Self {
-        self.retry = router::config::RetryConfig {
+        self.settings.retry = router::config::RetryConfig {
             initial_delay_ms,
             max_delay_ms,
             max_attempts,
@@ -146,12 +152,12 @@ impl TestDestination {
     }
 
     pub fn timeout_ms(mut self, timeout_ms: u64) -> Self {
-        self.timeout_ms = timeout_ms;
+        self.settings.timeout_ms = timeout_ms;
         self
     }
 
     pub fn max_concurrency(mut self, max_concurrency: usize) -> Self {
-        self.max_concurrency = max_concurrency;
+        self.settings.max_concurrency = max_concurrency;
         self
     }
 }
@@ -266,65 +272,24 @@ impl TestSystem {
             .destinations
             .iter()
             .map(|d| router::config::DestinationConfig {
-                name: d.name.clone(),
                 // A full URL (a hostile server, a closed port) or a mock path.
                 url: if d.path.starts_with("http") {
                     d.path.clone()
                 } else {
                     format!("{}{}", self.mock_url, d.path)
                 },
-                timeout_ms: d.timeout_ms,
-                max_concurrency: d.max_concurrency,
-                headers: Default::default(),
-                max_age_ms: d.max_age_ms,
-                retry: d.retry,
-                signing_secrets: d
-                    .signing_secrets
-                    .iter()
-                    .map(|secret| secret.clone().try_into().expect("a valid test secret"))
-                    .collect(),
+                ..d.settings.clone()
             })
             .collect();
         config
     }
 
-    /// The same config as TOML, for a router run as a child process.
+    /// The same config as TOML, for a router run as a child process (which
+    /// binds an admin port of its own).
     pub fn router_config_toml(&self) -> String {
-        let config = self.router_config();
-        let lease = config.lease;
-        let mut toml = format!(
-            "consumer_name = \"{}\"\nshutdown_grace_ms = {}\n\
-             [redis]\n{}\nshards = {}\ntimeout_ms = {}\n\
-             [reader]\nbatch_size = 100\nblock_ms = {}\nwindow = 1000\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\
-             [lease]\nttl_ms = {}\nrenew_interval_ms = {}\nsafety_margin_ms = {}\n\
-             [retention]\ntrim_interval_ms = {}\n\
-             [outbound]\nallowed_networks = [\"127.0.0.0/8\"]\n",
-            config.consumer_name,
-            config.shutdown_grace_ms,
-            self.redis.toml_setting(),
-            config.redis.shards,
-            config.redis.timeout_ms,
-            config.reader.block_ms,
-            protocol::secret::TokenDigest::of(ADMIN_TOKEN).to_hex(),
-            lease.ttl_ms,
-            lease.renew_interval_ms,
-            lease.safety_margin_ms,
-            config.retention.trim_interval_ms,
-        );
-        for (d, test) in config.destinations.iter().zip(&self.destinations) {
-            toml.push_str(&format!(
-                "[[destinations]]\nname = \"{}\"\nurl = \"{}\"\ntimeout_ms = {}\nmax_concurrency = {}\nretry = {{ initial_delay_ms = {}, max_delay_ms = {}, max_attempts = {} }}\n",
-                d.name, d.url, d.timeout_ms, d.max_concurrency, d.retry.initial_delay_ms, d.retry.max_delay_ms, d.retry.max_attempts
-            ));
-            if let Some(max_age_ms) = d.max_age_ms {
-                toml.push_str(&format!("max_age_ms = {max_age_ms}\n"));
-            }
-            if !test.signing_secrets.is_empty() {
-                toml.push_str(&format!("signing_secrets = {:?}\n", test.signing_secrets));
-            }
-        }
-        toml
+        let mut config = self.router_config();
+        config.admin.listen = "127.0.0.1:0".into();
+        toml::to_string(&config).expect("the router config serializes")
     }
 
     pub fn start_router(&mut self) {

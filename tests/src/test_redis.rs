@@ -46,16 +46,6 @@ impl TestRedis {
         }
     }
 
-    /// The `[redis]` connection setting as a TOML line.
-    pub fn toml_setting(&self) -> String {
-        match self {
-            TestRedis::Single(server) => format!("url = \"{}\"", server.url()),
-            TestRedis::Cluster(cluster) => {
-                format!("cluster_nodes = {:?}", cluster.seed_urls())
-            }
-        }
-    }
-
     /// A connection for the test's own checks.
     pub async fn connection(&self) -> RedisConnection {
         match self {
