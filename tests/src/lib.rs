@@ -437,20 +437,22 @@ impl TestSystem {
 
     /// Entries pending (read, not acknowledged) for `destination` over all shards.
     pub async fn pending(&self, destination: &str) -> u64 {
-        let mut con = self.redis.connection().await;
-        let mut total = 0;
-        for shard in 0..SHARDS {
-            // The summary form: [count, smallest id, largest id, consumers].
-            let (count, _, _, _): (u64, redis::Value, redis::Value, redis::Value) =
-                redis::cmd("XPENDING")
-                    .arg(self.keys.events(shard))
-                    .arg(destination)
-                    .query_async(&mut con)
-                    .await
-                    .unwrap_or_else(|e| panic!("XPENDING of {destination} on shard {shard}: {e}"));
-            total += count;
-        }
-        total
+        let counts = self
+            .per_shard(|mut con, shard| async move {
+                // The summary form: [count, smallest id, largest id, consumers].
+                let (count, _, _, _): (u64, redis::Value, redis::Value, redis::Value) =
+                    redis::cmd("XPENDING")
+                        .arg(self.keys.events(shard))
+                        .arg(destination)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap_or_else(|e| {
+                            panic!("XPENDING of {destination} on shard {shard}: {e}")
+                        });
+                count
+            })
+            .await;
+        counts.iter().sum()
     }
 
     /// Dead-letter entries of `destination` over all shards, as field maps.
@@ -458,66 +460,64 @@ impl TestSystem {
         &self,
         destination: &str,
     ) -> Vec<std::collections::HashMap<String, String>> {
-        let mut con = self.redis.connection().await;
-        let mut letters = Vec::new();
-        for shard in 0..SHARDS {
-            let entries: Vec<(String, std::collections::HashMap<String, String>)> =
-                redis::cmd("XRANGE")
-                    .arg(self.keys.dead_letters(shard, destination))
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut con)
-                    .await
-                    .expect("XRANGE works");
-            letters.extend(entries.into_iter().map(|(_, fields)| fields));
-        }
-        letters
+        let per_shard = self
+            .per_shard(|mut con, shard| async move {
+                let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+                    redis::cmd("XRANGE")
+                        .arg(self.keys.dead_letters(shard, destination))
+                        .arg("-")
+                        .arg("+")
+                        .query_async(&mut con)
+                        .await
+                        .expect("XRANGE works");
+                entries.into_iter().map(|(_, fields)| fields)
+            })
+            .await;
+        per_shard.into_iter().flatten().collect()
     }
 
     /// Entries in each shard stream.
     pub async fn shard_lengths(&self) -> Vec<u64> {
-        let mut con = self.redis.connection().await;
-        let mut lengths = Vec::new();
-        for shard in 0..SHARDS {
+        self.per_shard(|mut con, shard| async move {
             let length: u64 = redis::cmd("XLEN")
                 .arg(self.keys.events(shard))
                 .query_async(&mut con)
                 .await
                 .expect("XLEN works");
-            lengths.push(length);
-        }
-        lengths
+            length
+        })
+        .await
     }
 
     /// Entries ever added to the shard streams (`XINFO STREAM`
     /// `entries-added`), however many were trimmed since.
     pub async fn entries_added(&self) -> u64 {
-        let mut con = self.redis.connection().await;
-        let mut total = 0;
-        for shard in 0..SHARDS {
-            let stream = self.keys.events(shard);
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(&stream)
-                .query_async(&mut con)
-                .await
-                .unwrap_or_else(|e| panic!("EXISTS {stream}: {e}"));
-            if !exists {
-                // No stream yet: nothing added.
-                continue;
-            }
-            let info: std::collections::HashMap<String, redis::Value> = redis::cmd("XINFO")
-                .arg("STREAM")
-                .arg(&stream)
-                .query_async(&mut con)
-                .await
-                .unwrap_or_else(|e| panic!("XINFO STREAM {stream}: {e}"));
-            let added = info.get("entries-added").unwrap_or_else(|| {
-                panic!("XINFO STREAM {stream} has no entries-added (Redis 7 needed)")
-            });
-            total += redis::from_redis_value::<u64>(added.clone())
-                .unwrap_or_else(|e| panic!("entries-added of {stream}: {e}"));
-        }
-        total
+        let added = self
+            .per_shard(|mut con, shard| async move {
+                let stream = self.keys.events(shard);
+                let exists: bool = redis::cmd("EXISTS")
+                    .arg(&stream)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap_or_else(|e| panic!("EXISTS {stream}: {e}"));
+                if !exists {
+                    // No stream yet: nothing added.
+                    return 0;
+                }
+                let info: std::collections::HashMap<String, redis::Value> = redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(&stream)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap_or_else(|e| panic!("XINFO STREAM {stream}: {e}"));
+                let added = info.get("entries-added").unwrap_or_else(|| {
+                    panic!("XINFO STREAM {stream} has no entries-added (Redis 7 needed)")
+                });
+                redis::from_redis_value::<u64>(added.clone())
+                    .unwrap_or_else(|e| panic!("entries-added of {stream}: {e}"))
+            })
+            .await;
+        added.iter().sum()
     }
 
     /// Total entries in all shard streams.
@@ -541,18 +541,22 @@ impl TestSystem {
 
     /// The current holder of every (shard, destination) lease (`None` = free).
     pub async fn lease_holders(&self) -> Vec<Option<String>> {
-        let mut con = self.redis.connection().await;
-        let mut holders = Vec::new();
-        for shard in 0..SHARDS {
-            for destination in &self.destinations {
-                let holder: redis::RedisResult<Option<String>> = redis::cmd("GET")
-                    .arg(self.keys.lease(shard, &destination.name))
-                    .query_async(&mut con)
-                    .await;
-                holders.push(holder.ok().flatten());
-            }
-        }
-        holders
+        let per_shard = self
+            .per_shard(|mut con, shard| async move {
+                let mut holders = Vec::new();
+                for destination in &self.destinations {
+                    let lease = self.keys.lease(shard, &destination.name);
+                    let holder: Option<String> = redis::cmd("GET")
+                        .arg(&lease)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap_or_else(|e| panic!("GET {lease}: {e}"));
+                    holders.push(holder);
+                }
+                holders
+            })
+            .await;
+        per_shard.into_iter().flatten().collect()
     }
 
     /// How many leases instances of `consumer_name` hold.
@@ -565,26 +569,51 @@ impl TestSystem {
             .count()
     }
 
-    /// Consumer names in `destination`'s group on every shard, deduplicated.
+    /// Consumer names in `destination`'s group on every shard, deduplicated
+    /// (none where the group does not exist).
     pub async fn consumers(&self, destination: &str) -> Vec<String> {
-        let mut con = self.redis.connection().await;
-        let mut names = std::collections::BTreeSet::new();
-        for shard in 0..SHARDS {
-            let consumers: Vec<std::collections::HashMap<String, redis::Value>> =
-                redis::cmd("XINFO")
+        let per_shard = self
+            .per_shard(|mut con, shard| async move {
+                let consumers: redis::RedisResult<
+                    Vec<std::collections::HashMap<String, redis::Value>>,
+                > = redis::cmd("XINFO")
                     .arg("CONSUMERS")
                     .arg(self.keys.events(shard))
                     .arg(destination)
                     .query_async(&mut con)
-                    .await
-                    .unwrap_or_default();
-            for consumer in consumers {
-                if let Some(redis::Value::BulkString(name)) = consumer.get("name") {
-                    names.insert(String::from_utf8_lossy(name).into_owned());
+                    .await;
+                match consumers {
+                    Ok(consumers) => consumers,
+                    // No group (deleted, or never made): no consumers.
+                    Err(e) if e.code() == Some("NOGROUP") => Vec::new(),
+                    Err(e) => panic!("XINFO CONSUMERS of {destination} on shard {shard}: {e}"),
                 }
+            })
+            .await;
+        let mut names = std::collections::BTreeSet::new();
+        for consumer in per_shard.iter().flatten() {
+            if let Some(redis::Value::BulkString(name)) = consumer.get("name") {
+                names.insert(String::from_utf8_lossy(&name[..]).into_owned());
             }
         }
         names.into_iter().collect()
+    }
+
+    /// `query(connection, shard)` on every shard in turn; the results in
+    /// shard order.
+    async fn per_shard<T, Fut>(
+        &self,
+        query: impl Fn(protocol::RedisConnection, u16) -> Fut,
+    ) -> Vec<T>
+    where
+        Fut: std::future::Future<Output = T>,
+    {
+        let con = self.redis.connection().await;
+        let mut results = Vec::with_capacity(usize::from(SHARDS));
+        for shard in 0..SHARDS {
+            results.push(query(con.clone(), shard).await);
+        }
+        results
     }
 }
 
