@@ -95,6 +95,18 @@ fn attribute(key: Option<&ApiKey>, events: &mut [NewEvent]) -> Result<(), ApiErr
     Ok(())
 }
 
+/// Runs one ingest, records its outcome and latency under `route`, and
+/// answers with its response.
+async fn observed(
+    route: &'static str,
+    ingest: impl std::future::Future<Output = Result<Ingested, ApiError>>,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = ingest.await;
+    observe(route, started, &result);
+    result.map(|ingested| ingested.response)
+}
+
 /// Counts a finished ingest request: its outcome, latency and, when
 /// accepted, its events.
 fn observe(route: &'static str, started: Instant, result: &Result<Ingested, ApiError>) {
@@ -197,10 +209,7 @@ pub(crate) async fn post_event(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
-    let result = ingest_event(&state, &request, payload).await;
-    observe("/v1/events", started, &result);
-    result.map(|ingested| ingested.response)
+    observed("/v1/events", ingest_event(&state, &request, payload)).await
 }
 
 async fn ingest_event(
@@ -249,10 +258,7 @@ pub(crate) async fn post_batch(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
-    let result = ingest_batch(&state, &request, payload).await;
-    observe("/v1/batch", started, &result);
-    result.map(|ingested| ingested.response)
+    observed("/v1/batch", ingest_batch(&state, &request, payload)).await
 }
 
 async fn ingest_batch(
