@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use serde::Deserialize;
+use telemetry::lifecycle::{serve_until, OnShutdown};
 use tokio_util::sync::CancellationToken;
 
 use crate::check::OrderCheck;
@@ -97,12 +98,7 @@ pub fn serve(
     .shutdown_timeout(1)
     .listen(listener)?
     .run();
-    let handle = server.handle();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        handle.stop(false).await;
-    });
-    tokio::spawn(server);
+    tokio::spawn(serve_until(server, shutdown, OnShutdown::Drop));
     Ok(())
 }
 
