@@ -33,9 +33,10 @@ use telemetry::lifecycle::{serve_until, OnShutdown, Ticks};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+use protocol::MetaError;
 use protocol::{run_with_retries, Backoff};
 use routes::AppState;
-use store::{ConnectError, EventStore};
+use store::EventStore;
 
 /// How long in-flight requests may take to finish after shutdown begins.
 const SHUTDOWN_GRACE_SECS: u64 = 10;
@@ -113,7 +114,7 @@ async fn connect(
         &what,
         Backoff::STARTUP,
         shutdown,
-        ConnectError::is_transient,
+        MetaError::is_transient,
         connect,
     )
     .await

@@ -136,7 +136,7 @@ impl EventStore {
         idempotency_ttl: Duration,
         limits: BacklogLimits,
         replication: Replication,
-    ) -> Result<Self, ConnectError> {
+    ) -> Result<Self, MetaError> {
         let mut connections = Vec::with_capacity(config.connections);
         for _ in 0..config.connections {
             connections.push(config.connect(config.timeout()).await?);
@@ -389,25 +389,6 @@ impl EventStore {
             fetched_at: Some(Instant::now()),
         };
         Ok(unknown(&cache))
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("cannot connect to Redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error(transparent)]
-    Meta(#[from] MetaError),
-}
-
-impl ConnectError {
-    /// Redis is unreachable or failing, as opposed to a configuration
-    /// conflict that waiting cannot fix.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ConnectError::Redis(_) => true,
-            ConnectError::Meta(error) => error.is_transient(),
-        }
     }
 }
 

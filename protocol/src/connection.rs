@@ -16,7 +16,7 @@
 //! connection that could never recover would stall everything that shares
 //! it (lease renewals, acknowledgements), so [`HealingCluster`] replaces a
 //! connection that has answered nothing but connection errors for
-//! [`REBUILD_AFTER`] with a new one from the same client.
+//! 5 s with a new one from the same client.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult,
 /// error before it is rebuilt: longer than a failover takes (a replica is
 /// promoted within about two node timeouts), so a healthy client gets the
 /// chance to repair itself first.
-pub const REBUILD_AFTER: Duration = Duration::from_secs(5);
+const REBUILD_AFTER: Duration = Duration::from_secs(5);
 
 /// A reconnecting connection to a single server or a cluster. Cheap to
 /// clone: clones share the underlying multiplexed connections.
@@ -80,7 +80,7 @@ impl ConnectionLike for RedisConnection {
 }
 
 /// A cluster connection that is rebuilt from its client once it has
-/// failed every command with a connection error for [`REBUILD_AFTER`].
+/// failed every command with a connection error for 5 s (`REBUILD_AFTER`).
 /// Clones share the connection and its health.
 #[derive(Clone)]
 pub struct HealingCluster {

@@ -4,6 +4,8 @@ use redis::aio::ConnectionLike;
 
 use crate::{Keys, RedisConnection};
 
+/// Why a service could not start: Redis did not answer (worth waiting
+/// for), or it holds or is configured with something the service refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error(

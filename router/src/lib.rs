@@ -83,7 +83,7 @@ pub async fn run(
         "Redis not ready for start-up",
         Backoff::STARTUP,
         &shutdown,
-        StartupError::is_transient,
+        protocol::MetaError::is_transient,
         prepare,
     )
     .await
@@ -260,25 +260,6 @@ impl StartWorker for Workers {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum StartupError {
-    #[error(transparent)]
-    Meta(#[from] protocol::MetaError),
-    #[error("Redis: {0}")]
-    Redis(#[from] redis::RedisError),
-}
-
-impl StartupError {
-    /// Redis is unreachable or failing, as opposed to a configuration
-    /// conflict that waiting cannot fix.
-    fn is_transient(&self) -> bool {
-        match self {
-            StartupError::Redis(_) => true,
-            StartupError::Meta(error) => error.is_transient(),
-        }
-    }
-}
-
 /// Checks Redis and the recorded shard count, publishes the destination
 /// names, and creates every configured destination's group on every shard
 /// (at the start of the stream) unless it exists. Groups are created before
@@ -288,7 +269,7 @@ async fn prepare_redis(
     con: &mut RedisConnection,
     keys: &Keys,
     config: &Config,
-) -> Result<(), StartupError> {
+) -> Result<(), protocol::MetaError> {
     protocol::ensure_shard_count(con, keys, config.redis.shards).await?;
     protocol::check_persistence(con, config.redis.allow_unsafe_persistence).await?;
     register_destinations(con, keys, config).await?;

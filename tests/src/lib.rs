@@ -98,7 +98,6 @@ pub fn init_tracing() {
 /// the router's settings for it.
 #[derive(Debug, Clone)]
 pub struct TestDestination {
-    pub name: String,
     pub path: String,
     /// The router's settings; its `url` is made from `path` when the
     /// system starts (the mock's address is not known before).
@@ -110,7 +109,6 @@ impl TestDestination {
     /// 2 s attempt timeout.
     pub fn new(name: &str, path: &str) -> Self {
         Self {
-            name: name.into(),
             path: path.into(),
             settings: router::config::DestinationConfig {
                 name: name.into(),
@@ -127,6 +125,10 @@ impl TestDestination {
                 signing_secrets: Vec::new(),
             },
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
     }
 
     pub fn signed_with(mut self, secrets: &[&str]) -> Self {
@@ -322,7 +324,7 @@ impl TestSystem {
         &self
             .destinations
             .iter()
-            .find(|d| d.name == destination)
+            .find(|d| d.name() == destination)
             .expect("known destination")
             .path
     }
@@ -545,7 +547,7 @@ impl TestSystem {
             .per_shard(|mut con, shard| async move {
                 let mut holders = Vec::new();
                 for destination in &self.destinations {
-                    let lease = self.keys.lease(shard, &destination.name);
+                    let lease = self.keys.lease(shard, destination.name());
                     let holder: Option<String> = redis::cmd("GET")
                         .arg(&lease)
                         .query_async(&mut con)

@@ -195,7 +195,7 @@ impl TestSystem {
     pub async fn assert_all_delivered(&self, accepted: &[Accepted], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let ids = || accepted.iter().map(|a| a.id.as_str());
-        for destination in self.destinations.iter().map(|d| d.name.clone()) {
+        for destination in self.destinations.iter().map(|d| d.name().to_owned()) {
             let path = self.path_of(&destination).to_owned();
             while self.recorder.missing(&path, ids()) > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -78,7 +78,7 @@ async fn a_removed_destination_holds_back_trimming_until_its_groups_are_deleted(
 
     // "retired" leaves the config; its group stays behind, as far back as
     // it had read, and keeps every later event from being trimmed.
-    system.destinations.retain(|d| d.name == "kept");
+    system.destinations.retain(|d| d.name() == "kept");
     system.start_router();
     let total = 50 + system.post_concurrently(10, 5).await;
     system
