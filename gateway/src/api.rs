@@ -29,6 +29,10 @@ pub struct EventDoc {
     /// omitted means every destination.
     #[schema(min_items = 1)]
     destinations: Option<Vec<String>>,
+    /// The event's type (`order.created`): destinations subscribed to
+    /// event types receive only matching events. Also accepted as `event_type`.
+    #[schema(rename = "eventType", min_length = 1, max_length = 128)]
+    event_type: Option<String>,
 }
 
 /// Up to `max_batch_events` (default 1000) events, stored in order.

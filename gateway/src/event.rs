@@ -14,6 +14,7 @@ pub struct ParseError(String);
 
 pub const MAX_USER_ID_BYTES: usize = 256;
 pub const MAX_MESSAGE_ID_BYTES: usize = 128;
+pub const MAX_EVENT_TYPE_BYTES: usize = 128;
 
 /// An event that passed validation, ready to be stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,8 @@ struct EventBody<'a> {
     message_id: Option<String>,
     #[serde(default)]
     destinations: Option<Vec<String>>,
+    #[serde(rename = "eventType", alias = "event_type", default)]
+    event_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -136,6 +139,13 @@ fn validate(event: EventBody, idempotency_header: Option<&str>) -> Result<NewEve
     let payload = event.payload.ok_or("payload is required")?;
     check_key("messageId", event.message_id.as_deref())?;
     check_key("Idempotency-Key header", idempotency_header)?;
+    if let Some(event_type) = &event.event_type {
+        if event_type.is_empty() || event_type.len() > MAX_EVENT_TYPE_BYTES {
+            return Err(format!(
+                "eventType must be 1 to {MAX_EVENT_TYPE_BYTES} bytes"
+            ));
+        }
+    }
     if let Some(destinations) = &event.destinations {
         if destinations.is_empty() {
             return Err("destinations must name at least one destination (omit it for all)".into());
@@ -151,6 +161,7 @@ fn validate(event: EventBody, idempotency_header: Option<&str>) -> Result<NewEve
             received_at_ms: unix_millis(),
             message_id: event.message_id,
             destinations: event.destinations,
+            event_type: event.event_type,
             source: None,
             replay: None,
         },
@@ -189,6 +200,23 @@ mod tests {
         let body = br#"{"userId": "u1", "payload": {"b": 1.50,  "a": [ ]}}"#;
         let event = parse_event(body, None).expect("valid");
         assert_eq!(event.entry.payload, r#"{"b": 1.50,  "a": [ ]}"#);
+    }
+
+    #[test]
+    fn event_type_is_kept_and_bounded() {
+        let event = parse_event(
+            br#"{"userId": "u", "payload": 1, "eventType": "order.paid"}"#,
+            None,
+        )
+        .expect("valid");
+        assert_eq!(event.entry.event_type.as_deref(), Some("order.paid"));
+        for event_type in [String::new(), "x".repeat(MAX_EVENT_TYPE_BYTES + 1)] {
+            let body = format!(r#"{{"userId": "u", "payload": 1, "eventType": "{event_type}"}}"#);
+            assert!(message(parse_event(body.as_bytes(), None)).contains("eventType"));
+        }
+        let longest = "x".repeat(MAX_EVENT_TYPE_BYTES);
+        let body = format!(r#"{{"userId": "u", "payload": 1, "eventType": "{longest}"}}"#);
+        assert!(parse_event(body.as_bytes(), None).is_ok());
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl Modify for ApiKeyScheme {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{MAX_MESSAGE_ID_BYTES, MAX_USER_ID_BYTES};
+    use crate::event::{MAX_EVENT_TYPE_BYTES, MAX_MESSAGE_ID_BYTES, MAX_USER_ID_BYTES};
 
     #[test]
     fn the_documented_limits_are_the_enforced_ones() {
@@ -57,6 +57,7 @@ mod tests {
         let event = &schemas["Event"]["properties"];
         assert_eq!(event["userId"]["maxLength"], MAX_USER_ID_BYTES);
         assert_eq!(event["messageId"]["maxLength"], MAX_MESSAGE_ID_BYTES);
+        assert_eq!(event["eventType"]["maxLength"], MAX_EVENT_TYPE_BYTES);
         let defaults = crate::config::Config::defaults();
         assert_eq!(
             schemas["Batch"]["properties"]["events"]["maxItems"],

@@ -371,14 +371,9 @@ impl EventStore {
             }
         }
         let mut con = self.connection_for(0);
-        let key = self.keys.destinations();
+        let key = self.keys.catalog();
         let names: HashSet<String> = self
-            .bounded(async {
-                Ok(redis::cmd("SMEMBERS")
-                    .arg(&key)
-                    .query_async(&mut con)
-                    .await?)
-            })
+            .bounded(async { Ok(redis::cmd("HKEYS").arg(&key).query_async(&mut con).await?) })
             .await?;
         let mut cache = self
             .destinations

@@ -14,6 +14,8 @@ pub mod field {
     pub const MESSAGE_ID: &str = "message_id";
     /// JSON array of destination names; absent means every destination.
     pub const DESTINATIONS: &str = "destinations";
+    /// The event's type (`order.created`), which destinations subscribe to.
+    pub const EVENT_TYPE: &str = "event_type";
     /// The name of the API key the event was sent with (absent when the
     /// gateway runs without authentication).
     pub const SOURCE: &str = "source";
@@ -44,6 +46,8 @@ pub struct EventEntry {
     pub message_id: Option<String>,
     /// Deliver only to these destinations; `None` means all.
     pub destinations: Option<Vec<String>>,
+    /// The event's type, matched against destinations' `event_types`.
+    pub event_type: Option<String>,
     /// The name of the API key that sent it.
     pub source: Option<String>,
     /// Set when this entry replays a dead letter (written by the router's
@@ -84,6 +88,9 @@ impl EventEntry {
             let list = serde_json::to_string(destinations).expect("a list of strings serializes");
             fields.push((field::DESTINATIONS, Cow::Owned(list)));
         }
+        if let Some(event_type) = &self.event_type {
+            fields.push((field::EVENT_TYPE, Cow::Borrowed(event_type.as_str())));
+        }
         if let Some(source) = &self.source {
             fields.push((field::SOURCE, Cow::Borrowed(source.as_str())));
         }
@@ -111,7 +118,7 @@ impl EventEntry {
     ) -> Result<Self, EntryError> {
         let (mut user, mut payload, mut received_at, mut message_id, mut destinations) =
             (None, None, None, None, None);
-        let mut source = None;
+        let (mut source, mut event_type) = (None, None);
         let (mut replay_of, mut replay_event_id, mut replayed_at) = (None, None, None);
         for (name, value) in pairs {
             match name {
@@ -121,6 +128,7 @@ impl EventEntry {
                 field::MESSAGE_ID => message_id = Some(value),
                 field::DESTINATIONS => destinations = Some(value),
                 field::SOURCE => source = Some(value),
+                field::EVENT_TYPE => event_type = Some(value),
                 field::REPLAY_OF => replay_of = Some(value),
                 field::REPLAY_EVENT_ID => replay_event_id = Some(value),
                 field::REPLAYED_AT => replayed_at = Some(value),
@@ -159,6 +167,7 @@ impl EventEntry {
                     })
                 })
                 .transpose()?,
+            event_type: event_type.map(str::to_owned),
             source: source.map(str::to_owned),
             replay,
         })
@@ -273,6 +282,7 @@ mod tests {
             received_at_ms: 1_700_000_000_123,
             message_id: Some("m-1".into()),
             destinations: Some(vec!["crm".into(), "warehouse".into()]),
+            event_type: Some("order.created".into()),
             source: Some("web-app".into()),
             replay: Some(Replay {
                 dead_letter_id: "9-1".into(),

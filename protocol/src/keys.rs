@@ -13,7 +13,8 @@
 //! | `<prefix>:{s:N}:lease:<destination>` | string | the router instance delivering shard N to that destination (expires) |
 //! | `<prefix>:{s:N}:replaying:<destination>` | set | ids of that destination's dead letters on shard N whose replay is under way |
 //! | `<prefix>:meta:shards` | string | the shard count, fixed at first start |
-//! | `<prefix>:meta:destinations` | set | destination names the router serves |
+//! | `<prefix>:{catalog}:destinations` | hash | destination name → its definition (JSON), the one source of truth |
+//! | `<prefix>:{catalog}:revision` | string | a counter raised by every change of a definition |
 //! | `<prefix>:meta:routers` | sorted set | live router instances, scored by when their heartbeat expires |
 //! | `<prefix>:meta:paused` | set | destinations whose delivery is paused (admin API) |
 
@@ -79,10 +80,18 @@ impl Keys {
         format!("{}:meta:shards", self.prefix)
     }
 
-    /// The set of destination names the router serves; the gateway checks
-    /// per-event destination filters against it.
-    pub fn destinations(&self) -> String {
-        format!("{}:meta:destinations", self.prefix)
+    /// Every destination's definition, by name: the one definition every
+    /// router follows. The gateway checks per-event destination filters
+    /// against its names.
+    pub fn catalog(&self) -> String {
+        format!("{}:{{catalog}}:destinations", self.prefix)
+    }
+
+    /// The catalog's revision, raised by every change, so routers notice a
+    /// change by reading one number. Shares the catalog's hash tag: the
+    /// scripts that change both stay in one Redis Cluster slot.
+    pub fn catalog_revision(&self) -> String {
+        format!("{}:{{catalog}}:revision", self.prefix)
     }
 }
 

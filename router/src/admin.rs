@@ -6,8 +6,11 @@
 //! | `POST /destinations/{name}/replay` | the status page's replay-all button (a form post) |
 //! | `GET /metrics` | Prometheus metrics of this router |
 //! | `GET /admin/destinations` | every destination's state (the latest [`Overview`]) |
+//! | `POST /admin/destinations` | create a destination (201, or 409 if the name exists) |
+//! | `GET /admin/destinations/{name}` | its definition (secrets masked) and state |
+//! | `PATCH /admin/destinations/{name}` | change its settings (a JSON merge patch) |
+//! | `DELETE /admin/destinations/{name}` | delete it: delivery stops, its groups go, its dead letters stay |
 //! | `POST /admin/destinations/{name}/pause`, `…/resume` | stop or restart delivery |
-//! | `DELETE /admin/destinations/{name}` | delete the groups of a destination no longer configured |
 //! | `GET /admin/destinations/{name}/dead-letters?limit&cursor` | list dead letters |
 //! | `POST /admin/destinations/{name}/dead-letters/replay` | replay all, `{"ids": […]}` or `{"from_ms", "to_ms"}` |
 //! | `DELETE /admin/destinations/{name}/dead-letters/{id}` | delete one |
@@ -35,10 +38,14 @@ use serde_json::json;
 use telemetry::lifecycle::{metrics_endpoint, serve_until, OnShutdown};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer;
+use crate::catalog::{Catalog, CatalogError};
+use crate::config::LeaseConfig;
 use crate::dead_letters::{DeadLetterError, DeadLetters, Selection};
 use crate::delivery::Destination;
-use crate::overview::{Overview, SharedOverview};
+use crate::destination_api::{self, DestinationDoc};
+use crate::outbound::Policy;
+use crate::overview::{DestinationView, Overview, SharedOverview};
+use crate::registry::Registry;
 use crate::status_page;
 use protocol::config::is_valid_name;
 
@@ -49,7 +56,12 @@ pub struct AdminState {
     pub keys: Keys,
     pub shards: u16,
     pub con: RedisConnection,
-    pub destinations: Vec<Arc<Destination>>,
+    pub registry: Arc<Registry>,
+    pub catalog: Catalog,
+    /// Checks a created or changed destination's URL.
+    pub policy: Policy,
+    /// Bounds a destination's `timeout_ms`.
+    pub lease: LeaseConfig,
     pub overview: SharedOverview,
     pub access: Access,
 }
@@ -76,11 +88,27 @@ impl Access {
 }
 
 impl AdminState {
-    fn configured(&self, name: &str) -> Result<&Arc<Destination>, AdminError> {
-        self.destinations
-            .iter()
-            .find(|d| d.name == name)
+    fn configured(&self, name: &str) -> Result<Arc<Destination>, AdminError> {
+        self.registry
+            .get(name)
+            .map(|known| known.destination)
             .ok_or_else(|| AdminError::UnknownDestination(name.to_owned()))
+    }
+
+    /// Applies the catalog here at once after a change made here (the other
+    /// routers follow within one overview interval).
+    async fn follow_catalog(&self) {
+        if let Err(error) = self.registry.follow(&self.catalog).await {
+            tracing::warn!(%error, "Cannot read the destinations back; the next overview will.");
+        }
+    }
+
+    /// This router's latest measurement of `name`.
+    fn status_of(&self, name: &str) -> Option<DestinationView> {
+        self.overview()
+            .destinations
+            .into_iter()
+            .find(|view| view.name == name)
     }
 
     /// Dead letters of a configured destination, or of one removed from the
@@ -126,13 +154,12 @@ pub enum AdminError {
     UnknownDestination(String),
     #[error("no dead letter `{0}`")]
     NoSuchDeadLetter(String),
-    #[error(
-        "destination `{0}` is still configured; remove it from the config and restart the \
-         routers first"
-    )]
-    StillConfigured(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     DeadLetters(#[from] DeadLetterError),
     #[error("Redis: {0}")]
@@ -149,7 +176,8 @@ impl ResponseError for AdminError {
             AdminError::UnknownDestination(_) | AdminError::NoSuchDeadLetter(_) => {
                 StatusCode::NOT_FOUND
             }
-            AdminError::StillConfigured(_) => StatusCode::CONFLICT,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::CrossSite => StatusCode::FORBIDDEN,
             AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -162,7 +190,7 @@ impl ResponseError for AdminError {
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status.is_server_error() {
             tracing::warn!(error = %self, "Admin request failed.");
         }
         let mut response = HttpResponse::build(status);
@@ -174,6 +202,20 @@ impl ResponseError for AdminError {
             ));
         }
         response.json(json!({ "error": self.to_string() }))
+    }
+}
+
+impl From<CatalogError> for AdminError {
+    fn from(error: CatalogError) -> Self {
+        match error {
+            CatalogError::Unknown(name) => AdminError::UnknownDestination(name),
+            CatalogError::Redis(error) => AdminError::Redis(error),
+            CatalogError::Corrupt(_) => AdminError::Internal(error.to_string()),
+            CatalogError::Exists(_)
+            | CatalogError::Creating(_)
+            | CatalogError::DeletedWhileCreating(_)
+            | CatalogError::Contended(_) => AdminError::Conflict(error.to_string()),
+        }
     }
 }
 
@@ -277,6 +319,9 @@ pub async fn serve(
             )
             .route("/metrics", web::get().to(metrics_endpoint))
             .route("/admin/destinations", web::get().to(destinations))
+            .route("/admin/destinations", web::post().to(create))
+            .route("/admin/destinations/{name}", web::get().to(read))
+            .route("/admin/destinations/{name}", web::patch().to(change))
             .route("/admin/destinations/{name}", web::delete().to(remove))
             .route("/admin/destinations/{name}/pause", web::post().to(pause))
             .route("/admin/destinations/{name}/resume", web::post().to(resume))
@@ -326,24 +371,65 @@ async fn resume(
     Ok(HttpResponse::Ok().json(json!({ "destination": *name, "paused": false })))
 }
 
+async fn create(
+    state: web::Data<AdminState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, AdminError> {
+    let (settings, start) = destination_api::parse_create(&body, &state.policy, &state.lease)
+        .map_err(AdminError::Invalid)?;
+    let definition = state.catalog.create(settings, start).await?;
+    state.follow_catalog().await;
+    let location = format!("/admin/destinations/{}", definition.settings.name);
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, location))
+        .json(DestinationDoc::new(&definition, None)))
+}
+
+async fn read(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, AdminError> {
+    let definition = state.catalog.get(&name).await?;
+    let status = state.status_of(&name);
+    Ok(HttpResponse::Ok().json(DestinationDoc::new(&definition, status)))
+}
+
+async fn change(
+    state: web::Data<AdminState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, AdminError> {
+    let mut invalid = None;
+    let result = state
+        .catalog
+        .update(&name, |settings| {
+            match destination_api::apply_change(settings, &body, &state.policy, &state.lease) {
+                Ok(changed) => *settings = changed,
+                Err(message) => invalid = Some(message),
+            }
+            Ok(())
+        })
+        .await;
+    if let Some(message) = invalid {
+        return Err(AdminError::Invalid(message));
+    }
+    let definition = result?;
+    state.follow_catalog().await;
+    Ok(HttpResponse::Ok().json(DestinationDoc::new(&definition, state.status_of(&name))))
+}
+
 async fn remove(
     state: web::Data<AdminState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
-    if state.configured(&name).is_ok() {
-        return Err(AdminError::StillConfigured(name.into_inner()));
-    }
     if !is_valid_name(&name) {
         return Err(AdminError::UnknownDestination(name.into_inner()));
     }
-    let shards =
-        consumer::destroy_groups(&mut state.con.clone(), &state.keys, state.shards, &name).await?;
-    if shards == 0 {
-        return Err(AdminError::UnknownDestination(name.into_inner()));
-    }
+    state.catalog.delete(&name).await?;
+    state.follow_catalog().await;
     Ok(HttpResponse::Ok().json(json!({
         "destination": *name,
-        "groups_deleted": shards,
+        "deleted": true,
         "dead_letters_kept": true,
     })))
 }

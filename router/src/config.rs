@@ -31,10 +31,24 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// How shard streams are read.
     pub reader: ReaderConfig,
-    /// Where events are delivered.
+    /// Destinations applied to the catalog in Redis at start-up (a seed:
+    /// created if missing, updated if different).
     pub destinations: Vec<DestinationConfig>,
+    /// What start-up does with destinations in Redis that `destinations`
+    /// does not list.
+    pub unlisted_destinations: Unlisted,
     /// Where deliveries may connect (the SSRF guard).
     pub outbound: crate::outbound::OutboundConfig,
+}
+
+/// What applying a list of destinations does with the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unlisted {
+    /// Left as they are (created through the admin API, say).
+    Keep,
+    /// Deleted, as `DELETE /admin/destinations/{name}` does.
+    Remove,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize)]
@@ -61,8 +75,9 @@ impl LeaseConfig {
         Duration::from_millis(self.safety_margin_ms)
     }
 
-    /// Time a lease is sure to have left just before its next renewal.
-    fn assured_ms(&self) -> u64 {
+    /// Time a lease is sure to have left just before its next renewal:
+    /// the longest any attempt or read may take.
+    pub fn assured_ms(&self) -> u64 {
         self.ttl_ms
             .saturating_sub(self.safety_margin_ms)
             .saturating_sub(2 * self.renew_interval_ms)
@@ -145,7 +160,55 @@ pub struct DestinationConfig {
     /// more than one while a secret is rotated. Empty: unsigned.
     #[serde(default)]
     pub signing_secrets: Vec<protocol::webhook::SigningSecret>,
+    /// Event types delivered (`order.created`, or `order.*` for a prefix);
+    /// empty: every event.
+    #[serde(default)]
+    pub event_types: Vec<String>,
 }
+
+/// The `[[destinations]]` of a TOML file (any other setting in it is
+/// ignored, so a router config file will do), each checked as `config`
+/// checks its own, and the file's `unlisted_destinations` (default: keep).
+pub fn destinations_file(
+    path: &Path,
+    config: &Config,
+) -> anyhow::Result<(Vec<DestinationConfig>, Unlisted)> {
+    #[derive(Deserialize)]
+    struct DestinationsFile {
+        #[serde(default)]
+        destinations: Vec<DestinationConfig>,
+        unlisted_destinations: Option<Unlisted>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file: DestinationsFile =
+        toml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))?;
+    check_destinations(&file.destinations, config).map_err(anyhow::Error::msg)?;
+    Ok((
+        file.destinations,
+        file.unlisted_destinations.unwrap_or(Unlisted::Keep),
+    ))
+}
+
+/// Checks a list of destinations under `config`'s outbound policy and
+/// lease: each valid, no name twice.
+fn check_destinations(destinations: &[DestinationConfig], config: &Config) -> Result<(), String> {
+    let policy = crate::outbound::Policy::new(&config.outbound)?;
+    let mut names = HashSet::new();
+    for destination in destinations {
+        destination.check(&policy, &config.lease)?;
+        if !names.insert(&destination.name) {
+            return Err(format!(
+                "destination name `{}` is used twice",
+                destination.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Longest event type a destination may subscribe to (the gateway's limit).
+pub const MAX_EVENT_TYPE_BYTES: usize = 128;
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -230,29 +293,12 @@ impl Config {
         if self.reader.block_ms == 0 {
             return Err("reader.block_ms must be positive (0 would block forever)".into());
         }
-        if self.destinations.is_empty() {
-            return Err("at least one [[destinations]] entry is required".into());
-        }
-        let policy = crate::outbound::Policy::new(&self.outbound)?;
-        let mut names = HashSet::new();
-        for destination in &self.destinations {
-            destination.validate()?;
-            let url = reqwest::Url::parse(&destination.url).expect("validated above");
-            policy
-                .check_url(&url)
-                .map_err(|refused| format!("destination `{}`: {refused}", destination.name))?;
-            if !names.insert(&destination.name) {
-                return Err(format!(
-                    "destination name `{}` is used twice",
-                    destination.name
-                ));
-            }
-        }
-        Ok(())
+        check_destinations(&self.destinations, self)
     }
 
-    /// Checks that every attempt and every read fits in the time a lease is
-    /// sure to have left, so a router never acts on an expired lease.
+    /// Checks that every read fits in the time a lease is sure to have
+    /// left, so a router never acts on an expired lease (attempts are
+    /// checked per destination, [`DestinationConfig::check`]).
     fn validate_lease(&self) -> Result<(), String> {
         let lease = &self.lease;
         if lease.renew_interval_ms == 0 {
@@ -265,15 +311,6 @@ impl Config {
                 "lease.ttl_ms is too short: ttl_ms - safety_margin_ms - 2 * renew_interval_ms = {assured} ms \
                  must cover reader.block_ms + redis.timeout_ms = {read} ms"
             ));
-        }
-        if let Some(slowest) = self.destinations.iter().max_by_key(|d| d.timeout_ms) {
-            if slowest.timeout_ms > assured {
-                return Err(format!(
-                    "lease.ttl_ms is too short: ttl_ms - safety_margin_ms - 2 * renew_interval_ms = {assured} ms \
-                     must cover the timeout_ms of destination `{}` ({} ms)",
-                    slowest.name, slowest.timeout_ms
-                ));
-            }
         }
         Ok(())
     }
@@ -293,6 +330,31 @@ impl Config {
 }
 
 impl DestinationConfig {
+    /// Everything a destination must satisfy, wherever it comes from (the
+    /// config file, the admin API): its own fields, the outbound policy
+    /// for an IP-literal URL, and an attempt that fits in a lease.
+    pub fn check(
+        &self,
+        policy: &crate::outbound::Policy,
+        lease: &LeaseConfig,
+    ) -> Result<(), String> {
+        self.validate()?;
+        let name = &self.name;
+        let url = reqwest::Url::parse(&self.url).expect("validated above");
+        policy
+            .check_url(&url)
+            .map_err(|refused| format!("destination `{name}`: url: {refused}"))?;
+        let assured = lease.assured_ms();
+        if self.timeout_ms > assured {
+            return Err(format!(
+                "destination `{name}`: timeout_ms ({} ms) is longer than a lease is sure to last: \
+                 lease.ttl_ms - safety_margin_ms - 2 * renew_interval_ms = {assured} ms",
+                self.timeout_ms
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), String> {
         let name = &self.name;
         if !protocol::config::is_valid_name(name) {
@@ -324,6 +386,18 @@ impl DestinationConfig {
                 "destination `{name}`: retry needs max_attempts ≥ 1 and 0 < initial_delay_ms ≤ max_delay_ms"
             ));
         }
+        for event_type in &self.event_types {
+            let prefix = event_type.strip_suffix('*').unwrap_or(event_type);
+            if event_type.is_empty()
+                || event_type.len() > MAX_EVENT_TYPE_BYTES
+                || prefix.contains('*')
+            {
+                return Err(format!(
+                    "destination `{name}`: event_types: `{event_type}` must be 1 to \
+                     {MAX_EVENT_TYPE_BYTES} bytes, with `*` only at the end"
+                ));
+            }
+        }
         for (header, value) in &self.headers {
             reqwest::header::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
                 format!("destination `{name}`: `{header}` is not a valid header name")
@@ -337,6 +411,22 @@ impl DestinationConfig {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Whether an event of `event_type` is one this destination subscribes to.
+    pub fn subscribes_to(&self, event_type: Option<&str>) -> bool {
+        if self.event_types.is_empty() {
+            return true;
+        }
+        let Some(event_type) = event_type else {
+            return false;
+        };
+        self.event_types
+            .iter()
+            .any(|wanted| match wanted.strip_suffix('*') {
+                Some(prefix) => event_type.starts_with(prefix),
+                None => wanted == event_type,
+            })
     }
 }
 
@@ -361,7 +451,7 @@ mod tests {
         config.admin.token_sha256 = Some(protocol::secret::TokenDigest::of("token"));
         let refusal = config.validate().expect_err("loopback destinations");
         assert!(
-            refusal.contains("destination `healthy`: refused to connect to 127.0.0.1"),
+            refusal.contains("destination `healthy`: url: refused to connect to 127.0.0.1"),
             "{refusal}"
         );
         let config = valid_defaults();
@@ -411,6 +501,35 @@ mod tests {
                 assert!(line.contains(&expected), "`{line}` should say {expected}");
             }
         }
+    }
+
+    #[test]
+    fn event_types_match_exactly_or_by_prefix() {
+        let mut destination = valid_defaults().destinations[0].clone();
+        assert!(destination.subscribes_to(None), "no list: everything");
+        assert!(destination.subscribes_to(Some("a.b")));
+        destination.event_types = vec!["order.*".into(), "user.created".into()];
+        for (event_type, wanted) in [
+            (Some("order.created"), true),
+            (Some("order."), true),
+            (Some("order"), false),
+            (Some("user.created"), true),
+            (Some("user.created.v2"), false),
+            (Some("user.deleted"), false),
+            (None, false),
+        ] {
+            assert_eq!(
+                destination.subscribes_to(event_type),
+                wanted,
+                "{event_type:?}"
+            );
+        }
+        destination.event_types = vec!["*".into()];
+        assert!(destination.subscribes_to(Some("anything")));
+        assert!(
+            !destination.subscribes_to(None),
+            "a list asks for typed events"
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ use protocol::RedisConnection;
 use protocol::{EventEntry, Keys, Replay, StreamId};
 use redis::{FromRedisValue, Value};
 
+use crate::catalog::{Catalog, CatalogError};
+
 /// Where the next read starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadFrom {
@@ -84,6 +86,8 @@ pub struct GroupConsumer {
     blocking: RedisConnection,
     /// Acknowledgements and dead-letter writes.
     commands: RedisConnection,
+    /// Where the group starts, should it have to be created again.
+    catalog: Catalog,
 }
 
 impl GroupConsumer {
@@ -94,8 +98,10 @@ impl GroupConsumer {
         consumer: &str,
         blocking: RedisConnection,
         commands: RedisConnection,
+        catalog: Catalog,
     ) -> Self {
         Self {
+            catalog,
             shard,
             stream: keys.events(shard),
             dead_letters: keys.dead_letters(shard, destination),
@@ -111,9 +117,10 @@ impl GroupConsumer {
         self.shard
     }
 
-    /// Creates the group at the start of the stream unless it exists.
-    pub async fn ensure_group(&self) -> Result<(), ConsumerError> {
-        Ok(create_group(&mut self.commands.clone(), &self.stream, &self.group).await?)
+    /// Creates the group again after it went missing, at the cut recorded
+    /// at the destination's creation ([`Catalog::restore_group`]).
+    pub async fn restore_group(&self) -> Result<String, CatalogError> {
+        self.catalog.restore_group(&self.group, self.shard).await
     }
 
     /// Moves entries pending on other consumers of the group (e.g. a router
@@ -316,70 +323,6 @@ fn replay_of(entry: &Entry) -> Option<&Replay> {
         EntryContent::Event(event) => event.replay.as_ref(),
         EntryContent::Deleted | EntryContent::Malformed(_) => None,
     }
-}
-
-/// Creates `group` at the start of `stream` (so events accepted before the
-/// router first ran are delivered), creating the stream too, unless the
-/// group exists.
-pub async fn create_group(
-    con: &mut RedisConnection,
-    stream: &str,
-    group: &str,
-) -> redis::RedisResult<()> {
-    let result: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(con)
-        .await;
-    match result {
-        Ok(()) => {
-            tracing::info!(stream, group, "Consumer group created.");
-            Ok(())
-        }
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Deletes `destination`'s consumer group and lease on every shard, so a
-/// destination removed from the config stops holding back trimming. Its
-/// dead-letter streams are kept. Returns on how many shards a group was
-/// deleted.
-pub async fn destroy_groups(
-    con: &mut RedisConnection,
-    keys: &Keys,
-    shards: u16,
-    destination: &str,
-) -> redis::RedisResult<u16> {
-    let mut removed = 0;
-    for shard in 0..shards {
-        let stream = keys.events(shard);
-        // XGROUP DESTROY refuses a missing stream with a plain `ERR`, which
-        // only its text tells apart; asking first needs no text.
-        let exists: bool = redis::cmd("EXISTS").arg(&stream).query_async(con).await?;
-        if exists {
-            let destroyed: i64 = redis::cmd("XGROUP")
-                .arg("DESTROY")
-                .arg(&stream)
-                .arg(destination)
-                .query_async(con)
-                .await?;
-            if destroyed > 0 {
-                removed += 1;
-            }
-        }
-        let _: i64 = redis::cmd("DEL")
-            .arg(keys.lease(shard, destination))
-            .query_async(con)
-            .await?;
-    }
-    if removed > 0 {
-        tracing::info!(destination, shards = removed, "Consumer groups deleted.");
-    }
-    Ok(removed)
 }
 
 /// Reads `[[stream, [[id, [field, value, …] | nil], …]], …]` (or nil when a

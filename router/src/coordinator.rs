@@ -7,8 +7,9 @@
 //! 2. releases the leases of workers it stopped for a hand-over, once they
 //!    have finished their attempts in flight;
 //! 3. refreshes its heartbeat, computes its share of the pairs among the
-//!    live routers ([`assign`]), stops workers outside its share, and tries to
-//!    acquire the leases of pairs inside it.
+//!    live routers ([`assign`]) from the destinations defined now, stops
+//!    workers outside its share (a deleted destination's among them), and
+//!    tries to acquire the leases of pairs inside it.
 //!
 //! A pair's worker is started only when the previous worker of that pair
 //! in this process has finished, so one process never runs two at once.
@@ -23,8 +24,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::LeaseConfig;
 use crate::lease::{assign, LeaseGuard, LeaseId, LeaseStore, LeaseValidity};
 
-/// Starts the delivery worker of one pair; it runs until `stop` is cancelled.
+/// The pairs to deliver, and how to start the delivery worker of one.
 pub trait StartWorker {
+    /// Every (shard, destination) pair of the destinations defined now, sorted.
+    fn pairs(&self) -> Vec<LeaseId>;
+    /// Starts the worker of `lease`; it runs until `stop` is cancelled.
     fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()>;
 }
 
@@ -48,24 +52,15 @@ struct Held {
 pub struct Coordinator<W> {
     leases: LeaseStore,
     settings: LeaseConfig,
-    /// Every pair, sorted: the input of [`assign`].
-    pairs: Vec<LeaseId>,
     held: BTreeMap<LeaseId, Held>,
     workers: W,
 }
 
 impl<W: StartWorker> Coordinator<W> {
-    pub fn new(
-        leases: LeaseStore,
-        settings: LeaseConfig,
-        mut pairs: Vec<LeaseId>,
-        workers: W,
-    ) -> Self {
-        pairs.sort();
+    pub fn new(leases: LeaseStore, settings: LeaseConfig, workers: W) -> Self {
         Self {
             leases,
             settings,
-            pairs,
             held: BTreeMap::new(),
             workers,
         }
@@ -169,7 +164,9 @@ impl<W: StartWorker> Coordinator<W> {
                 return;
             }
         };
-        let share = assign(&self.pairs, &members, self.leases.instance());
+        // A pair of a deleted destination is outside every share: its
+        // worker is stopped and its lease released like a hand-over.
+        let share = assign(&self.workers.pairs(), &members, self.leases.instance());
         for (lease, held) in &mut self.held {
             if held.state == State::Active && share.binary_search(lease).is_err() {
                 tracing::info!(%lease, routers = members.len(), "Handing lease over to another router.");

@@ -1,11 +1,12 @@
 //! One delivery attempt to one destination, and what its answer means.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use protocol::webhook::{signature_header, SigningSecret};
+use protocol::EventEntry;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -66,6 +67,8 @@ struct DeliveryBody<'a> {
     #[serde(rename = "userId")]
     user_id: &'a str,
     payload: &'a RawValue,
+    #[serde(rename = "eventType", skip_serializing_if = "Option::is_none")]
+    event_type: Option<&'a str>,
     #[serde(rename = "receivedAt")]
     received_at: String,
 }
@@ -76,6 +79,7 @@ pub fn request_body(
     event_id: &str,
     user_id: &str,
     payload: &str,
+    event_type: Option<&str>,
     received_at_ms: u64,
 ) -> Result<Bytes, String> {
     let payload: &RawValue = serde_json::from_str(payload)
@@ -85,31 +89,25 @@ pub fn request_body(
         id: event_id,
         user_id,
         payload,
+        event_type,
         received_at: humantime::format_rfc3339_millis(received_at).to_string(),
     })
     .map(Bytes::from)
     .map_err(|e| format!("cannot encode delivery body: {e}"))
 }
 
-/// A configured destination: its own HTTP connection pool, concurrency
-/// limit and retry policy, so one destination's trouble stays its own.
+/// A destination this router delivers to: its own HTTP connection pool,
+/// concurrency limit and retry policy, so one destination's trouble stays
+/// its own. Its settings ([`Endpoint`]) can change while it runs: each
+/// attempt uses the latest.
 pub struct Destination {
     pub name: String,
-    url: reqwest::Url,
-    client: reqwest::Client,
+    endpoint: RwLock<Arc<Endpoint>>,
     in_flight: Arc<Semaphore>,
-    pub retry: RetryPolicy,
-    /// Longest one attempt takes, connecting and reading the answer included.
-    pub timeout: Duration,
-    /// Events older than this are dead-lettered instead of attempted.
-    pub max_age: Option<Duration>,
+    /// The concurrency limit `in_flight` is being brought to.
+    max_concurrency: AtomicUsize,
     /// This router's counters for the destination (metrics, admin API).
     pub stats: DestinationStats,
-    /// Every delivery is signed with each of these (Standard Webhooks).
-    signing_secrets: Vec<SigningSecret>,
-    /// Set when the URL is an IP literal the outbound policy refuses: then
-    /// no attempt is made (names are checked by the resolver instead).
-    refused: Option<String>,
     /// Whether delivery is paused (set by the admin API, shared by all
     /// routers through Redis; see [`crate::overview`]).
     paused: watch::Sender<bool>,
@@ -118,8 +116,26 @@ pub struct Destination {
     pause_requests: AtomicU64,
 }
 
-impl Destination {
-    pub fn new(config: &DestinationConfig, policy: &Policy) -> Result<Self, reqwest::Error> {
+/// A destination's settings as attempts use them.
+pub struct Endpoint {
+    url: reqwest::Url,
+    client: reqwest::Client,
+    pub retry: RetryPolicy,
+    /// Longest one attempt takes, connecting and reading the answer included.
+    pub timeout: Duration,
+    /// Events older than this are dead-lettered instead of attempted.
+    pub max_age: Option<Duration>,
+    /// Every delivery is signed with each of these (Standard Webhooks).
+    signing_secrets: Vec<SigningSecret>,
+    /// Set when the URL is an IP literal the outbound policy refuses: then
+    /// no attempt is made (names are checked by the resolver instead).
+    refused: Option<String>,
+    /// The settings it was built from (event types, for filtering).
+    settings: DestinationConfig,
+}
+
+impl Endpoint {
+    fn new(config: &DestinationConfig, policy: &Policy) -> Result<Self, reqwest::Error> {
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             // Config validation has already checked both.
@@ -141,26 +157,137 @@ impl Destination {
             .build()?;
         let url = reqwest::Url::parse(&config.url).expect("config validation checked the url");
         Ok(Self {
-            name: config.name.clone(),
             refused: policy
                 .check_url(&url)
                 .err()
                 .map(|refused| refused.to_string()),
             url,
             client,
-            in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
             retry: config.retry.into(),
             timeout: config.timeout(),
             max_age: config.max_age_ms.map(Duration::from_millis),
-            stats: DestinationStats::new(&config.name),
             signing_secrets: config.signing_secrets.clone(),
+            settings: config.clone(),
+        })
+    }
+
+    /// Whether `event` is one this destination receives: addressed to it
+    /// (or to every destination) and of a type it subscribes to.
+    pub fn wants(&self, event: &EventEntry) -> bool {
+        event.is_for(&self.settings.name)
+            && self.settings.subscribes_to(event.event_type.as_deref())
+    }
+
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    /// Makes one attempt in `_slot`; it ends within the destination's timeout.
+    pub async fn attempt(
+        &self,
+        _slot: &SemaphorePermit<'_>,
+        event_id: &str,
+        body: &Bytes,
+        attempt: u32,
+    ) -> (AttemptOutcome, Duration) {
+        let started = Instant::now();
+        if let Some(refused) = &self.refused {
+            let outcome = AttemptOutcome::Dead {
+                status: None,
+                error: refused.clone(),
+            };
+            return (outcome, started.elapsed());
+        }
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("webhook-id", event_id)
+            .header("webhook-timestamp", timestamp)
+            .header("webhook-attempt", attempt);
+        if !self.signing_secrets.is_empty() {
+            request = request.header(
+                "webhook-signature",
+                signature_header(&self.signing_secrets, event_id, timestamp, body),
+            );
+        }
+        let response = request.body(body.clone()).send().await;
+        let outcome = match response {
+            Err(error) => match refusal_of(&error) {
+                // The outbound policy refused the address: no retry can help
+                // until an operator changes the policy (then replay).
+                Some(refused) => AttemptOutcome::Dead {
+                    status: None,
+                    error: refused.to_string(),
+                },
+                None => AttemptOutcome::Retry {
+                    status: None,
+                    error: describe(&error),
+                    retry_after: None,
+                },
+            },
+            Ok(response) => outcome_of(response).await,
+        };
+        (outcome, started.elapsed())
+    }
+}
+
+impl Destination {
+    pub fn new(config: &DestinationConfig, policy: &Policy) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            name: config.name.clone(),
+            endpoint: RwLock::new(Arc::new(Endpoint::new(config, policy)?)),
+            in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
+            max_concurrency: AtomicUsize::new(config.max_concurrency),
+            stats: DestinationStats::new(&config.name),
             paused: watch::Sender::new(false),
             pause_requests: AtomicU64::new(0),
         })
     }
 
-    pub fn url(&self) -> &str {
-        self.url.as_str()
+    /// The settings the next attempt uses.
+    pub fn endpoint(&self) -> Arc<Endpoint> {
+        self.endpoint
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies changed settings: attempts from now on use them; those in
+    /// flight finish under the old ones. A lower concurrency limit takes
+    /// effect as attempts in flight end.
+    pub fn update(
+        &self,
+        config: &DestinationConfig,
+        policy: &Policy,
+    ) -> Result<(), reqwest::Error> {
+        let endpoint = Arc::new(Endpoint::new(config, policy)?);
+        *self.endpoint.write().unwrap_or_else(|p| p.into_inner()) = endpoint;
+        let wanted = config.max_concurrency;
+        let before = self.max_concurrency.swap(wanted, Ordering::SeqCst);
+        if wanted > before {
+            self.in_flight.add_permits(wanted - before);
+        } else if wanted < before {
+            let excess = before - wanted;
+            let forgotten = self.in_flight.forget_permits(excess);
+            if let Ok(rest) = u32::try_from(excess - forgotten) {
+                let in_flight = self.in_flight.clone();
+                tokio::spawn(async move {
+                    if let Ok(permits) = in_flight.acquire_many_owned(rest).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        self.endpoint().url().to_owned()
     }
 
     pub fn is_paused(&self) -> bool {
@@ -219,59 +346,6 @@ impl Destination {
             .acquire()
             .await
             .expect("the concurrency semaphore is never closed")
-    }
-
-    /// Makes one attempt in `_slot`; it ends within the destination's timeout.
-    pub async fn attempt(
-        &self,
-        _slot: &SemaphorePermit<'_>,
-        event_id: &str,
-        body: &Bytes,
-        attempt: u32,
-    ) -> (AttemptOutcome, Duration) {
-        let started = Instant::now();
-        if let Some(refused) = &self.refused {
-            let outcome = AttemptOutcome::Dead {
-                status: None,
-                error: refused.clone(),
-            };
-            return (outcome, started.elapsed());
-        }
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let mut request = self
-            .client
-            .post(self.url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("webhook-id", event_id)
-            .header("webhook-timestamp", timestamp)
-            .header("webhook-attempt", attempt);
-        if !self.signing_secrets.is_empty() {
-            request = request.header(
-                "webhook-signature",
-                signature_header(&self.signing_secrets, event_id, timestamp, body),
-            );
-        }
-        let response = request.body(body.clone()).send().await;
-        let outcome = match response {
-            Err(error) => match refusal_of(&error) {
-                // The outbound policy refused the address: no retry can help
-                // until an operator changes the policy (then replay).
-                Some(refused) => AttemptOutcome::Dead {
-                    status: None,
-                    error: refused.to_string(),
-                },
-                None => AttemptOutcome::Retry {
-                    status: None,
-                    error: describe(&error),
-                    retry_after: None,
-                },
-            },
-            Ok(response) => outcome_of(response).await,
-        };
-        (outcome, started.elapsed())
     }
 }
 
@@ -368,7 +442,7 @@ mod tests {
 
     #[test]
     fn body_embeds_the_payload_text_unchanged() {
-        let body = request_body("3-5-0", "u1", r#"{"b": 1.50}"#, 0).expect("valid");
+        let body = request_body("3-5-0", "u1", r#"{"b": 1.50}"#, None, 0).expect("valid");
         assert_eq!(
             body,
             r#"{"id":"3-5-0","userId":"u1","payload":{"b": 1.50},"receivedAt":"1970-01-01T00:00:00.000Z"}"#

@@ -6,7 +6,8 @@
 //! A job ends in one of:
 //! - delivered → XACK;
 //! - dead (permanent answer or attempts exhausted) → dead-letter + XACK in one MULTI;
-//! - not for this destination, or deleted from the stream → XACK;
+//! - not for this destination (addressed elsewhere, or of an event type it
+//!   does not subscribe to), or deleted from the stream → XACK;
 //! - expired (older than the destination's `max_age_ms`) → dead-letter + XACK;
 //! - abandoned at shutdown or when the lease goes → nothing: it stays
 //!   pending and is redelivered by the next owner.
@@ -27,7 +28,7 @@ use tracing::Span;
 
 use crate::budget::{Budget, Charge};
 use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
-use crate::delivery::{request_body, AttemptOutcome, Destination};
+use crate::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
 use crate::lease::LeaseGuard;
 use crate::stats::AttemptResult;
 
@@ -133,7 +134,8 @@ impl Job {
                 return JobEnd::Abandoned;
             };
             let entry = &held.entry;
-            let request = match prepare(entry, &self.context.destination.name, self.shard()) {
+            let endpoint = self.context.destination.endpoint();
+            let request = match prepare(entry, &endpoint, self.shard()) {
                 Prepared::Deliver(request) => {
                     // The body is a second copy of the payload.
                     held.charge.grow(request.body.len());
@@ -233,7 +235,7 @@ impl Job {
     async fn attempt(&mut self, entry: &Entry, request: &Request<'_>, attempt: u32) -> Step {
         let destination = &self.context.destination;
         let stats = &destination.stats;
-        if let Some(age) = expired(request.age_from_ms, destination.max_age) {
+        if let Some(age) = expired(request.age_from_ms, destination.endpoint().max_age) {
             let error = format!(
                 "expired: undelivered {}s after it was accepted (max_age_ms)",
                 age.as_secs()
@@ -249,17 +251,19 @@ impl Job {
             return Step::Done(JobEnd::Abandoned);
         }
         let slot = destination.slot().await;
+        // The settings as they are now: a change made while this waited applies.
+        let endpoint = destination.endpoint();
         // The attempt must be over before the lease could pass to another
         // router, or the next owner could deliver this user's next event first.
         if !self
             .lease
-            .hold_for(destination.timeout, &self.context.shutdown)
+            .hold_for(endpoint.timeout, &self.context.shutdown)
             .await
         {
             return Step::Done(JobEnd::Abandoned);
         }
         let in_flight = stats.attempt_in_flight();
-        let (outcome, latency) = destination
+        let (outcome, latency) = endpoint
             .attempt(&slot, &request.event_id, &request.body, attempt)
             .await;
         drop(in_flight);
@@ -288,7 +292,7 @@ impl Job {
                 status,
                 error,
                 retry_after,
-            } if destination.retry.allows_another(attempt) => (status, error, Some(retry_after)),
+            } if endpoint.retry.allows_another(attempt) => (status, error, Some(retry_after)),
             AttemptOutcome::Retry { status, error, .. }
             | AttemptOutcome::Dead { status, error } => (status, error, None),
         };
@@ -302,7 +306,7 @@ impl Job {
             return Step::Done(end);
         };
         stats.attempted(AttemptResult::Retry, latency);
-        let delay = destination.retry.delay_after(attempt, retry_after);
+        let delay = endpoint.retry.delay_after(attempt, retry_after);
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         tracing::info!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
         Step::RetryAfter(delay)
@@ -354,9 +358,9 @@ impl Job {
 }
 
 /// Builds the request, or decides the entry's fate without one.
-fn prepare<'a>(entry: &'a Entry, destination: &str, shard: u16) -> Prepared<'a> {
+fn prepare<'a>(entry: &'a Entry, endpoint: &Endpoint, shard: u16) -> Prepared<'a> {
     let event = match &entry.content {
-        EntryContent::Event(event) if event.is_for(destination) => event,
+        EntryContent::Event(event) if endpoint.wants(event) => event,
         EntryContent::Event(_) => return Prepared::Acknowledge { filtered: true },
         EntryContent::Deleted => return Prepared::Acknowledge { filtered: false },
         EntryContent::Malformed(reason) => {
@@ -375,6 +379,7 @@ fn prepare<'a>(entry: &'a Entry, destination: &str, shard: u16) -> Prepared<'a> 
         &event_id,
         &event.user_id,
         &event.payload,
+        event.event_type.as_deref(),
         event.received_at_ms,
     ) {
         Ok(body) => Prepared::Deliver(Request {

@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //! - [`config`]: settings and their defaults.
+//! - [`catalog`]: the destinations' definitions in Redis, the one source of truth.
+//! - [`registry`]: the destinations this router delivers to, following the catalog.
 //! - [`consumer`]: one destination's consumer group on one shard (XREADGROUP, XACK, dead letters).
 //! - [`lease`]: exclusive (shard, destination) ownership and how it is split among routers.
 //! - [`coordinator`]: acquires, renews, hands over and releases leases; starts and stops workers.
@@ -23,23 +25,25 @@
 
 pub mod admin;
 pub mod budget;
+pub mod catalog;
 pub mod config;
 pub mod consumer;
 pub mod coordinator;
 pub mod dead_letters;
 pub mod delivery;
+pub mod destination_api;
 pub mod job;
 pub mod lease;
 pub mod outbound;
 pub mod overview;
 pub mod parking;
+pub mod registry;
 pub mod retention;
 pub mod retry;
 pub mod stats;
 pub mod status_page;
 pub mod worker;
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,12 +55,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use admin::AdminState;
+use catalog::{Applied, Catalog, CatalogError};
 pub use config::Config;
 use consumer::GroupConsumer;
 use coordinator::{Coordinator, StartWorker};
-use delivery::Destination;
 use lease::{LeaseGuard, LeaseId, LeaseStore};
 use overview::{Observer, Overview, SharedOverview};
+use registry::Registry;
 use worker::WorkerSettings;
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
@@ -107,33 +112,53 @@ pub async fn run(
     };
 
     let policy = outbound::Policy::new(&config.outbound).map_err(anyhow::Error::msg)?;
-    let configured: Vec<Arc<Destination>> = config
-        .destinations
-        .iter()
-        .map(|d| Destination::new(d, &policy).map(Arc::new))
-        .collect::<Result<_, _>>()
-        .context("cannot build HTTP clients")?;
-    let destinations: HashMap<String, Arc<Destination>> = configured
-        .iter()
-        .map(|d| (d.name.clone(), d.clone()))
-        .collect();
+    let catalog = Catalog::new(admin_connection.clone(), keys.clone(), config.redis.shards);
+    let seed = || {
+        let catalog = &catalog;
+        let config = &config;
+        async move {
+            catalog
+                .apply(&config.destinations, config.unlisted_destinations)
+                .await
+        }
+    };
+    let Some(applied) = run_with_retries(
+        "Cannot apply the configured destinations yet",
+        Backoff::STARTUP,
+        &shutdown,
+        CatalogError::is_transient,
+        seed,
+    )
+    .await
+    .context("cannot apply the configured destinations")?
+    else {
+        return Ok(());
+    };
+    log_applied(&applied);
+    let registry = Arc::new(Registry::new(policy.clone()));
+    let follow = || registry.follow(&catalog);
+    if run_with_retries(
+        "Cannot read the destinations yet",
+        Backoff::STARTUP,
+        &shutdown,
+        CatalogError::is_transient,
+        follow,
+    )
+    .await
+    .context("cannot read the destinations")?
+    .is_none()
+    {
+        return Ok(());
+    }
     let block = Duration::from_millis(config.reader.block_ms);
     let consumer_name = config.consumer_name();
     let instance = format!("{consumer_name}#{:08x}", fastrand::u32(..));
-    let pairs: Vec<LeaseId> = (0..config.redis.shards)
-        .flat_map(|shard| {
-            config.destinations.iter().map(move |d| LeaseId {
-                shard,
-                destination: d.name.clone(),
-            })
-        })
-        .collect();
-    let pair_count = pairs.len();
     let workers = Workers {
         redis: config.redis.clone(),
         keys: keys.clone(),
         consumer_name: consumer_name.clone(),
-        destinations,
+        registry: registry.clone(),
+        catalog: catalog.clone(),
         command_connections: command_connections.clone(),
         settings: WorkerSettings {
             batch_size: config.reader.batch_size,
@@ -157,7 +182,8 @@ pub async fn run(
         keys.clone(),
         config.redis.shards,
         instance.clone(),
-        configured.clone(),
+        registry.clone(),
+        catalog.clone(),
     );
     // Before any worker starts, so a paused destination sends nothing.
     if let Err(error) = observer.apply_paused().await {
@@ -168,6 +194,7 @@ pub async fn run(
         measured_at_ms: 0,
         instance: instance.clone(),
         shards: config.redis.shards,
+        revision: registry.revision(),
         destinations: Vec::new(),
     });
     let overview: SharedOverview = Arc::new(Mutex::new(first));
@@ -181,7 +208,10 @@ pub async fn run(
         keys: keys.clone(),
         shards: config.redis.shards,
         con: admin_connection,
-        destinations: configured,
+        registry: registry.clone(),
+        catalog,
+        policy,
+        lease: config.lease,
         overview,
         access: admin::Access::new(&config.admin),
     };
@@ -197,19 +227,18 @@ pub async fn run(
         command_connections[command_connections.len() - 1].clone(),
         keys,
         config.redis.shards,
-        config.destinations.iter().map(|d| d.name.clone()).collect(),
+        registry.clone(),
         Duration::from_millis(config.retention.trim_interval_ms),
         shutdown.clone(),
     ));
     tracing::info!(
-        pairs = pair_count,
-        destinations = config.destinations.len(),
+        destinations = registry.names().len(),
         shards = config.redis.shards,
         consumer = %consumer_name,
         %instance,
         "Router started; acquiring its share of the (shard, destination) leases."
     );
-    Coordinator::new(leases, config.lease, pairs, workers)
+    Coordinator::new(leases, config.lease, workers)
         .run(shutdown.clone())
         .await;
     let _ = trimmer.await;
@@ -226,21 +255,31 @@ struct Workers {
     redis: RedisConfig,
     keys: Keys,
     consumer_name: String,
-    destinations: HashMap<String, Arc<Destination>>,
+    registry: Arc<Registry>,
+    catalog: Catalog,
     command_connections: Vec<RedisConnection>,
     settings: WorkerSettings,
 }
 
 impl StartWorker for Workers {
+    fn pairs(&self) -> Vec<LeaseId> {
+        self.registry.pairs(self.redis.shards)
+    }
+
     fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()> {
         let redis = self.redis.clone();
         let keys = self.keys.clone();
         let consumer_name = self.consumer_name.clone();
-        let destination = self.destinations[&lease.destination].clone();
+        let Some(known) = self.registry.get(&lease.destination) else {
+            // Deleted since the pairs were read: nothing to deliver.
+            return tokio::spawn(async {});
+        };
+        let destination = known.destination;
         let commands = self.command_connections
             [usize::from(lease.shard) % self.command_connections.len()]
         .clone();
         let settings = self.settings;
+        let catalog = self.catalog.clone();
         let shard = lease.shard;
         tokio::spawn(async move {
             let purpose = Connection::BlockingReads(settings.read_span);
@@ -254,69 +293,45 @@ impl StartWorker for Workers {
                 &consumer_name,
                 blocking,
                 commands,
+                catalog,
             );
             worker::run(consumer, destination, settings, guard, stop).await;
         })
     }
 }
 
-/// Checks Redis and the recorded shard count, publishes the destination
-/// names, and creates every configured destination's group on every shard
-/// (at the start of the stream) unless it exists. Groups are created before
-/// any trimming: a destination without its group would miss whatever is
-/// trimmed before the group exists.
+/// Checks Redis and the recorded shard count.
 async fn prepare_redis(
     con: &mut RedisConnection,
     keys: &Keys,
     config: &Config,
 ) -> Result<(), protocol::MetaError> {
     protocol::ensure_shard_count(con, keys, config.redis.shards).await?;
-    protocol::check_persistence(con, config.redis.allow_unsafe_persistence).await?;
-    register_destinations(con, keys, config).await?;
-    for shard in 0..config.redis.shards {
-        for destination in &config.destinations {
-            consumer::create_group(con, &keys.events(shard), &destination.name).await?;
-        }
-    }
-    Ok(())
+    protocol::check_persistence(con, config.redis.allow_unsafe_persistence).await
 }
 
-/// Deletes the consumer groups (and leases) of a destination that is no
-/// longer configured, on every shard, so they stop holding back trimming.
-/// Its dead-letter streams are kept. Returns on how many shards a group was
-/// deleted.
-pub async fn remove_destination(config: &Config, name: &str) -> anyhow::Result<u16> {
-    if config.destinations.iter().any(|d| d.name == name) {
-        anyhow::bail!(
-            "destination `{name}` is still configured; remove it from the config and restart \
-             the routers first"
-        );
+fn log_applied(applied: &Applied) {
+    if applied.created.is_empty() && applied.updated.is_empty() && applied.deleted.is_empty() {
+        return;
     }
+    tracing::info!(
+        created = ?applied.created,
+        updated = ?applied.updated,
+        deleted = ?applied.deleted,
+        "Configured destinations applied."
+    );
+}
+
+/// The catalog of the deployment `config` names, for the `destinations`
+/// commands.
+pub async fn catalog(config: &Config) -> anyhow::Result<Catalog> {
     let keys = Keys::new(config.redis.key_prefix.clone());
-    let mut con = config
+    let con = config
         .redis
         .connect(config.redis.timeout())
         .await
         .context("cannot connect to Redis")?;
-    consumer::destroy_groups(&mut con, &keys, config.redis.shards, name)
-        .await
-        .context("cannot delete the consumer groups")
-}
-
-/// Publishes the configured destination names, which the gateway checks
-/// per-event destination filters against.
-async fn register_destinations(
-    con: &mut RedisConnection,
-    keys: &Keys,
-    config: &Config,
-) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    pipe.atomic().del(keys.destinations());
-    for destination in &config.destinations {
-        pipe.sadd(keys.destinations(), &destination.name);
-    }
-    let _: redis::Value = pipe.query_async(con).await?;
-    Ok(())
+    Ok(Catalog::new(con, keys, config.redis.shards))
 }
 
 /// What a connection is for.

@@ -19,12 +19,11 @@ struct Args {
 enum Command {
     /// Deliver events (the default).
     Run,
-    /// Delete the consumer groups of a destination removed from the config,
-    /// which otherwise keep its undelivered events from being trimmed. Its
-    /// dead-letter streams are kept.
-    RemoveDestination {
-        /// The destination's name, as it was in the config.
-        name: String,
+    /// List, apply or delete the destinations in Redis, which every router
+    /// follows (the admin API's /admin/destinations does the same).
+    Destinations {
+        #[command(subcommand)]
+        command: DestinationsCommand,
     },
     /// Create an admin token: prints the token, for operators, and the line
     /// to set in `[admin]`, which holds only its digest.
@@ -35,6 +34,24 @@ enum Command {
     /// Exit 0 if the router configured here answers on its admin listener
     /// (`GET /healthz`, open without the token); the container health check.
     Health,
+}
+
+#[derive(Subcommand)]
+enum DestinationsCommand {
+    /// Print every destination (secrets masked), one JSON object per line.
+    List,
+    /// Apply the [[destinations]] of a TOML file (a router config file
+    /// will do): create the missing, update the different.
+    Apply {
+        file: PathBuf,
+        /// Also delete destinations the file does not list (the file's
+        /// `unlisted_destinations = "remove"` does the same).
+        #[arg(long)]
+        remove_unlisted: bool,
+    },
+    /// Delete a destination: delivery stops and its consumer groups are
+    /// deleted; its dead letters are kept.
+    Delete { name: String },
 }
 
 #[tokio::main]
@@ -54,13 +71,36 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = telemetry::shutdown_on_signal();
             router::run(config, admin, shutdown).await
         }
-        Command::RemoveDestination { name } => {
+        Command::Destinations { command } => {
             let config = load()?;
-            let shards = router::remove_destination(&config, name).await?;
-            println!(
-                "Deleted the consumer groups of `{name}` on {shards} of {} shards; its dead-letter streams are kept.",
-                config.redis.shards
-            );
+            let catalog = router::catalog(&config).await?;
+            match command {
+                DestinationsCommand::List => {
+                    let (_, definitions) = catalog.load().await?;
+                    for definition in definitions.values() {
+                        let shown = router::destination_api::DestinationDoc::new(definition, None);
+                        println!("{}", serde_json::to_string(&shown)?);
+                    }
+                }
+                DestinationsCommand::Apply {
+                    file,
+                    remove_unlisted,
+                } => {
+                    let (wanted, mut unlisted) = router::config::destinations_file(file, &config)?;
+                    if *remove_unlisted {
+                        unlisted = router::config::Unlisted::Remove;
+                    }
+                    let applied = catalog.apply(&wanted, unlisted).await?;
+                    println!(
+                        "created {:?}, updated {:?}, unchanged {:?}, deleted {:?}",
+                        applied.created, applied.updated, applied.unchanged, applied.deleted
+                    );
+                }
+                DestinationsCommand::Delete { name } => {
+                    catalog.delete(name).await?;
+                    println!("Deleted `{name}`: delivery stops within a second; its dead letters are kept.");
+                }
+            }
             Ok(())
         }
         Command::NewAdminToken => {

@@ -3,8 +3,9 @@
 //! router counted. The admin API and the status page show the same
 //! snapshot; the Prometheus gauges are set from it.
 //!
-//! Each tick also applies the paused set in Redis, so a pause requested on
-//! any router reaches every router within one interval.
+//! Each tick first follows the catalog (a destination created, changed or
+//! deleted on any router reaches every router within one interval), then
+//! applies the paused set in Redis (likewise for a pause).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,8 @@ use serde::Serialize;
 use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::Destination;
+use crate::catalog::{Catalog, CatalogError};
+use crate::registry::{Known, Registry};
 use crate::stats::Counts;
 
 /// Everything the admin API says about one destination.
@@ -25,6 +27,12 @@ use crate::stats::Counts;
 pub struct DestinationView {
     pub name: String,
     pub url: String,
+    /// Event types it subscribes to; empty: all.
+    pub event_types: Vec<String>,
+    /// The catalog revision of its definition's last change.
+    pub revision: u64,
+    /// Unix ms of its creation.
+    pub created_at_ms: u64,
     pub paused: bool,
     /// Entries no router has read for this destination yet, over all
     /// shards (`XINFO GROUPS` lag); `None` when Redis cannot tell.
@@ -53,6 +61,8 @@ pub struct Overview {
     /// The router instance that measured (its counters are its own).
     pub instance: String,
     pub shards: u16,
+    /// The catalog revision this router follows.
+    pub revision: u64,
     pub destinations: Vec<DestinationView>,
 }
 
@@ -65,10 +75,11 @@ pub struct Observer {
     keys: Keys,
     shards: u16,
     instance: String,
-    destinations: Vec<Arc<Destination>>,
+    registry: Arc<Registry>,
+    catalog: Catalog,
     /// When the last measurement was taken and each destination's
-    /// delivered count then (in `destinations` order), for rates.
-    previous: Option<(Instant, Vec<u64>)>,
+    /// delivered count then, for rates.
+    previous: Option<(Instant, HashMap<String, u64>)>,
     sequence: u64,
 }
 
@@ -78,27 +89,35 @@ impl Observer {
         keys: Keys,
         shards: u16,
         instance: String,
-        destinations: Vec<Arc<Destination>>,
+        registry: Arc<Registry>,
+        catalog: Catalog,
     ) -> Self {
         Self {
             con,
             keys,
             shards,
             instance,
-            destinations,
+            registry,
+            catalog,
             previous: None,
             sequence: 0,
         }
     }
 
+    /// Applies the catalog if it changed.
+    pub async fn follow_catalog(&self) -> Result<bool, CatalogError> {
+        self.registry.follow(&self.catalog).await
+    }
+
     /// Reads which destinations are paused and applies it to this router.
     pub async fn apply_paused(&mut self) -> redis::RedisResult<()> {
-        let tokens: Vec<u64> = self.destinations.iter().map(|d| d.pause_token()).collect();
+        let destinations = self.registry.destinations();
+        let tokens: Vec<u64> = destinations.iter().map(|d| d.pause_token()).collect();
         let paused: HashSet<String> = redis::cmd("SMEMBERS")
             .arg(self.keys.paused())
             .query_async(&mut self.con)
             .await?;
-        for (destination, token) in self.destinations.iter().zip(tokens) {
+        for (destination, token) in destinations.iter().zip(tokens) {
             destination.apply_paused(paused.contains(&destination.name), token);
         }
         Ok(())
@@ -106,20 +125,30 @@ impl Observer {
 
     /// Takes a new measurement.
     pub async fn measure(&mut self) -> redis::RedisResult<Overview> {
+        let revision = self.registry.revision();
         let mut views: Vec<DestinationView> = self
-            .destinations
-            .iter()
-            .map(|d| DestinationView {
-                name: d.name.clone(),
-                url: d.url().to_owned(),
-                paused: d.is_paused(),
-                lag: Some(0),
-                pending: 0,
-                dead_letters: 0,
-                counts: d.stats.counts(),
-                delivery_rate: 0.0,
-                owners: Vec::with_capacity(usize::from(self.shards)),
-            })
+            .registry
+            .known()
+            .into_iter()
+            .map(
+                |Known {
+                     destination: d,
+                     definition,
+                 }| DestinationView {
+                    name: d.name.clone(),
+                    url: definition.settings.url.clone(),
+                    event_types: definition.settings.event_types.clone(),
+                    revision: definition.revision,
+                    created_at_ms: definition.created_at_ms,
+                    paused: d.is_paused(),
+                    lag: Some(0),
+                    pending: 0,
+                    dead_letters: 0,
+                    counts: d.stats.counts(),
+                    delivery_rate: 0.0,
+                    owners: Vec::with_capacity(usize::from(self.shards)),
+                },
+            )
             .collect();
         for shard in 0..self.shards {
             let groups = self.groups(shard).await?;
@@ -140,7 +169,7 @@ impl Observer {
                         view.pending += group.pending;
                         view.lag = view.lag.zip(group.lag).map(|(a, b)| a + b);
                     }
-                    // No group yet: the router creates it at start.
+                    // No group: deleted a moment ago, or by hand.
                     None => view.lag = None,
                 }
             }
@@ -148,20 +177,28 @@ impl Observer {
         let now = Instant::now();
         if let Some((then, delivered)) = &self.previous {
             let seconds = now.duration_since(*then).as_secs_f64();
-            for (view, before) in views.iter_mut().zip(delivered) {
+            for view in &mut views {
+                let Some(before) = delivered.get(&view.name) else {
+                    continue;
+                };
                 if seconds > 0.0 {
                     view.delivery_rate =
                         view.counts.delivered.saturating_sub(*before) as f64 / seconds;
                 }
             }
         }
-        self.previous = Some((now, views.iter().map(|v| v.counts.delivered).collect()));
+        let delivered = views
+            .iter()
+            .map(|v| (v.name.clone(), v.counts.delivered))
+            .collect();
+        self.previous = Some((now, delivered));
         self.sequence += 1;
         Ok(Overview {
             sequence: self.sequence,
             measured_at_ms: protocol::unix_millis(),
             instance: self.instance.clone(),
             shards: self.shards,
+            revision,
             destinations: views,
         })
     }
@@ -235,6 +272,9 @@ pub async fn run(
 ) {
     let mut ticks = Ticks::new(every);
     while ticks.next(&shutdown).await {
+        if let Err(error) = observer.follow_catalog().await {
+            tracing::warn!(%error, "Cannot read the destinations' definitions; will retry.");
+        }
         if let Err(error) = observer.apply_paused().await {
             tracing::debug!(%error, "Cannot read paused destinations; will retry.");
         }

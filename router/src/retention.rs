@@ -5,21 +5,29 @@
 //! pending entry, or, with nothing pending, the one after its last-delivered
 //! id. The stream is trimmed (`XTRIM MINID`) below the minimum of those over
 //! all groups, computed and applied in one script so no group can move in
-//! between. Groups of destinations no longer configured still count (they
-//! are reported, see `router remove-destination`), and while a configured
-//! destination has no group yet nothing is trimmed.
+//! between. Groups of no defined destination still count (reported when
+//! they stay: see `router destinations delete`), and while a defined
+//! destination has no group nothing is trimmed.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use protocol::Keys;
 use protocol::RedisConnection;
 use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
-/// KEYS: the shard stream. ARGV: the configured destinations (group names).
-/// Returns `{trimmed, unknown groups}`; trimmed is -1 when a configured
-/// group is missing.
+use crate::registry::Registry;
+
+/// How long a group of no known destination may exist before it is
+/// reported: a destination being created, or created on another router a
+/// moment ago, has one too.
+const ORPHAN_AFTER: Duration = Duration::from_secs(30);
+
+/// KEYS: the shard stream. ARGV: the defined destinations (group names).
+/// Returns `{trimmed, unknown groups}`; trimmed is -1 when a defined
+/// destination's group is missing.
 const TRIM: &str = r"
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
@@ -56,9 +64,9 @@ return {trimmed, unknown}
 /// What one trim of one shard did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trimmed {
-    /// Entries removed; `None` when a configured destination has no group yet.
+    /// Entries removed; `None` when a defined destination has no group.
     pub removed: Option<u64>,
-    /// Groups on the stream that no configured destination owns.
+    /// Groups on the stream that no defined destination owns.
     pub unknown_groups: Vec<String>,
 }
 
@@ -82,19 +90,22 @@ pub async fn trim(
     })
 }
 
-/// Trims every shard every `every` until `shutdown`. Each router does this
-/// for all shards; the script is safe to run concurrently.
+/// Trims every shard every `every` until `shutdown`, keeping what the
+/// destinations defined now still need. Each router does this for all
+/// shards; the script is safe to run concurrently.
 pub async fn run(
     mut con: RedisConnection,
     keys: Keys,
     shards: u16,
-    destinations: Vec<String>,
+    registry: Arc<Registry>,
     every: Duration,
     shutdown: CancellationToken,
 ) {
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
     let mut reported = HashSet::new();
     let mut ticks = Ticks::new(every);
     while ticks.next(&shutdown).await {
+        let destinations = registry.names();
         for shard in 0..shards {
             match trim(&mut con, &keys, shard, &destinations).await {
                 Ok(trimmed) => {
@@ -103,14 +114,14 @@ pub async fn run(
                         tracing::debug!(shard, removed, "Trimmed acknowledged entries.");
                     }
                     for group in trimmed.unknown_groups {
-                        if reported.insert(group.clone()) {
+                        let since = *first_seen.entry(group.clone()).or_insert_with(Instant::now);
+                        if since.elapsed() >= ORPHAN_AFTER && reported.insert(group.clone()) {
                             tracing::warn!(
                                 group = %group,
                                 shard,
-                                "Consumer group of a destination that is no longer configured: \
-                                 it keeps undelivered entries from being trimmed. If the \
-                                 destination is gone for good, delete its groups with \
-                                 `router remove-destination {group}`."
+                                "Consumer group of no defined destination: it keeps \
+                                 undelivered entries from being trimmed. Delete it with \
+                                 `router destinations delete {group}`."
                             );
                         }
                     }

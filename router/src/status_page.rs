@@ -44,11 +44,12 @@ button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap
 </style></head>
 <body data-sequence="{sequence}">
 <h1>Destinations</h1>
-<div class="meta">Router <code>{instance}</code> · {shards} shards · measured {measured} · reloads every {REFRESH_SECS} s. Lag, pending and dead letters are from Redis; counts and rates are this router's since it started.</div>
+<div class="meta">Router <code>{instance}</code> · {shards} shards · destinations at revision <span data-field="revision">{revision}</span> · measured {measured} · reloads every {REFRESH_SECS} s. Lag, pending and dead letters are from Redis; counts and rates are this router's since it started.</div>
 "#,
         sequence = overview.sequence,
         instance = escape(&overview.instance),
         shards = overview.shards,
+        revision = overview.revision,
         measured = humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(overview.measured_at_ms)
         ),
@@ -99,7 +100,7 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
     let _ = write!(
         page,
         r#"<tr data-destination="{name}">
-<td><strong>{name}</strong><br><small>{url}</small></td>
+<td><strong>{name}</strong><br><small data-field="url">{url}</small><br><small>event types: <span data-field="event_types">{event_types}</span> · revision <span data-field="definition_revision">{definition_revision}</span></small></td>
 <td><span class="state {state_class}" data-field="state">{state}</span></td>
 <td class="num" data-field="delivery_rate">{rate:.1}</td>
 <td class="num" data-field="lag">{lag}</td>
@@ -117,6 +118,12 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
 </tr>
 "#,
         url = escape(&d.url),
+        event_types = if d.event_types.is_empty() {
+            "all".to_owned()
+        } else {
+            escape(&d.event_types.join(", "))
+        },
+        definition_revision = d.revision,
         rate = d.delivery_rate,
         pending = d.pending,
         in_flight = d.counts.in_flight,
@@ -158,9 +165,13 @@ mod tests {
             measured_at_ms: 0,
             instance: "r1".into(),
             shards: 2,
+            revision: 12,
             destinations: vec![DestinationView {
                 name: "crm".into(),
                 url: "http://crm/hook".into(),
+                event_types: vec!["order.*".into(), "<x>".into()],
+                revision: 11,
+                created_at_ms: 0,
                 paused: true,
                 lag: Some(12),
                 pending: 3,
@@ -188,6 +199,9 @@ mod tests {
             r#"data-field="delivery_rate">2.5<"#,
             r#"data-field="state">paused<"#,
             r#"data-field="owned_shards">1 / 2<"#,
+            r#"data-field="revision">12<"#,
+            r#"data-field="definition_revision">11<"#,
+            r#"data-field="event_types">order.*, &lt;x&gt;<"#,
             "HTTP 500: &lt;b&gt;boom&lt;/b&gt;",
         ] {
             assert!(page.contains(expected), "missing {expected} in {page}");

@@ -16,13 +16,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::{Backoff, StreamId};
+use protocol::{Backoff, EventEntry, StreamId};
 use tokio::sync::mpsc;
 use tokio::task::{Id as TaskId, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Amount, Budget};
-use crate::consumer::{EntryContent, GroupConsumer, ReadFrom};
+use crate::catalog::CatalogError;
+use crate::consumer::{ConsumerError, EntryContent, GroupConsumer, ReadFrom};
 use crate::delivery::Destination;
 use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::lease::LeaseGuard;
@@ -107,6 +108,8 @@ trait JobRunner {
     fn spawn(&self, jobs: &mut JoinSet<JobEnd>, source: Source) -> TaskId;
     /// The destination whose events wait for each other, per user.
     fn destination(&self) -> &str;
+    /// Whether `event` is for the destination (others wait for no user).
+    fn wants(&self, event: &EventEntry) -> bool;
     /// Publishes a change of the parked counts.
     fn parked_changed(&self, before: ParkedCount, now: ParkedCount);
 }
@@ -125,6 +128,10 @@ impl JobRunner for Jobs {
 
     fn destination(&self) -> &str {
         &self.context.destination.name
+    }
+
+    fn wants(&self, event: &EventEntry) -> bool {
+        self.context.destination.endpoint().wants(event)
     }
 
     fn parked_changed(&self, before: ParkedCount, now: ParkedCount) {
@@ -210,9 +217,7 @@ impl<R: JobRunner> Dispatcher<R> {
             // Only events sent to this destination wait for each other;
             // anything else is settled at once.
             let user = match &held.entry.content {
-                EntryContent::Event(event) if event.is_for(self.runner.destination()) => {
-                    event.user_id.clone()
-                }
+                EntryContent::Event(event) if self.runner.wants(event) => event.user_id.clone(),
                 _ => {
                     self.start(None, Source::Held(held));
                     continue;
@@ -366,10 +371,7 @@ async fn read_loop(
                 drop(reservation);
                 failures += 1;
                 if error.is_missing_group() {
-                    tracing::warn!(
-                        shard = consumer.shard(),
-                        "Consumer group missing; recreating it."
-                    );
+                    tracing::warn!(shard = consumer.shard(), "Consumer group missing.");
                     prepared = false;
                     if !hand_over(&batches, Read::GroupRecreated, &shutdown).await {
                         return;
@@ -398,11 +400,33 @@ async fn hand_over(batches: &mpsc::Sender<Read>, read: Read, shutdown: &Cancella
     }
 }
 
+/// Why a worker cannot start reading yet.
+#[derive(Debug, thiserror::Error)]
+enum PrepareError {
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    #[error("cannot restore the missing consumer group: {0}")]
+    Restore(#[from] CatalogError),
+}
+
 /// Takes over what earlier owners left: their pending entries become ours
 /// (read first, in id order), and their consumers, now empty, are removed.
-async fn prepare(consumer: &GroupConsumer) -> Result<(), crate::consumer::ConsumerError> {
-    consumer.ensure_group().await?;
-    let claimed = consumer.claim_pending_of_others().await?;
+/// A missing group (deleted by hand, or lost by Redis) is restored at the
+/// destination's cut, unless the destination was deleted meanwhile.
+async fn prepare(consumer: &GroupConsumer) -> Result<(), PrepareError> {
+    let claimed = match consumer.claim_pending_of_others().await {
+        Err(error) if error.is_missing_group() => {
+            let cut = consumer.restore_group().await?;
+            tracing::warn!(
+                shard = consumer.shard(),
+                %cut,
+                "Consumer group was missing; restored at the destination's cut \
+                 (retained events since then are delivered again)."
+            );
+            consumer.claim_pending_of_others().await?
+        }
+        claimed => claimed?,
+    };
     let removed = consumer.remove_idle_consumers().await?;
     if claimed > 0 || !removed.is_empty() {
         tracing::info!(
@@ -491,6 +515,10 @@ mod tests {
             "d"
         }
 
+        fn wants(&self, event: &EventEntry) -> bool {
+            event.is_for("d")
+        }
+
         fn parked_changed(&self, before: ParkedCount, now: ParkedCount) {
             let mut parked = self.parked.lock().expect("counts");
             assert_eq!(*parked, before, "changes are published in sequence");
@@ -509,6 +537,7 @@ mod tests {
             received_at_ms: 0,
             message_id: None,
             destinations: None,
+            event_type: None,
             source: None,
             replay: None,
         })

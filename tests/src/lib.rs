@@ -123,8 +123,14 @@ impl TestDestination {
                     max_attempts: 5,
                 },
                 signing_secrets: Vec::new(),
+                event_types: Vec::new(),
             },
         }
+    }
+
+    pub fn event_types(mut self, event_types: &[&str]) -> Self {
+        self.settings.event_types = event_types.iter().map(|t| t.to_string()).collect();
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -161,6 +167,24 @@ impl TestDestination {
     pub fn max_concurrency(mut self, max_concurrency: usize) -> Self {
         self.settings.max_concurrency = max_concurrency;
         self
+    }
+}
+
+/// A second in-process router ([`TestSystem::start_extra_router`]).
+pub struct ExtraRouter {
+    pub stop: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub admin_url: String,
+}
+
+impl ExtraRouter {
+    /// Stops it gracefully and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.handle
+            .await
+            .expect("router task")
+            .expect("router stops cleanly");
     }
 }
 
@@ -298,6 +322,27 @@ impl TestSystem {
         self.start_router_with(|_| {});
     }
 
+    /// Starts another in-process router beside the system's own, as
+    /// `consumer_name`, with its config adjusted by `configure`.
+    pub fn start_extra_router(
+        &self,
+        consumer_name: &str,
+        configure: impl FnOnce(&mut router::Config),
+    ) -> ExtraRouter {
+        let mut config = self.router_config();
+        config.consumer_name = consumer_name.into();
+        configure(&mut config);
+        let stop = self.shutdown.child_token();
+        let admin = TcpListener::bind("127.0.0.1:0").expect("bind router admin");
+        let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
+        let handle = tokio::spawn(router::run(config, admin, stop.clone()));
+        ExtraRouter {
+            stop,
+            handle,
+            admin_url,
+        }
+    }
+
     /// Starts the in-process router with its config adjusted by `configure`.
     pub fn start_router_with(&mut self, configure: impl FnOnce(&mut router::Config)) {
         let mut config = self.router_config();
@@ -417,8 +462,8 @@ impl TestSystem {
         let what = format!("destination {destination} registered");
         wait_for(&what, Duration::from_secs(10), || async {
             let mut con = self.redis.connection().await;
-            redis::cmd("SISMEMBER")
-                .arg(self.keys.destinations())
+            redis::cmd("HEXISTS")
+                .arg(self.keys.catalog())
                 .arg(destination)
                 .query_async::<bool>(&mut con)
                 .await
@@ -541,24 +586,49 @@ impl TestSystem {
         path
     }
 
-    /// The current holder of every (shard, destination) lease (`None` = free).
+    /// The current holder of every (shard, destination) lease of the
+    /// configured destinations (`None` = free).
     pub async fn lease_holders(&self) -> Vec<Option<String>> {
+        let mut holders = Vec::new();
+        for destination in &self.destinations {
+            holders.extend(self.lease_holders_of(destination.name()).await);
+        }
+        holders
+    }
+
+    /// The holder of `destination`'s lease on every shard (`None` = free).
+    pub async fn lease_holders_of(&self, destination: &str) -> Vec<Option<String>> {
+        self.per_shard(|mut con, shard| async move {
+            let lease = self.keys.lease(shard, destination);
+            let holder: Option<String> = redis::cmd("GET")
+                .arg(&lease)
+                .query_async(&mut con)
+                .await
+                .unwrap_or_else(|e| panic!("GET {lease}: {e}"));
+            holder
+        })
+        .await
+    }
+
+    /// On how many shards `destination` has a consumer group.
+    pub async fn groups_of(&self, destination: &str) -> usize {
         let per_shard = self
             .per_shard(|mut con, shard| async move {
-                let mut holders = Vec::new();
-                for destination in &self.destinations {
-                    let lease = self.keys.lease(shard, destination.name());
-                    let holder: Option<String> = redis::cmd("GET")
-                        .arg(&lease)
-                        .query_async(&mut con)
-                        .await
-                        .unwrap_or_else(|e| panic!("GET {lease}: {e}"));
-                    holders.push(holder);
-                }
-                holders
+                let stream = self.keys.events(shard);
+                let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
+                    redis::cmd("XINFO").arg("GROUPS").arg(&stream).query_async(&mut con).await;
+                let groups = match groups {
+                    Ok(groups) => groups,
+                    // XINFO GROUPS of a missing stream is a plain ERR.
+                    Err(e) if e.code() == Some("ERR") => Vec::new(),
+                    Err(e) => panic!("XINFO GROUPS {stream}: {e}"),
+                };
+                groups.iter().any(|group| {
+                    matches!(group.get("name"), Some(redis::Value::BulkString(name)) if name == destination.as_bytes())
+                })
             })
             .await;
-        per_shard.into_iter().flatten().collect()
+        per_shard.into_iter().filter(|has| *has).count()
     }
 
     /// How many leases instances of `consumer_name` hold.

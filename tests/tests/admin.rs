@@ -337,15 +337,50 @@ async fn dead_letters_can_be_deleted_one_at_a_time_or_all_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_groups_of_a_destination_removed_from_the_config_can_be_deleted() {
+async fn a_destination_left_out_of_the_config_stays_unless_unlisted_ones_are_removed() {
     let mut system = TestSystem::start(vec![
         TestDestination::new("crm", "/ok/crm"),
         TestDestination::new("old", "/ok/old"),
     ])
     .await;
     system.wait_destinations_registered("old").await;
+    let restart = |system: &mut TestSystem, unlisted| {
+        system.start_router_with(move |config| {
+            config.destinations.retain(|d| d.name == "crm");
+            config.unlisted_destinations = unlisted;
+        })
+    };
     system.stop_router().await;
-    system.start_router_with(|config| config.destinations.retain(|d| d.name == "crm"));
+    restart(&mut system, router::config::Unlisted::Keep);
+    wait_admin(&system).await;
+    // Kept: still defined, still delivered.
+    let (status, view) = system
+        .admin_call(Method::GET, "/admin/destinations/old", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    system.send("u", json!(1)).await;
+    system.wait_delivered("old", 1, PATIENCE).await;
+
+    system.stop_router().await;
+    restart(&mut system, router::config::Unlisted::Remove);
+    wait_admin(&system).await;
+    let (status, _) = system
+        .admin_call(Method::GET, "/admin/destinations/old", None)
+        .await;
+    assert_eq!(status, 404, "removed with its definition");
+    assert_eq!(system.groups_of("old").await, 0, "and its groups");
+    assert_eq!(
+        system.groups_of("crm").await,
+        usize::from(e2e_tests::SHARDS)
+    );
+    let (status, _) = system
+        .admin_call(Method::DELETE, "/admin/destinations/old", None)
+        .await;
+    assert_eq!(status, 404, "nothing left to delete");
+}
+
+/// Waits until the (restarted) router's admin API answers.
+async fn wait_admin(system: &TestSystem) {
     wait_for("the router's admin API", PATIENCE, || async {
         system
             .admin_call(Method::GET, "/admin/destinations", None)
@@ -354,21 +389,6 @@ async fn the_groups_of_a_destination_removed_from_the_config_can_be_deleted() {
             == 200
     })
     .await;
-
-    let (status, _) = system
-        .admin_call(Method::DELETE, "/admin/destinations/crm", None)
-        .await;
-    assert_eq!(status, 409, "a configured destination's groups stay");
-    let (status, body) = system
-        .admin_call(Method::DELETE, "/admin/destinations/old", None)
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["groups_deleted"], e2e_tests::SHARDS);
-    assert!(system.consumers("old").await.is_empty());
-    let (status, _) = system
-        .admin_call(Method::DELETE, "/admin/destinations/old", None)
-        .await;
-    assert_eq!(status, 404, "nothing left to delete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

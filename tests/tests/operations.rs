@@ -1,11 +1,11 @@
-//! Safety rails an operator relies on: refusing an unsafe Redis, removing a
-//! retired destination's groups, expiring events a destination never took,
+//! Safety rails an operator relies on: refusing an unsafe Redis, expiring
+//! events a destination never took,
 //! and 503 (not 500, not loss) when Redis runs out of memory.
 
 use std::net::TcpListener;
 use std::time::Duration;
 
-use e2e_tests::{wait_for, RedisServer, TestDestination, TestSystem, SHARDS};
+use e2e_tests::{wait_for, RedisServer, TestDestination, TestSystem};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,52 +61,6 @@ async fn services_refuse_a_redis_that_can_lose_events_unless_overridden() {
     shutdown.cancel();
     gateway.await.expect("joins").expect("gateway ran");
     router.await.expect("joins").expect("router ran");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removed_destination_holds_back_trimming_until_its_groups_are_deleted() {
-    let mut system = TestSystem::start(vec![
-        TestDestination::new("kept", "/ok/kept"),
-        TestDestination::new("retired", "/ok/retired"),
-    ])
-    .await;
-    system.post_concurrently(10, 5).await;
-    system
-        .wait_delivered("retired", 50, Duration::from_secs(30))
-        .await;
-    system.stop_router().await;
-
-    // "retired" leaves the config; its group stays behind, as far back as
-    // it had read, and keeps every later event from being trimmed.
-    system.destinations.retain(|d| d.name() == "kept");
-    system.start_router();
-    let total = 50 + system.post_concurrently(10, 5).await;
-    system
-        .wait_delivered("kept", total, Duration::from_secs(30))
-        .await;
-    wait_for(
-        "trimming to reach the retired group's position",
-        Duration::from_secs(10),
-        || async { system.stream_lengths().await == 50 },
-    )
-    .await;
-
-    let config = system.router_config();
-    let error = router::remove_destination(&config, "kept")
-        .await
-        .expect_err("a configured destination cannot be removed");
-    assert!(error.to_string().contains("still configured"), "{error}");
-    let removed = router::remove_destination(&config, "retired")
-        .await
-        .expect("removal works");
-    assert!(
-        removed > 0 && removed <= SHARDS,
-        "groups removed on {removed} shards"
-    );
-    wait_for("streams trimmed empty", Duration::from_secs(10), || async {
-        system.stream_lengths().await == 0
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

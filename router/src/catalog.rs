@@ -1,0 +1,437 @@
+//! The destinations' definitions in Redis: the one definition every router
+//! follows.
+//!
+//! The catalog is a hash (name → [`Definition`] as JSON) beside a revision
+//! counter that every change raises, in one script, so a router notices a
+//! change by reading one number. Both keys share a hash tag, so the scripts
+//! stay in one Redis Cluster slot.
+//!
+//! Creating a destination records its **cut** on every shard: the last
+//! stream id before the first event it receives. Its consumer group is
+//! created at that id in one script per shard, so the cut is one atomic
+//! point. A definition without cuts is still being created, and no router
+//! delivers it.
+
+use std::collections::BTreeMap;
+
+use protocol::{Keys, RedisConnection};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DestinationConfig, Unlisted};
+
+/// Adds a definition unless its name exists. KEYS: catalog, revision.
+/// ARGV: name, the definition as a JSON object without its revision.
+/// Returns the new revision, or 0 if the name exists.
+const CREATE: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+local revision = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], ARGV[1], '{"revision":' .. revision .. ',' .. string.sub(ARGV[2], 2))
+return revision
+"#;
+
+/// Replaces a definition if it is still at the expected revision. KEYS:
+/// catalog, revision. ARGV: name, expected revision, the definition as a
+/// JSON object without its revision. Returns the new revision, 0 if it
+/// changed meanwhile, -1 if it is gone.
+const REPLACE: &str = r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return -1 end
+if cjson.decode(current)['revision'] ~= tonumber(ARGV[2]) then return 0 end
+local revision = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], ARGV[1], '{"revision":' .. revision .. ',' .. string.sub(ARGV[3], 2))
+return revision
+"#;
+
+/// Removes a definition. KEYS: catalog, revision. ARGV: name. Returns 1 if
+/// it existed.
+const DELETE: &str = r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('INCR', KEYS[2])
+return 1
+";
+
+/// Creates a consumer group and returns where it starts: the cut. An
+/// existing group is kept where it is (nothing it still owes is skipped).
+/// KEYS: shard stream. ARGV: group, start id (`$`, `0` or an id).
+const CUT: &str = r"
+local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], ARGV[2], 'MKSTREAM')
+if type(created) == 'table' and created.err and not string.find(created.err, 'BUSYGROUP', 1, true) then
+  return redis.error_reply(created.err)
+end
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == ARGV[1] then return info['last-delivered-id'] end
+end
+return redis.error_reply('ERR the group vanished while it was created')
+";
+
+/// A destination as the catalog holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Definition {
+    /// The catalog revision of its last change; written by the scripts.
+    #[serde(default, skip_serializing)]
+    pub revision: u64,
+    /// Unix ms of its creation.
+    pub created_at_ms: u64,
+    /// Per shard, the stream id after which its events begin; empty while
+    /// it is being created.
+    #[serde(default)]
+    pub cuts: Vec<String>,
+    pub settings: DestinationConfig,
+}
+
+impl Definition {
+    /// Whether its consumer groups exist on every shard, so routers deliver it.
+    pub fn is_ready(&self) -> bool {
+        !self.cuts.is_empty()
+    }
+
+    fn to_json(&self) -> String {
+        // Secrets in clear: the routers sign with them.
+        serde_json::to_string(self).expect("a definition serializes")
+    }
+}
+
+/// Where a new destination's delivery starts on every shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// At the first event still in the streams: a deployment's first start.
+    Beginning,
+    /// After the last event accepted before the creation.
+    Now,
+    /// At the first retained event accepted at or after this Unix ms.
+    Since(u64),
+}
+
+impl Start {
+    fn group_id(self) -> String {
+        match self {
+            Start::Beginning | Start::Since(0) => "0".into(),
+            Start::Now => "$".into(),
+            // The last possible id of the millisecond before.
+            Start::Since(ms) => format!("{}-{}", ms - 1, u64::MAX),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("destination `{0}` exists")]
+    Exists(String),
+    #[error("no destination named `{0}`")]
+    Unknown(String),
+    #[error("destination `{0}` is still being created; try again shortly, or delete it if its creation was interrupted")]
+    Creating(String),
+    #[error("destination `{0}` was deleted while it was being created")]
+    DeletedWhileCreating(String),
+    #[error("destination `{0}` changed too often while being updated; try again")]
+    Contended(String),
+    #[error("a stored definition is unreadable: {0}")]
+    Corrupt(String),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl CatalogError {
+    /// Whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CatalogError::Redis(_) | CatalogError::Creating(_) | CatalogError::Contended(_)
+        )
+    }
+}
+
+/// What [`Catalog::apply`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+/// Reads and changes the catalog.
+#[derive(Clone)]
+pub struct Catalog {
+    con: RedisConnection,
+    keys: Keys,
+    shards: u16,
+}
+
+impl Catalog {
+    pub fn new(con: RedisConnection, keys: Keys, shards: u16) -> Self {
+        Self { con, keys, shards }
+    }
+
+    /// The current revision; 0 before the first destination was ever defined.
+    pub async fn revision(&self) -> Result<u64, CatalogError> {
+        let revision: Option<u64> = redis::cmd("GET")
+            .arg(self.keys.catalog_revision())
+            .query_async(&mut self.con.clone())
+            .await?;
+        Ok(revision.unwrap_or(0))
+    }
+
+    /// Every definition, by name, with the revision read before them (a
+    /// change landing in between is seen again at the next read).
+    pub async fn load(&self) -> Result<(u64, BTreeMap<String, Definition>), CatalogError> {
+        let revision = self.revision().await?;
+        let stored: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.catalog())
+            .query_async(&mut self.con.clone())
+            .await?;
+        let mut definitions = BTreeMap::new();
+        for (name, json) in stored {
+            let definition: Definition = serde_json::from_str(&json)
+                .map_err(|e| CatalogError::Corrupt(format!("`{name}`: {e}")))?;
+            definitions.insert(name, definition);
+        }
+        Ok((revision, definitions))
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Definition, CatalogError> {
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(self.keys.catalog())
+            .arg(name)
+            .query_async(&mut self.con.clone())
+            .await?;
+        let json = json.ok_or_else(|| CatalogError::Unknown(name.to_owned()))?;
+        serde_json::from_str(&json).map_err(|e| CatalogError::Corrupt(format!("`{name}`: {e}")))
+    }
+
+    /// Creates a destination (its settings already checked): reserves the
+    /// name, creates its consumer group on every shard at `start`, and
+    /// records the cuts, after which routers deliver it.
+    pub async fn create(
+        &self,
+        settings: DestinationConfig,
+        start: Start,
+    ) -> Result<Definition, CatalogError> {
+        let name = settings.name.clone();
+        let mut definition = Definition {
+            revision: 0,
+            created_at_ms: protocol::unix_millis(),
+            cuts: Vec::new(),
+            settings,
+        };
+        let revision: u64 = redis::cmd("EVAL")
+            .arg(CREATE)
+            .arg(2)
+            .arg(self.keys.catalog())
+            .arg(self.keys.catalog_revision())
+            .arg(&name)
+            .arg(definition.to_json())
+            .query_async(&mut self.con.clone())
+            .await?;
+        if revision == 0 {
+            return Err(CatalogError::Exists(name));
+        }
+        definition.revision = revision;
+        let mut cuts = Vec::with_capacity(usize::from(self.shards));
+        for shard in 0..self.shards {
+            let cut: String = redis::cmd("EVAL")
+                .arg(CUT)
+                .arg(1)
+                .arg(self.keys.events(shard))
+                .arg(&name)
+                .arg(start.group_id())
+                .query_async(&mut self.con.clone())
+                .await?;
+            cuts.push(cut);
+        }
+        definition.cuts = cuts;
+        match self.replace(&definition).await? {
+            Some(revision) => {
+                definition.revision = revision;
+                tracing::info!(destination = %name, revision, ?start, "Destination created.");
+                Ok(definition)
+            }
+            None => {
+                // Deleted meanwhile: its groups must not outlive it.
+                destroy_groups(&mut self.con.clone(), &self.keys, self.shards, &name).await?;
+                Err(CatalogError::DeletedWhileCreating(name))
+            }
+        }
+    }
+
+    /// Creates `name`'s consumer group on `shard` again after it went
+    /// missing (deleted by hand, or Redis lost it), at the cut recorded at
+    /// the destination's creation: the events of its lifetime still
+    /// retained are delivered again (at least once; nothing is skipped).
+    /// Refused for a destination deleted or still being created, so a
+    /// worker that has not yet stopped cannot bring a deleted group back.
+    pub async fn restore_group(&self, name: &str, shard: u16) -> Result<String, CatalogError> {
+        let definition = self.get(name).await?;
+        let cut = definition
+            .cuts
+            .get(usize::from(shard))
+            .ok_or_else(|| CatalogError::Creating(name.to_owned()))?;
+        let restored: String = redis::cmd("EVAL")
+            .arg(CUT)
+            .arg(1)
+            .arg(self.keys.events(shard))
+            .arg(name)
+            .arg(cut)
+            .query_async(&mut self.con.clone())
+            .await?;
+        Ok(restored)
+    }
+
+    /// Changes a ready destination's settings with `change`, retrying when
+    /// another change lands in between.
+    pub async fn update(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&mut DestinationConfig) -> Result<(), CatalogError>,
+    ) -> Result<Definition, CatalogError> {
+        for _ in 0..10 {
+            let mut definition = self.get(name).await?;
+            if !definition.is_ready() {
+                return Err(CatalogError::Creating(name.to_owned()));
+            }
+            change(&mut definition.settings)?;
+            if let Some(revision) = self.replace(&definition).await? {
+                definition.revision = revision;
+                tracing::info!(destination = %name, revision, "Destination updated.");
+                return Ok(definition);
+            }
+        }
+        Err(CatalogError::Contended(name.to_owned()))
+    }
+
+    /// Writes `definition` if it is still at its revision: the new
+    /// revision, or `None` if it is gone. Another change in between is
+    /// [`CatalogError::Contended`] for a caller that cannot retry.
+    async fn replace(&self, definition: &Definition) -> Result<Option<u64>, CatalogError> {
+        let name = &definition.settings.name;
+        let revision: i64 = redis::cmd("EVAL")
+            .arg(REPLACE)
+            .arg(2)
+            .arg(self.keys.catalog())
+            .arg(self.keys.catalog_revision())
+            .arg(name)
+            .arg(definition.revision)
+            .arg(definition.to_json())
+            .query_async(&mut self.con.clone())
+            .await?;
+        match revision {
+            -1 => Ok(None),
+            0 => Err(CatalogError::Contended(name.clone())),
+            revision => Ok(Some(revision.unsigned_abs())),
+        }
+    }
+
+    /// Deletes a destination: its definition, then its consumer groups (so
+    /// they stop holding back trimming). Its dead letters are kept; its
+    /// leases are released by the routers holding them as they stop. Also
+    /// deletes the groups of a name with no definition (left by an earlier
+    /// version, or by hand).
+    pub async fn delete(&self, name: &str) -> Result<(), CatalogError> {
+        let existed: i64 = redis::cmd("EVAL")
+            .arg(DELETE)
+            .arg(2)
+            .arg(self.keys.catalog())
+            .arg(self.keys.catalog_revision())
+            .arg(name)
+            .query_async(&mut self.con.clone())
+            .await?;
+        let groups = destroy_groups(&mut self.con.clone(), &self.keys, self.shards, name).await?;
+        if existed == 0 && groups == 0 {
+            return Err(CatalogError::Unknown(name.to_owned()));
+        }
+        tracing::info!(destination = %name, "Destination deleted.");
+        Ok(())
+    }
+
+    /// Makes the catalog hold `wanted` (a config file's list, checked):
+    /// creates the missing, updates the different, and with
+    /// [`Unlisted::Remove`] deletes the others. On a deployment's first
+    /// definition ever, the new ones start at the beginning of the streams,
+    /// so events accepted before any router ran are delivered.
+    pub async fn apply(
+        &self,
+        wanted: &[DestinationConfig],
+        unlisted: Unlisted,
+    ) -> Result<Applied, CatalogError> {
+        let (revision, current) = self.load().await?;
+        let start = if revision == 0 {
+            Start::Beginning
+        } else {
+            Start::Now
+        };
+        let mut applied = Applied::default();
+        for settings in wanted {
+            let name = settings.name.clone();
+            let same = |stored: &DestinationConfig| same_settings(stored, settings);
+            match current.get(&name) {
+                Some(stored) if same(&stored.settings) => applied.unchanged.push(name),
+                Some(_) => {
+                    self.update(&name, |stored| {
+                        *stored = settings.clone();
+                        Ok(())
+                    })
+                    .await?;
+                    applied.updated.push(name);
+                }
+                None => match self.create(settings.clone(), start).await {
+                    Ok(_) => applied.created.push(name),
+                    // Another router applying the same file got there first.
+                    Err(CatalogError::Exists(_)) => applied.unchanged.push(name),
+                    Err(error) => return Err(error),
+                },
+            }
+        }
+        if unlisted == Unlisted::Remove {
+            for name in current.keys() {
+                if !wanted.iter().any(|d| &d.name == name) {
+                    self.delete(name).await?;
+                    applied.deleted.push(name.clone());
+                }
+            }
+        }
+        Ok(applied)
+    }
+}
+
+/// Whether two settings are the same (secrets compared in clear).
+pub fn same_settings(a: &DestinationConfig, b: &DestinationConfig) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// Deletes `destination`'s consumer group on every shard, so a deleted
+/// destination stops holding back trimming. Its dead-letter streams are
+/// kept. Its leases are not deleted: a router still delivering the pair
+/// releases its lease as it stops, and until then no other router may take
+/// it (were the destination created again at once, two would deliver).
+/// Returns on how many shards a group was deleted.
+async fn destroy_groups(
+    con: &mut RedisConnection,
+    keys: &Keys,
+    shards: u16,
+    destination: &str,
+) -> redis::RedisResult<u16> {
+    let mut removed = 0;
+    for shard in 0..shards {
+        let stream = keys.events(shard);
+        // XGROUP DESTROY refuses a missing stream with a plain `ERR`, which
+        // only its text tells apart; asking first needs no text.
+        let exists: bool = redis::cmd("EXISTS").arg(&stream).query_async(con).await?;
+        if exists {
+            let destroyed: i64 = redis::cmd("XGROUP")
+                .arg("DESTROY")
+                .arg(&stream)
+                .arg(destination)
+                .query_async(con)
+                .await?;
+            if destroyed > 0 {
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(destination, shards = removed, "Consumer groups deleted.");
+    }
+    Ok(removed)
+}

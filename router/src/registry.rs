@@ -1,0 +1,161 @@
+//! The destinations this router delivers to, kept in step with the
+//! catalog in Redis ([`crate::catalog`]).
+//!
+//! Every overview interval the router reads the catalog's revision; when it
+//! changed, it reads the definitions and applies them here: a new ready
+//! destination gets its [`Destination`] (HTTP client, counters), a changed
+//! one gets its new settings for its next attempts, and a deleted one is
+//! dropped, so the coordinator stops its workers and releases its leases.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use crate::catalog::{Catalog, CatalogError, Definition};
+use crate::delivery::Destination;
+use crate::lease::LeaseId;
+use crate::outbound::Policy;
+
+/// A destination and the definition it was built from.
+#[derive(Clone)]
+pub struct Known {
+    pub destination: Arc<Destination>,
+    pub definition: Arc<Definition>,
+}
+
+#[derive(Default)]
+struct Snapshot {
+    revision: u64,
+    /// Ready destinations, by name.
+    known: BTreeMap<String, Known>,
+    /// Definitions still being created (no router delivers them yet).
+    creating: Vec<Arc<Definition>>,
+}
+
+pub struct Registry {
+    policy: Policy,
+    current: RwLock<Snapshot>,
+}
+
+impl Registry {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            current: RwLock::new(Snapshot::default()),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Snapshot> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The catalog revision applied last.
+    pub fn revision(&self) -> u64 {
+        self.read().revision
+    }
+
+    pub fn get(&self, name: &str) -> Option<Known> {
+        self.read().known.get(name).cloned()
+    }
+
+    /// Every ready destination, by name.
+    pub fn destinations(&self) -> Vec<Arc<Destination>> {
+        self.read()
+            .known
+            .values()
+            .map(|known| known.destination.clone())
+            .collect()
+    }
+
+    /// Every ready destination with its definition, by name.
+    pub fn known(&self) -> Vec<Known> {
+        self.read().known.values().cloned().collect()
+    }
+
+    /// Definitions still being created.
+    pub fn creating(&self) -> Vec<Arc<Definition>> {
+        self.read().creating.clone()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.read().known.keys().cloned().collect()
+    }
+
+    /// Every (shard, destination) pair to deliver, sorted.
+    pub fn pairs(&self, shards: u16) -> Vec<LeaseId> {
+        let snapshot = self.read();
+        let mut pairs: Vec<LeaseId> = (0..shards)
+            .flat_map(|shard| {
+                snapshot.known.keys().map(move |name| LeaseId {
+                    shard,
+                    destination: name.clone(),
+                })
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    /// Reads the catalog if its revision moved since the last read, and
+    /// applies it; true if something was applied.
+    pub async fn follow(&self, catalog: &Catalog) -> Result<bool, CatalogError> {
+        if catalog.revision().await? == self.revision() {
+            return Ok(false);
+        }
+        let (revision, definitions) = catalog.load().await?;
+        self.apply(revision, definitions);
+        Ok(true)
+    }
+
+    /// Applies the catalog at `revision`.
+    pub fn apply(&self, revision: u64, definitions: BTreeMap<String, Definition>) {
+        let mut snapshot = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if revision < snapshot.revision {
+            return; // an older read finishing late
+        }
+        let mut known = BTreeMap::new();
+        let mut creating = Vec::new();
+        for (name, definition) in definitions {
+            let definition = Arc::new(definition);
+            if !definition.is_ready() {
+                creating.push(definition);
+                continue;
+            }
+            let built = match snapshot.known.remove(&name) {
+                Some(old) if old.definition.revision == definition.revision => Ok(old.destination),
+                Some(old) => old
+                    .destination
+                    .update(&definition.settings, &self.policy)
+                    .map(|()| {
+                        tracing::info!(destination = %name, revision = definition.revision, "Destination settings changed; the next attempts use them.");
+                        old.destination
+                    }),
+                None => Destination::new(&definition.settings, &self.policy).map(|destination| {
+                    tracing::info!(destination = %name, revision = definition.revision, "Destination added.");
+                    Arc::new(destination)
+                }),
+            };
+            match built {
+                Ok(destination) => {
+                    known.insert(
+                        name,
+                        Known {
+                            destination,
+                            definition,
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::error!(destination = %name, %error, "Cannot build the destination's HTTP client; it is not delivered.");
+                }
+            }
+        }
+        for name in snapshot.known.keys() {
+            tracing::info!(destination = %name, "Destination deleted; its workers stop.");
+        }
+        *snapshot = Snapshot {
+            revision,
+            known,
+            creating,
+        };
+    }
+}

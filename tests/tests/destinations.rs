@@ -1,0 +1,613 @@
+//! Destinations managed at runtime: created, changed and deleted through the
+//! admin API (or a router's config file) while events flow, with one
+//! definition in Redis that every router follows.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e_tests::{wait_for, TestDestination, TestSystem, SHARDS};
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// One event the steady flow had accepted.
+#[derive(Debug, Clone)]
+struct Sent {
+    id: String,
+    /// When its request was sent, and when its 202 arrived.
+    sent: Instant,
+    accepted: Instant,
+}
+
+/// Events posted one after another, round-robin over `users`, until stopped.
+struct Flow {
+    stop: CancellationToken,
+    sent: Arc<Mutex<Vec<Sent>>>,
+    task: JoinHandle<()>,
+}
+
+impl Flow {
+    fn start(system: &TestSystem, users: usize, event_type: Option<&str>) -> Self {
+        let stop = CancellationToken::new();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (http, url) = (
+            system.http.clone(),
+            format!("{}/v1/events", system.gateway_url),
+        );
+        let event_type = event_type.map(str::to_owned);
+        let task = tokio::spawn({
+            let (stop, sent) = (stop.clone(), sent.clone());
+            async move {
+                let mut seq = 0;
+                while !stop.is_cancelled() {
+                    let user = format!("user-{}", seq % users);
+                    let mut body = json!({ "userId": user, "payload": { "seq": seq } });
+                    if let Some(event_type) = &event_type {
+                        body["eventType"] = json!(event_type);
+                    }
+                    let started = Instant::now();
+                    let response = http
+                        .post(&url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("gateway answers");
+                    assert_eq!(response.status(), 202, "event accepted");
+                    let answer: Value = response.json().await.expect("JSON answer");
+                    sent.lock().expect("sent").push(Sent {
+                        id: answer["id"].as_str().expect("an id").to_owned(),
+                        sent: started,
+                        accepted: Instant::now(),
+                    });
+                    seq += 1;
+                }
+            }
+        });
+        Self { stop, sent, task }
+    }
+
+    fn count(&self) -> usize {
+        self.sent.lock().expect("sent").len()
+    }
+
+    /// Waits until `more` events were accepted after `since` events.
+    async fn wait_for_more(&self, since: usize, more: usize) {
+        wait_for("the flow to post more", Duration::from_secs(30), || async {
+            self.count() >= since + more
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Vec<Sent> {
+        self.stop.cancel();
+        self.task.await.expect("the flow ran");
+        Arc::try_unwrap(self.sent)
+            .expect("the flow is over")
+            .into_inner()
+            .expect("sent")
+    }
+}
+
+fn url(system: &TestSystem, path: &str) -> String {
+    format!("{}{path}", system.mock_url)
+}
+
+/// A create request for `name` posting to the mock's `path`, with an
+/// attempt timeout that fits the tests' short leases.
+fn definition(system: &TestSystem, name: &str, path: &str) -> Value {
+    json!({ "name": name, "url": url(system, path), "timeout_ms": 2000 })
+}
+
+/// Ids `path` answered 2xx to.
+fn delivered_ids(system: &TestSystem, path: &str) -> HashSet<String> {
+    system
+        .recorder
+        .summary(path)
+        .events
+        .into_iter()
+        .filter(|event| (200..300).contains(&event.status))
+        .map(|event| event.id)
+        .collect()
+}
+
+async fn wait_all_delivered(system: &TestSystem, path: &str, ids: &[&str]) {
+    let what = format!("{} events delivered to {path}", ids.len());
+    wait_for(&what, Duration::from_secs(60), || async {
+        system.recorder.missing(path, ids.iter().copied()) == 0
+    })
+    .await;
+}
+
+/// Waits until every shard's lease of `destination` is held, by instances
+/// of each of `routers` (consumer names), within `timeout`.
+async fn wait_leased_by(
+    system: &TestSystem,
+    destination: &str,
+    routers: &[&str],
+    timeout: Duration,
+) {
+    let what = format!("{destination}'s leases held by {routers:?}");
+    wait_for(&what, timeout, || async {
+        let holders = system.lease_holders_of(destination).await;
+        holders.iter().all(Option::is_some)
+            && routers.iter().all(|router| {
+                let prefix = format!("{router}#");
+                holders
+                    .iter()
+                    .flatten()
+                    .any(|holder| holder.starts_with(&prefix))
+            })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_created_while_events_flow_gets_exactly_the_later_events_on_every_router() {
+    let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
+    let second = system.start_extra_router("router-b", |_| {});
+    wait_leased_by(
+        &system,
+        "existing",
+        &["test-router", "router-b"],
+        Duration::from_secs(20),
+    )
+    .await;
+    let flow = Flow::start(&system, 20, None);
+    flow.wait_for_more(0, 100).await;
+
+    let requested = Instant::now();
+    let (status, created) = system
+        .admin_call(
+            Method::POST,
+            "/admin/destinations",
+            Some(&definition(&system, "added", "/ok/added")),
+        )
+        .await;
+    let answered = Instant::now();
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["state"], "active", "{created}");
+    // Both routers take their share within 2 s of the 201.
+    wait_leased_by(
+        &system,
+        "added",
+        &["test-router", "router-b"],
+        Duration::from_secs(2),
+    )
+    .await;
+    let at_create = flow.count();
+    flow.wait_for_more(at_create, 300).await;
+    let sent = flow.stop().await;
+
+    let after: Vec<&str> = sent
+        .iter()
+        .filter(|s| s.sent > answered)
+        .map(|s| s.id.as_str())
+        .collect();
+    let before: HashSet<&str> = sent
+        .iter()
+        .filter(|s| s.accepted < requested)
+        .map(|s| s.id.as_str())
+        .collect();
+    assert!(after.len() >= 300 && before.len() >= 100);
+    wait_all_delivered(&system, "/ok/added", &after).await;
+    let all: Vec<&str> = sent.iter().map(|s| s.id.as_str()).collect();
+    wait_all_delivered(&system, "/ok/existing", &all).await;
+    let early: Vec<String> = delivered_ids(&system, "/ok/added")
+        .into_iter()
+        .filter(|id| before.contains(id.as_str()))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "events accepted before the create were delivered: {early:?}"
+    );
+    let received = system.recorder.summary("/ok/added");
+    assert_eq!(received.order_violations, 0, "per-user order");
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_added_to_one_routers_file_is_delivered_by_every_router() {
+    let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
+    let second = system.start_extra_router("router-b", |_| {});
+    wait_leased_by(
+        &system,
+        "existing",
+        &["test-router", "router-b"],
+        Duration::from_secs(20),
+    )
+    .await;
+    let flow = Flow::start(&system, 20, None);
+    flow.wait_for_more(0, 100).await;
+
+    // router-b restarts with `added` in its file; the system's router keeps its own.
+    second.stop().await;
+    let added = TestDestination::new("added", "/ok/added");
+    let mut settings = added.settings.clone();
+    settings.url = url(&system, "/ok/added");
+    let second = system.start_extra_router("router-b", move |config| {
+        config.destinations.push(settings);
+    });
+    wait_for(
+        "`added` defined in Redis",
+        Duration::from_secs(20),
+        || async {
+            let (status, _) = system
+                .admin_call(Method::GET, "/admin/destinations/added", None)
+                .await;
+            status == 200
+        },
+    )
+    .await;
+    // Events sent from here on were surely accepted after the creation.
+    let defined_at = Instant::now();
+    wait_leased_by(
+        &system,
+        "added",
+        &["test-router", "router-b"],
+        Duration::from_secs(5),
+    )
+    .await;
+    let now = flow.count();
+    flow.wait_for_more(now, 300).await;
+    let sent = flow.stop().await;
+
+    // Everything accepted once `added` was defined reaches it, over all
+    // shards: the router whose file lacks it delivers its share too.
+    let after: Vec<&str> = sent
+        .iter()
+        .filter(|s| s.sent > defined_at)
+        .map(|s| s.id.as_str())
+        .collect();
+    wait_all_delivered(&system, "/ok/added", &after).await;
+    assert_eq!(system.recorder.summary("/ok/added").order_violations, 0);
+    // And the system's router still follows it: nothing it owns is dropped.
+    let (status, view) = system
+        .admin_call(Method::GET, "/admin/destinations/added", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert!(
+        view["status"]["owners"]
+            .as_array()
+            .is_some_and(|o| o.len() == usize::from(SHARDS)),
+        "{view}"
+    );
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_changed_mid_flow_loses_nothing_and_keeps_each_users_order() {
+    let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
+    let (status, body) = system
+        .admin_call(
+            Method::POST,
+            "/admin/destinations",
+            Some(&definition(&system, "moving", "/ok/first")),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let flow = Flow::start(&system, 10, None);
+    flow.wait_for_more(0, 200).await;
+    let (status, body) = system
+        .admin_call(
+            Method::PATCH,
+            "/admin/destinations/moving",
+            Some(&json!({ "url": url(&system, "/ok/second"), "headers": { "x-moved": "yes" } })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["url"], url(&system, "/ok/second"));
+    let now = flow.count();
+    flow.wait_for_more(now, 200).await;
+    let sent = flow.stop().await;
+
+    // Each event reaches one receiver or the other (the switch may deliver
+    // one twice: at least once).
+    let first = delivered_ids(&system, "/ok/first");
+    let ids: Vec<&str> = sent.iter().map(|s| s.id.as_str()).collect();
+    wait_for(
+        "every event at one receiver or the other",
+        Duration::from_secs(60),
+        || async {
+            let second = delivered_ids(&system, "/ok/second");
+            ids.iter()
+                .all(|id| first.contains(*id) || second.contains(*id))
+        },
+    )
+    .await;
+    let first = delivered_ids(&system, "/ok/first");
+    let second = delivered_ids(&system, "/ok/second");
+    assert!(
+        !first.is_empty() && !second.is_empty(),
+        "both receivers got events"
+    );
+    // Per user, deliveries over both receivers, by arrival, are in acceptance order.
+    let acceptance: HashMap<&str, usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
+    let mut arrivals: Vec<(u64, String, usize)> = Vec::new();
+    for path in ["/ok/first", "/ok/second"] {
+        for event in system.recorder.summary(path).events {
+            if (200..300).contains(&event.status) {
+                arrivals.push((event.at_ms, event.user, acceptance[event.id.as_str()]));
+            }
+        }
+    }
+    arrivals.sort();
+    let mut latest: HashMap<String, usize> = HashMap::new();
+    for (at_ms, user, index) in arrivals {
+        let last = latest.entry(user.clone()).or_insert(index);
+        assert!(
+            index >= *last,
+            "{user}: event #{index} arrived at {at_ms} after #{last}"
+        );
+        *last = index;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_destination_stops_lets_trimming_proceed_keeps_its_dead_letters_and_can_return() {
+    let system = TestSystem::start(vec![
+        TestDestination::new("existing", "/ok/existing"),
+        // Everything fails at once: its events become dead letters.
+        TestDestination::new("doomed", "/fail").retry(10, 10, 1),
+    ])
+    .await;
+    let flow = Flow::start(&system, 10, None);
+    wait_for("dead letters", Duration::from_secs(30), || async {
+        system.dead_letters("doomed").await.len() >= 50
+    })
+    .await;
+
+    let (status, body) = system
+        .admin_call(Method::DELETE, "/admin/destinations/doomed", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        "doomed's groups and leases gone",
+        Duration::from_secs(2),
+        || async {
+            system.groups_of("doomed").await == 0
+                && system
+                    .lease_holders_of("doomed")
+                    .await
+                    .iter()
+                    .all(Option::is_none)
+        },
+    )
+    .await;
+    let dead_letters = system.dead_letters("doomed").await.len();
+    let requests = system.recorder.summary("/fail").requests;
+    let now = flow.count();
+    flow.wait_for_more(now, 200).await;
+    let sent = flow.stop().await;
+    let ids: Vec<&str> = sent.iter().map(|s| s.id.as_str()).collect();
+    wait_all_delivered(&system, "/ok/existing", &ids).await;
+    assert_eq!(
+        system.recorder.summary("/fail").requests,
+        requests,
+        "nothing sent after the delete"
+    );
+    assert_eq!(
+        system.dead_letters("doomed").await.len(),
+        dead_letters,
+        "dead letters kept"
+    );
+    wait_for("streams trimmed", Duration::from_secs(10), || async {
+        system.stream_lengths().await == 0
+    })
+    .await;
+    let (status, _) = system
+        .admin_call(Method::GET, "/admin/destinations/doomed", None)
+        .await;
+    assert_eq!(status, 404);
+
+    // Created again under the same name, it starts from now.
+    let (status, body) = system
+        .admin_call(
+            Method::POST,
+            "/admin/destinations",
+            Some(&definition(&system, "doomed", "/ok/reborn")),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let later = system.send_numbered(5, 4).await;
+    let later: Vec<&str> = later.values().flatten().map(String::as_str).collect();
+    wait_all_delivered(&system, "/ok/reborn", &later).await;
+    assert_eq!(
+        delivered_ids(&system, "/ok/reborn").len(),
+        later.len(),
+        "only the later events"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_receive_exactly_the_event_types_they_subscribe_to() {
+    let system = TestSystem::start(vec![
+        TestDestination::new("orders", "/ok/orders").event_types(&["order.*"]),
+        TestDestination::new("signups", "/ok/signups").event_types(&["user.created"]),
+        TestDestination::new("everything", "/ok/everything"),
+    ])
+    .await;
+    let mut by_type: HashMap<&str, Vec<String>> = HashMap::new();
+    for round in 0..5 {
+        for event_type in [
+            "order.created",
+            "order.paid",
+            "user.created",
+            "user.deleted",
+            "",
+        ] {
+            let mut body =
+                json!({ "userId": format!("user-{round}"), "payload": { "round": round } });
+            if !event_type.is_empty() {
+                body["eventType"] = json!(event_type);
+            }
+            let (status, answer) = system.post("/v1/events", &body).await;
+            assert_eq!(status, 202, "{answer}");
+            by_type
+                .entry(event_type)
+                .or_default()
+                .push(answer["id"].as_str().expect("id").to_owned());
+        }
+    }
+    let of = |types: &[&str]| -> HashSet<String> {
+        types
+            .iter()
+            .flat_map(|t| by_type[t].iter().cloned())
+            .collect()
+    };
+    let everything = of(&[
+        "order.created",
+        "order.paid",
+        "user.created",
+        "user.deleted",
+        "",
+    ]);
+    for (path, expected) in [
+        ("/ok/orders", of(&["order.created", "order.paid"])),
+        ("/ok/signups", of(&["user.created"])),
+        ("/ok/everything", everything.clone()),
+    ] {
+        let ids: Vec<&str> = expected.iter().map(String::as_str).collect();
+        wait_all_delivered(&system, path, &ids).await;
+        // The rest is filtered out and acknowledged, never delivered.
+        wait_for("all acknowledged", Duration::from_secs(10), || async {
+            system.pending(path.trim_start_matches("/ok/")).await == 0
+        })
+        .await;
+        assert_eq!(delivered_ids(&system, path), expected, "{path}");
+    }
+    // The overview counts the filtered events at its next measurement.
+    wait_for(
+        "15 filtered events counted",
+        Duration::from_secs(5),
+        || async { system.destination_view("orders").await["filtered"] == 15 },
+    )
+    .await;
+    let view = system.destination_view("orders").await;
+    assert_eq!(view["event_types"], json!(["order.*"]), "{view}");
+    // An event type the gateway cannot store is refused, naming the field.
+    let (status, answer) = system
+        .post(
+            "/v1/events",
+            &json!({ "userId": "u", "payload": 1, "eventType": "x".repeat(129) }),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("eventType")),
+        "{answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_from_ms_backfills_the_retained_events_since_then_in_order() {
+    let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
+    // Paused, `existing` holds everything back from trimming.
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/existing/pause", None)
+        .await;
+    assert_eq!(status, 200);
+    let older = system.send_numbered(5, 4).await;
+    let since_ms = protocol::unix_millis() + 1;
+    wait_for(
+        "the clock to pass since_ms",
+        Duration::from_secs(1),
+        || async { protocol::unix_millis() > since_ms },
+    )
+    .await;
+    let newer = system.send_numbered(5, 4).await;
+    let (status, body) = system
+        .admin_call(
+            Method::POST,
+            "/admin/destinations",
+            Some(&{
+                let mut body = definition(&system, "backfill", "/ok/backfill");
+                body["start_from_ms"] = json!(since_ms);
+                body
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let newest = system.send_numbered(5, 4).await;
+    let expected: Vec<&str> = newer
+        .values()
+        .chain(newest.values())
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    wait_all_delivered(&system, "/ok/backfill", &expected).await;
+    let delivered = delivered_ids(&system, "/ok/backfill");
+    assert_eq!(
+        delivered.len(),
+        expected.len(),
+        "nothing from before start_from_ms"
+    );
+    assert!(older.values().flatten().all(|id| !delivered.contains(id)));
+    assert_eq!(system.recorder.summary("/ok/backfill").order_violations, 0);
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/existing/resume", None)
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_creates_of_one_name_give_one_201_and_one_409() {
+    let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
+    let body = definition(&system, "twice", "/ok/twice");
+    let (a, b) = tokio::join!(
+        system.admin_call(Method::POST, "/admin/destinations", Some(&body)),
+        system.admin_call(Method::POST, "/admin/destinations", Some(&body)),
+    );
+    let mut statuses = [a.0, b.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 409], "{} / {}", a.1, b.1);
+
+    // Bad input is a 400 naming the field, and changes nothing.
+    for (body, field) in [
+        (
+            json!({ "name": "bad", "url": "http://169.254.169.254/latest" }),
+            "url",
+        ),
+        (
+            json!({ "name": "bad", "url": url(&system, "/ok"), "timeout_ms": 2000, "retry": { "max_attempts": 0 } }),
+            "max_attempts",
+        ),
+        (json!({ "name": "bad" }), "url"),
+    ] {
+        let (status, answer) = system
+            .admin_call(Method::POST, "/admin/destinations", Some(&body))
+            .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| e.contains(field)),
+            "{body}: {answer}"
+        );
+    }
+    let (status, _) = system
+        .admin_call(Method::GET, "/admin/destinations/bad", None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, answer) = system
+        .admin_call(
+            Method::PATCH,
+            "/admin/destinations/twice",
+            Some(&json!({ "name": "renamed" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, _) = system
+        .admin_call(
+            Method::PATCH,
+            "/admin/destinations/nobody",
+            Some(&json!({ "timeout_ms": 5 })),
+        )
+        .await;
+    assert_eq!(status, 404);
+}
