@@ -16,6 +16,7 @@
 //! | `DELETE /admin/destinations/{name}/dead-letters/{id}` | delete one |
 //! | `DELETE /admin/destinations/{name}/dead-letters` | delete all |
 //! | `GET /healthz` | 200 while the router runs (no token: for health checks) |
+//! | `GET /admin/openapi.json` | this API's OpenAPI 3 document |
 //!
 //! Every other route needs the admin token (unless `admin.require_token` is off):
 //! `Authorization: Bearer <token>`, or HTTP Basic with the token as the
@@ -33,16 +34,17 @@ use base64::Engine;
 use protocol::secret::{bearer_token, find_token, TokenDigest};
 use protocol::Keys;
 use protocol::RedisConnection;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use telemetry::lifecycle::{metrics_endpoint, serve_until, OnShutdown};
 use tokio_util::sync::CancellationToken;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::LeaseConfig;
-use crate::dead_letters::{DeadLetterError, DeadLetters, Selection};
+use crate::dead_letters::{DeadLetterError, DeadLetters, Page, ReplayReport, Selection};
 use crate::delivery::Destination;
-use crate::destination_api::{self, DestinationDoc};
+use crate::destination_api::{self, DestinationChangeDoc, DestinationDoc, NewDestinationDoc};
 use crate::outbound::Policy;
 use crate::overview::{DestinationView, Overview, SharedOverview};
 use crate::registry::Registry;
@@ -148,6 +150,97 @@ impl AdminState {
     }
 }
 
+/// Every refusal's body.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What was wrong; for invalid input it names the field.
+    pub error: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    status: &'static str,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Paused {
+    destination: String,
+    paused: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    destination: String,
+    deleted: bool,
+    /// Its dead letters stay until purged.
+    dead_letters_kept: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Purged {
+    /// Dead letters deleted.
+    deleted: u64,
+}
+
+/// The refusals every token-protected route shares.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // Documents `AdminError`'s statuses; never built.
+pub enum AdminRefusal {
+    #[response(status = 401, description = "Missing or invalid admin token")]
+    Unauthorized(ErrorBody),
+    #[response(
+        status = 403,
+        description = "A change sent from another site (CSRF guard)"
+    )]
+    CrossSite(ErrorBody),
+    #[response(status = 503, description = "Redis did not answer; nothing changed")]
+    Unavailable(ErrorBody),
+}
+
+/// The admin API's OpenAPI 3 document, served at `GET /admin/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Event delivery router: admin API",
+        description = "Destinations (created, changed and deleted at runtime; every router follows within a second), pauses and dead letters. Every route but /healthz needs the admin token."
+    ),
+    paths(
+        healthz,
+        destinations,
+        create,
+        read,
+        change,
+        remove,
+        pause,
+        resume,
+        list_dead_letters,
+        purge_dead_letters,
+        replay,
+        delete_dead_letter
+    ),
+    modifiers(&AdminTokenScheme),
+    security(("admin_token" = []))
+)]
+pub struct AdminApiDoc;
+
+/// `Authorization: Bearer <admin token>` (see `admin.token_sha256`).
+struct AdminTokenScheme;
+
+impl Modify for AdminTokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "admin_token",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+async fn openapi_document() -> HttpResponse {
+    HttpResponse::Ok().json(AdminApiDoc::openapi())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("no destination named `{0}`")]
@@ -201,7 +294,9 @@ impl ResponseError for AdminError {
                 "Basic realm=\"event-delivery admin\", charset=\"UTF-8\"",
             ));
         }
-        response.json(json!({ "error": self.to_string() }))
+        response.json(ErrorBody {
+            error: self.to_string(),
+        })
     }
 }
 
@@ -289,8 +384,66 @@ fn presented_token(authorization: &str) -> Option<String> {
     Some(password.to_owned())
 }
 
+#[utoipa::path(get, path = "/healthz", security(()), responses((status = 200, description = "The router runs (no token needed)", body = Health)))]
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// Each path is a resource, so another method gets 405 (not 404).
+fn routes(config: &mut web::ServiceConfig) {
+    let resource = |path: &str, routes: Vec<actix_web::Route>| {
+        routes
+            .into_iter()
+            .fold(web::resource(path), |resource, route| resource.route(route))
+    };
+    config
+        .service(resource("/", vec![web::get().to(status)]))
+        .service(resource("/healthz", vec![web::get().to(healthz)]))
+        .service(resource("/metrics", vec![web::get().to(metrics_endpoint)]))
+        // The status page's replay button (a form post).
+        .service(resource(
+            "/destinations/{name}/replay",
+            vec![web::post().to(replay_from_page)],
+        ))
+        .service(resource(
+            "/admin/openapi.json",
+            vec![web::get().to(openapi_document)],
+        ))
+        .service(resource(
+            "/admin/destinations",
+            vec![web::get().to(destinations), web::post().to(create)],
+        ))
+        .service(resource(
+            "/admin/destinations/{name}",
+            vec![
+                web::get().to(read),
+                web::patch().to(change),
+                web::delete().to(remove),
+            ],
+        ))
+        .service(resource(
+            "/admin/destinations/{name}/pause",
+            vec![web::post().to(pause)],
+        ))
+        .service(resource(
+            "/admin/destinations/{name}/resume",
+            vec![web::post().to(resume)],
+        ))
+        .service(resource(
+            "/admin/destinations/{name}/dead-letters",
+            vec![
+                web::get().to(list_dead_letters),
+                web::delete().to(purge_dead_letters),
+            ],
+        ))
+        .service(resource(
+            "/admin/destinations/{name}/dead-letters/replay",
+            vec![web::post().to(replay)],
+        ))
+        .service(resource(
+            "/admin/destinations/{name}/dead-letters/{id}",
+            vec![web::delete().to(delete_dead_letter)],
+        ));
 }
 
 /// Serves the admin routes on `listener` until `shutdown`.
@@ -311,36 +464,7 @@ pub async fn serve(
             .app_data(web::QueryConfig::default().error_handler(|error, _| {
                 AdminError::Invalid(format!("invalid query: {error}")).into()
             }))
-            .route("/", web::get().to(status))
-            .route("/healthz", web::get().to(healthz))
-            .route(
-                "/destinations/{name}/replay",
-                web::post().to(replay_from_page),
-            )
-            .route("/metrics", web::get().to(metrics_endpoint))
-            .route("/admin/destinations", web::get().to(destinations))
-            .route("/admin/destinations", web::post().to(create))
-            .route("/admin/destinations/{name}", web::get().to(read))
-            .route("/admin/destinations/{name}", web::patch().to(change))
-            .route("/admin/destinations/{name}", web::delete().to(remove))
-            .route("/admin/destinations/{name}/pause", web::post().to(pause))
-            .route("/admin/destinations/{name}/resume", web::post().to(resume))
-            .route(
-                "/admin/destinations/{name}/dead-letters",
-                web::get().to(list_dead_letters),
-            )
-            .route(
-                "/admin/destinations/{name}/dead-letters",
-                web::delete().to(purge_dead_letters),
-            )
-            .route(
-                "/admin/destinations/{name}/dead-letters/replay",
-                web::post().to(replay),
-            )
-            .route(
-                "/admin/destinations/{name}/dead-letters/{id}",
-                web::delete().to(delete_dead_letter),
-            )
+            .configure(routes)
     })
     // Operators' requests only: one worker is plenty.
     .workers(1)
@@ -351,26 +475,36 @@ pub async fn serve(
     serve_until(server, shutdown, OnShutdown::Finish).await
 }
 
+#[utoipa::path(get, path = "/admin/destinations", responses((status = 200, description = "Every destination's latest measurement", body = Overview), AdminRefusal))]
 async fn destinations(state: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok().json(state.overview())
 }
 
+#[utoipa::path(post, path = "/admin/destinations/{name}/pause", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Paused on every router within one overview interval", body = Paused), (status = 404, description = "No such destination", body = ErrorBody), AdminRefusal))]
 async fn pause(
     state: web::Data<AdminState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
     state.set_paused(&name, true).await?;
-    Ok(HttpResponse::Ok().json(json!({ "destination": *name, "paused": true })))
+    Ok(HttpResponse::Ok().json(Paused {
+        destination: name.into_inner(),
+        paused: true,
+    }))
 }
 
+#[utoipa::path(post, path = "/admin/destinations/{name}/resume", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Resumed", body = Paused), (status = 404, description = "No such destination", body = ErrorBody), AdminRefusal))]
 async fn resume(
     state: web::Data<AdminState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
     state.set_paused(&name, false).await?;
-    Ok(HttpResponse::Ok().json(json!({ "destination": *name, "paused": false })))
+    Ok(HttpResponse::Ok().json(Paused {
+        destination: name.into_inner(),
+        paused: false,
+    }))
 }
 
+#[utoipa::path(post, path = "/admin/destinations", request_body(content = NewDestinationDoc, content_type = "application/json"), responses((status = 201, description = "Created: it receives the events accepted from now on (or since start_from_ms)", body = DestinationDoc), (status = 400, description = "Invalid; the message names the field", body = ErrorBody), (status = 409, description = "The name exists", body = ErrorBody), AdminRefusal))]
 async fn create(
     state: web::Data<AdminState>,
     body: web::Bytes,
@@ -385,6 +519,7 @@ async fn create(
         .json(DestinationDoc::new(&definition, None)))
 }
 
+#[utoipa::path(get, path = "/admin/destinations/{name}", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Its definition (secrets masked) and state", body = DestinationDoc), (status = 404, description = "No such destination", body = ErrorBody), AdminRefusal))]
 async fn read(
     state: web::Data<AdminState>,
     name: web::Path<String>,
@@ -394,6 +529,7 @@ async fn read(
     Ok(HttpResponse::Ok().json(DestinationDoc::new(&definition, status)))
 }
 
+#[utoipa::path(patch, path = "/admin/destinations/{name}", params(("name" = String, Path, description = "The destination's name")), request_body(content = DestinationChangeDoc, content_type = "application/json"), responses((status = 200, description = "Changed: the next attempts use it", body = DestinationDoc), (status = 400, description = "Invalid; the message names the field", body = ErrorBody), (status = 404, description = "No such destination", body = ErrorBody), (status = 409, description = "Still being created, or changed concurrently", body = ErrorBody), AdminRefusal))]
 async fn change(
     state: web::Data<AdminState>,
     name: web::Path<String>,
@@ -418,6 +554,7 @@ async fn change(
     Ok(HttpResponse::Ok().json(DestinationDoc::new(&definition, state.status_of(&name))))
 }
 
+#[utoipa::path(delete, path = "/admin/destinations/{name}", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Deleted: delivery stops, its consumer groups are gone, its dead letters stay", body = Deleted), (status = 404, description = "No such destination", body = ErrorBody), AdminRefusal))]
 async fn remove(
     state: web::Data<AdminState>,
     name: web::Path<String>,
@@ -427,20 +564,25 @@ async fn remove(
     }
     state.catalog.delete(&name).await?;
     state.follow_catalog().await;
-    Ok(HttpResponse::Ok().json(json!({
-        "destination": *name,
-        "deleted": true,
-        "dead_letters_kept": true,
-    })))
+    Ok(HttpResponse::Ok().json(Deleted {
+        destination: name.into_inner(),
+        deleted: true,
+        dead_letters_kept: true,
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Dead letters per page (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/admin/destinations/{name}/dead-letters", params(("name" = String, Path, description = "The destination's name"), ListQuery), responses((status = 200, description = "A page of dead letters, oldest first", body = Page), (status = 400, description = "Invalid limit or cursor", body = ErrorBody), (status = 404, description = "Not a destination name", body = ErrorBody), AdminRefusal))]
 async fn list_dead_letters(
     state: web::Data<AdminState>,
     name: web::Path<String>,
@@ -459,6 +601,7 @@ async fn list_dead_letters(
     Ok(HttpResponse::Ok().json(page))
 }
 
+#[utoipa::path(delete, path = "/admin/destinations/{name}/dead-letters/{id}", params(("name" = String, Path, description = "The destination's name"), ("id" = String, Path, description = "The dead letter's id, <shard>-<ms>-<seq>")), responses((status = 204, description = "Deleted"), (status = 400, description = "Not a dead-letter id", body = ErrorBody), (status = 404, description = "No such dead letter", body = ErrorBody), AdminRefusal))]
 async fn delete_dead_letter(
     state: web::Data<AdminState>,
     path: web::Path<(String, String)>,
@@ -470,16 +613,18 @@ async fn delete_dead_letter(
     }
 }
 
+#[utoipa::path(delete, path = "/admin/destinations/{name}/dead-letters", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Every dead letter deleted", body = Purged), (status = 404, description = "Not a destination name", body = ErrorBody), AdminRefusal))]
 async fn purge_dead_letters(
     state: web::Data<AdminState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
     let purged = state.dead_letters(&name)?.purge().await?;
     tracing::info!(destination = %name, purged, "Dead letters purged.");
-    Ok(HttpResponse::Ok().json(json!({ "deleted": purged })))
+    Ok(HttpResponse::Ok().json(Purged { deleted: purged }))
 }
 
 /// The body is optional: none (or `{}`) replays every dead letter.
+#[utoipa::path(post, path = "/admin/destinations/{name}/dead-letters/replay", params(("name" = String, Path, description = "The destination's name")), request_body(content = Option<Selection>, description = "Optional: none replays every dead letter", content_type = "application/json"), responses((status = 200, description = "Replayed dead letters are delivered again in per-user order", body = ReplayReport), (status = 400, description = "Invalid selection", body = ErrorBody), (status = 404, description = "No such destination", body = ErrorBody), AdminRefusal))]
 async fn replay(
     state: web::Data<AdminState>,
     name: web::Path<String>,

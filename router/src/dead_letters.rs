@@ -49,12 +49,13 @@ pub enum DeadLetterError {
 }
 
 /// One dead letter as the admin API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeadLetterView {
     pub id: String,
     pub event_id: Option<String>,
     pub user_id: Option<String>,
     /// The event's payload as sent (JSON), when the entry had one.
+    #[schema(value_type = Option<serde_json::Value>)]
     pub payload: Option<Box<RawValue>>,
     pub received_at_ms: Option<u64>,
     /// The name of the API key that sent the event.
@@ -68,7 +69,7 @@ pub struct DeadLetterView {
     pub replaying: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page {
     pub dead_letters: Vec<DeadLetterView>,
     /// Pass as `cursor` for the next page; absent on the last page.
@@ -77,7 +78,7 @@ pub struct Page {
 
 /// Which dead letters to replay: all (no field), these ids, or those that
 /// failed within `[from_ms, to_ms]` (Unix ms, either bound optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Selection {
     pub ids: Option<Vec<String>>,
@@ -85,7 +86,7 @@ pub struct Selection {
     pub to_ms: Option<u64>,
 }
 
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ReplayReport {
     /// Appended for delivery.
     pub replayed: u64,

@@ -47,8 +47,7 @@ pub fn parse_create(
             Start::Since(ms)
         }
     };
-    let settings: DestinationConfig =
-        serde_json::from_value(Value::Object(fields)).map_err(|e| e.to_string())?;
+    let settings: DestinationConfig = from_fields(Value::Object(fields))?;
     settings.check(policy, lease)?;
     Ok((settings, start))
 }
@@ -74,9 +73,21 @@ pub fn apply_change(
     }
     let mut merged = serde_json::to_value(current).map_err(|e| e.to_string())?;
     merge(&mut merged, Value::Object(change));
-    let changed: DestinationConfig = serde_json::from_value(merged).map_err(|e| e.to_string())?;
+    let changed: DestinationConfig = from_fields(merged)?;
     changed.check(policy, lease)?;
     Ok(changed)
+}
+
+/// The settings in `fields`; an error names the field it is about.
+fn from_fields(fields: Value) -> Result<DestinationConfig, String> {
+    serde_path_to_error::deserialize(fields).map_err(|error| {
+        let path = error.path().to_string();
+        if path == "." {
+            error.into_inner().to_string()
+        } else {
+            format!("{path}: {}", error.into_inner())
+        }
+    })
 }
 
 fn object(body: &[u8]) -> Result<Map<String, Value>, String> {
@@ -102,6 +113,60 @@ fn merge(target: &mut Value, patch: Value) {
     }
 }
 
+/// A new destination (`POST /admin/destinations`). Unknown fields are refused.
+#[derive(ToSchema)]
+#[schema(as = NewDestination)]
+#[allow(dead_code)] // Describes the JSON `parse_create` reads; never built.
+pub struct NewDestinationDoc {
+    /// Letters, digits, `-` and `_`; names its consumer groups, fixed.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
+    name: String,
+    /// Where events are POSTed (http or https; internal addresses are
+    /// refused unless the outbound policy allows them).
+    url: String,
+    #[serde(flatten)]
+    settings: SettingsDoc,
+    /// Deliver the events still retained that were accepted at or after
+    /// this Unix time (ms), then the new ones. Without it: only events
+    /// accepted after the creation.
+    #[schema(minimum = 0)]
+    start_from_ms: Option<u64>,
+}
+
+/// A change (`PATCH /admin/destinations/{name}`), as a JSON merge patch:
+/// fields given replace, `headers` and `retry` merge, `null` removes.
+#[derive(ToSchema)]
+#[schema(as = DestinationChange)]
+#[allow(dead_code)] // Describes the JSON `apply_change` reads; never built.
+pub struct DestinationChangeDoc {
+    url: Option<String>,
+    #[serde(flatten)]
+    settings: SettingsDoc,
+}
+
+/// The settings a create and a change share, with their defaults.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Part of the two documents above; never built.
+pub struct SettingsDoc {
+    /// Longest one attempt may take (ms); default 10000, at most what a lease assures.
+    #[schema(minimum = 1)]
+    timeout_ms: Option<u64>,
+    /// Attempts in flight at once, over all shards; default 64.
+    #[schema(minimum = 1)]
+    max_concurrency: Option<u64>,
+    /// Extra request headers (valid names and values).
+    headers: Option<BTreeMap<String, String>>,
+    retry: Option<RetryDoc>,
+    /// Events undelivered this long after acceptance are dead-lettered (ms).
+    #[schema(minimum = 1)]
+    max_age_ms: Option<u64>,
+    /// Standard Webhooks secrets (`whsec_` + base64 of 24 to 64 bytes).
+    signing_secrets: Option<Vec<String>>,
+    /// Event types delivered, each 1 to 128 bytes: exact, or a prefix
+    /// ending in `*`; empty: all.
+    event_types: Option<Vec<String>>,
+}
+
 /// A destination as the admin API shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DestinationDoc {
@@ -125,17 +190,22 @@ pub struct DestinationDoc {
     /// This router's latest measurement of it (absent while creating, or
     /// until the router has measured it).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
     pub status: Option<DestinationView>,
 }
 
-/// [`RetryConfig`] as the schema shows it.
+/// When to retry: doubling delays from `initial_delay_ms` up to
+/// `max_delay_ms` (also the cap on Retry-After), `max_attempts` in all.
+/// Defaults 100, 30000, 8.
 #[derive(ToSchema)]
+#[schema(as = Retry)]
 #[allow(dead_code)] // Describes the JSON of RetryConfig; never built.
 pub struct RetryDoc {
-    initial_delay_ms: u64,
-    max_delay_ms: u64,
-    max_attempts: u32,
+    #[schema(minimum = 1)]
+    initial_delay_ms: Option<u64>,
+    #[schema(minimum = 1)]
+    max_delay_ms: Option<u64>,
+    #[schema(minimum = 1)]
+    max_attempts: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]

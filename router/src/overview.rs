@@ -23,7 +23,7 @@ use crate::registry::{Known, Registry};
 use crate::stats::Counts;
 
 /// Everything the admin API says about one destination.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct DestinationView {
     pub name: String,
     pub url: String,
@@ -51,7 +51,7 @@ pub struct DestinationView {
 }
 
 /// One measurement of every configured destination.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Overview {
     /// Increases with every measurement; a page and an API answer showing
     /// the same sequence show the same numbers.

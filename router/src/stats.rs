@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::parking::ParkedCount;
 
 /// The latest failed attempt.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct LastError {
     pub message: String,
     pub status: Option<u16>,
@@ -20,7 +20,7 @@ pub struct LastError {
 }
 
 /// A point-in-time copy of one destination's counters.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Counts {
     pub delivered: u64,
     pub dead_lettered: u64,
