@@ -78,6 +78,10 @@ pub struct Definition {
     /// it is being created.
     #[serde(default)]
     pub cuts: Vec<String>,
+    /// While it is being created: the id its groups start at (`$`, `0` or
+    /// an id), so any router can complete an interrupted creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_id: Option<String>,
     pub settings: DestinationConfig,
 }
 
@@ -214,6 +218,7 @@ impl Catalog {
             revision: 0,
             created_at_ms: protocol::unix_millis(),
             cuts: Vec::new(),
+            start_id: Some(start.group_id()),
             settings,
         };
         let revision: u64 = redis::cmd("EVAL")
@@ -226,9 +231,21 @@ impl Catalog {
             .query_async(&mut self.con.clone())
             .await?;
         if revision == 0 {
-            return Err(CatalogError::Exists(name));
+            return Err(match self.get(&name).await {
+                Ok(existing) if !existing.is_ready() => CatalogError::Creating(name),
+                _ => CatalogError::Exists(name),
+            });
         }
         definition.revision = revision;
+        self.complete(definition).await
+    }
+
+    /// Completes a creation: each shard's group at the definition's start
+    /// (kept where it is if it exists), then the cuts recorded, after which
+    /// routers deliver it. Safe to run twice: the second finds the groups.
+    async fn complete(&self, mut definition: Definition) -> Result<Definition, CatalogError> {
+        let name = definition.settings.name.clone();
+        let start = definition.start_id.take().unwrap_or_else(|| "$".into());
         let mut cuts = Vec::with_capacity(usize::from(self.shards));
         for shard in 0..self.shards {
             let cut: String = redis::cmd("EVAL")
@@ -236,7 +253,7 @@ impl Catalog {
                 .arg(1)
                 .arg(self.keys.events(shard))
                 .arg(&name)
-                .arg(start.group_id())
+                .arg(&start)
                 .query_async(&mut self.con.clone())
                 .await?;
             cuts.push(cut);
@@ -245,7 +262,7 @@ impl Catalog {
         match self.replace(&definition).await? {
             Some(revision) => {
                 definition.revision = revision;
-                tracing::info!(destination = %name, revision, ?start, "Destination created.");
+                tracing::info!(destination = %name, revision, %start, "Destination created.");
                 Ok(definition)
             }
             None => {
@@ -338,6 +355,12 @@ impl Catalog {
             .query_async(&mut self.con.clone())
             .await?;
         let groups = destroy_groups(&mut self.con.clone(), &self.keys, self.shards, name).await?;
+        // A destination created again under this name starts unpaused.
+        let _: i64 = redis::cmd("SREM")
+            .arg(self.keys.paused())
+            .arg(name)
+            .query_async(&mut self.con.clone())
+            .await?;
         if existed == 0 && groups == 0 {
             return Err(CatalogError::Unknown(name.to_owned()));
         }
@@ -365,7 +388,17 @@ impl Catalog {
         for settings in wanted {
             let name = settings.name.clone();
             let same = |stored: &DestinationConfig| same_settings(stored, settings);
-            match current.get(&name) {
+            let mut stored = current.get(&name).cloned();
+            if let Some(interrupted) = stored.take_if(|stored| !stored.is_ready()) {
+                // A creation cut short (its router died): finish it.
+                match self.complete(interrupted).await {
+                    Ok(completed) => stored = Some(completed),
+                    // Another router finished it first.
+                    Err(CatalogError::Contended(_)) => stored = Some(self.get(&name).await?),
+                    Err(error) => return Err(error),
+                }
+            }
+            match &stored {
                 Some(stored) if same(&stored.settings) => applied.unchanged.push(name),
                 Some(_) => {
                     self.update(&name, |stored| {

@@ -28,6 +28,9 @@ use crate::lease::{assign, LeaseGuard, LeaseId, LeaseStore, LeaseValidity};
 pub trait StartWorker {
     /// Every (shard, destination) pair of the destinations defined now, sorted.
     fn pairs(&self) -> Vec<LeaseId>;
+    /// Which creation of `destination` is current; a worker started for
+    /// another one is replaced.
+    fn generation(&self, destination: &str) -> Option<u64>;
     /// Starts the worker of `lease`; it runs until `stop` is cancelled.
     fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()>;
 }
@@ -43,6 +46,8 @@ enum State {
 }
 
 struct Held {
+    /// The destination's generation the worker delivers.
+    generation: Option<u64>,
     validity: LeaseValidity,
     stop: CancellationToken,
     worker: JoinHandle<()>,
@@ -168,11 +173,19 @@ impl<W: StartWorker> Coordinator<W> {
         // worker is stopped and its lease released like a hand-over.
         let share = assign(&self.workers.pairs(), &members, self.leases.instance());
         for (lease, held) in &mut self.held {
-            if held.state == State::Active && share.binary_search(lease).is_err() {
-                tracing::info!(%lease, routers = members.len(), "Handing lease over to another router.");
-                held.stop.cancel();
-                held.state = State::HandingOver;
+            if held.state != State::Active {
+                continue;
             }
+            if share.binary_search(lease).is_err() {
+                tracing::info!(%lease, routers = members.len(), "Handing lease over to another router.");
+            } else if held.generation != self.workers.generation(&lease.destination) {
+                // Deleted and created again: the old worker's state is of its old groups.
+                tracing::info!(%lease, "Destination created anew; restarting its worker.");
+            } else {
+                continue;
+            }
+            held.stop.cancel();
+            held.state = State::HandingOver;
         }
         for lease in share {
             if self.held.contains_key(&lease) {
@@ -187,11 +200,13 @@ impl<W: StartWorker> Coordinator<W> {
                         self.settings.safety_margin(),
                     );
                     let stop = CancellationToken::new();
+                    let generation = self.workers.generation(&lease.destination);
                     let worker = self.workers.start(&lease, validity.guard(), stop.clone());
                     tracing::info!(%lease, instance = self.leases.instance(), "Lease gained.");
                     self.held.insert(
                         lease,
                         Held {
+                            generation,
                             validity,
                             stop,
                             worker,

@@ -385,6 +385,7 @@ mod tests {
             revision: 3,
             created_at_ms: 1,
             cuts: vec!["0-0".into()],
+            start_id: None,
             settings,
         };
         let shown = serde_json::to_string(&DestinationDoc::new(&definition, None)).expect("json");

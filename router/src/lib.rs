@@ -266,6 +266,10 @@ impl StartWorker for Workers {
         self.registry.pairs(self.redis.shards)
     }
 
+    fn generation(&self, destination: &str) -> Option<u64> {
+        self.registry.generation(destination)
+    }
+
     fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()> {
         let redis = self.redis.clone();
         let keys = self.keys.clone();

@@ -76,6 +76,16 @@ impl Registry {
         self.read().creating.clone()
     }
 
+    /// Which creation of `name` is current (its creation time): a worker
+    /// started for another is stopped, so a destination deleted and created
+    /// again between two reads does not deliver from its old group's state.
+    pub fn generation(&self, name: &str) -> Option<u64> {
+        self.read()
+            .known
+            .get(name)
+            .map(|known| known.definition.created_at_ms)
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.read().known.keys().cloned().collect()
     }
@@ -120,16 +130,26 @@ impl Registry {
                 creating.push(definition);
                 continue;
             }
-            let built = match snapshot.known.remove(&name) {
+            let previous = snapshot.known.remove(&name);
+            let built = match previous {
                 Some(old) if old.definition.revision == definition.revision => Ok(old.destination),
-                Some(old) => old
-                    .destination
-                    .update(&definition.settings, &self.policy)
-                    .map(|()| {
-                        tracing::info!(destination = %name, revision = definition.revision, "Destination settings changed; the next attempts use them.");
-                        old.destination
-                    }),
-                None => Destination::new(&definition.settings, &self.policy).map(|destination| {
+                // The same destination changed: its next attempts use the change.
+                Some(old) if old.definition.created_at_ms == definition.created_at_ms => {
+                    match old.destination.update(&definition.settings, &self.policy) {
+                        Ok(()) => {
+                            tracing::info!(destination = %name, revision = definition.revision, "Destination settings changed; the next attempts use them.");
+                            Ok(old.destination)
+                        }
+                        Err(error) => {
+                            tracing::error!(destination = %name, %error, "Cannot build the changed destination's HTTP client; it keeps its previous settings.");
+                            known.insert(name, old);
+                            continue;
+                        }
+                    }
+                }
+                // New, or deleted and created again since the last read (a
+                // new generation: its workers restart, see `generation`).
+                _ => Destination::new(&definition.settings, &self.policy).map(|destination| {
                     tracing::info!(destination = %name, revision = definition.revision, "Destination added.");
                     Arc::new(destination)
                 }),

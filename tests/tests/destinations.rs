@@ -611,3 +611,40 @@ async fn two_concurrent_creates_of_one_name_give_one_201_and_one_409() {
         .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_deleted_and_created_again_at_once_starts_afresh() {
+    let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
+    let mut slow = definition(&system, "again", "/slow/100");
+    slow["max_concurrency"] = json!(1);
+    let (status, body) = system
+        .admin_call(Method::POST, "/admin/destinations", Some(&slow))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // A backlog the worker holds in memory when the name is deleted.
+    system.send_numbered(10, 5).await;
+    wait_for("deliveries under way", Duration::from_secs(10), || async {
+        system.recorder.summary("/slow/100").requests > 0
+    })
+    .await;
+    let (status, body) = system
+        .admin_call(Method::DELETE, "/admin/destinations/again", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = system
+        .admin_call(
+            Method::POST,
+            "/admin/destinations",
+            Some(&definition(&system, "again", "/ok/fresh")),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let later = system.send_numbered(5, 4).await;
+    let later: Vec<&str> = later.values().flatten().map(String::as_str).collect();
+    wait_all_delivered(&system, "/ok/fresh", &later).await;
+    assert_eq!(
+        delivered_ids(&system, "/ok/fresh").len(),
+        later.len(),
+        "only the events after the second creation"
+    );
+}

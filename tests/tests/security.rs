@@ -399,7 +399,7 @@ async fn internal_addresses_are_refused_at_connect_time_unless_allow_listed() {
     config.outbound.allowed_networks.clear();
     let refusal = config.validate().expect_err("metadata address");
     assert!(
-        refusal.contains("destination `internal`: refused to connect to 169.254.169.254"),
+        refusal.contains("destination `internal`: url: refused to connect to 169.254.169.254"),
         "{refusal}"
     );
 }
