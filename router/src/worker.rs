@@ -315,7 +315,12 @@ async fn read_loop(
                 Ok(()) => prepared = true,
                 Err(error) => {
                     failures += 1;
-                    tracing::warn!(shard = consumer.shard(), %error, "Cannot prepare consumer group; retrying.");
+                    if error.is_destination_gone() {
+                        // Deleted: the coordinator stops this worker within a tick.
+                        tracing::debug!(shard = consumer.shard(), %error, "Destination deleted; waiting to be stopped.");
+                    } else {
+                        tracing::warn!(shard = consumer.shard(), %error, "Cannot prepare consumer group; retrying.");
+                    }
                     if !Backoff::COMMANDS.wait(failures, &shutdown).await {
                         return;
                     }
@@ -371,7 +376,7 @@ async fn read_loop(
                 drop(reservation);
                 failures += 1;
                 if error.is_missing_group() {
-                    tracing::warn!(shard = consumer.shard(), "Consumer group missing.");
+                    tracing::debug!(shard = consumer.shard(), "Consumer group missing.");
                     prepared = false;
                     if !hand_over(&batches, Read::GroupRecreated, &shutdown).await {
                         return;
@@ -407,6 +412,13 @@ enum PrepareError {
     Consumer(#[from] ConsumerError),
     #[error("cannot restore the missing consumer group: {0}")]
     Restore(#[from] CatalogError),
+}
+
+impl PrepareError {
+    /// The group is missing because the destination was deleted.
+    fn is_destination_gone(&self) -> bool {
+        matches!(self, PrepareError::Restore(CatalogError::Unknown(_)))
+    }
 }
 
 /// Takes over what earlier owners left: their pending entries become ours
