@@ -14,6 +14,7 @@
 //! | `/bad-request` | 400 |
 //! | `/scripted` | 503 while the payload's `failUntil` (unix ms) is in the future, or while fewer than its `failAttempts` attempts of the event arrived before, else 200 |
 //! | `/outage` | 503 while an outage is declared for the path, else 200 |
+//! | `/throttle/{seconds}` | 429 + `Retry-After: {seconds}` while an outage is declared for the path, else 200 |
 //! | `/stall` | no answer while an outage is declared for the path, then 200 |
 //! | `/huge/{bytes}` | 500 with a body of that many bytes |
 //! | `/capture` | 200, and keeps the whole request (`GET /captured`) |
@@ -25,7 +26,7 @@
 //! `GET /healthz` answers 200 (the container health check).
 //!
 //! `PUT /outages?path=/outage/crm` declares an outage of that path (or of a
-//! `/stall/…` path) and
+//! `/stall/…` or `/throttle/…` path) and
 //! `DELETE /outages?path=/outage/crm` ends it, so a demo or test can take a
 //! destination down and bring it back while the router keeps running.
 //!
@@ -182,6 +183,14 @@ async fn webhook(
         }
         ["outage", ..] if recorder.in_outage(&path) => StatusCode::SERVICE_UNAVAILABLE,
         ["outage", ..] => StatusCode::OK,
+        ["throttle", _, ..] => match number(1) {
+            Some(seconds) if recorder.in_outage(&path) => {
+                retry_after = Some(seconds);
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Some(_) => StatusCode::OK,
+            None => StatusCode::NOT_FOUND,
+        },
         ["huge", _, ..] => match number(1).and_then(|n| usize::try_from(n).ok()) {
             Some(bytes) => {
                 huge_body = Some(vec![b'x'; bytes]);

@@ -164,6 +164,51 @@ pub struct DestinationConfig {
     /// empty: every event.
     #[serde(default)]
     pub event_types: Vec<String>,
+    /// When to stop sending while the destination is clearly failing.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Most attempts per second over all shards and routers; none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_sec: Option<u32>,
+}
+
+/// The circuit breaker's rule (see `breaker.rs` for why these defaults).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    pub enabled: bool,
+    /// The window attempts are counted over (ms).
+    pub window_ms: u64,
+    /// Fewest attempts in the window before it may open.
+    pub min_attempts: u32,
+    /// Share of those that failed (connection error, timeout, 408, 429,
+    /// 5xx) at which it opens, in percent.
+    pub failure_percent: u8,
+    /// While open, one probe attempt goes out this often (ms).
+    pub probe_interval_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_ms: 30_000,
+            min_attempts: 20,
+            failure_percent: 90,
+            probe_interval_ms: 5_000,
+        }
+    }
+}
+
+impl BreakerConfig {
+    pub fn probe_interval(&self) -> Duration {
+        Duration::from_millis(self.probe_interval_ms)
+    }
+
+    /// The window in whole seconds (at least one).
+    pub fn window_secs(&self) -> u64 {
+        self.window_ms.div_ceil(1000).max(1)
+    }
 }
 
 /// The `[[destinations]]` of a TOML file (any other setting in it is
@@ -217,16 +262,23 @@ pub struct RetryConfig {
     pub initial_delay_ms: u64,
     /// Longest delay between attempts (ms), also the cap on Retry-After.
     pub max_delay_ms: u64,
-    /// Attempts before the event is dead-lettered (the first included).
-    pub max_attempts: u32,
+    /// Attempts before the event is dead-lettered (the first included);
+    /// none: only `max_elapsed_ms` ends the retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// How long an event is retried, from its first attempt, before it is
+    /// dead-lettered (ms). Time the destination's circuit is open or the
+    /// destination paused does not count.
+    pub max_elapsed_ms: u64,
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
             initial_delay_ms: 100,
-            max_delay_ms: 30_000,
-            max_attempts: 8,
+            max_delay_ms: 300_000,
+            max_attempts: None,
+            max_elapsed_ms: 86_400_000,
         }
     }
 }
@@ -378,12 +430,31 @@ impl DestinationConfig {
             ));
         }
         let retry = self.retry;
-        if retry.max_attempts == 0
+        if retry.max_attempts == Some(0)
+            || retry.max_elapsed_ms == 0
             || retry.initial_delay_ms == 0
             || retry.max_delay_ms < retry.initial_delay_ms
         {
             return Err(format!(
-                "destination `{name}`: retry needs max_attempts ≥ 1 and 0 < initial_delay_ms ≤ max_delay_ms"
+                "destination `{name}`: retry needs max_attempts ≥ 1 (when set), max_elapsed_ms ≥ 1 \
+                 and 0 < initial_delay_ms ≤ max_delay_ms"
+            ));
+        }
+        let breaker = self.breaker;
+        if breaker.window_ms == 0
+            || breaker.window_ms > 600_000
+            || breaker.min_attempts == 0
+            || !(1..=100).contains(&breaker.failure_percent)
+            || breaker.probe_interval_ms == 0
+        {
+            return Err(format!(
+                "destination `{name}`: breaker needs 0 < window_ms ≤ 600000, min_attempts ≥ 1, \
+                 1 ≤ failure_percent ≤ 100 and probe_interval_ms ≥ 1"
+            ));
+        }
+        if self.rate_limit_per_sec == Some(0) {
+            return Err(format!(
+                "destination `{name}`: rate_limit_per_sec must be at least 1 when set"
             ));
         }
         for event_type in &self.event_types {
@@ -471,12 +542,22 @@ mod tests {
         assert_eq!(spelled.timeout_ms, implied.timeout_ms);
         assert_eq!(spelled.max_concurrency, implied.max_concurrency);
         assert_eq!(spelled.retry, implied.retry);
+        assert_eq!(spelled.breaker, implied.breaker);
+        // The comment of `field`: its line and the more indented ones after
+        // it, as one line of single spaces.
         let commented = |field: &str| {
-            DEFAULT_CONFIG
+            let mut lines = DEFAULT_CONFIG
                 .lines()
-                .find(|line| line.starts_with(&format!("#   {field} ")))
-                .unwrap_or_else(|| panic!("the comment lists {field}"))
-                .to_owned()
+                .skip_while(|line| !line.starts_with(&format!("#   {field} ")));
+            let first = lines
+                .next()
+                .unwrap_or_else(|| panic!("the comment lists {field}"));
+            let rest = lines.take_while(|line| line.starts_with("#     "));
+            std::iter::once(first)
+                .chain(rest)
+                .flat_map(|line| line.trim_start_matches('#').split_whitespace())
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         let listed = [
             ("timeout_ms", vec![implied.timeout_ms.to_string()]),
@@ -486,7 +567,15 @@ mod tests {
                 vec![
                     format!("initial_delay_ms ({})", implied.retry.initial_delay_ms),
                     format!("max_delay_ms ({})", implied.retry.max_delay_ms),
-                    format!("max_attempts ({})", implied.retry.max_attempts),
+                    format!("max_elapsed_ms ({})", implied.retry.max_elapsed_ms),
+                ],
+            ),
+            (
+                "[breaker]",
+                vec![
+                    format!("enabled ({})", implied.breaker.enabled),
+                    format!("window_ms ({})", implied.breaker.window_ms),
+                    format!("min_attempts ({})", implied.breaker.min_attempts),
                 ],
             ),
         ];

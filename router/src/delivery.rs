@@ -14,10 +14,12 @@ use serde_json::value::RawValue;
 use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::Breaker;
 use crate::config::DestinationConfig;
 use crate::outbound::{refusal_of, Policy};
 use crate::retry::RetryPolicy;
 use crate::stats::DestinationStats;
+use crate::throttle::Throttle;
 
 /// How much of an error response body is kept for the dead-letter record.
 const ERROR_BODY_BYTES: usize = 512;
@@ -108,6 +110,10 @@ pub struct Destination {
     max_concurrency: AtomicUsize,
     /// This router's counters for the destination (metrics, admin API).
     pub stats: DestinationStats,
+    /// Stops attempts while the destination is clearly failing.
+    pub breaker: Breaker,
+    /// Its rate limit and the pauses its 429s ask for.
+    pub throttle: Throttle,
     /// Whether delivery is paused (set by the admin API, shared by all
     /// routers through Redis; see [`crate::overview`]).
     paused: watch::Sender<bool>,
@@ -237,13 +243,20 @@ impl Endpoint {
 }
 
 impl Destination {
-    pub fn new(config: &DestinationConfig, policy: &Policy) -> Result<Self, reqwest::Error> {
+    /// A destination of a deployment with `shards` shards.
+    pub fn new(
+        config: &DestinationConfig,
+        policy: &Policy,
+        shards: u16,
+    ) -> Result<Self, reqwest::Error> {
         Ok(Self {
             name: config.name.clone(),
             endpoint: RwLock::new(Arc::new(Endpoint::new(config, policy)?)),
             in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
             max_concurrency: AtomicUsize::new(config.max_concurrency),
             stats: DestinationStats::new(&config.name),
+            breaker: Breaker::new(config.breaker),
+            throttle: Throttle::new(config.rate_limit_per_sec, shards),
             paused: watch::Sender::new(false),
             pause_requests: AtomicU64::new(0),
         })
@@ -267,6 +280,8 @@ impl Destination {
     ) -> Result<(), reqwest::Error> {
         let endpoint = Arc::new(Endpoint::new(config, policy)?);
         *self.endpoint.write().unwrap_or_else(|p| p.into_inner()) = endpoint;
+        self.breaker.configure(config.breaker);
+        self.throttle.set_rate(config.rate_limit_per_sec);
         let wanted = config.max_concurrency;
         let before = self.max_concurrency.swap(wanted, Ordering::SeqCst);
         if wanted > before {
@@ -431,7 +446,7 @@ mod tests {
         let config = crate::Config::defaults();
         let policy = Policy::new(&config.outbound).expect("default policy");
         let destination =
-            Destination::new(&config.destinations[0], &policy).expect("client builds");
+            Destination::new(&config.destinations[0], &policy, 16).expect("client builds");
         let read_started = destination.pause_token();
         assert!(destination.set_paused(true));
         assert!(!destination.apply_paused(false, read_started));

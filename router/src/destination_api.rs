@@ -9,12 +9,12 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use crate::catalog::{Definition, Start};
-use crate::config::{DestinationConfig, LeaseConfig, RetryConfig};
+use crate::config::{BreakerConfig, DestinationConfig, LeaseConfig, RetryConfig};
 use crate::outbound::Policy;
 use crate::overview::DestinationView;
 
 /// Fields a change may set; `name` is fixed at creation.
-const CHANGEABLE: [&str; 8] = [
+const CHANGEABLE: [&str; 10] = [
     "url",
     "timeout_ms",
     "max_concurrency",
@@ -23,6 +23,8 @@ const CHANGEABLE: [&str; 8] = [
     "max_age_ms",
     "signing_secrets",
     "event_types",
+    "breaker",
+    "rate_limit_per_sec",
 ];
 
 /// Header names whose values are shown masked: they usually carry credentials.
@@ -165,6 +167,31 @@ pub struct SettingsDoc {
     /// Event types delivered, each 1 to 128 bytes: exact, or a prefix
     /// ending in `*`; empty: all.
     event_types: Option<Vec<String>>,
+    breaker: Option<BreakerDoc>,
+    /// Most attempts per second over all routers (each sends its share by
+    /// the shards it delivers); none: no limit.
+    #[schema(minimum = 1)]
+    rate_limit_per_sec: Option<u32>,
+}
+
+/// The circuit breaker: it opens when at least `min_attempts` attempts in
+/// the last `window_ms` failed at least `failure_percent` of the time
+/// (connection errors, timeouts, 408, 429, 5xx); then one probe goes out
+/// every `probe_interval_ms` until one succeeds. Defaults: on, 30000, 20,
+/// 90, 5000.
+#[derive(ToSchema)]
+#[schema(as = Breaker)]
+#[allow(dead_code)] // Describes the JSON of BreakerConfig; never built.
+pub struct BreakerDoc {
+    enabled: Option<bool>,
+    #[schema(minimum = 1, maximum = 600000)]
+    window_ms: Option<u64>,
+    #[schema(minimum = 1)]
+    min_attempts: Option<u32>,
+    #[schema(minimum = 1, maximum = 100)]
+    failure_percent: Option<u8>,
+    #[schema(minimum = 1)]
+    probe_interval_ms: Option<u64>,
 }
 
 /// A destination as the admin API shows it.
@@ -182,6 +209,9 @@ pub struct DestinationDoc {
     /// Masked: `whsec_…` and the last 4 characters.
     pub signing_secrets: Vec<String>,
     pub event_types: Vec<String>,
+    #[schema(value_type = BreakerDoc)]
+    pub breaker: BreakerConfig,
+    pub rate_limit_per_sec: Option<u32>,
     /// The catalog revision of its last change.
     pub revision: u64,
     pub created_at_ms: u64,
@@ -194,8 +224,9 @@ pub struct DestinationDoc {
 }
 
 /// When to retry: doubling delays from `initial_delay_ms` up to
-/// `max_delay_ms` (also the cap on Retry-After), `max_attempts` in all.
-/// Defaults 100, 30000, 8.
+/// `max_delay_ms` (also the cap on Retry-After), until `max_elapsed_ms`
+/// after the first attempt (or `max_attempts` attempts, if set), then the
+/// dead-letter stream. Defaults 100, 300000, 86400000 (24 h), no attempt limit.
 #[derive(ToSchema)]
 #[schema(as = Retry)]
 #[allow(dead_code)] // Describes the JSON of RetryConfig; never built.
@@ -206,6 +237,8 @@ pub struct RetryDoc {
     max_delay_ms: Option<u64>,
     #[schema(minimum = 1)]
     max_attempts: Option<u32>,
+    #[schema(minimum = 1)]
+    max_elapsed_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -236,6 +269,8 @@ impl DestinationDoc {
                 .map(|secret| mask_secret(&String::from(secret.clone())))
                 .collect(),
             event_types: settings.event_types.clone(),
+            breaker: settings.breaker,
+            rate_limit_per_sec: settings.rate_limit_per_sec,
             revision: definition.revision,
             created_at_ms: definition.created_at_ms,
             state: if definition.is_ready() {
@@ -356,7 +391,7 @@ mod tests {
             BTreeMap::from([("b".into(), "2".into()), ("c".into(), "3".into())])
         );
         assert_eq!(changed.retry.initial_delay_ms, 50);
-        assert_eq!(changed.retry.max_attempts, 9);
+        assert_eq!(changed.retry.max_attempts, Some(9));
         assert_eq!(changed.max_age_ms, None);
         for (body, field) in [
             (r#"{"name": "other"}"#, "name"),

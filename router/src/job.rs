@@ -18,18 +18,20 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use protocol::{Backoff, EventEntry, EventId, StreamId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
+use crate::breaker::{Admission, Verdict};
 use crate::budget::{Budget, Charge};
 use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
 use crate::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
 use crate::lease::LeaseGuard;
+use crate::retry::NextStep;
 use crate::stats::AttemptResult;
 
 /// An entry in memory with the budget it holds.
@@ -109,6 +111,8 @@ pub async fn run(context: Arc<JobContext>, lease: LeaseGuard, source: Source) ->
         lease,
         span: OnceLock::new(),
         identified: AtomicBool::new(false),
+        first_attempt: None,
+        held_at_gates: Duration::ZERO,
     }
     .run(source)
     .await
@@ -124,6 +128,11 @@ struct Job {
     span: OnceLock<Span>,
     /// Whether the span names the event yet.
     identified: AtomicBool,
+    /// When the first attempt started: the retry horizon counts from here.
+    first_attempt: Option<Instant>,
+    /// Time since then spent waiting for a paused destination, an open
+    /// circuit or the rate limit, which the horizon does not count.
+    held_at_gates: Duration,
 }
 
 impl Job {
@@ -246,11 +255,17 @@ impl Job {
                 .await;
             return Step::Done(end);
         }
-        // A paused destination starts no attempt; the entry stays pending.
-        if !destination.wait_until_resumed(&self.context.shutdown).await {
+        let Some(Gates {
+            slot,
+            admission,
+            waited,
+        }) = pass_gates(destination, &self.context.shutdown).await
+        else {
             return Step::Done(JobEnd::Abandoned);
+        };
+        if self.first_attempt.is_some() {
+            self.held_at_gates += waited;
         }
-        let slot = destination.slot().await;
         // The settings as they are now: a change made while this waited applies.
         let endpoint = destination.endpoint();
         // The attempt must be over before the lease could pass to another
@@ -260,16 +275,31 @@ impl Job {
             .hold_for(endpoint.timeout, &self.context.shutdown)
             .await
         {
+            destination.breaker.record(admission, Verdict::Unknown);
             return Step::Done(JobEnd::Abandoned);
         }
+        let first_attempt = *self.first_attempt.get_or_insert_with(Instant::now);
         let in_flight = stats.attempt_in_flight();
         let (outcome, latency) = endpoint
             .attempt(&slot, &request.event_id, &request.body, attempt)
             .await;
         drop(in_flight);
         drop(slot);
+        destination.breaker.record(admission, verdict(&outcome));
+        if let AttemptOutcome::Retry {
+            status: Some(429),
+            retry_after: Some(retry_after),
+            ..
+        } = &outcome
+        {
+            // The destination asked everyone to slow down, not just this event.
+            destination
+                .throttle
+                .hold_for((*retry_after).min(endpoint.retry.max_delay()));
+        }
+        let elapsed = first_attempt.elapsed().saturating_sub(self.held_at_gates);
         let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
-        let (status, error, retry_after) = match outcome {
+        let (status, error, next) = match outcome {
             AttemptOutcome::Delivered { status } => {
                 // Debug: at info, a line (and a span) per delivery would cost
                 // more CPU than the rest of its bookkeeping. Failures stay at
@@ -292,12 +322,14 @@ impl Job {
                 status,
                 error,
                 retry_after,
-            } if endpoint.retry.allows_another(attempt) => (status, error, Some(retry_after)),
-            AttemptOutcome::Retry { status, error, .. }
-            | AttemptOutcome::Dead { status, error } => (status, error, None),
+            } => {
+                let next = endpoint.retry.after_failure(attempt, elapsed, retry_after);
+                (status, error, next)
+            }
+            AttemptOutcome::Dead { status, error } => (status, error, NextStep::GiveUp),
         };
         stats.failed(&error, status);
-        let Some(retry_after) = retry_after else {
+        let NextStep::RetryAfter(delay) = next else {
             tracing::warn!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
             stats.attempted(AttemptResult::Dead, latency);
             let end = self
@@ -306,7 +338,6 @@ impl Job {
             return Step::Done(end);
         };
         stats.attempted(AttemptResult::Retry, latency);
-        let delay = endpoint.retry.delay_after(attempt, retry_after);
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         tracing::info!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
         Step::RetryAfter(delay)
@@ -394,6 +425,54 @@ fn prepare<'a>(entry: &'a Entry, endpoint: &Endpoint, shard: u16) -> Prepared<'a
                 .map_or(event.received_at_ms, |replay| replay.replayed_at_ms),
         }),
         Err(reason) => Prepared::DeadLetter { event_id, reason },
+    }
+}
+
+/// Leave to make an attempt.
+struct Gates<'a> {
+    slot: SemaphorePermit<'a>,
+    admission: Admission,
+    /// How long getting it took (not retry time).
+    waited: Duration,
+}
+
+/// Waits until `destination` takes an attempt: not paused, a concurrency
+/// slot free, its circuit letting this one through, and its rate limit
+/// giving a turn. The circuit is asked last, holding the slot, so no
+/// attempt admitted before it opened is still waiting to go out after.
+/// `None` at shutdown.
+async fn pass_gates<'a>(
+    destination: &'a Destination,
+    shutdown: &CancellationToken,
+) -> Option<Gates<'a>> {
+    let arrived = Instant::now();
+    // A paused destination starts no attempt; the entry stays pending.
+    if !destination.wait_until_resumed(shutdown).await {
+        return None;
+    }
+    let slot = destination.slot().await;
+    let admission = destination.breaker.admit(shutdown).await?;
+    if !destination.throttle.wait_turn(shutdown).await {
+        destination.breaker.record(admission, Verdict::Unknown);
+        return None;
+    }
+    Some(Gates {
+        slot,
+        admission,
+        waited: arrived.elapsed(),
+    })
+}
+
+/// What an attempt's outcome tells the circuit breaker.
+fn verdict(outcome: &AttemptOutcome) -> Verdict {
+    match outcome {
+        AttemptOutcome::Delivered { .. }
+        | AttemptOutcome::Dead {
+            status: Some(_), ..
+        } => Verdict::Answered,
+        AttemptOutcome::Retry { .. } => Verdict::Failed,
+        // Refused by the outbound policy: nothing was sent.
+        AttemptOutcome::Dead { status: None, .. } => Verdict::Unknown,
     }
 }
 

@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod breaker;
 pub mod budget;
 pub mod catalog;
 pub mod config;
@@ -42,6 +43,7 @@ pub mod retention;
 pub mod retry;
 pub mod stats;
 pub mod status_page;
+pub mod throttle;
 pub mod worker;
 
 use std::net::TcpListener;
@@ -135,7 +137,7 @@ pub async fn run(
         return Ok(());
     };
     log_applied(&applied);
-    let registry = Arc::new(Registry::new(policy.clone()));
+    let registry = Arc::new(Registry::new(policy.clone(), config.redis.shards));
     let follow = || registry.follow(&catalog);
     if run_with_retries(
         "Cannot read the destinations yet",

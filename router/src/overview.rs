@@ -18,6 +18,7 @@ use serde::Serialize;
 use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{BreakerState, BreakerView};
 use crate::catalog::{Catalog, CatalogError};
 use crate::registry::{Known, Registry};
 use crate::stats::Counts;
@@ -34,6 +35,8 @@ pub struct DestinationView {
     /// Unix ms of its creation.
     pub created_at_ms: u64,
     pub paused: bool,
+    /// Its circuit breaker on this router.
+    pub breaker: BreakerView,
     /// Entries no router has read for this destination yet, over all
     /// shards (`XINFO GROUPS` lag); `None` when Redis cannot tell.
     pub lag: Option<u64>,
@@ -141,6 +144,7 @@ impl Observer {
                     revision: definition.revision,
                     created_at_ms: definition.created_at_ms,
                     paused: d.is_paused(),
+                    breaker: d.breaker.view(),
                     lag: Some(0),
                     pending: 0,
                     dead_letters: 0,
@@ -246,6 +250,13 @@ fn export(overview: &Overview) {
         metrics::gauge!("router_pending", "destination" => name.clone()).set(view.pending as f64);
         metrics::gauge!("router_dead_letters", "destination" => name.clone())
             .set(view.dead_letters as f64);
+        metrics::gauge!("router_breaker_open", "destination" => name.clone()).set(
+            match view.breaker.state {
+                BreakerState::Closed => 0.0,
+                BreakerState::HalfOpen => 0.5,
+                BreakerState::Open => 1.0,
+            },
+        );
         metrics::gauge!("router_paused", "destination" => name.clone()).set(if view.paused {
             1.0
         } else {

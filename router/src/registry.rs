@@ -33,13 +33,15 @@ struct Snapshot {
 
 pub struct Registry {
     policy: Policy,
+    shards: u16,
     current: RwLock<Snapshot>,
 }
 
 impl Registry {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(policy: Policy, shards: u16) -> Self {
         Self {
             policy,
+            shards,
             current: RwLock::new(Snapshot::default()),
         }
     }
@@ -149,7 +151,7 @@ impl Registry {
                 }
                 // New, or deleted and created again since the last read (a
                 // new generation: its workers restart, see `generation`).
-                _ => Destination::new(&definition.settings, &self.policy).map(|destination| {
+                _ => Destination::new(&definition.settings, &self.policy, self.shards).map(|destination| {
                     tracing::info!(destination = %name, revision = definition.revision, "Destination added.");
                     Arc::new(destination)
                 }),

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use serde::Deserialize;
 
+use crate::breaker::BreakerState;
 use crate::overview::{DestinationView, Overview};
 
 /// Seconds between reloads.
@@ -63,7 +64,7 @@ button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap
     }
     page.push_str(
         "<table><thead><tr><th>Destination</th><th>State</th><th>Delivered/s</th><th>Lag</th>\
-         <th>Pending</th><th>In flight</th><th>Users in backoff</th><th>Parked users</th><th>Parked events</th><th>Dead letters</th>\
+         <th>Pending</th><th>Circuit</th><th>In flight</th><th>Users in backoff</th><th>Parked users</th><th>Parked events</th><th>Dead letters</th>\
          <th>Delivered</th><th>Retries</th><th>Last error</th><th>Shards owned here</th><th></th></tr></thead><tbody>\n",
     );
     for destination in &overview.destinations {
@@ -76,6 +77,8 @@ button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap
 fn row(page: &mut String, d: &DestinationView, instance: &str) {
     let (state_class, state) = if d.paused {
         ("paused", "paused")
+    } else if d.breaker.state != BreakerState::Closed {
+        ("failing", "circuit open")
     } else if d.counts.users_in_backoff > 0 {
         ("failing", "retrying")
     } else {
@@ -105,6 +108,7 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
 <td class="num" data-field="delivery_rate">{rate:.1}</td>
 <td class="num" data-field="lag">{lag}</td>
 <td class="num" data-field="pending">{pending}</td>
+<td data-field="breaker">{breaker}</td>
 <td class="num" data-field="in_flight">{in_flight}</td>
 <td class="num" data-field="users_in_backoff">{backoff}</td>
 <td class="num" data-field="parked_users">{parked_users}</td>
@@ -126,6 +130,20 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
         definition_revision = d.revision,
         rate = d.delivery_rate,
         pending = d.pending,
+        breaker = match d.breaker.state {
+            BreakerState::Closed => "closed".to_owned(),
+            state => format!(
+                "{} since {}",
+                if state == BreakerState::Open {
+                    "open"
+                } else {
+                    "half-open"
+                },
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.breaker.since_ms)
+                )
+            ),
+        },
         in_flight = d.counts.in_flight,
         backoff = d.counts.users_in_backoff,
         parked_users = d.counts.parked_users,
@@ -173,6 +191,10 @@ mod tests {
                 revision: 11,
                 created_at_ms: 0,
                 paused: true,
+                breaker: crate::breaker::BreakerView {
+                    state: BreakerState::Open,
+                    since_ms: 0,
+                },
                 lag: Some(12),
                 pending: 3,
                 dead_letters: 4,
@@ -200,6 +222,7 @@ mod tests {
             r#"data-field="state">paused<"#,
             r#"data-field="owned_shards">1 / 2<"#,
             r#"data-field="revision">12<"#,
+            r#"data-field="breaker">open since 1970-01-01T00:00:00Z<"#,
             r#"data-field="definition_revision">11<"#,
             r#"data-field="event_types">order.*, &lt;x&gt;<"#,
             "HTTP 500: &lt;b&gt;boom&lt;/b&gt;",

@@ -62,6 +62,9 @@ pub async fn run(
     lease: LeaseGuard,
     shutdown: CancellationToken,
 ) {
+    // The destination's rate limit is shared by the shards delivered here.
+    let held = destination.clone();
+    let _shard_held = held.throttle.shard_held();
     let consumer = Arc::new(consumer);
     let budget = Budget::new(Amount {
         entries: settings.window,

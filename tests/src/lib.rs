@@ -120,10 +120,13 @@ impl TestDestination {
                 retry: router::config::RetryConfig {
                     initial_delay_ms: 10,
                     max_delay_ms: 1000,
-                    max_attempts: 5,
+                    max_attempts: Some(5),
+                    ..Default::default()
                 },
                 signing_secrets: Vec::new(),
                 event_types: Vec::new(),
+                breaker: Default::default(),
+                rate_limit_per_sec: None,
             },
         }
     }
@@ -154,8 +157,35 @@ impl TestDestination {
         self.settings.retry = router::config::RetryConfig {
             initial_delay_ms,
             max_delay_ms,
-            max_attempts,
+            max_attempts: Some(max_attempts),
+            ..Default::default()
         };
+        self
+    }
+
+    /// Retries with no attempt limit, until `max_elapsed_ms` after the first attempt.
+    pub fn retry_for(
+        mut self,
+        initial_delay_ms: u64,
+        max_delay_ms: u64,
+        max_elapsed_ms: u64,
+    ) -> Self {
+        self.settings.retry = router::config::RetryConfig {
+            initial_delay_ms,
+            max_delay_ms,
+            max_attempts: None,
+            max_elapsed_ms,
+        };
+        self
+    }
+
+    pub fn breaker(mut self, breaker: router::config::BreakerConfig) -> Self {
+        self.settings.breaker = breaker;
+        self
+    }
+
+    pub fn rate_limit_per_sec(mut self, rate: u32) -> Self {
+        self.settings.rate_limit_per_sec = Some(rate);
         self
     }
 

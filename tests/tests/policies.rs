@@ -1,0 +1,204 @@
+//! Delivery policies under outages: the retry horizon, the circuit breaker,
+//! per-destination rate limits and 429 pauses.
+
+use std::time::Duration;
+
+use e2e_tests::{wait_for, TestDestination, TestSystem};
+use router::config::BreakerConfig;
+use serde_json::json;
+
+/// A breaker that decides quickly enough for a test.
+fn quick_breaker() -> BreakerConfig {
+    BreakerConfig {
+        enabled: true,
+        window_ms: 2_000,
+        min_attempts: 20,
+        failure_percent: 90,
+        probe_interval_ms: 1_000,
+    }
+}
+
+async fn breaker_state(system: &TestSystem, destination: &str) -> String {
+    let view = system.destination_view(destination).await;
+    view["breaker"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_ends_in_delivery_with_probes_only_while_the_circuit_is_open() {
+    let system = TestSystem::start(vec![
+        TestDestination::new("outage", "/outage/crm")
+            .retry_for(10, 1_000, 60_000)
+            .max_concurrency(8)
+            .breaker(quick_breaker()),
+        TestDestination::new("healthy", "/ok/healthy"),
+    ])
+    .await;
+    system.recorder.set_outage("/outage/crm", true);
+    let outage_started = protocol::unix_millis();
+    let total = system.post_concurrently(100, 10).await;
+    wait_for("the circuit to open", Duration::from_secs(20), || async {
+        breaker_state(&system, "outage").await == "open"
+    })
+    .await;
+    let opened_at_ms = protocol::unix_millis();
+    // The other destination is not held up by this one's open circuit.
+    system
+        .wait_delivered("healthy", total, Duration::from_secs(30))
+        .await;
+    assert_ne!(breaker_state(&system, "outage").await, "closed");
+
+    // Some seconds of outage with the circuit open: probes only.
+    wait_for("8 s of open circuit", Duration::from_secs(20), || async {
+        protocol::unix_millis() >= opened_at_ms + 8_000
+    })
+    .await;
+    let while_open = system
+        .recorder
+        .summary("/outage/crm")
+        .events
+        .iter()
+        .filter(|event| event.at_ms > opened_at_ms + 500)
+        .count();
+    // One probe a second, each possibly racing with another attempt's
+    // verdict: far from the thousands 1,000 retrying events would send.
+    assert!(
+        while_open <= 16,
+        "{while_open} attempts while the circuit was open"
+    );
+    let before_open = system
+        .recorder
+        .summary("/outage/crm")
+        .events
+        .iter()
+        .filter(|event| event.at_ms >= outage_started && event.at_ms <= opened_at_ms)
+        .count();
+
+    system.recorder.set_outage("/outage/crm", false);
+    system
+        .wait_delivered("outage", total, Duration::from_secs(60))
+        .await;
+    let received = system.recorder.summary("/outage/crm");
+    assert_eq!(received.order_violations, 0, "per-user order");
+    assert!(
+        system.dead_letters("outage").await.is_empty(),
+        "nothing dead-lettered"
+    );
+    wait_for("the circuit to close", Duration::from_secs(10), || async {
+        breaker_state(&system, "outage").await == "closed"
+    })
+    .await;
+    eprintln!(
+        "outage: {before_open} attempts until the circuit opened, {while_open} while open, \
+         {} requests in all for {total} events",
+        received.requests
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_failing_past_the_horizon_is_dead_lettered_with_its_attempts() {
+    let system = TestSystem::start(vec![TestDestination::new("down", "/fail")
+        .retry_for(100, 400, 2_000)
+        .breaker(BreakerConfig {
+            enabled: false,
+            ..quick_breaker()
+        })])
+    .await;
+    system.send("u", json!(1)).await;
+    wait_for("a dead letter", Duration::from_secs(20), || async {
+        system.dead_letters("down").await.len() == 1
+    })
+    .await;
+    let letter = &system.dead_letters("down").await[0];
+    let attempts: u32 = letter["attempts"].parse().expect("attempts");
+    let received = system.recorder.summary("/fail");
+    assert_eq!(usize::try_from(attempts).ok(), Some(received.requests));
+    // 100, 200, 400, 400 … ms apart: the last attempt lands on the 2 s horizon.
+    let first = received.events.first().expect("attempts").at_ms;
+    let last = received.events.last().expect("attempts").at_ms;
+    assert!(attempts >= 5, "{attempts} attempts");
+    assert!(
+        last - first >= 1_900,
+        "attempts spanned {} ms",
+        last - first
+    );
+    assert!(last - first < 3_000, "attempts spanned {} ms", last - first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_routers_together_keep_to_the_destinations_rate_limit() {
+    let system = TestSystem::start(vec![
+        TestDestination::new("limited", "/ok/limited").rate_limit_per_sec(200)
+    ])
+    .await;
+    let second = system.start_extra_router("router-b", |_| {});
+    wait_for("both routers deliver", Duration::from_secs(20), || async {
+        system.leases_held_by("test-router").await > 0
+            && system.leases_held_by("router-b").await > 0
+    })
+    .await;
+    let total = system.post_concurrently(100, 20).await;
+    system
+        .wait_delivered("limited", total, Duration::from_secs(60))
+        .await;
+    let mut arrivals: Vec<u64> = system
+        .recorder
+        .summary("/ok/limited")
+        .events
+        .iter()
+        .map(|event| event.at_ms)
+        .collect();
+    arrivals.sort_unstable();
+    // Every 5 s window holds at most 200 × 5 requests, +10 %.
+    let mut busiest = 0;
+    for (i, start) in arrivals.iter().enumerate() {
+        let in_window = arrivals[i..]
+            .iter()
+            .take_while(|at| **at < start + 5_000)
+            .count();
+        busiest = busiest.max(in_window);
+    }
+    let seconds = (arrivals[arrivals.len() - 1] - arrivals[0]) as f64 / 1000.0;
+    eprintln!(
+        "rate limit 200/s: busiest 5 s window {busiest} requests, {total} in {seconds:.1} s ({:.0}/s)",
+        total as f64 / seconds
+    );
+    assert!(busiest <= 1_100, "busiest 5 s window: {busiest} requests");
+    // And it is a limit, not a crawl: the routers kept close to it.
+    assert!(
+        total as f64 / seconds >= 150.0,
+        "{total} requests in {seconds:.1} s"
+    );
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_pauses_the_whole_destination() {
+    let system = TestSystem::start(vec![TestDestination::new("throttled", "/throttle/2")]).await;
+    system.recorder.set_outage("/throttle/2", true);
+    system.send("first-user", json!(1)).await;
+    wait_for("the 429", Duration::from_secs(10), || async {
+        system.recorder.summary("/throttle/2").requests == 1
+    })
+    .await;
+    let refused_at = system.recorder.summary("/throttle/2").events[0].at_ms;
+    system.recorder.set_outage("/throttle/2", false);
+    // Other users' events wait out the same 2 s.
+    system.send_numbered(5, 2).await;
+    system
+        .wait_delivered("throttled", 11, Duration::from_secs(20))
+        .await;
+    let received = system.recorder.summary("/throttle/2");
+    let earliest_after = received.events[1..]
+        .iter()
+        .map(|event| event.at_ms)
+        .min()
+        .expect("later attempts");
+    assert!(
+        earliest_after >= refused_at + 1_900,
+        "an attempt went {} ms after the 429 asked for 2 s",
+        earliest_after - refused_at
+    );
+}
