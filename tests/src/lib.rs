@@ -105,8 +105,10 @@ pub struct TestDestination {
 }
 
 impl TestDestination {
-    /// A destination with fast retries (10 ms doubling, 5 attempts) and a
-    /// 2 s attempt timeout.
+    /// A destination with fast retries (10 ms doubling, 5 attempts), a 2 s
+    /// attempt timeout, and no circuit breaker, so a failing destination's
+    /// events reach their dead letters at once (the tests of the breaker
+    /// turn it on).
     pub fn new(name: &str, path: &str) -> Self {
         Self {
             path: path.into(),
@@ -125,7 +127,10 @@ impl TestDestination {
                 },
                 signing_secrets: Vec::new(),
                 event_types: Vec::new(),
-                breaker: Default::default(),
+                breaker: router::config::BreakerConfig {
+                    enabled: false,
+                    ..Default::default()
+                },
                 rate_limit_per_sec: None,
             },
         }

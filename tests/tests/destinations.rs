@@ -113,11 +113,24 @@ fn delivered_ids(system: &TestSystem, path: &str) -> HashSet<String> {
 }
 
 async fn wait_all_delivered(system: &TestSystem, path: &str, ids: &[&str]) {
-    let what = format!("{} events delivered to {path}", ids.len());
-    wait_for(&what, Duration::from_secs(60), || async {
-        system.recorder.missing(path, ids.iter().copied()) == 0
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while system.recorder.missing(path, ids.iter().copied()) > 0 {
+        if Instant::now() > deadline {
+            // Which shards the missing events are on tells a cut from a stall.
+            let delivered = delivered_ids(system, path);
+            let mut missing_per_shard: HashMap<&str, usize> = HashMap::new();
+            for id in ids.iter().filter(|id| !delivered.contains(**id)) {
+                let shard = id.split('-').next().unwrap_or("?");
+                *missing_per_shard.entry(shard).or_default() += 1;
+            }
+            panic!(
+                "{} of {} events never reached {path}; missing per shard: {missing_per_shard:?}",
+                missing_per_shard.values().sum::<usize>(),
+                ids.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until every shard's lease of `destination` is held, by instances
@@ -230,13 +243,15 @@ async fn a_destination_added_to_one_routers_file_is_delivered_by_every_router() 
         config.destinations.push(settings);
     });
     wait_for(
-        "`added` defined in Redis",
+        "`added` created in Redis",
         Duration::from_secs(20),
         || async {
-            let (status, _) = system
+            // Active: its cut is recorded on every shard (while `creating`,
+            // a shard's cut may still come after events sent now).
+            let (status, view) = system
                 .admin_call(Method::GET, "/admin/destinations/added", None)
                 .await;
-            status == 200
+            status == 200 && view["state"] == "active"
         },
     )
     .await;

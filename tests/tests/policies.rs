@@ -176,7 +176,11 @@ async fn two_routers_together_keep_to_the_destinations_rate_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_with_retry_after_pauses_the_whole_destination() {
-    let system = TestSystem::start(vec![TestDestination::new("throttled", "/throttle/2")]).await;
+    // Delays may reach 5 s, so a Retry-After of 2 s is not clamped.
+    let system = TestSystem::start(vec![
+        TestDestination::new("throttled", "/throttle/2").retry(10, 5_000, 5)
+    ])
+    .await;
     system.recorder.set_outage("/throttle/2", true);
     system.send("first-user", json!(1)).await;
     wait_for("the 429", Duration::from_secs(10), || async {
