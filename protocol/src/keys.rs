@@ -11,6 +11,7 @@
 //! | `<prefix>:{s:N}:dead:<destination>` | stream | events that destination gave up on |
 //! | `<prefix>:{s:N}:idem:<len(user)>:<user>:<messageId>` | string | first event id for an idempotency key |
 //! | `<prefix>:{s:N}:lease:<destination>` | string | the router instance delivering shard N to that destination (expires) |
+//! | `<prefix>:{s:N}:log:<destination>` | stream | the delivery log: one entry per attempt |
 //! | `<prefix>:{s:N}:replaying:<destination>` | set | ids of that destination's dead letters on shard N whose replay is under way |
 //! | `<prefix>:meta:shards` | string | the shard count, fixed at first start |
 //! | `<prefix>:{catalog}:destinations` | hash | destination name → its definition (JSON), the one source of truth |
@@ -64,6 +65,11 @@ impl Keys {
         )
     }
 
+    /// The delivery log of `destination` in `shard`: one entry per attempt.
+    pub fn delivery_log(&self, shard: u16, destination: &str) -> String {
+        format!("{}:{{s:{shard}}}:log:{destination}", self.prefix)
+    }
+
     /// The lease naming the one router instance that may deliver `shard`
     /// to `destination`.
     pub fn lease(&self, shard: u16, destination: &str) -> String {
@@ -107,6 +113,7 @@ mod tests {
         assert_eq!(keys.idempotency(7, "u1", "m1"), "evd:{s:7}:idem:2:u1:m1");
         assert_eq!(keys.lease(7, "crm"), "evd:{s:7}:lease:crm");
         assert_eq!(keys.replaying(7, "crm"), "evd:{s:7}:replaying:crm");
+        assert_eq!(keys.delivery_log(7, "crm"), "evd:{s:7}:log:crm");
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! | `DELETE /admin/destinations/{name}/dead-letters/{id}` | delete one |
 //! | `DELETE /admin/destinations/{name}/dead-letters` | delete all |
 //! | `GET /healthz` | 200 while the router runs (no token: for health checks) |
+//! | `GET /admin/events/{event_id}` | the delivery log of an event: per destination, its state and attempts |
+//! | `GET /admin/users/{user_id}/events?limit` | a user's recent events, each with its log |
 //! | `GET /admin/openapi.json` | this API's OpenAPI 3 document |
 //!
 //! Every other route needs the admin token (unless `admin.require_token` is off):
@@ -32,8 +34,7 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
 use base64::Engine;
 use protocol::secret::{bearer_token, find_token, TokenDigest};
-use protocol::Keys;
-use protocol::RedisConnection;
+use protocol::{Keys, RedisConnection};
 use serde::{Deserialize, Serialize};
 use telemetry::lifecycle::{metrics_endpoint, serve_until, OnShutdown};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::LeaseConfig;
 use crate::dead_letters::{DeadLetterError, DeadLetters, Page, ReplayReport, Selection};
 use crate::delivery::Destination;
+use crate::delivery_log::{EventLog, LogError, LogReader, Subject};
 use crate::destination_api::{self, DestinationChangeDoc, DestinationDoc, NewDestinationDoc};
 use crate::outbound::Policy;
 use crate::overview::{DestinationView, Overview, SharedOverview};
@@ -64,6 +66,8 @@ pub struct AdminState {
     pub policy: Policy,
     /// Bounds a destination's `timeout_ms`.
     pub lease: LeaseConfig,
+    /// Most records of one (shard, destination) log a lookup reads: the cap.
+    pub log_scan_limit: usize,
     pub overview: SharedOverview,
     pub access: Access,
 }
@@ -103,6 +107,31 @@ impl AdminState {
         if let Err(error) = self.registry.follow(&self.catalog).await {
             tracing::warn!(%error, "Cannot read the destinations back; the next overview will.");
         }
+    }
+
+    fn log_reader(&self) -> LogReader {
+        LogReader {
+            con: self.con.clone(),
+            keys: self.keys.clone(),
+            shards: self.shards,
+            scan_limit: self.log_scan_limit,
+        }
+    }
+
+    /// What the delivery log knows of `event_id` at every destination.
+    async fn event_log(&self, event_id: &str) -> Result<EventLog, AdminError> {
+        let known = self.registry.known();
+        let endpoints: Vec<_> = known.iter().map(|k| k.destination.endpoint()).collect();
+        let subjects: Vec<Subject<'_>> = known
+            .iter()
+            .zip(&endpoints)
+            .map(|(known, endpoint)| Subject {
+                name: &known.destination.name,
+                endpoint,
+                cuts: &known.definition.cuts,
+            })
+            .collect();
+        Ok(self.log_reader().event(event_id, &subjects).await?)
     }
 
     /// This router's latest measurement of `name`.
@@ -216,7 +245,9 @@ pub enum AdminRefusal {
         list_dead_letters,
         purge_dead_letters,
         replay,
-        delete_dead_letter
+        delete_dead_letter,
+        event,
+        user_events
     ),
     modifiers(&AdminTokenScheme),
     security(("admin_token" = []))
@@ -255,6 +286,8 @@ pub enum AdminError {
     Internal(String),
     #[error(transparent)]
     DeadLetters(#[from] DeadLetterError),
+    #[error(transparent)]
+    Log(#[from] LogError),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("missing or invalid admin token")]
@@ -278,6 +311,9 @@ impl ResponseError for AdminError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             AdminError::DeadLetters(_) => StatusCode::BAD_REQUEST,
+            AdminError::Log(LogError::Redis(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Log(LogError::Unknown(_)) => StatusCode::NOT_FOUND,
+            AdminError::Log(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -443,7 +479,17 @@ fn routes(config: &mut web::ServiceConfig) {
         .service(resource(
             "/admin/destinations/{name}/dead-letters/{id}",
             vec![web::delete().to(delete_dead_letter)],
-        ));
+        ))
+        .service(resource(
+            "/admin/events/{event_id}",
+            vec![web::get().to(event)],
+        ))
+        .service(resource(
+            "/admin/users/{user_id}/events",
+            vec![web::get().to(user_events)],
+        ))
+        // The status page's event lookup (a form): redirects to the log.
+        .service(resource("/events", vec![web::get().to(find_event)]));
 }
 
 /// Serves the admin routes on `listener` until `shutdown`.
@@ -569,6 +615,74 @@ async fn remove(
         deleted: true,
         dead_letters_kept: true,
     }))
+}
+
+#[utoipa::path(get, path = "/admin/events/{event_id}", params(("event_id" = String, Path, description = "The event's id, <shard>-<ms>-<seq>")), responses((status = 200, description = "Per destination: its state and every recorded attempt", body = EventLog), (status = 400, description = "Not an event id", body = ErrorBody), (status = 404, description = "Unknown: not in its stream and not in the log (past retention)", body = ErrorBody), AdminRefusal))]
+async fn event(
+    state: web::Data<AdminState>,
+    event_id: web::Path<String>,
+) -> Result<HttpResponse, AdminError> {
+    Ok(HttpResponse::Ok().json(state.event_log(&event_id).await?))
+}
+
+/// Most events one user listing returns.
+const MAX_USER_EVENTS: usize = 100;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct UserEventsQuery {
+    /// Events to return, newest first (1 to 100, default 20).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/admin/users/{user_id}/events", params(("user_id" = String, Path, description = "The user's id"), UserEventsQuery), responses((status = 200, description = "The user's most recent events (still in the stream or in the log), newest first, with their state per destination", body = Vec<EventLog>), (status = 400, description = "Invalid limit", body = ErrorBody), AdminRefusal))]
+async fn user_events(
+    state: web::Data<AdminState>,
+    user_id: web::Path<String>,
+    query: web::Query<UserEventsQuery>,
+) -> Result<HttpResponse, AdminError> {
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=MAX_USER_EVENTS).contains(&limit) {
+        return Err(AdminError::Invalid(format!(
+            "limit must be between 1 and {MAX_USER_EVENTS}"
+        )));
+    }
+    let names = state.registry.names();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ids = state
+        .log_reader()
+        .user_events(&user_id, &names, limit)
+        .await?;
+    let mut logs = Vec::with_capacity(ids.len());
+    for id in ids {
+        match state.event_log(&id).await {
+            Ok(log) => logs.push(log),
+            // Trimmed between the listing and the lookup.
+            Err(AdminError::Log(LogError::Unknown(_))) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(HttpResponse::Ok().json(logs))
+}
+
+#[derive(Debug, Deserialize)]
+struct FindEvent {
+    id: String,
+}
+
+/// The status page's lookup form: to the event's log.
+async fn find_event(query: web::Query<FindEvent>) -> HttpResponse {
+    let id: String = query
+        .id
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == '-')
+        .collect();
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, format!("/admin/events/{id}")))
+        .finish()
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -355,6 +355,13 @@ impl Catalog {
             .query_async(&mut self.con.clone())
             .await?;
         let groups = destroy_groups(&mut self.con.clone(), &self.keys, self.shards, name).await?;
+        // Its delivery log goes with it (its dead letters stay).
+        for shard in 0..self.shards {
+            let _: i64 = redis::cmd("DEL")
+                .arg(self.keys.delivery_log(shard, name))
+                .query_async(&mut self.con.clone())
+                .await?;
+        }
         // A destination created again under this name starts unpaused.
         let _: i64 = redis::cmd("SREM")
             .arg(self.keys.paused())

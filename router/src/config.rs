@@ -39,6 +39,29 @@ pub struct Config {
     pub unlisted_destinations: Unlisted,
     /// Where deliveries may connect (the SSRF guard).
     pub outbound: crate::outbound::OutboundConfig,
+    /// The record of every attempt, for `GET /admin/events/{id}`.
+    pub delivery_log: DeliveryLogConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryLogConfig {
+    pub enabled: bool,
+    /// How long records are kept (hours; fractions allowed).
+    pub retention_hours: f64,
+    /// Most records kept per destination, over all shards.
+    pub max_entries_per_destination: usize,
+}
+
+impl DeliveryLogConfig {
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs_f64(self.retention_hours * 3600.0)
+    }
+
+    /// The cap of one (shard, destination) log stream.
+    pub fn cap_per_shard(&self, shards: u16) -> usize {
+        (self.max_entries_per_destination / usize::from(shards.max(1))).max(1)
+    }
 }
 
 /// What applying a list of destinations does with the others.
@@ -341,6 +364,15 @@ impl Config {
                 self.redis.shards,
                 64 * 1024 * usize::from(self.redis.shards)
             ));
+        }
+        let log = &self.delivery_log;
+        if !(log.retention_hours > 0.0 && log.retention_hours <= 24.0 * 365.0)
+            || log.max_entries_per_destination == 0
+        {
+            return Err(
+                "delivery_log needs 0 < retention_hours ≤ 8760 and max_entries_per_destination ≥ 1"
+                    .into(),
+            );
         }
         if self.reader.block_ms == 0 {
             return Err("reader.block_ms must be positive (0 would block forever)".into());

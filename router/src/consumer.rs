@@ -18,6 +18,7 @@ use protocol::{EventEntry, Keys, Replay, StreamId};
 use redis::{FromRedisValue, Value};
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::delivery_log::{LogStream, Record};
 
 /// Where the next read starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +89,16 @@ pub struct GroupConsumer {
     commands: RedisConnection,
     /// Where the group starts, should it have to be created again.
     catalog: Catalog,
+    /// Where attempts are recorded; `None` with the delivery log off.
+    log: Option<LogStream>,
+}
+
+/// The two connections a consumer uses.
+pub struct Connections {
+    /// Its own, for blocking reads.
+    pub blocking: RedisConnection,
+    /// Shared, for acknowledgements and dead letters.
+    pub commands: RedisConnection,
 }
 
 impl GroupConsumer {
@@ -96,12 +107,13 @@ impl GroupConsumer {
         shard: u16,
         destination: &str,
         consumer: &str,
-        blocking: RedisConnection,
-        commands: RedisConnection,
+        Connections { blocking, commands }: Connections,
         catalog: Catalog,
+        log: Option<LogStream>,
     ) -> Self {
         Self {
             catalog,
+            log,
             shard,
             stream: keys.events(shard),
             dead_letters: keys.dead_letters(shard, destination),
@@ -245,21 +257,41 @@ impl GroupConsumer {
         Ok(())
     }
 
-    /// Acknowledges a delivered entry. A delivered replay also removes its
-    /// dead letter, in the same MULTI (one hash tag, so valid on a cluster).
-    pub async fn delivered(&self, entry: &Entry) -> Result<(), ConsumerError> {
-        let Some(replay) = replay_of(entry) else {
+    /// Acknowledges a delivered entry, recording the attempt in the same
+    /// round trip. A delivered replay also removes its dead letter, in the
+    /// same MULTI (one hash tag, so valid on a cluster).
+    pub async fn delivered(&self, entry: &Entry, record: &Record<'_>) -> Result<(), ConsumerError> {
+        let replay = replay_of(entry);
+        if replay.is_none() && self.log.is_none() {
             return self.ack(entry.id).await;
-        };
+        }
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
             .arg(entry.id);
-        self.finish_replay(&mut pipe, replay);
+        if let Some(replay) = replay {
+            self.finish_replay(&mut pipe, replay);
+        }
+        if let Some(log) = &self.log {
+            log.append(&mut pipe, record);
+        }
         let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
         Ok(())
+    }
+
+    /// Records a failed attempt that will be retried. The log is a record,
+    /// not a guarantee: a failure to write it is logged and otherwise ignored.
+    pub async fn record_retry(&self, record: &Record<'_>) {
+        let Some(log) = &self.log else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        log.append(&mut pipe, record);
+        if let Err(error) = pipe.query_async::<Value>(&mut self.commands.clone()).await {
+            tracing::debug!(%error, "Cannot record an attempt in the delivery log.");
+        }
     }
 
     /// Removes the dead letter a replay came from, and its replay mark.
@@ -279,6 +311,7 @@ impl GroupConsumer {
         &self,
         entry: &Entry,
         letter: &DeadLetter<'_>,
+        record: Option<&Record<'_>>,
     ) -> Result<(), ConsumerError> {
         let failed_at = protocol::unix_millis();
         let mut pipe = redis::pipe();
@@ -312,6 +345,9 @@ impl GroupConsumer {
             .arg(entry.id);
         if let Some(replay) = replay_of(entry) {
             self.finish_replay(&mut pipe, replay);
+        }
+        if let (Some(log), Some(record)) = (&self.log, record) {
+            log.append(&mut pipe, record);
         }
         let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
         Ok(())

@@ -53,6 +53,8 @@ pub enum DeadLetterError {
 pub struct DeadLetterView {
     pub id: String,
     pub event_id: Option<String>,
+    /// Its delivery log: `/admin/events/{event_id}`.
+    pub log: Option<String>,
     pub user_id: Option<String>,
     /// The event's payload as sent (JSON), when the entry had one.
     #[schema(value_type = Option<serde_json::Value>)]
@@ -387,6 +389,9 @@ fn view(entry: &RawEntry, replaying: bool) -> DeadLetterView {
     DeadLetterView {
         id: entry.public_id(),
         event_id: entry.field("event_id").map(str::to_owned),
+        log: entry
+            .field("event_id")
+            .map(|event_id| format!("/admin/events/{event_id}")),
         user_id: event.as_ref().map(|e| e.user_id.clone()),
         payload: event.as_ref().map(|e| {
             RawValue::from_string(e.payload.clone()).unwrap_or_else(|_| {

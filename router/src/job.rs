@@ -30,6 +30,7 @@ use crate::breaker::{Admission, Verdict};
 use crate::budget::{Budget, Charge};
 use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
 use crate::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
+use crate::delivery_log::{Logged, Record};
 use crate::lease::LeaseGuard;
 use crate::retry::NextStep;
 use crate::stats::AttemptResult;
@@ -160,7 +161,9 @@ impl Job {
                 }
                 Prepared::DeadLetter { event_id, reason } => {
                     tracing::error!(parent: self.span(None), %event_id, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
-                    return self.dead_letter(entry, &event_id, 0, None, &reason).await;
+                    return self
+                        .dead_letter(entry, &event_id, 0, None, &reason, None)
+                        .await;
                 }
             };
             match self.attempt(entry, &request, attempt).await {
@@ -250,8 +253,24 @@ impl Job {
                 age.as_secs()
             );
             tracing::warn!(parent: self.span(Some(request)), attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
+            let record = Record {
+                event_id: &request.event_id,
+                user: &request.event.user_id,
+                attempt: attempt - 1,
+                status: None,
+                latency_ms: 0,
+                outcome: Logged::DeadLettered,
+                error: Some(&error),
+            };
             let end = self
-                .dead_letter(entry, &request.event_id, attempt - 1, None, &error)
+                .dead_letter(
+                    entry,
+                    &request.event_id,
+                    attempt - 1,
+                    None,
+                    &error,
+                    Some(&record),
+                )
                 .await;
             return Step::Done(end);
         }
@@ -314,7 +333,16 @@ impl Job {
                 );
                 stats.attempted(AttemptResult::Delivered, latency);
                 let consumer = &self.context.consumer;
-                let end = self.record(|| consumer.delivered(entry)).await;
+                let record = Record {
+                    event_id: &request.event_id,
+                    user: &request.event.user_id,
+                    attempt,
+                    status: Some(status),
+                    latency_ms,
+                    outcome: Logged::Delivered,
+                    error: None,
+                };
+                let end = self.record(|| consumer.delivered(entry, &record)).await;
                 stats.delivered(age_since(request.age_from_ms));
                 return Step::Done(end);
             }
@@ -329,15 +357,33 @@ impl Job {
             AttemptOutcome::Dead { status, error } => (status, error, NextStep::GiveUp),
         };
         stats.failed(&error, status);
+        let mut record = Record {
+            event_id: &request.event_id,
+            user: &request.event.user_id,
+            attempt,
+            status,
+            latency_ms,
+            outcome: Logged::Retry,
+            error: Some(&error),
+        };
         let NextStep::RetryAfter(delay) = next else {
             tracing::warn!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
             stats.attempted(AttemptResult::Dead, latency);
+            record.outcome = Logged::DeadLettered;
             let end = self
-                .dead_letter(entry, &request.event_id, attempt, status, &error)
+                .dead_letter(
+                    entry,
+                    &request.event_id,
+                    attempt,
+                    status,
+                    &error,
+                    Some(&record),
+                )
                 .await;
             return Step::Done(end);
         };
         stats.attempted(AttemptResult::Retry, latency);
+        self.context.consumer.record_retry(&record).await;
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         tracing::info!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
         Step::RetryAfter(delay)
@@ -351,6 +397,7 @@ impl Job {
         attempts: u32,
         last_status: Option<u16>,
         last_error: &str,
+        record: Option<&Record<'_>>,
     ) -> JobEnd {
         let letter = DeadLetter {
             event_id,
@@ -359,7 +406,9 @@ impl Job {
             last_error,
         };
         let consumer = &self.context.consumer;
-        let end = self.record(|| consumer.dead_letter(entry, &letter)).await;
+        let end = self
+            .record(|| consumer.dead_letter(entry, &letter, record))
+            .await;
         if end == JobEnd::Recorded {
             self.context.destination.stats.dead_lettered();
         }

@@ -32,6 +32,7 @@ pub mod consumer;
 pub mod coordinator;
 pub mod dead_letters;
 pub mod delivery;
+pub mod delivery_log;
 pub mod destination_api;
 pub mod job;
 pub mod lease;
@@ -59,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use admin::AdminState;
 use catalog::{Applied, Catalog, CatalogError};
 pub use config::Config;
-use consumer::GroupConsumer;
+use consumer::{Connections, GroupConsumer};
 use coordinator::{Coordinator, StartWorker};
 use lease::{LeaseGuard, LeaseId, LeaseStore};
 use overview::{Observer, Overview, SharedOverview};
@@ -161,6 +162,7 @@ pub async fn run(
         consumer_name: consumer_name.clone(),
         registry: registry.clone(),
         catalog: catalog.clone(),
+        delivery_log: config.delivery_log,
         command_connections: command_connections.clone(),
         settings: WorkerSettings {
             batch_size: config.reader.batch_size,
@@ -214,6 +216,7 @@ pub async fn run(
         catalog,
         policy,
         lease: config.lease,
+        log_scan_limit: config.delivery_log.cap_per_shard(config.redis.shards),
         overview,
         access: admin::Access::new(&config.admin),
     };
@@ -230,6 +233,10 @@ pub async fn run(
         keys,
         config.redis.shards,
         registry.clone(),
+        config
+            .delivery_log
+            .enabled
+            .then(|| config.delivery_log.retention()),
         Duration::from_millis(config.retention.trim_interval_ms),
         shutdown.clone(),
     ));
@@ -259,6 +266,7 @@ struct Workers {
     consumer_name: String,
     registry: Arc<Registry>,
     catalog: Catalog,
+    delivery_log: config::DeliveryLogConfig,
     command_connections: Vec<RedisConnection>,
     settings: WorkerSettings,
 }
@@ -286,20 +294,27 @@ impl StartWorker for Workers {
         .clone();
         let settings = self.settings;
         let catalog = self.catalog.clone();
+        let delivery_log = self.delivery_log;
         let shard = lease.shard;
         tokio::spawn(async move {
             let purpose = Connection::BlockingReads(settings.read_span);
             let Ok(Some(blocking)) = connect(&redis, &stop, purpose).await else {
                 return;
             };
+            let log = delivery_log.enabled.then(|| {
+                delivery_log::LogStream::new(
+                    keys.delivery_log(shard, &destination.name),
+                    delivery_log.cap_per_shard(redis.shards),
+                )
+            });
             let consumer = GroupConsumer::new(
                 &keys,
                 shard,
                 &destination.name,
                 &consumer_name,
-                blocking,
-                commands,
+                Connections { blocking, commands },
                 catalog,
+                log,
             );
             worker::run(consumer, destination, settings, guard, stop).await;
         })

@@ -90,14 +90,39 @@ pub async fn trim(
     })
 }
 
+/// Trims the delivery log streams of `destinations` on `shard` to records
+/// younger than `retention` (by Redis stream id, which is Redis's clock).
+async fn trim_logs(
+    con: &mut RedisConnection,
+    keys: &Keys,
+    shard: u16,
+    destinations: &[String],
+    retention: Duration,
+) -> redis::RedisResult<()> {
+    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    let oldest_kept = protocol::unix_millis().saturating_sub(retention_ms);
+    // One shard's keys share a hash tag: one pipeline, even on a cluster.
+    let mut pipe = redis::pipe();
+    for destination in destinations {
+        pipe.cmd("XTRIM")
+            .arg(keys.delivery_log(shard, destination))
+            .arg("MINID")
+            .arg(oldest_kept)
+            .ignore();
+    }
+    pipe.query_async::<()>(con).await
+}
+
 /// Trims every shard every `every` until `shutdown`, keeping what the
-/// destinations defined now still need. Each router does this for all
-/// shards; the script is safe to run concurrently.
+/// destinations defined now still need, and the delivery log to
+/// `log_retention` (when it is on). Each router does this for all shards;
+/// the script is safe to run concurrently.
 pub async fn run(
     mut con: RedisConnection,
     keys: Keys,
     shards: u16,
     registry: Arc<Registry>,
+    log_retention: Option<Duration>,
     every: Duration,
     shutdown: CancellationToken,
 ) {
@@ -107,6 +132,13 @@ pub async fn run(
     while ticks.next(&shutdown).await {
         let destinations = registry.names();
         for shard in 0..shards {
+            if let Some(retention) = log_retention {
+                if let Err(error) =
+                    trim_logs(&mut con, &keys, shard, &destinations, retention).await
+                {
+                    tracing::debug!(shard, %error, "Cannot trim the delivery log; will retry.");
+                }
+            }
             match trim(&mut con, &keys, shard, &destinations).await {
                 Ok(trimmed) => {
                     if let Some(removed @ 1..) = trimmed.removed {

@@ -40,6 +40,7 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 .state.paused {{ background: #fff1cc; color: #7a5800; }}
 .state.failing {{ background: #fde0e0; color: #8a1c1c; }}
 .error {{ color: #8a1c1c; max-width: 360px; overflow-wrap: anywhere; }}
+.lookup {{ margin-top: 16px; }}
 .notice {{ background: #e6f0ff; padding: 8px 12px; border-radius: 6px; margin-bottom: 12px; }}
 button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap; }}
 </style></head>
@@ -70,7 +71,12 @@ button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap
     for destination in &overview.destinations {
         row(&mut page, destination, &overview.instance);
     }
-    page.push_str("</tbody></table></body></html>\n");
+    page.push_str(
+        "</tbody></table>\n<form method=\"get\" action=\"/events\" class=\"lookup\">\
+         <label>What happened to an event? <input name=\"id\" placeholder=\"7-1795353102574-0\" \
+         size=\"24\" data-field=\"event_lookup\"></label> <button type=\"submit\">Show its delivery log</button>\
+         </form></body></html>\n",
+    );
     page
 }
 
@@ -222,6 +228,7 @@ mod tests {
             r#"data-field="state">paused<"#,
             r#"data-field="owned_shards">1 / 2<"#,
             r#"data-field="revision">12<"#,
+            r#"action="/events""#,
             r#"data-field="breaker">open since 1970-01-01T00:00:00Z<"#,
             r#"data-field="definition_revision">11<"#,
             r#"data-field="event_types">order.*, &lt;x&gt;<"#,

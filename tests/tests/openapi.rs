@@ -40,7 +40,7 @@ async fn the_admin_api_passes_schemathesis_too() {
     schemathesis(
         &format!("{admin}/admin/openapi.json"),
         ADMIN_TOKEN,
-        12,
+        14,
         &["positive_data_acceptance", "use_after_free"],
     );
 }

@@ -206,3 +206,69 @@ async fn a_429_with_retry_after_pauses_the_whole_destination() {
         earliest_after - refused_at
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_log_shows_each_attempt_and_forgets_after_its_retention() {
+    let mut system = TestSystem::start_without_router(vec![
+        TestDestination::new("flaky", "/flaky/2"),
+        TestDestination::new("orders", "/ok/orders").event_types(&["order.*"]),
+    ])
+    .await;
+    system.start_router_with(|config| config.delivery_log.retention_hours = 3.0 / 3600.0);
+    let first = system.send("alice", json!({ "n": 1 })).await;
+    let second = system.send("alice", json!({ "n": 2 })).await;
+    system
+        .wait_delivered("flaky", 2, Duration::from_secs(20))
+        .await;
+    let path = format!("/admin/events/{first}");
+    let log = system.admin_get(&path).await;
+    let at = |name: &str| -> serde_json::Value {
+        log["destinations"]
+            .as_array()
+            .and_then(|all| all.iter().find(|d| d["destination"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {log}"))
+    };
+    let flaky = at("flaky");
+    assert_eq!(flaky["state"], "delivered", "{log}");
+    let attempts = flaky["attempts"].as_array().expect("attempts");
+    let summary: Vec<(u64, u64, &str)> = attempts
+        .iter()
+        .map(|a| {
+            (
+                a["attempt"].as_u64().unwrap_or(0),
+                a["status"].as_u64().unwrap_or(0),
+                a["outcome"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [(1, 503, "retry"), (2, 503, "retry"), (3, 200, "delivered")],
+        "{log}"
+    );
+    assert!(attempts[0]["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("503")));
+    assert_eq!(at("orders")["state"], "filtered", "no eventType: {log}");
+    assert_eq!(log["user_id"], "alice");
+
+    // A user's recent events, newest first.
+    let listed = system.admin_get("/admin/users/alice/events?limit=10").await;
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .collect();
+    assert_eq!(ids, [second.as_str(), first.as_str()], "{listed}");
+
+    // Past its retention (3 s here) the log is trimmed; the delivered event
+    // left its stream long before.
+    wait_for(
+        "the log to forget the event",
+        Duration::from_secs(20),
+        || async { system.admin_call(reqwest::Method::GET, &path, None).await.0 == 404 },
+    )
+    .await;
+}
