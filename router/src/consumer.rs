@@ -266,8 +266,12 @@ impl GroupConsumer {
             return self.ack(entry.id).await;
         }
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("XACK")
+        // The log record needs no MULTI (it is not part of the outcome);
+        // removing a replayed dead letter does.
+        if replay.is_some() {
+            pipe.atomic();
+        }
+        pipe.cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
             .arg(entry.id);
