@@ -436,7 +436,7 @@ impl Catalog {
 }
 
 /// Whether two settings are the same (secrets compared in clear).
-pub fn same_settings(a: &DestinationConfig, b: &DestinationConfig) -> bool {
+fn same_settings(a: &DestinationConfig, b: &DestinationConfig) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 

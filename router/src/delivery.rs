@@ -184,10 +184,6 @@ impl Endpoint {
             && self.settings.subscribes_to(event.event_type.as_deref())
     }
 
-    pub fn url(&self) -> &str {
-        self.url.as_str()
-    }
-
     /// Makes one attempt in `_slot`; it ends within the destination's timeout.
     pub async fn attempt(
         &self,
@@ -299,10 +295,6 @@ impl Destination {
             }
         }
         Ok(())
-    }
-
-    pub fn url(&self) -> String {
-        self.endpoint().url().to_owned()
     }
 
     pub fn is_paused(&self) -> bool {

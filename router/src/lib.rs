@@ -273,7 +273,7 @@ struct Workers {
 
 impl StartWorker for Workers {
     fn pairs(&self) -> Vec<LeaseId> {
-        self.registry.pairs(self.redis.shards)
+        self.registry.pairs()
     }
 
     fn generation(&self, destination: &str) -> Option<u64> {

@@ -25,10 +25,9 @@ pub struct Known {
 #[derive(Default)]
 struct Snapshot {
     revision: u64,
-    /// Ready destinations, by name.
+    /// Ready destinations, by name (one still being created is not
+    /// delivered yet).
     known: BTreeMap<String, Known>,
-    /// Definitions still being created (no router delivers them yet).
-    creating: Vec<Arc<Definition>>,
 }
 
 pub struct Registry {
@@ -73,11 +72,6 @@ impl Registry {
         self.read().known.values().cloned().collect()
     }
 
-    /// Definitions still being created.
-    pub fn creating(&self) -> Vec<Arc<Definition>> {
-        self.read().creating.clone()
-    }
-
     /// Which creation of `name` is current (its creation time): a worker
     /// started for another is stopped, so a destination deleted and created
     /// again between two reads does not deliver from its old group's state.
@@ -93,9 +87,9 @@ impl Registry {
     }
 
     /// Every (shard, destination) pair to deliver, sorted.
-    pub fn pairs(&self, shards: u16) -> Vec<LeaseId> {
+    pub fn pairs(&self) -> Vec<LeaseId> {
         let snapshot = self.read();
-        let mut pairs: Vec<LeaseId> = (0..shards)
+        let mut pairs: Vec<LeaseId> = (0..self.shards)
             .flat_map(|shard| {
                 snapshot.known.keys().map(move |name| LeaseId {
                     shard,
@@ -125,11 +119,9 @@ impl Registry {
             return; // an older read finishing late
         }
         let mut known = BTreeMap::new();
-        let mut creating = Vec::new();
         for (name, definition) in definitions {
             let definition = Arc::new(definition);
             if !definition.is_ready() {
-                creating.push(definition);
                 continue;
             }
             let previous = snapshot.known.remove(&name);
@@ -174,10 +166,6 @@ impl Registry {
         for name in snapshot.known.keys() {
             tracing::info!(destination = %name, "Destination deleted; its workers stop.");
         }
-        *snapshot = Snapshot {
-            revision,
-            known,
-            creating,
-        };
+        *snapshot = Snapshot { revision, known };
     }
 }

@@ -663,3 +663,81 @@ async fn a_destination_deleted_and_created_again_at_once_starts_afresh() {
         "only the events after the second creation"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destinations_command_lists_applies_and_deletes() {
+    let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = system.write_router_config(dir.path());
+    let file = dir.path().join("destinations.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[destinations]]\nname = \"scripted\"\nurl = \"{}\"\ntimeout_ms = 2000\nevent_types = [\"order.*\"]\n",
+            url(&system, "/ok/scripted")
+        ),
+    )
+    .expect("write the file");
+    let router = |args: &[&str]| {
+        let output = std::process::Command::new(e2e_tests::workspace_binary("router"))
+            .arg("--config")
+            .arg(&config)
+            .arg("destinations")
+            .args(args)
+            .output()
+            .expect("router runs");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text
+    };
+    let file_arg = file.to_str().expect("utf-8 path");
+    assert!(router(&["apply", file_arg]).contains("created [\"scripted\"]"));
+    assert!(router(&["apply", file_arg]).contains("unchanged [\"scripted\"]"));
+    let listed = router(&["list"]);
+    let names: Vec<String> = listed
+        .lines()
+        .map(|line| {
+            let view: Value = serde_json::from_str(line).expect("a JSON line");
+            view["name"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(names, ["existing", "scripted"], "{listed}");
+    // The running router follows at once: it delivers what it now knows.
+    system.wait_destinations_registered("scripted").await;
+    let (status, _) = system
+        .post(
+            "/v1/events",
+            &json!({ "userId": "u", "payload": 1, "eventType": "order.new" }),
+        )
+        .await;
+    assert_eq!(status, 202);
+    wait_for(
+        "the scripted destination delivers",
+        Duration::from_secs(20),
+        || async { system.recorder.delivered_count("/ok/scripted") == 1 },
+    )
+    .await;
+    assert!(router(&["delete", "scripted"]).contains("Deleted `scripted`"));
+    let (status, _) = system
+        .admin_call(Method::GET, "/admin/destinations/scripted", None)
+        .await;
+    assert_eq!(status, 404);
+    // A file that is wrong is refused, naming the problem, and changes nothing.
+    std::fs::write(
+        &file,
+        "[[destinations]]\nname = \"bad one\"\nurl = \"http://x.example/\"\n",
+    )
+    .expect("write the file");
+    let output = std::process::Command::new(e2e_tests::workspace_binary("router"))
+        .arg("--config")
+        .arg(&config)
+        .args(["destinations", "apply", file_arg])
+        .output()
+        .expect("router runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bad one"));
+}
