@@ -22,7 +22,7 @@ cargo check -p e2e-tests --features testcontainers --tests --locked
 # The end-to-end tests that run on whatever Redis the harness starts, run a
 # second time on a local Redis Cluster (3 masters + 3 replicas). Tests named
 # redis_* stop or pause their one Redis server and stay single-server.
-cluster_suite=(-p e2e-tests --test delivery --test admin --test faults --test ingest --test destinations)
+cluster_suite=(-p e2e-tests --test delivery --test admin --test faults --test ingest --test destinations --test policies)
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
   EVD_TEST_REDIS=cluster cargo nextest run "${cluster_suite[@]}" --locked --no-fail-fast \
