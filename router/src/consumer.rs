@@ -285,6 +285,23 @@ impl GroupConsumer {
         Ok(())
     }
 
+    /// Acknowledges an entry not meant for this destination, recording that
+    /// in the same round trip.
+    pub async fn filtered(
+        &self,
+        id: StreamId,
+        record: Option<&Record<'_>>,
+    ) -> Result<(), ConsumerError> {
+        let (Some(log), Some(record)) = (&self.log, record) else {
+            return self.ack(id).await;
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK").arg(&self.stream).arg(&self.group).arg(id);
+        log.append(&mut pipe, record);
+        let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
+        Ok(())
+    }
+
     /// Records a failed attempt that will be retried. The log is a record,
     /// not a guarantee: a failure to write it is logged and otherwise ignored.
     pub async fn record_retry(&self, record: &Record<'_>) {

@@ -1,6 +1,7 @@
 //! The delivery log: what happened to each event at each destination.
 //!
-//! Every attempt is recorded in the (shard, destination) log stream
+//! Every attempt, and every event a destination filters out, is recorded
+//! in the (shard, destination) log stream
 //! `evd:{s:N}:log:<destination>`: its event id, user, attempt number,
 //! status, latency, outcome and (for a failure) the error. A terminal
 //! attempt is written in the same round trip as its acknowledgement, a
@@ -37,6 +38,8 @@ pub enum Logged {
     Retry,
     /// Failed for good (or its limits ran out): dead-lettered.
     DeadLettered,
+    /// Not for this destination; acknowledged without an attempt.
+    Filtered,
 }
 
 impl Logged {
@@ -45,6 +48,7 @@ impl Logged {
             Logged::Delivered => "delivered",
             Logged::Retry => "retry",
             Logged::DeadLettered => "dead_lettered",
+            Logged::Filtered => "filtered",
         }
     }
 
@@ -53,6 +57,7 @@ impl Logged {
             "delivered" => Some(Logged::Delivered),
             "retry" => Some(Logged::Retry),
             "dead_lettered" => Some(Logged::DeadLettered),
+            "filtered" => Some(Logged::Filtered),
             _ => None,
         }
     }
@@ -220,7 +225,7 @@ impl LogReader {
         };
         let mut known = entry.is_some();
         for subject in subjects {
-            let (attempts, user) = self.attempts(&mut con, id, subject.name).await?;
+            let (mut attempts, user) = self.attempts(&mut con, id, subject.name).await?;
             if log.user_id.is_none() {
                 log.user_id = user;
             }
@@ -229,11 +234,14 @@ impl LogReader {
                 Some(Logged::Delivered) => EventState::Delivered,
                 Some(Logged::DeadLettered) => EventState::DeadLettered,
                 Some(Logged::Retry) => EventState::InBackoff,
+                Some(Logged::Filtered) => EventState::Filtered,
                 None => {
                     self.unattempted(&mut con, id, subject, entry.as_ref())
                         .await?
                 }
             };
+            // A filtered event's record says so; it was never attempted.
+            attempts.retain(|attempt| attempt.outcome != Logged::Filtered);
             log.destinations.push(DestinationLog {
                 destination: subject.name.to_owned(),
                 state,

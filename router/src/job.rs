@@ -79,10 +79,12 @@ pub struct JobContext {
 /// What preparing an entry decided.
 enum Prepared<'a> {
     Deliver(Request<'a>),
-    /// Acknowledge without an attempt; `filtered` counts it as such.
-    Acknowledge {
-        filtered: bool,
+    /// Not for this destination: acknowledged (and logged) without an attempt.
+    Filtered {
+        event: &'a EventEntry,
     },
+    /// Deleted from the stream meanwhile: acknowledged.
+    Deleted,
     /// Dead-letter without an attempt.
     DeadLetter {
         event_id: String,
@@ -151,13 +153,30 @@ impl Job {
                     held.charge.grow(request.body.len());
                     request
                 }
-                Prepared::Acknowledge { filtered } => {
+                Prepared::Filtered { event } => {
                     let consumer = &self.context.consumer;
-                    let end = self.record(|| consumer.ack(entry.id)).await;
-                    if filtered && end == JobEnd::Recorded {
+                    let event_id = event_id(self.shard(), entry.id);
+                    // A replay addressed to another destination is not news here.
+                    let record = event.replay.is_none().then(|| Record {
+                        event_id: &event_id,
+                        user: &event.user_id,
+                        attempt: 0,
+                        status: None,
+                        latency_ms: 0,
+                        outcome: Logged::Filtered,
+                        error: None,
+                    });
+                    let end = self
+                        .record(|| consumer.filtered(entry.id, record.as_ref()))
+                        .await;
+                    if end == JobEnd::Recorded {
                         self.context.destination.stats.filtered();
                     }
                     return end;
+                }
+                Prepared::Deleted => {
+                    let consumer = &self.context.consumer;
+                    return self.record(|| consumer.ack(entry.id)).await;
                 }
                 Prepared::DeadLetter { event_id, reason } => {
                     tracing::error!(parent: self.span(None), %event_id, %reason, outcome = "dead", "Dead-lettering an entry that cannot be delivered.");
@@ -441,8 +460,8 @@ impl Job {
 fn prepare<'a>(entry: &'a Entry, endpoint: &Endpoint, shard: u16) -> Prepared<'a> {
     let event = match &entry.content {
         EntryContent::Event(event) if endpoint.wants(event) => event,
-        EntryContent::Event(_) => return Prepared::Acknowledge { filtered: true },
-        EntryContent::Deleted => return Prepared::Acknowledge { filtered: false },
+        EntryContent::Event(event) => return Prepared::Filtered { event },
+        EntryContent::Deleted => return Prepared::Deleted,
         EntryContent::Malformed(reason) => {
             return Prepared::DeadLetter {
                 event_id: event_id(shard, entry.id),

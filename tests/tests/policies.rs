@@ -220,6 +220,12 @@ async fn the_delivery_log_shows_each_attempt_and_forgets_after_its_retention() {
     system
         .wait_delivered("flaky", 2, Duration::from_secs(20))
         .await;
+    // Done everywhere, the events leave their stream: what follows comes
+    // from the log alone.
+    wait_for("the stream trimmed", Duration::from_secs(10), || async {
+        system.stream_lengths().await == 0
+    })
+    .await;
     let path = format!("/admin/events/{first}");
     let log = system.admin_get(&path).await;
     let at = |name: &str| -> serde_json::Value {
