@@ -1,4 +1,6 @@
-# syntax=docker/dockerfile:1
+# No `# syntax=` line: it makes BuildKit pull a frontend image, which an
+# offline machine (or CI without a registry) cannot; the daemon's built-in
+# frontend reads everything used here, cache mounts included.
 # One build, one small image per service (distroless: glibc, CA certificates
 # and a non-root user; no shell, no package manager). Build one with
 # `docker build --target gateway .`; docker-compose.yml builds all three.
