@@ -169,6 +169,16 @@ impl Catalog {
         Self { con, keys, shards }
     }
 
+    /// An EVAL of one of the catalog's scripts, its two keys given.
+    fn script(&self, script: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script)
+            .arg(2)
+            .arg(self.keys.catalog())
+            .arg(self.keys.catalog_revision());
+        cmd
+    }
+
     /// The current revision; 0 before the first destination was ever defined.
     pub async fn revision(&self) -> Result<u64, CatalogError> {
         let revision: Option<u64> = redis::cmd("GET")
@@ -221,11 +231,8 @@ impl Catalog {
             start_id: Some(start.group_id()),
             settings,
         };
-        let revision: u64 = redis::cmd("EVAL")
-            .arg(CREATE)
-            .arg(2)
-            .arg(self.keys.catalog())
-            .arg(self.keys.catalog_revision())
+        let revision: u64 = self
+            .script(CREATE)
             .arg(&name)
             .arg(definition.to_json())
             .query_async(&mut self.con.clone())
@@ -323,11 +330,8 @@ impl Catalog {
     /// [`CatalogError::Contended`] for a caller that cannot retry.
     async fn replace(&self, definition: &Definition) -> Result<Option<u64>, CatalogError> {
         let name = &definition.settings.name;
-        let revision: i64 = redis::cmd("EVAL")
-            .arg(REPLACE)
-            .arg(2)
-            .arg(self.keys.catalog())
-            .arg(self.keys.catalog_revision())
+        let revision: i64 = self
+            .script(REPLACE)
             .arg(name)
             .arg(definition.revision)
             .arg(definition.to_json())
@@ -346,11 +350,8 @@ impl Catalog {
     /// deletes the groups of a name with no definition (left by an earlier
     /// version, or by hand).
     pub async fn delete(&self, name: &str) -> Result<(), CatalogError> {
-        let existed: i64 = redis::cmd("EVAL")
-            .arg(DELETE)
-            .arg(2)
-            .arg(self.keys.catalog())
-            .arg(self.keys.catalog_revision())
+        let existed: i64 = self
+            .script(DELETE)
             .arg(name)
             .query_async(&mut self.con.clone())
             .await?;

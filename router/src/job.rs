@@ -185,7 +185,7 @@ impl Job {
                         .await;
                 }
             };
-            match self.attempt(entry, &request, attempt).await {
+            match self.attempt(entry, &request, attempt, &endpoint).await {
                 Step::Done(end) => return end,
                 Step::RetryAfter(delay) => {
                     let user = request.event.user_id.clone();
@@ -263,10 +263,17 @@ impl Job {
     }
 
     /// One attempt and what follows from its outcome.
-    async fn attempt(&mut self, entry: &Entry, request: &Request<'_>, attempt: u32) -> Step {
+    /// `prepared_with` is the settings the request was prepared under.
+    async fn attempt(
+        &mut self,
+        entry: &Entry,
+        request: &Request<'_>,
+        attempt: u32,
+        prepared_with: &Endpoint,
+    ) -> Step {
         let destination = &self.context.destination;
         let stats = &destination.stats;
-        if let Some(age) = expired(request.age_from_ms, destination.endpoint().max_age) {
+        if let Some(age) = expired(request.age_from_ms, prepared_with.max_age) {
             let error = format!(
                 "expired: undelivered {}s after it was accepted (max_age_ms)",
                 age.as_secs()
