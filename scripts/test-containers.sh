@@ -13,7 +13,9 @@
 #     shards and nothing is lost;
 #  6. down and up again, keeping the volume: events accepted while a
 #     destination was paused are delivered after `up` (the AOF volume);
-#  7. docker-compose.cluster.yml: the cluster forms and events flow.
+#  7. docker-compose.cluster.yml: the cluster forms and events flow;
+#  8. the delivery tests with the harness's testcontainers variant (Redis in
+#     a container on this engine).
 # Everything it started (containers, networks, volumes, the private daemon)
 # is removed at the end, whether or not a step failed.
 #
@@ -227,6 +229,12 @@ standin "$redis_image" "$work/redis" ""
 standin "$runtime_image" "$work/runtime" ""
 standin "$build_image" "$work/rust" "$rust_inputs" copy_toolchain
 rm -rf "$work/rust/toolchain"
+# The test harness's testcontainers variant pins its own Redis tag.
+harness_redis="redis:$(sed -n 's/.*IMAGE_TAG: &str = "\(.*\)";/\1/p' tests/src/redis_server.rs)"
+if ! docker image inspect "$harness_redis" >/dev/null 2>&1 && ! docker pull -q "$harness_redis" >/dev/null 2>&1; then
+  echo "STAND-IN: $harness_redis (the test harness's) is the $redis_image stand-in, tagged again."
+  docker tag "$redis_image" "$harness_redis"
+fi
 
 # ---------------------------------------------------------------------------
 # 3. The project's images, from the shipped Dockerfile and compose file.
@@ -389,8 +397,22 @@ echo "   the cluster formed (3 masters, 3 replicas); 50 events of 10 users reach
 cluster_compose down --volumes
 
 # ---------------------------------------------------------------------------
+# 8. The test harness with Redis in a container (the testcontainers feature)
+#    on this engine: the delivery suite.
+echo "== the delivery tests with Redis from testcontainers"
+cargo build --workspace --bins --locked -q
+harness_started=$(date +%s)
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run -p e2e-tests --features testcontainers --test delivery --locked --no-fail-fast
+else
+  cargo test -p e2e-tests --features testcontainers --test delivery --locked --no-fail-fast
+fi
+harness_seconds=$(($(date +%s) - harness_started))
+
+# ---------------------------------------------------------------------------
 echo "== Summary"
-echo "   project images built in ${build_seconds} s; docker-compose.yml healthy ${healthy_ms} ms after up; the cluster file ${cluster_ms} ms."
+echo "   project images built in ${build_seconds} s; docker-compose.yml healthy ${healthy_ms} ms after up; the cluster file ${cluster_ms} ms;"
+echo "   the testcontainers delivery suite built and ran in ${harness_seconds} s."
 megabytes() { echo $(($(docker image inspect -f '{{.Size}}' "$1") / 1000000)); }
 base_mb=$(megabytes "$runtime_image")
 echo "   runtime base $runtime_image: $base_mb MB"

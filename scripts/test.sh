@@ -18,7 +18,8 @@ scripts/check-containers.sh
 
 # The crash-recovery tests run the router as a child process.
 cargo build --workspace --bins --locked
-# CI compiles (but cannot run: no Docker engine) the testcontainers harness.
+# Every test of the testcontainers harness compiles (scripts/test-containers.sh
+# runs its delivery suite).
 cargo check -p e2e-tests --features testcontainers --tests --locked
 
 # The end-to-end tests that run on whatever Redis the harness starts, run a
