@@ -17,6 +17,7 @@ use protocol::RedisConnection;
 use protocol::{EventEntry, Keys, Replay, StreamId};
 use redis::{FromRedisValue, Value};
 
+use crate::acks::{AckError, AckWriter};
 use crate::catalog::{Catalog, CatalogError};
 use crate::delivery_log::{LogStream, Record};
 
@@ -64,6 +65,8 @@ pub enum ConsumerError {
     /// the command's documentation says.
     #[error("unexpected reply: {0}")]
     Reply(String),
+    #[error(transparent)]
+    Ack(#[from] AckError),
 }
 
 impl ConsumerError {
@@ -85,8 +88,10 @@ pub struct GroupConsumer {
     /// Only for blocking reads: a blocked XREADGROUP would stall every other
     /// command multiplexed on its connection.
     blocking: RedisConnection,
-    /// Acknowledgements and dead-letter writes.
+    /// Dead-letter writes, claims and fetches.
     commands: RedisConnection,
+    /// Acknowledgements, in batches (on the `commands` connection).
+    acks: AckWriter,
     /// Where the group starts, should it have to be created again.
     catalog: Catalog,
     /// Where attempts are recorded; `None` with the delivery log off.
@@ -111,11 +116,13 @@ impl GroupConsumer {
         catalog: Catalog,
         log: Option<LogStream>,
     ) -> Self {
+        let stream = keys.events(shard);
         Self {
+            acks: AckWriter::start(commands.clone(), stream.clone(), destination.to_owned()),
             catalog,
             log,
             shard,
-            stream: keys.events(shard),
+            stream,
             dead_letters: keys.dead_letters(shard, destination),
             replaying: keys.replaying(shard, destination),
             group: destination.to_owned(),
@@ -248,38 +255,28 @@ impl GroupConsumer {
     /// Acknowledges an entry this destination is done with without
     /// delivering it (not addressed to it, or deleted).
     pub async fn ack(&self, id: StreamId) -> Result<(), ConsumerError> {
-        let _: i64 = redis::cmd("XACK")
-            .arg(&self.stream)
-            .arg(&self.group)
-            .arg(id)
-            .query_async(&mut self.commands.clone())
-            .await?;
-        Ok(())
+        Ok(self.acks.ack(id, None).await?)
     }
 
     /// Acknowledges a delivered entry, recording the attempt in the same
     /// round trip. A delivered replay also removes its dead letter, in the
     /// same MULTI (one hash tag, so valid on a cluster).
     pub async fn delivered(&self, entry: &Entry, record: &Record<'_>) -> Result<(), ConsumerError> {
-        let replay = replay_of(entry);
-        if replay.is_none() && self.log.is_none() {
-            return self.ack(entry.id).await;
-        }
+        let record = self.log.as_ref().map(|log| log.xadd(record));
+        let Some(replay) = replay_of(entry) else {
+            // The log record needs no MULTI (it is not part of the outcome).
+            return Ok(self.acks.ack(entry.id, record).await?);
+        };
+        // Removing a replayed dead letter is part of the outcome: one MULTI.
         let mut pipe = redis::pipe();
-        // The log record needs no MULTI (it is not part of the outcome);
-        // removing a replayed dead letter does.
-        if replay.is_some() {
-            pipe.atomic();
-        }
-        pipe.cmd("XACK")
+        pipe.atomic()
+            .cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
             .arg(entry.id);
-        if let Some(replay) = replay {
-            self.finish_replay(&mut pipe, replay);
-        }
-        if let Some(log) = &self.log {
-            log.append(&mut pipe, record);
+        self.finish_replay(&mut pipe, replay);
+        if let Some(record) = record {
+            pipe.add_command(record).ignore();
         }
         let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
         Ok(())
@@ -292,14 +289,8 @@ impl GroupConsumer {
         id: StreamId,
         record: Option<&Record<'_>>,
     ) -> Result<(), ConsumerError> {
-        let (Some(log), Some(record)) = (&self.log, record) else {
-            return self.ack(id).await;
-        };
-        let mut pipe = redis::pipe();
-        pipe.cmd("XACK").arg(&self.stream).arg(&self.group).arg(id);
-        log.append(&mut pipe, record);
-        let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
-        Ok(())
+        let record = self.log.as_ref().zip(record).map(|(log, record)| log.xadd(record));
+        Ok(self.acks.ack(id, record).await?)
     }
 
     /// Records a failed attempt that will be retried. The log is a record,

@@ -88,9 +88,13 @@ impl LogStream {
 
     /// Adds the XADD of `record` to `pipe`.
     pub fn append(&self, pipe: &mut redis::Pipeline, record: &Record<'_>) {
-        let xadd = pipe
-            .cmd("XADD")
-            .arg(&self.key)
+        pipe.add_command(self.xadd(record)).ignore();
+    }
+
+    /// The XADD of `record`.
+    pub fn xadd(&self, record: &Record<'_>) -> redis::Cmd {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&self.key)
             .arg("MAXLEN")
             .arg("~")
             .arg(self.cap)
@@ -112,7 +116,7 @@ impl LogStream {
             let error: String = error.chars().take(ERROR_CHARS).collect();
             xadd.arg("error").arg(error);
         }
-        pipe.ignore();
+        xadd
     }
 }
 

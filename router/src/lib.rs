@@ -23,6 +23,7 @@
 //! - [`admin`]: the admin listener: API, [`status_page`] and `/metrics`.
 #![forbid(unsafe_code)]
 
+pub mod acks;
 pub mod admin;
 pub mod breaker;
 pub mod budget;

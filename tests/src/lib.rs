@@ -517,6 +517,31 @@ impl TestSystem {
         .await;
     }
 
+    /// How many times Redis ran `command` (lower case, e.g. `xack`), summed
+    /// over every master (`INFO commandstats`).
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let infos = self
+            .redis
+            .connection()
+            .await
+            .info_of_every_master("commandstats")
+            .await
+            .expect("INFO commandstats");
+        let field = format!("cmdstat_{command}");
+        infos
+            .iter()
+            .filter_map(|info| protocol::meta::info_field(info, &field))
+            .map(|stats| {
+                // calls=12,usec=34,…
+                stats
+                    .split(',')
+                    .find_map(|pair| pair.strip_prefix("calls="))
+                    .and_then(|calls| calls.parse::<u64>().ok())
+                    .expect("commandstats has calls=")
+            })
+            .sum()
+    }
+
     /// Entries pending (read, not acknowledged) for `destination` over all shards.
     pub async fn pending(&self, destination: &str) -> u64 {
         let counts = self

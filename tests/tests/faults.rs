@@ -373,8 +373,12 @@ async fn backlog_cap_answers_503_while_a_destination_is_down_then_everything_dra
         "capped: longest shard stream {longest} (cap {cap}), {accepted_while_capped} accepted, {} refused",
         load.unavailable_count()
     );
+    // The gateway re-measures every 20 ms, so a stream passes its cap by
+    // what arrives in one interval, more when a loaded machine stretches
+    // the interval; without the cap a shard would hold its share of the
+    // 1,000 events.
     assert!(
-        longest <= cap + 20,
+        longest <= 2 * cap,
         "a shard stream holds {longest}, cap {cap}"
     );
     assert!(
