@@ -5,11 +5,6 @@ use clap::{Parser, Subcommand};
 use protocol::secret::{generate_token, TokenDigest};
 use protocol::webhook::SigningSecret;
 
-/// mimalloc instead of glibc malloc: fewer CPU cycles per request on the
-/// allocation-heavy request paths (docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Event delivery router: delivers events from Redis streams to webhook destinations.
 #[derive(Parser)]
 struct Args {
