@@ -262,9 +262,9 @@ impl GroupConsumer {
     /// round trip. A delivered replay also removes its dead letter, in the
     /// same MULTI (one hash tag, so valid on a cluster).
     pub async fn delivered(&self, entry: &Entry, record: &Record<'_>) -> Result<(), ConsumerError> {
-        let record = self.log.as_ref().map(|log| log.xadd(record));
         let Some(replay) = replay_of(entry) else {
             // The log record needs no MULTI (it is not part of the outcome).
+            let record = self.log.as_ref().map(|log| log.xadd(record));
             return Ok(self.acks.ack(entry.id, record).await?);
         };
         // Removing a replayed dead letter is part of the outcome: one MULTI.
@@ -275,8 +275,8 @@ impl GroupConsumer {
             .arg(&self.group)
             .arg(entry.id);
         self.finish_replay(&mut pipe, replay);
-        if let Some(record) = record {
-            pipe.add_command(record).ignore();
+        if let Some(log) = &self.log {
+            log.append(&mut pipe, record);
         }
         let _: Value = pipe.query_async(&mut self.commands.clone()).await?;
         Ok(())
@@ -289,7 +289,11 @@ impl GroupConsumer {
         id: StreamId,
         record: Option<&Record<'_>>,
     ) -> Result<(), ConsumerError> {
-        let record = self.log.as_ref().zip(record).map(|(log, record)| log.xadd(record));
+        let record = self
+            .log
+            .as_ref()
+            .zip(record)
+            .map(|(log, record)| log.xadd(record));
         Ok(self.acks.ack(id, record).await?)
     }
 
