@@ -257,8 +257,10 @@ async fn redis_paused_gets_503s_within_the_bound_and_no_202_then_recovers() {
         );
         probes += 1;
     }
-    system.redis.server().resume().await;
+    // Taken before SIGCONT: Redis may answer, and the load record a 202,
+    // before `kill` has exited and `resume` returned.
     let resumed_at = Instant::now();
+    system.redis.server().resume().await;
     eprintln!("{probes} probes during the 5 s pause: all 503 within {bound:?}");
 
     let accepted = load.finish().await;
