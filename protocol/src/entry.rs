@@ -112,16 +112,20 @@ impl EventEntry {
     }
 
     /// Rebuilds an entry from the field/value pairs of a stream entry.
-    /// Unknown fields are ignored so newer gateways can add fields.
-    pub fn from_fields<'a>(
-        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self, EntryError> {
+    /// Unknown fields are ignored so newer gateways can add fields. Owned
+    /// values (`String`) are moved into the entry, so a large payload is
+    /// not copied while it is read; borrowed ones (`&str`) are copied.
+    pub fn from_fields<N, V>(pairs: impl IntoIterator<Item = (N, V)>) -> Result<Self, EntryError>
+    where
+        N: AsRef<str>,
+        V: AsRef<str> + Into<String>,
+    {
         let (mut user, mut payload, mut received_at, mut message_id, mut destinations) =
             (None, None, None, None, None);
         let (mut source, mut event_type) = (None, None);
         let (mut replay_of, mut replay_event_id, mut replayed_at) = (None, None, None);
         for (name, value) in pairs {
-            match name {
+            match name.as_ref() {
                 field::USER => user = Some(value),
                 field::PAYLOAD => payload = Some(value),
                 field::RECEIVED_AT => received_at = Some(value),
@@ -139,9 +143,9 @@ impl EventEntry {
         let replay = match (replay_of, replay_event_id, replayed_at) {
             (None, None, None) => None,
             (Some(of), Some(event_id), Some(at)) => Some(Replay {
-                dead_letter_id: of.to_owned(),
-                event_id: event_id.to_owned(),
-                replayed_at_ms: parse_ms(field::REPLAYED_AT, at)?,
+                dead_letter_id: of.into(),
+                event_id: event_id.into(),
+                replayed_at_ms: parse_ms(field::REPLAYED_AT, at.as_ref())?,
             }),
             _ => {
                 return Err(EntryError::Malformed {
@@ -151,24 +155,22 @@ impl EventEntry {
             }
         };
         Ok(Self {
-            user_id: user
-                .ok_or(EntryError::MissingField(field::USER))?
-                .to_owned(),
+            user_id: user.ok_or(EntryError::MissingField(field::USER))?.into(),
             payload: payload
                 .ok_or(EntryError::MissingField(field::PAYLOAD))?
-                .to_owned(),
-            received_at_ms: parse_ms(field::RECEIVED_AT, received_at)?,
-            message_id: message_id.map(str::to_owned),
+                .into(),
+            received_at_ms: parse_ms(field::RECEIVED_AT, received_at.as_ref())?,
+            message_id: message_id.map(Into::into),
             destinations: destinations
                 .map(|list| {
-                    serde_json::from_str(list).map_err(|e| EntryError::Malformed {
+                    serde_json::from_str(list.as_ref()).map_err(|e| EntryError::Malformed {
                         field: field::DESTINATIONS,
                         reason: e.to_string(),
                     })
                 })
                 .transpose()?,
-            event_type: event_type.map(str::to_owned),
-            source: source.map(str::to_owned),
+            event_type: event_type.map(Into::into),
+            source: source.map(Into::into),
             replay,
         })
     }

@@ -15,11 +15,19 @@
 //!
 //! A read holds its reservation while it blocks on an idle stream, so it
 //! takes at most half of what is free: a job fetching a parked entry for
-//! its next attempt never waits for a read to time out.
+//! its next attempt never waits for a read to time out. It also takes at
+//! most an eighth of the byte limit ([`READ_PARTS`]), because a reply is
+//! briefly in memory more than once while it is parsed.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
+
+/// One read reserves at most this fraction of the byte limit. While a reply
+/// is parsed it is in memory two or three times over (the connection's
+/// buffer, the parsed reply, the entries), and only the entries are
+/// charged; a small read keeps that passing excess small beside the budget.
+const READ_PARTS: usize = 8;
 
 /// A number of entries and their bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -65,20 +73,22 @@ impl Budget {
     /// entry of the expected size (or nothing is held at all), then
     /// reserves room for as many entries as that half holds, up to `most`.
     pub async fn reserve_for_read(self: &Arc<Self>, most: usize) -> Charge {
-        self.reserve(most.max(1), 2).await
+        self.reserve(most.max(1), 2, self.limit.bytes / READ_PARTS)
+            .await
     }
 
     /// For one entry fetched again: waits until it fits (or nothing is held).
     pub async fn reserve_one(self: &Arc<Self>) -> Charge {
-        self.reserve(1, 1).await
+        self.reserve(1, 1, usize::MAX).await
     }
 
-    /// Reserves up to `most` entries out of `1 / share` of what is free.
-    async fn reserve(self: &Arc<Self>, most: usize, share: usize) -> Charge {
+    /// Reserves up to `most` entries out of `1 / share` of what is free,
+    /// and at most `max_bytes`.
+    async fn reserve(self: &Arc<Self>, most: usize, share: usize, max_bytes: usize) -> Charge {
         loop {
             // Registered before the check, so a release in between wakes us.
             let freed = self.freed.notified();
-            if let Some(amount) = self.try_reserve(most, share) {
+            if let Some(amount) = self.try_reserve(most, share, max_bytes) {
                 return Charge {
                     budget: self.clone(),
                     amount,
@@ -88,10 +98,10 @@ impl Budget {
         }
     }
 
-    fn try_reserve(&self, most: usize, share: usize) -> Option<Amount> {
+    fn try_reserve(&self, most: usize, share: usize, max_bytes: usize) -> Option<Amount> {
         let mut state = self.lock();
         let free_entries = self.limit.entries.saturating_sub(state.held.entries) / share;
-        let free_bytes = self.limit.bytes.saturating_sub(state.held.bytes) / share;
+        let free_bytes = (self.limit.bytes.saturating_sub(state.held.bytes) / share).min(max_bytes);
         let (most, estimate) = match state.estimate {
             Some(estimate) => (most, estimate),
             // Nothing read yet: one entry, with room for whatever its size.
@@ -209,7 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_read_takes_one_entry_to_learn_their_size() {
-        let budget = Budget::new(amount(100, 1000));
+        let budget = Budget::new(amount(100, 8000));
         let mut first = budget.reserve_for_read(50).await;
         assert_eq!(first.entries(), 1);
         drop(first.take(10));
@@ -220,12 +230,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_reserves_half_of_what_is_free_at_the_expected_size() {
-        let budget = budget(100, 1000, 100);
+        let budget = budget(100, 8000, 100);
+        let _held = budget.reserve_one().await.take(7000);
         let reservation = budget.reserve_for_read(50).await;
         assert_eq!(
             reservation.entries(),
             5,
-            "half of 1000 bytes at 100 per entry"
+            "half of 1000 free bytes at 100 per entry"
         );
         let by_entries = self::budget(8, 1000, 10).reserve_for_read(50).await;
         assert_eq!(by_entries.entries(), 4, "the entry window binds first");
@@ -234,10 +245,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_read_reserves_at_most_an_eighth_of_the_byte_limit() {
+        let budget = budget(100, 8000, 100);
+        assert_eq!(
+            budget.reserve_for_read(100).await.entries(),
+            10,
+            "1000 bytes at 100 per entry, though 4000 are half of what is free"
+        );
+        let large = self::budget(100, 8000, 5000);
+        let alone = large.reserve_for_read(100).await;
+        assert_eq!(
+            alone.entries(),
+            1,
+            "nothing held: one entry whatever its size"
+        );
+        let next =
+            tokio::time::timeout(Duration::from_millis(50), large.reserve_for_read(100)).await;
+        assert!(next.is_err(), "one more would pass the eighth");
+    }
+
+    #[tokio::test]
     async fn a_fetch_finds_room_while_a_read_holds_its_reservation() {
         let budget = budget(100, 1000, 100);
+        let _held = budget.reserve_one().await.take(200);
         let read = budget.reserve_for_read(100).await;
-        assert_eq!(read.entries(), 5);
+        assert_eq!(read.entries(), 1);
         let fetch = tokio::time::timeout(Duration::from_millis(50), budget.reserve_one()).await;
         assert_eq!(fetch.expect("room left").entries(), 1);
     }
@@ -310,7 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_estimate_follows_the_largest_entry_and_decays_by_quarters() {
-        let budget = budget(1000, 200_000, 10_000);
+        let budget = budget(1000, 800_000, 10_000);
         assert_eq!(budget.reserve_for_read(1000).await.entries(), 10);
         budget.observe(100);
         assert_eq!(

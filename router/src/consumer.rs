@@ -420,9 +420,9 @@ fn parse_entry(item: Value) -> Result<Entry, ConsumerError> {
                 None => EntryContent::Malformed("a field is not UTF-8 text".into()),
                 Some(texts) => {
                     bytes = texts.iter().map(String::len).sum();
-                    let pairs = texts
-                        .chunks_exact(2)
-                        .map(|pair| (pair[0].as_str(), pair[1].as_str()));
+                    // Moved, not copied: the payload may be a megabyte.
+                    let mut texts = texts.into_iter();
+                    let pairs = std::iter::from_fn(|| Some((texts.next()?, texts.next()?)));
                     match EventEntry::from_fields(pairs) {
                         Ok(event) => EntryContent::Event(event),
                         Err(error) => EntryContent::Malformed(error.to_string()),
