@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::connection::HealingCluster;
+use crate::slot_owner::SlotOwner;
 use crate::RedisConnection;
 
 /// Why a configuration could not be loaded.
@@ -170,39 +171,52 @@ impl RedisConfig {
     /// On a cluster, a command that failed on a connection error is retried
     /// (within `timeout`) after the client re-learns which node owns its slot.
     pub async fn connect(&self, timeout: Duration) -> redis::RedisResult<RedisConnection> {
-        self.connect_with(timeout, true).await
+        if self.is_cluster() {
+            return self.connect_cluster(timeout).await;
+        }
+        self.connect_single(timeout).await
     }
 
-    /// A connection for blocking reads only (`XREADGROUP … BLOCK`), whose
-    /// replies may take up to `timeout`. On a cluster it never retries a
-    /// command by itself: a read whose reply was lost may still have moved
-    /// entries into our pending list, so the caller must see the error and
-    /// re-read that list before reading anything newer. A `MOVED` still
-    /// refreshes the slot map, so the caller's next read reaches the new owner.
+    /// A connection for blocking reads only (`XREADGROUP … BLOCK`) of
+    /// `key`, whose replies may take up to `timeout`. On a cluster it is a
+    /// connection to the master serving `key`'s slot alone, and it never
+    /// retries a command by itself: a read whose reply was lost may still
+    /// have moved entries into our pending list, so the caller must see the
+    /// error and re-read that list before reading anything newer. After a
+    /// `MOVED` the next read goes to the new owner.
     pub async fn connect_for_blocking_reads(
         &self,
+        key: &str,
         timeout: Duration,
-    ) -> redis::RedisResult<RedisConnection> {
-        self.connect_with(timeout, false).await
-    }
-
-    async fn connect_with(
-        &self,
-        timeout: Duration,
-        retry_commands: bool,
     ) -> redis::RedisResult<RedisConnection> {
         if self.is_cluster() {
-            let mut builder = redis::cluster::ClusterClient::builder(self.cluster_node_urls())
-                .connection_timeout(self.timeout())
-                .response_timeout(timeout);
-            if !retry_commands {
-                builder = builder.retries(0);
-            }
-            let client = builder.build()?;
-            return Ok(RedisConnection::Cluster(
-                HealingCluster::connect(client).await?,
+            let seeds = self
+                .cluster_node_urls()
+                .into_iter()
+                .map(redis::IntoConnectionInfo::into_connection_info)
+                .collect::<redis::RedisResult<_>>()?;
+            let questions = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.timeout()))
+                .set_response_timeout(Some(self.timeout()));
+            let reads = questions.clone().set_response_timeout(Some(timeout));
+            return Ok(RedisConnection::SlotOwner(
+                SlotOwner::connect(seeds, key, reads, questions).await?,
             ));
         }
+        self.connect_single(timeout).await
+    }
+
+    async fn connect_cluster(&self, timeout: Duration) -> redis::RedisResult<RedisConnection> {
+        let client = redis::cluster::ClusterClient::builder(self.cluster_node_urls())
+            .connection_timeout(self.timeout())
+            .response_timeout(timeout)
+            .build()?;
+        Ok(RedisConnection::Cluster(
+            HealingCluster::connect(client).await?,
+        ))
+    }
+
+    async fn connect_single(&self, timeout: Duration) -> redis::RedisResult<RedisConnection> {
         let client = redis::Client::open(self.url.expose_secret())?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))

@@ -26,6 +26,8 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
+use crate::slot_owner::SlotOwner;
+
 /// How long a cluster connection may fail every command with a connection
 /// error before it is rebuilt: longer than a failover takes (a replica is
 /// promoted within about two node timeouts), so a healthy client gets the
@@ -38,12 +40,15 @@ const REBUILD_AFTER: Duration = Duration::from_secs(5);
 pub enum RedisConnection {
     Single(ConnectionManager),
     Cluster(HealingCluster),
+    /// The one cluster master serving a key's slot (blocking reads).
+    SlotOwner(SlotOwner),
 }
 
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConnection::Single(con) => con.req_packed_command(cmd),
+            RedisConnection::SlotOwner(owner) => owner.req_packed_command(cmd),
             RedisConnection::Cluster(cluster) => Box::pin(async move {
                 let result = cluster.current().req_packed_command(cmd).await;
                 cluster.observe(result.as_ref().err());
@@ -60,6 +65,7 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConnection::Single(con) => con.req_packed_commands(pipeline, offset, count),
+            RedisConnection::SlotOwner(owner) => owner.req_packed_commands(pipeline, offset, count),
             RedisConnection::Cluster(cluster) => Box::pin(async move {
                 let result = cluster
                     .current()
@@ -74,7 +80,7 @@ impl ConnectionLike for RedisConnection {
     fn get_db(&self) -> i64 {
         match self {
             RedisConnection::Single(con) => con.get_db(),
-            RedisConnection::Cluster(_) => 0,
+            RedisConnection::Cluster(_) | RedisConnection::SlotOwner(_) => 0,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`keys`]: every Redis key name, each shard's keys under one hash tag.
 //! - [`entry`]: the fields of one event in a shard stream, and event ids.
 //! - [`connection`]: one connection type for a single Redis or a Redis Cluster.
+//! - [`slot_owner`]: a connection to the one cluster master serving a key.
 //! - [`secret`]: API keys and the admin token, kept as digests.
 //! - [`webhook`]: Standard Webhooks signatures of deliveries.
 //! - [`meta`]: start-up checks both services share (the recorded shard count, Redis
@@ -20,6 +21,7 @@ pub mod meta;
 pub mod retry;
 pub mod secret;
 pub mod shard;
+pub mod slot_owner;
 pub mod webhook;
 
 pub use config::RedisConfig;

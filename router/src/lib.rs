@@ -298,7 +298,11 @@ impl StartWorker for Workers {
         let delivery_log = self.delivery_log;
         let shard = lease.shard;
         tokio::spawn(async move {
-            let purpose = Connection::BlockingReads(settings.read_span);
+            let stream = keys.events(shard);
+            let purpose = Connection::BlockingReads {
+                stream: &stream,
+                span: settings.read_span,
+            };
             let Ok(Some(blocking)) = connect(&redis, &stop, purpose).await else {
                 return;
             };
@@ -358,11 +362,11 @@ pub async fn catalog(config: &Config) -> anyhow::Result<Catalog> {
 
 /// What a connection is for.
 #[derive(Debug, Clone, Copy)]
-enum Connection {
+enum Connection<'a> {
     /// Ordinary commands, answered within `redis.timeout_ms`.
     Commands,
-    /// One worker's blocking reads, whose replies may take this long.
-    BlockingReads(Duration),
+    /// One worker's blocking reads of `stream`, whose replies may take `span`.
+    BlockingReads { stream: &'a str, span: Duration },
 }
 
 /// Connects, waiting for Redis while it is unreachable (it may still be
@@ -370,13 +374,15 @@ enum Connection {
 async fn connect(
     redis: &RedisConfig,
     shutdown: &CancellationToken,
-    purpose: Connection,
+    purpose: Connection<'_>,
 ) -> anyhow::Result<Option<RedisConnection>> {
     let what = format!("Redis unreachable at {}", redis.redacted_url());
     let connect = || async move {
         match purpose {
             Connection::Commands => redis.connect(redis.timeout()).await,
-            Connection::BlockingReads(span) => redis.connect_for_blocking_reads(span).await,
+            Connection::BlockingReads { stream, span } => {
+                redis.connect_for_blocking_reads(stream, span).await
+            }
         }
     };
     Ok(run_with_retries(&what, Backoff::STARTUP, shutdown, |_| true, connect).await?)

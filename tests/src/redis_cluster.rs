@@ -15,6 +15,13 @@ const MASTERS: usize = 3;
 /// Short, so a killed master's replica takes over within a few seconds.
 pub const NODE_TIMEOUT_MS: u64 = 1000;
 
+/// Client connections summed over a cluster's nodes (`INFO clients`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Clients {
+    pub connected: usize,
+    pub blocked: usize,
+}
+
 struct Node {
     port: u16,
     bus_port: u16,
@@ -263,6 +270,62 @@ impl RedisCluster {
             times.insert(node.port, Duration::from_secs_f64(seconds));
         }
         times
+    }
+
+    /// Clients connected to the live nodes, and how many of them are blocked
+    /// in a command (a blocking XREADGROUP), summed over the nodes. Each
+    /// node also counts the connection that asks it.
+    pub async fn clients(&self) -> Clients {
+        let mut clients = Clients::default();
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let mut command = redis::cmd("INFO");
+            command.arg("clients");
+            let Some(info) = ask_node::<String>(&node.url(), command).await else {
+                continue;
+            };
+            let field = |name| {
+                protocol::info_field(&info, name)
+                    .and_then(|value| value.parse::<usize>().ok())
+                    .unwrap_or(0)
+            };
+            clients.connected += field("connected_clients");
+            clients.blocked += field("blocked_clients");
+        }
+        clients
+    }
+
+    /// How many nodes were started (masters and replicas).
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The id of the node at `port` (`CLUSTER MYID`).
+    pub async fn node_id(&self, port: u16) -> String {
+        cluster_command(&format!("redis://127.0.0.1:{port}"), &["MYID"])
+            .await
+            .expect("the node answers")
+    }
+
+    /// Hands an empty `slot` to the master at `to_port`, as a resharding
+    /// does once the slot's keys have moved: `CLUSTER SETSLOT slot NODE` on
+    /// the new owner, then on every other master.
+    pub async fn move_empty_slot(&self, slot: u16, to_port: u16) {
+        let target = self.node_id(to_port).await;
+        let mut masters: Vec<u16> = self
+            .topology()
+            .await
+            .iter()
+            .filter(|n| n.is_live_master())
+            .map(|n| n.port)
+            .collect();
+        masters.sort_by_key(|port| *port != to_port);
+        let slot = slot.to_string();
+        for port in masters {
+            let url = format!("redis://127.0.0.1:{port}");
+            let moved: Option<()> =
+                cluster_command(&url, &["SETSLOT", &slot, "NODE", &target]).await;
+            moved.unwrap_or_else(|| panic!("the master at {port} takes SETSLOT"));
+        }
     }
 
     /// SIGKILLs the master serving `key`; returns its port.

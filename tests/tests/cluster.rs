@@ -1,6 +1,7 @@
 //! Redis Cluster: shards spread over the masters, a master killed mid-run
-//! (its replica promoted), and three routers sharing the shards with one
-//! killed. Every test runs on real `redis-server` processes started by the
+//! (its replica promoted), three routers sharing the shards with one
+//! killed, and each blocking reader connected to its stream's master only,
+//! following it when a slot moves. Every test runs on real `redis-server` processes started by the
 //! harness (3 masters with one replica each, or two for the `WAIT` test).
 //! The rest of the end-to-end suite also runs on a cluster:
 //! `EVD_TEST_REDIS=cluster` (scripts/test.sh does both).
@@ -60,6 +61,89 @@ async fn shards_spread_over_every_master_and_every_event_arrives_in_order() {
         usize::from(SHARDS),
         "the users span every shard"
     );
+}
+
+/// A worker's blocking reads touch one stream, so its connection goes to
+/// the master of that stream's slot only: a router's connections grow with
+/// its (shard, destination) pairs plus the nodes, not pairs × nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_blocking_reader_connects_only_to_its_streams_master() {
+    let cluster = RedisCluster::start().await;
+    let mut system = TestSystem::start_custom(cluster, destinations(), |_| {}).await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    let before = cluster.clients().await;
+    system.start_router();
+    let cluster = system.redis.cluster().expect("a cluster");
+    let pairs = usize::from(SHARDS) * destinations().len();
+    wait_for(
+        "every worker blocked in a read",
+        Duration::from_secs(60),
+        || async { cluster.clients().await.blocked == pairs },
+    )
+    .await;
+    let after = cluster.clients().await;
+    let added = after.connected - before.connected;
+    let nodes = cluster.node_count();
+    eprintln!(
+        "{pairs} (shard, destination) pairs, {nodes} nodes: the router added {added} connections"
+    );
+    assert!(
+        added <= pairs + 4 * nodes,
+        "{added} connections for {pairs} pairs on {nodes} nodes"
+    );
+}
+
+/// A blocking reader's connection follows its slot: once a resharding has
+/// moved it, the next command gets `MOVED` (returned, never retried: the
+/// worker re-reads its pending list), and the one after reaches the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_readers_connection_follows_its_slot_to_another_master() {
+    let cluster = RedisCluster::start().await;
+    let mut config = router::Config::defaults().redis;
+    config.cluster_nodes = cluster.seed_urls().into_iter().map(Into::into).collect();
+    let stream = "{s:moving}:events";
+    let mut reader = config
+        .connect_for_blocking_reads(stream, Duration::from_secs(5))
+        .await
+        .expect("connects to the slot's master");
+    let served_by = |reader: &mut protocol::RedisConnection| {
+        let mut reader = reader.clone();
+        async move {
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query_async::<String>(&mut reader)
+                .await
+                .expect("the connected node answers")
+        }
+    };
+    let owner = cluster.master_of(stream).await.expect("an owner");
+    assert_eq!(served_by(&mut reader).await, cluster.node_id(owner).await);
+
+    let slot = cluster.key_slot(stream).await;
+    let other = cluster
+        .topology()
+        .await
+        .iter()
+        .find(|n| n.is_live_master() && n.port != owner)
+        .expect("another master")
+        .port;
+    cluster.move_empty_slot(slot, other).await;
+
+    let xlen = |reader: &mut protocol::RedisConnection| {
+        let mut reader = reader.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg(stream)
+                .query_async::<u64>(&mut reader)
+                .await
+        }
+    };
+    let moved = xlen(&mut reader)
+        .await
+        .expect_err("the old owner redirects");
+    assert!(moved.redirect_node().is_some(), "MOVED: {moved}");
+    assert_eq!(xlen(&mut reader).await.expect("the new owner answers"), 0);
+    assert_eq!(served_by(&mut reader).await, cluster.node_id(other).await);
 }
 
 /// What one master failover did to a running system.
