@@ -279,6 +279,78 @@ async fn redis_paused_gets_503s_within_the_bound_and_no_202_then_recovers() {
         .await;
 }
 
+/// A write that timed out may still be queued on its Redis connection, and
+/// lands when Redis answers again. The user's next events, each sent after
+/// the previous one's 503 on a new HTTP connection (so on either gateway
+/// worker), must land after it, in the order they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_writes_that_timed_out_land_in_the_order_they_were_sent() {
+    let redis = RedisServer::start().await;
+    let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
+    let user = "patient";
+    let sent = 6;
+    let post = |body: serde_json::Value| {
+        // A new client per event: a new connection, which the gateway hands
+        // to its workers in turn.
+        let url = format!("{}/v1/events", system.gateway_url);
+        async move {
+            e2e_tests::authorized_client()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("the gateway answers")
+                .status()
+        }
+    };
+    // Every worker has written before.
+    for n in 0..4 {
+        let status = post(serde_json::json!({ "userId": "warm", "payload": { "n": n } })).await;
+        assert_eq!(status, 202);
+    }
+    system.redis.server().pause().await;
+    for n in 0..sent {
+        let status = post(serde_json::json!({ "userId": user, "payload": { "n": n } })).await;
+        assert_eq!(status, 503, "Redis is paused");
+    }
+    system.redis.server().resume().await;
+
+    let stream = system.keys.events(protocol::shard_for(user, SHARDS));
+    let con = system.redis.connection().await;
+    let order = || {
+        let (stream, mut con) = (stream.clone(), con.clone());
+        async move {
+            let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+                redis::cmd("XRANGE")
+                    .arg(&stream)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut con)
+                    .await
+                    .expect("XRANGE works");
+            entries
+                .into_iter()
+                .filter_map(|(_, fields)| {
+                    let payload: serde_json::Value =
+                        serde_json::from_str(fields.get("payload")?).ok()?;
+                    payload["n"].as_u64()
+                })
+                .collect::<Vec<u64>>()
+        }
+    };
+    wait_for(
+        "every write that timed out lands",
+        Duration::from_secs(30),
+        || async { order().await.len() == sent },
+    )
+    .await;
+    assert_eq!(
+        order().await,
+        (0..sent as u64).collect::<Vec<_>>(),
+        "in the order sent"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_destinations_are_retried_then_dead_lettered_and_others_unaffected() {
     let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
