@@ -19,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod lanes;
 pub mod openapi;
 pub mod routes;
 pub mod store;
@@ -66,7 +67,7 @@ pub async fn run(
         );
     }
     let state = web::Data::new(AppState {
-        store,
+        store: store.clone(),
         auth: auth::Authenticator::new(&config.auth),
         max_body_bytes: config.max_body_bytes,
         max_batch_events: config.max_batch_events,
@@ -79,8 +80,10 @@ pub async fn run(
     };
     tracing::info!(address = %listener.local_addr()?, workers, "Gateway listening.");
     let server = HttpServer::new(move || {
+        // Runs on each worker's thread: the worker's own write connections.
         App::new()
             .app_data(state.clone())
+            .app_data(web::Data::new(store.worker_lanes()))
             .configure(routes::configure)
             .service(web::resource("/openapi.json").route(web::get().to(openapi::document)))
     })
@@ -136,7 +139,7 @@ async fn watch_backlog(store: Arc<EventStore>, every: Duration, shutdown: Cancel
 mod tests {
     /// The modules in the order of the layout above.
     const LAYERS: &[&str] = &[
-        "config", "event", "store", "error", "auth", "api", "routes", "openapi",
+        "config", "event", "lanes", "store", "error", "auth", "api", "routes", "openapi",
     ];
 
     #[test]

@@ -10,6 +10,7 @@ use crate::api::{Accepted, BatchAccepted};
 use crate::auth::{ApiKey, Authenticator};
 use crate::error::ApiError;
 use crate::event::{self, NewEvent};
+use crate::lanes::WorkerLanes;
 use crate::store::{Appended, EventStore};
 
 pub struct AppState {
@@ -206,14 +207,20 @@ async fn read_json_body(
 )]
 pub(crate) async fn post_event(
     state: web::Data<AppState>,
+    lanes: web::Data<WorkerLanes>,
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    observed("/v1/events", ingest_event(&state, &request, payload)).await
+    observed(
+        "/v1/events",
+        ingest_event(&state, &lanes, &request, payload),
+    )
+    .await
 }
 
 async fn ingest_event(
     state: &AppState,
+    lanes: &WorkerLanes,
     request: &HttpRequest,
     payload: web::Payload,
 ) -> Result<Ingested, ApiError> {
@@ -232,7 +239,7 @@ async fn ingest_event(
         .await?;
     let appended = state
         .store
-        .append(&event)
+        .append(&event, lanes)
         .await
         .map_err(|e| state.unavailable(e))?;
     let response = HttpResponse::Accepted().json(Accepted {
@@ -255,14 +262,16 @@ async fn ingest_event(
 )]
 pub(crate) async fn post_batch(
     state: web::Data<AppState>,
+    lanes: web::Data<WorkerLanes>,
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    observed("/v1/batch", ingest_batch(&state, &request, payload)).await
+    observed("/v1/batch", ingest_batch(&state, &lanes, &request, payload)).await
 }
 
 async fn ingest_batch(
     state: &AppState,
+    lanes: &WorkerLanes,
     request: &HttpRequest,
     payload: web::Payload,
 ) -> Result<Ingested, ApiError> {
@@ -274,7 +283,7 @@ async fn ingest_batch(
     state.check_destinations(&events).await?;
     let appended = state
         .store
-        .append_all(&events)
+        .append_all(&events, lanes)
         .await
         .map_err(|e| state.unavailable(e))?;
     let response = HttpResponse::Accepted().json(BatchAccepted {

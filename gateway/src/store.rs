@@ -1,12 +1,13 @@
 //! Writing events to the shard streams.
 //!
-//! Requests share a few multiplexed connections, so concurrent XADDs are
+//! Each worker's requests share a few multiplexed connections (see
+//! [`crate::lanes`] for which one a write takes), so concurrent XADDs are
 //! pipelined and, under `appendfsync always`, fsynced together. Every write
 //! is bounded by `redis.timeout_ms`: past it the caller answers 503.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
@@ -16,6 +17,7 @@ use redis::FromRedisValue;
 
 use crate::config::{BacklogConfig, ReplicationConfig};
 use crate::event::NewEvent;
+use crate::lanes::{Lanes, WorkerLanes};
 
 /// Adds an event unless its idempotency key was seen, atomically. Both keys
 /// carry the shard's hash tag, so this works on Redis Cluster too.
@@ -113,7 +115,7 @@ struct Backlog {
 }
 
 pub struct EventStore {
-    connections: Vec<RedisConnection>,
+    lanes: Arc<Lanes>,
     backlog: Backlog,
     replication: Replication,
     keys: Keys,
@@ -145,7 +147,7 @@ impl EventStore {
         protocol::ensure_shard_count(&mut connections[0], &keys, config.shards).await?;
         protocol::check_persistence(&mut connections[0], config.allow_unsafe_persistence).await?;
         Ok(Self {
-            connections,
+            lanes: Lanes::new(config.clone(), connections, &keys),
             backlog: Backlog {
                 limits,
                 full_shards: (0..config.shards).map(|_| AtomicBool::new(false)).collect(),
@@ -160,10 +162,14 @@ impl EventStore {
         })
     }
 
-    /// Every command of a shard goes over the same connection, so commands
-    /// for one user reach Redis in the order they were issued.
+    /// The write lanes of one worker thread; call on that thread.
+    pub fn worker_lanes(&self) -> WorkerLanes {
+        self.lanes.for_worker()
+    }
+
+    /// A shared connection for commands other than writes of events.
     fn connection_for(&self, shard: u16) -> RedisConnection {
-        self.connections[usize::from(shard) % self.connections.len()].clone()
+        self.lanes.shared(shard)
     }
 
     async fn bounded<T>(
@@ -204,8 +210,12 @@ impl EventStore {
 
     /// Writes `event` to its user's shard stream; returns once Redis has
     /// acknowledged the write.
-    pub async fn append(&self, event: &NewEvent) -> Result<Appended, StoreError> {
-        let mut appended = self.append_all(std::slice::from_ref(event)).await?;
+    pub async fn append(
+        &self,
+        event: &NewEvent,
+        lanes: &WorkerLanes,
+    ) -> Result<Appended, StoreError> {
+        let mut appended = self.append_all(std::slice::from_ref(event), lanes).await?;
         appended
             .pop()
             .ok_or_else(|| StoreError::Reply("no reply for the event".into()))
@@ -217,8 +227,13 @@ impl EventStore {
     /// the shard's pipeline, on the same connection to the same master).
     /// Each shard's events go as one pipeline; shards are written
     /// concurrently. On error some events may be stored: clients retry, and
-    /// idempotency keys make that retry safe.
-    pub async fn append_all(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
+    /// idempotency keys make that retry safe; every shard written is then
+    /// in doubt (see [`crate::lanes`]) before this returns.
+    pub async fn append_all(
+        &self,
+        events: &[NewEvent],
+        lanes: &WorkerLanes,
+    ) -> Result<Vec<Appended>, StoreError> {
         let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (index, event) in events.iter().enumerate() {
             by_shard
@@ -227,50 +242,65 @@ impl EventStore {
                 .push(index);
         }
         self.check_backlog(by_shard.keys().copied())?;
-        let writes = by_shard.into_iter().map(|(shard, indices)| {
-            let mut pipeline = redis::pipe();
-            for &index in &indices {
-                pipeline.add_command(self.append_command(shard, &events[index]));
-            }
-            let replication = self.replication;
-            if replication.min_replicas > 0 {
-                pipeline
-                    .cmd("WAIT")
-                    .arg(replication.min_replicas)
-                    .arg(u64::try_from(replication.timeout.as_millis()).unwrap_or(u64::MAX));
-            }
-            let mut con = self.connection_for(shard);
-            async move {
-                let mut replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
+        let taken: Vec<(u16, RedisConnection)> = by_shard
+            .keys()
+            .map(|&shard| (shard, lanes.for_write(shard)))
+            .collect();
+        let writes = by_shard
+            .into_iter()
+            .zip(&taken)
+            .map(|((shard, indices), (_, con))| {
+                let mut pipeline = redis::pipe();
+                for &index in &indices {
+                    pipeline.add_command(self.append_command(shard, &events[index]));
+                }
+                let replication = self.replication;
                 if replication.min_replicas > 0 {
-                    let confirmed = replies
-                        .pop()
-                        .map(u32::from_redis_value)
-                        .transpose()
-                        .map_err(|e| StoreError::Reply(format!("WAIT: {e}")))?
-                        .unwrap_or(0);
-                    if confirmed < replication.min_replicas {
-                        return Err(StoreError::NotReplicated {
-                            wanted: replication.min_replicas,
-                            confirmed,
-                        });
+                    pipeline
+                        .cmd("WAIT")
+                        .arg(replication.min_replicas)
+                        .arg(u64::try_from(replication.timeout.as_millis()).unwrap_or(u64::MAX));
+                }
+                let mut con = con.clone();
+                async move {
+                    let mut replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
+                    if replication.min_replicas > 0 {
+                        let confirmed = replies
+                            .pop()
+                            .map(u32::from_redis_value)
+                            .transpose()
+                            .map_err(|e| StoreError::Reply(format!("WAIT: {e}")))?
+                            .unwrap_or(0);
+                        if confirmed < replication.min_replicas {
+                            return Err(StoreError::NotReplicated {
+                                wanted: replication.min_replicas,
+                                confirmed,
+                            });
+                        }
                     }
+                    if replies.len() != indices.len() {
+                        return Err(StoreError::Reply(format!(
+                            "{} replies for {} commands",
+                            replies.len(),
+                            indices.len()
+                        )));
+                    }
+                    indices
+                        .into_iter()
+                        .zip(replies)
+                        .map(|(index, reply)| Ok((index, parse_append_reply(shard, reply)?)))
+                        .collect::<Result<Vec<_>, StoreError>>()
                 }
-                if replies.len() != indices.len() {
-                    return Err(StoreError::Reply(format!(
-                        "{} replies for {} commands",
-                        replies.len(),
-                        indices.len()
-                    )));
+            });
+        let per_shard = match self.bounded(async { try_join_all(writes).await }).await {
+            Ok(per_shard) => per_shard,
+            Err(error) => {
+                for (shard, con) in &taken {
+                    lanes.lanes().write_failed(*shard, con);
                 }
-                indices
-                    .into_iter()
-                    .zip(replies)
-                    .map(|(index, reply)| Ok((index, parse_append_reply(shard, reply)?)))
-                    .collect::<Result<Vec<_>, StoreError>>()
+                return Err(error);
             }
-        });
-        let per_shard = self.bounded(async { try_join_all(writes).await }).await?;
+        };
         let mut appended = vec![None; events.len()];
         for (index, result) in per_shard.into_iter().flatten() {
             appended[index] = Some(result);

@@ -313,6 +313,8 @@ async fn redis_paused_writes_that_timed_out_land_in_the_order_they_were_sent() {
         let status = post(serde_json::json!({ "userId": user, "payload": { "n": n } })).await;
         assert_eq!(status, 503, "Redis is paused");
     }
+    let in_doubt = system.gateway_metrics().await;
+    assert_eq!(in_doubt.value("gateway_shards_in_doubt", &[]), 1.0);
     system.redis.server().resume().await;
 
     let stream = system.keys.events(protocol::shard_for(user, SHARDS));
@@ -349,6 +351,18 @@ async fn redis_paused_writes_that_timed_out_land_in_the_order_they_were_sent() {
         (0..sent as u64).collect::<Vec<_>>(),
         "in the order sent"
     );
+    wait_for(
+        "the shard's doubt to clear",
+        Duration::from_secs(30),
+        || async {
+            system
+                .gateway_metrics()
+                .await
+                .value("gateway_shards_in_doubt", &[])
+                == 0.0
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

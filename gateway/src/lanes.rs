@@ -1,0 +1,195 @@
+//! Which Redis connection carries a shard's writes.
+//!
+//! Each actix worker thread writes over connections of its own, made on
+//! that thread, so a request does not hand its command to another thread
+//! and wait to be woken back: that hand-off cost about a fifth of the
+//! gateway's CPU per event (docs/benchmarks.md). Until a worker's own
+//! connections are made, and for every other command, the shared ones
+//! made at start-up serve.
+//!
+//! Order. A user's next event is sent after the previous one was answered,
+//! and may reach another worker. A 202 means Redis has the write, so any
+//! connection may carry the next one. But a write whose outcome is unknown
+//! (it timed out, or its connection failed) may still be queued on its
+//! connection and land later, after writes sent since over other
+//! connections. So a failed write puts its shard *in doubt* before the
+//! client is answered: until that connection has answered a command sent
+//! after the failure, every write of the shard, from every worker, goes over
+//! it, behind the stale write, as if the shard had one connection.
+//! (`tests/tests/faults.rs` checks this with Redis paused.)
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use protocol::{Backoff, Keys, RedisConfig, RedisConnection};
+use tokio_util::sync::CancellationToken;
+
+/// After a failure to make a worker's connections, the next try waits this
+/// long (meanwhile the shared ones serve).
+const RETRY_CONNECTING_AFTER: Duration = Duration::from_secs(1);
+
+/// The connections of all workers, and the shards in doubt.
+pub struct Lanes {
+    redis: RedisConfig,
+    shared: Vec<RedisConnection>,
+    /// Per shard: the connection every write of the shard must take.
+    doubts: Vec<Mutex<Option<Doubt>>>,
+    /// Per shard: whether `doubts` holds one (read without the lock).
+    in_doubt: Vec<AtomicBool>,
+    /// Numbers the doubts, so a drained one clears only itself.
+    doubts_raised: AtomicU64,
+    /// Per shard: the stream, which the drain probe names so that a cluster
+    /// sends it to the stream's master.
+    streams: Vec<String>,
+}
+
+struct Doubt {
+    connection: RedisConnection,
+    number: u64,
+}
+
+impl Lanes {
+    /// `shared` serve every command until workers have their own.
+    pub fn new(redis: RedisConfig, shared: Vec<RedisConnection>, keys: &Keys) -> Arc<Self> {
+        let shards = redis.shards;
+        Arc::new(Self {
+            redis,
+            shared,
+            doubts: (0..shards).map(|_| Mutex::new(None)).collect(),
+            in_doubt: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            doubts_raised: AtomicU64::new(0),
+            streams: (0..shards).map(|shard| keys.events(shard)).collect(),
+        })
+    }
+
+    /// A shared connection, for commands other than writes of events.
+    pub fn shared(&self, shard: u16) -> RedisConnection {
+        self.shared[usize::from(shard) % self.shared.len()].clone()
+    }
+
+    /// The lanes of one worker thread; call on that thread.
+    pub fn for_worker(self: &Arc<Self>) -> WorkerLanes {
+        WorkerLanes {
+            lanes: self.clone(),
+            own: Arc::new(OnceLock::new()),
+            tried_at: Mutex::new(None),
+        }
+    }
+
+    /// The connection a write of `shard` must take while it is in doubt.
+    fn doubt(&self, shard: u16) -> Option<RedisConnection> {
+        if !self.in_doubt[usize::from(shard)].load(Ordering::Acquire) {
+            return None;
+        }
+        let doubt = lock(&self.doubts[usize::from(shard)]);
+        doubt.as_ref().map(|doubt| doubt.connection.clone())
+    }
+
+    /// Records that a write of `shard` over `connection` failed with an
+    /// unknown outcome: the shard's writes take `connection` until it has
+    /// answered a command sent after now. Call before answering the client.
+    pub fn write_failed(self: &Arc<Self>, shard: u16, connection: &RedisConnection) {
+        let number = self.doubts_raised.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.doubts[usize::from(shard)]) = Some(Doubt {
+            connection: connection.clone(),
+            number,
+        });
+        if !self.in_doubt[usize::from(shard)].swap(true, Ordering::AcqRel) {
+            metrics::gauge!("gateway_shards_in_doubt").increment(1.0);
+        }
+        tokio::spawn(
+            self.clone()
+                .clear_when_drained(shard, connection.clone(), number),
+        );
+    }
+
+    /// Waits until `connection` answers a command sent after the failure
+    /// (so everything sent before it has been executed), then ends doubt
+    /// `number` unless a newer one replaced it.
+    async fn clear_when_drained(
+        self: Arc<Self>,
+        shard: u16,
+        mut connection: RedisConnection,
+        number: u64,
+    ) {
+        let never = CancellationToken::new();
+        let mut failures = 0;
+        loop {
+            let mut probe = redis::cmd("EXISTS");
+            probe.arg(&self.streams[usize::from(shard)]);
+            let answer = probe.query_async::<u64>(&mut connection);
+            if let Ok(Ok(_)) = tokio::time::timeout(self.redis.timeout(), answer).await {
+                break;
+            }
+            failures += 1;
+            Backoff::COMMANDS.wait(failures, &never).await;
+        }
+        let mut doubt = lock(&self.doubts[usize::from(shard)]);
+        if doubt.as_ref().is_some_and(|doubt| doubt.number == number) {
+            *doubt = None;
+            self.in_doubt[usize::from(shard)].store(false, Ordering::Release);
+            metrics::gauge!("gateway_shards_in_doubt").decrement(1.0);
+        }
+    }
+}
+
+/// One actix worker's connections: made on first use, by a task on the
+/// worker's thread, so their I/O runs there too.
+pub struct WorkerLanes {
+    lanes: Arc<Lanes>,
+    own: Arc<OnceLock<Vec<RedisConnection>>>,
+    /// When making them was last started; `None` before the first write.
+    tried_at: Mutex<Option<Instant>>,
+}
+
+impl WorkerLanes {
+    /// The connection for a write of `shard`: the one in doubt if there
+    /// is one, else this worker's own, else a shared one.
+    pub fn for_write(&self, shard: u16) -> RedisConnection {
+        if let Some(connection) = self.lanes.doubt(shard) {
+            return connection;
+        }
+        match self.own.get() {
+            Some(own) => own[usize::from(shard) % own.len()].clone(),
+            None => {
+                self.start_connecting();
+                self.lanes.shared(shard)
+            }
+        }
+    }
+
+    pub fn lanes(&self) -> &Arc<Lanes> {
+        &self.lanes
+    }
+
+    fn start_connecting(&self) {
+        let mut tried_at = lock(&self.tried_at);
+        if tried_at.is_some_and(|at| at.elapsed() < RETRY_CONNECTING_AFTER) {
+            return;
+        }
+        *tried_at = Some(Instant::now());
+        let (own, redis) = (self.own.clone(), self.lanes.redis.clone());
+        // On an actix worker this runs on the worker's own thread.
+        tokio::spawn(async move {
+            let mut connections = Vec::with_capacity(redis.connections);
+            for _ in 0..redis.connections {
+                match redis.connect(redis.timeout()).await {
+                    Ok(connection) => connections.push(connection),
+                    Err(error) => {
+                        tracing::debug!(%error, "Cannot make a worker's own Redis connections yet.");
+                        return;
+                    }
+                }
+            }
+            let _ = own.set(connections);
+        });
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain assignments only: consistent after a panic elsewhere.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
