@@ -113,6 +113,8 @@ impl Lanes {
         mut connection: RedisConnection,
         number: u64,
     ) {
+        // Tries until the connection answers; the task ends with the
+        // worker's runtime at shutdown.
         let never = CancellationToken::new();
         let mut failures = 0;
         loop {
