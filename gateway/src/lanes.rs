@@ -18,7 +18,7 @@
 //! it, behind the stale write, as if the shard had one connection.
 //! (`tests/tests/faults.rs` checks this with Redis paused.)
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,13 +35,9 @@ pub struct Lanes {
     shared: Vec<RedisConnection>,
     /// Per shard: the connection every write of the shard must take.
     doubts: Vec<Mutex<Option<Doubt>>>,
-    /// Per shard: whether `doubts` holds one (read without the lock).
-    in_doubt: Vec<AtomicBool>,
     /// Numbers the doubts, so a drained one clears only itself.
     doubts_raised: AtomicU64,
-    /// Per shard: the stream, which the drain probe names so that a cluster
-    /// sends it to the stream's master.
-    streams: Vec<String>,
+    keys: Keys,
 }
 
 struct Doubt {
@@ -57,9 +53,8 @@ impl Lanes {
             redis,
             shared,
             doubts: (0..shards).map(|_| Mutex::new(None)).collect(),
-            in_doubt: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             doubts_raised: AtomicU64::new(0),
-            streams: (0..shards).map(|shard| keys.events(shard)).collect(),
+            keys: keys.clone(),
         })
     }
 
@@ -79,9 +74,6 @@ impl Lanes {
 
     /// The connection a write of `shard` must take while it is in doubt.
     fn doubt(&self, shard: u16) -> Option<RedisConnection> {
-        if !self.in_doubt[usize::from(shard)].load(Ordering::Acquire) {
-            return None;
-        }
         let doubt = lock(&self.doubts[usize::from(shard)]);
         doubt.as_ref().map(|doubt| doubt.connection.clone())
     }
@@ -91,11 +83,11 @@ impl Lanes {
     /// answered a command sent after now. Call before answering the client.
     pub fn write_failed(self: &Arc<Self>, shard: u16, connection: &RedisConnection) {
         let number = self.doubts_raised.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.doubts[usize::from(shard)]) = Some(Doubt {
+        let earlier = lock(&self.doubts[usize::from(shard)]).replace(Doubt {
             connection: connection.clone(),
             number,
         });
-        if !self.in_doubt[usize::from(shard)].swap(true, Ordering::AcqRel) {
+        if earlier.is_none() {
             metrics::gauge!("gateway_shards_in_doubt").increment(1.0);
         }
         tokio::spawn(
@@ -119,7 +111,8 @@ impl Lanes {
         let mut failures = 0;
         loop {
             let mut probe = redis::cmd("EXISTS");
-            probe.arg(&self.streams[usize::from(shard)]);
+            // Names the stream, so a cluster sends it to the stream's master.
+            probe.arg(self.keys.events(shard));
             let answer = probe.query_async::<u64>(&mut connection);
             if let Ok(Ok(_)) = tokio::time::timeout(self.redis.timeout(), answer).await {
                 break;
@@ -130,7 +123,6 @@ impl Lanes {
         let mut doubt = lock(&self.doubts[usize::from(shard)]);
         if doubt.as_ref().is_some_and(|doubt| doubt.number == number) {
             *doubt = None;
-            self.in_doubt[usize::from(shard)].store(false, Ordering::Release);
             metrics::gauge!("gateway_shards_in_doubt").decrement(1.0);
         }
     }
@@ -159,10 +151,6 @@ impl WorkerLanes {
                 self.lanes.shared(shard)
             }
         }
-    }
-
-    pub fn lanes(&self) -> &Arc<Lanes> {
-        &self.lanes
     }
 
     fn start_connecting(&self) {

@@ -296,7 +296,7 @@ impl EventStore {
             Ok(per_shard) => per_shard,
             Err(error) => {
                 for (shard, con) in &taken {
-                    lanes.lanes().write_failed(*shard, con);
+                    self.lanes.write_failed(*shard, con);
                 }
                 return Err(error);
             }
