@@ -43,6 +43,21 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+/// Several destinations' verdicts in one phrase: "all, in order" when each
+/// passed, else each one's.
+pub fn summary(verdicts: &[Verdict]) -> String {
+    if verdicts.iter().all(Verdict::passed) {
+        let duplicates: u64 = verdicts.iter().map(|v| v.duplicates).sum();
+        format!("all, in order ({duplicates} duplicates)")
+    } else {
+        verdicts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 impl OrderCheck {
     pub fn observe(&mut self, user: &str, seq: u64) {
         let next = match self.next.get_mut(user) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use protocol::Keys;
 
-use crate::check::{OrderCheck, Verdict};
+use crate::check::{self, OrderCheck, Verdict};
 use crate::load::{self, Endpoint, LoadResult, LoadSpec, Stop};
 use crate::sink::{Payload, Sink};
 use crate::system::{self, Binaries, Process, Redis};
@@ -40,6 +40,8 @@ pub struct Plan {
     pub ingest_for: Duration,
     pub drain_events: u64,
     pub big_drain_events: u64,
+    /// Events drained to three destinations (the CPU-per-delivery figure).
+    pub fan_out_drain_events: u64,
     pub e2e_rate: f64,
     pub e2e_for: Duration,
     pub curve_rates: Vec<f64>,
@@ -52,6 +54,7 @@ impl Plan {
             ingest_for: Duration::from_secs(10),
             drain_events: 100_000,
             big_drain_events: 1_000_000,
+            fan_out_drain_events: 100_000,
             e2e_rate: 2000.0,
             e2e_for: Duration::from_secs(20),
             curve_rates: vec![250.0, 500.0, 1000.0, 4000.0, 8000.0],
@@ -65,6 +68,7 @@ impl Plan {
             ingest_for: Duration::from_secs(1),
             drain_events: 5_000,
             big_drain_events: 20_000,
+            fan_out_drain_events: 5_000,
             e2e_rate: 500.0,
             e2e_for: Duration::from_secs(2),
             curve_rates: vec![250.0],
@@ -96,13 +100,27 @@ pub struct IngestRow {
 pub struct DrainRow {
     pub events: u64,
     pub users: usize,
-    /// From the router's start to the last event's arrival.
+    /// Each event goes to every one of them.
+    pub destinations: usize,
+    /// From the router's start to the last event's arrival everywhere.
     pub seconds: f64,
     pub events_per_sec: f64,
     pub router_peak_rss: u64,
-    /// The router's user + system time from its start, per delivered event.
+    /// The router's user + system time from its start, per delivery (an
+    /// event delivered to three destinations is three deliveries).
     pub router_cpu_us: f64,
-    pub verdict: Verdict,
+    /// One per destination.
+    pub verdicts: Vec<Verdict>,
+}
+
+impl DrainRow {
+    pub fn deliveries(&self) -> u64 {
+        self.events * self.destinations as u64
+    }
+
+    pub fn passed(&self) -> bool {
+        self.verdicts.iter().all(Verdict::passed)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +144,7 @@ pub struct Results {
     pub ingest: Vec<IngestRow>,
     pub drain: DrainRow,
     pub big_drain: DrainRow,
+    pub fan_out_drain: DrainRow,
     pub e2e: LatencyRow,
     pub curve: Vec<LatencyRow>,
     pub gateway_peak_rss: u64,
@@ -139,8 +158,9 @@ impl Results {
             .iter()
             .filter_map(|row| row.verdict)
             .all(|v| v.passed())
-            && self.drain.verdict.passed()
-            && self.big_drain.verdict.passed()
+            && [&self.drain, &self.big_drain, &self.fan_out_drain]
+                .iter()
+                .all(|row| row.passed())
             && std::iter::once(&self.e2e)
                 .chain(&self.curve)
                 .flat_map(|row| &row.verdicts)
@@ -243,32 +263,28 @@ impl Bench {
         redis.set_fsync("always").await?;
         let mut drains = None;
         if wanted(Phase::Drain) {
-            eprintln!("» drain {} events", self.plan.drain_events);
-            let drain = self
-                .drain(&redis, &gateway_url, self.plan.drain_events, "drain")
-                .await?;
-            eprintln!(
-                "  {:.0} events/s, router CPU {:.1} µs/event; {}",
-                drain.events_per_sec, drain.router_cpu_us, drain.verdict
-            );
-            eprintln!("» drain {} events (memory)", self.plan.big_drain_events);
-            let big_drain = self
-                .drain(
-                    &redis,
-                    &gateway_url,
-                    self.plan.big_drain_events,
-                    "drain-big",
-                )
-                .await?;
-            eprintln!(
-                "  {:.0} events/s, router CPU {:.1} µs/event, router peak RSS {} MB; {}",
-                big_drain.events_per_sec,
-                big_drain.router_cpu_us,
-                big_drain.router_peak_rss / 1_000_000,
-                big_drain.verdict
-            );
+            let plan = &self.plan;
+            let mut rows = Vec::new();
+            for (events, label, destinations) in [
+                (plan.drain_events, "drain", 1),
+                (plan.big_drain_events, "drain-big", 1),
+                (plan.fan_out_drain_events, "drain-fan-out", 3),
+            ] {
+                eprintln!("» drain {events} events to {destinations} destination(s)");
+                let row = self
+                    .drain(&redis, &gateway_url, events, label, destinations)
+                    .await?;
+                eprintln!(
+                    "  {:.0} events/s, router CPU {:.1} µs/delivery, router peak RSS {} MB; {}",
+                    row.events_per_sec,
+                    row.router_cpu_us,
+                    row.router_peak_rss / 1_000_000,
+                    check::summary(&row.verdicts)
+                );
+                rows.push(row);
+            }
             redis.report_latency_spikes().await?;
-            drains = Some((drain, big_drain));
+            drains = <[DrainRow; 3]>::try_from(rows).ok();
         }
         if !wanted(Phase::EndToEnd) {
             return Ok(None);
@@ -334,7 +350,7 @@ impl Bench {
         redis.process.stop().await?;
         let _ = std::fs::remove_dir_all(&data);
 
-        let (Some(noop), Some((drain, big_drain))) = (noop, drains) else {
+        let (Some(noop), Some([drain, big_drain, fan_out_drain])) = (noop, drains) else {
             return Ok(None);
         };
         Ok(Some(Results {
@@ -345,6 +361,7 @@ impl Bench {
             ingest,
             drain,
             big_drain,
+            fan_out_drain,
             e2e,
             curve,
             gateway_peak_rss,
@@ -438,13 +455,15 @@ impl Bench {
     }
 
     /// Stores `events` (1000 users) with no router running, then starts
-    /// one and times how long it takes to deliver them all to the sink.
+    /// one with `destinations` destinations and times how long it takes to
+    /// deliver them all to each.
     async fn drain(
         &self,
         redis: &Redis,
         gateway_url: &str,
         events: u64,
         label: &str,
+        destinations: usize,
     ) -> anyhow::Result<DrainRow> {
         redis.reset().await?;
         let (connections, users_per_connection) = (40, 25);
@@ -457,35 +476,48 @@ impl Bench {
             rate: None,
         };
         let filled = load::run(&self.http, gateway_url, spec).await?;
-        let path = format!("/{label}");
-        let mut router = system::start_router(
-            &self.binaries,
-            redis,
-            &[("sink", format!("{}{path}", self.sink_url))],
-            &self.work_dir,
-            label,
-        )?;
+        let names: Vec<String> = (1..=destinations).map(|n| format!("sink{n}")).collect();
+        let paths: Vec<String> = names
+            .iter()
+            .map(|name| format!("/{label}/{name}"))
+            .collect();
+        let routes: Vec<(&str, String)> = names
+            .iter()
+            .zip(&paths)
+            .map(|(name, path)| (name.as_str(), format!("{}{path}", self.sink_url)))
+            .collect();
+        let mut router =
+            system::start_router(&self.binaries, redis, &routes, &self.work_dir, label)?;
         let started = Instant::now();
+        let path_refs: Vec<&str> = paths.iter().map(String::as_str).collect();
         let finished = self
-            .wait_until_delivered(&[path.as_str()], filled.events(), &mut router)
+            .wait_until_delivered(&path_refs, filled.events(), &mut router)
             .await?;
         let seconds = finished.duration_since(started).as_secs_f64();
         let router_peak_rss = router.peak_rss_bytes()?;
         let router_cpu = router.cpu_time()?;
         router.stop().await?;
-        let received = self.sink.take();
-        let verdict = received
-            .get(&path)
-            .map(|r| r.order.verdict(&filled.accepted))
-            .unwrap_or_else(|| OrderCheck::default().verdict(&filled.accepted));
+        let mut received = self.sink.take();
+        let verdicts = paths
+            .iter()
+            .map(|path| {
+                received
+                    .remove(path)
+                    .unwrap_or_default()
+                    .order
+                    .verdict(&filled.accepted)
+            })
+            .collect();
+        let deliveries = filled.events() * destinations as u64;
         Ok(DrainRow {
             events: filled.events(),
             users: connections * users_per_connection,
+            destinations,
             seconds,
             events_per_sec: filled.events() as f64 / seconds,
             router_peak_rss,
-            router_cpu_us: router_cpu.as_secs_f64() * 1e6 / filled.events() as f64,
-            verdict,
+            router_cpu_us: router_cpu.as_secs_f64() * 1e6 / deliveries as f64,
+            verdicts,
         })
     }
 

@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use crate::check;
 use crate::load::Endpoint;
 use crate::phases::{IngestRow, LatencyRow, Results};
 
@@ -90,7 +91,7 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
         "| drain ≥ 10,000 events/s to one destination, order kept | {:.0} events/s ({} events) | {} |",
         results.drain.events_per_sec,
         results.drain.events,
-        met(results.drain.events_per_sec >= 10_000.0 && results.drain.verdict.passed())
+        met(results.drain.events_per_sec >= 10_000.0 && results.drain.passed())
     );
     let _ = writeln!(
         out,
@@ -110,10 +111,11 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "| gateway RSS ≤ 50 MB at saturation | {} | {} |\n",
+        "| gateway RSS ≤ 50 MB at saturation | {} | {} |",
         mb(results.gateway_peak_rss),
         met(results.gateway_peak_rss <= 50_000_000)
     );
+    efficiency_targets(&mut out, results, ratio);
 
     let _ = writeln!(
         out,
@@ -163,28 +165,28 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
     let _ = writeln!(
         out,
         "### Drain\n\nA backlog stored with no router running, then one router started with one \
-         destination (the sink); time from the router's start to the last event's arrival. \
+         or three destinations (sink paths); time from the router's start to the last event's \
+         arrival at every destination. Router CPU is its user + system time from `/proc` per \
+         delivery (an event delivered to three destinations is three deliveries). \
          `appendfsync always`.\n"
     );
     let _ = writeln!(
         out,
-        "| events | users | seconds | events/s | router CPU µs/event | router peak RSS | delivered |\n|---|---|---|---|---|---|---|"
+        "| events | users | destinations | seconds | events/s | deliveries/s | router CPU µs/delivery | router peak RSS | delivered |\n|---|---|---|---|---|---|---|---|---|"
     );
-    for row in [&results.drain, &results.big_drain] {
-        let delivered = if row.verdict.passed() {
-            format!("all, in order ({} duplicates)", row.verdict.duplicates)
-        } else {
-            row.verdict.to_string()
-        };
+    for row in [&results.drain, &results.big_drain, &results.fan_out_drain] {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {:.0} | {:.1} | {} | {delivered} |",
+            "| {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.1} | {} | {} |",
             row.events,
             row.users,
+            row.destinations,
             row.seconds,
             row.events_per_sec,
+            row.deliveries() as f64 / row.seconds,
             row.router_cpu_us,
-            mb(row.router_peak_rss)
+            mb(row.router_peak_rss),
+            check::summary(&row.verdicts)
         );
     }
 
@@ -215,12 +217,59 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
             row.p50_ms,
             row.p99_ms,
             row.max_ms,
-            delivered(row)
+            check::summary(&row.verdicts)
         );
     }
     let _ = writeln!(out, "\n![latency against offered load]({plot_file})\n");
     let _ = write!(out, "{END}");
     out
+}
+
+/// The rows of the CPU-efficiency goals (issue 17), closing the targets table.
+fn efficiency_targets(out: &mut String, results: &Results, ratio: f64) {
+    let fan_out = &results.fan_out_drain;
+    let _ = writeln!(
+        out,
+        "| router CPU ≤ 20 µs per delivery, drain to {} destinations | {:.1} µs ({} deliveries) | {} |",
+        fan_out.destinations,
+        fan_out.router_cpu_us,
+        fan_out.deliveries(),
+        met(fan_out.router_cpu_us <= 20.0 && fan_out.passed())
+    );
+    let busiest = results
+        .curve
+        .iter()
+        .max_by(|a, b| a.offered.total_cmp(&b.offered));
+    if let Some(row) = busiest {
+        let _ = writeln!(
+            out,
+            "| end to end at {:.0} events/s, {} destinations: p99 ≤ 50 ms, all in order | p99 {:.2} ms, {} | {} |",
+            row.offered,
+            row.destinations,
+            row.p99_ms,
+            check::summary(&row.verdicts),
+            met(row.p99_ms <= 50.0 && row.verdicts.iter().all(|v| v.passed()))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| `/v1/events` ingest ≥ 70% of the no-op ceiling, `appendfsync always` | {:.0}% | {} |",
+        ratio * 100.0,
+        met(ratio >= 0.7)
+    );
+    let single_always = results
+        .ingest
+        .iter()
+        .find(|row| row.fsync == "always" && row.endpoint == Endpoint::Single);
+    if let Some(row) = single_always {
+        let _ = writeln!(
+            out,
+            "| gateway CPU ≤ 20 µs per single event, `appendfsync always` | {:.1} µs | {} |",
+            row.server_cpu_us,
+            met(row.server_cpu_us <= 20.0)
+        );
+    }
+    let _ = writeln!(out);
 }
 
 /// Single-event requests per second as a share of the no-op's; a batch
@@ -232,19 +281,6 @@ fn share_of_noop(row: &IngestRow, noop: &IngestRow) -> String {
             row.requests_per_sec / noop.requests_per_sec * 100.0
         ),
         Endpoint::Batch(_) => "–".into(),
-    }
-}
-
-fn delivered(row: &LatencyRow) -> String {
-    if row.verdicts.iter().all(|v| v.passed()) {
-        let duplicates: u64 = row.verdicts.iter().map(|v| v.duplicates).sum();
-        format!("all, in order ({duplicates} duplicates)")
-    } else {
-        row.verdicts
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
     }
 }
 
