@@ -8,7 +8,7 @@ use bytes::Bytes;
 use protocol::webhook::{signature_header, SigningSecret};
 use protocol::EventEntry;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{watch, Semaphore, SemaphorePermit};
@@ -25,6 +25,15 @@ use crate::throttle::Throttle;
 const ERROR_BODY_BYTES: usize = 512;
 /// Bodies up to this size are read to the end so the connection is reused.
 const DRAIN_BODY_BYTES: usize = 64 * 1024;
+/// The Standard Webhooks headers, named once (parsing a name per request
+/// allocates).
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_ATTEMPT: HeaderName = HeaderName::from_static("webhook-attempt");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+/// Headers of a request besides the configured ones: content type, the
+/// four above, and what the client adds (`accept`, `host`, `content-length`).
+const STANDARD_HEADERS: usize = 8;
 
 /// What one attempt tells us to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,8 +80,16 @@ struct DeliveryBody<'a> {
     payload: &'a RawValue,
     #[serde(rename = "eventType", skip_serializing_if = "Option::is_none")]
     event_type: Option<&'a str>,
-    #[serde(rename = "receivedAt")]
-    received_at: String,
+    #[serde(rename = "receivedAt", serialize_with = "serialize_display")]
+    received_at: humantime::Rfc3339Timestamp,
+}
+
+/// Writes a value's text straight into the body (no `String` in between).
+fn serialize_display<S: serde::Serializer>(
+    value: &impl std::fmt::Display,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 /// Builds the request body once per event (every attempt shares it); the
@@ -92,7 +109,7 @@ pub fn request_body(
         user_id,
         payload,
         event_type,
-        received_at: humantime::format_rfc3339_millis(received_at).to_string(),
+        received_at: humantime::format_rfc3339_millis(received_at),
     };
     // Sized up front: a growing buffer would end with up to twice the room
     // it needs, all of it kept (and not charged to the byte budget) while
@@ -133,6 +150,8 @@ pub struct Destination {
 pub struct Endpoint {
     url: reqwest::Url,
     client: reqwest::Client,
+    /// How many headers a request carries.
+    header_count: usize,
     pub retry: RetryPolicy,
     /// Longest one attempt takes, connecting and reading the answer included.
     pub timeout: Duration,
@@ -150,6 +169,7 @@ pub struct Endpoint {
 impl Endpoint {
     fn new(config: &DestinationConfig, policy: &Policy) -> Result<Self, reqwest::Error> {
         let mut headers = HeaderMap::new();
+        let headers_configured = config.headers.len();
         for (name, value) in &config.headers {
             // Config validation has already checked both.
             if let (Ok(name), Ok(value)) = (
@@ -165,6 +185,10 @@ impl Endpoint {
             .pool_max_idle_per_host(config.max_concurrency)
             // A POST redirected becomes a GET elsewhere: treat 3xx as an answer.
             .redirect(reqwest::redirect::Policy::none())
+            // Retrying is ours to do (with backoff, counted in
+            // `webhook-attempt`); the client's own retry also copied every
+            // request in case it retried.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .dns_resolver(policy.resolver())
             .default_headers(headers)
             .build()?;
@@ -176,6 +200,7 @@ impl Endpoint {
                 .map(|refused| refused.to_string()),
             url,
             client,
+            header_count: STANDARD_HEADERS + headers_configured,
             retry: config.retry.into(),
             timeout: config.timeout(),
             max_age: config.max_age_ms.map(Duration::from_millis),
@@ -207,24 +232,17 @@ impl Endpoint {
             };
             return (outcome, started.elapsed());
         }
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let mut request = self
-            .client
-            .post(self.url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("webhook-id", event_id)
-            .header("webhook-timestamp", timestamp)
-            .header("webhook-attempt", attempt);
-        if !self.signing_secrets.is_empty() {
-            request = request.header(
-                "webhook-signature",
-                signature_header(&self.signing_secrets, event_id, timestamp, body),
-            );
-        }
-        let response = request.body(body.clone()).send().await;
+        let request = match self.request(event_id, body, attempt) {
+            Ok(request) => request,
+            Err(error) => {
+                let outcome = AttemptOutcome::Dead {
+                    status: None,
+                    error,
+                };
+                return (outcome, started.elapsed());
+            }
+        };
+        let response = self.client.execute(request).await;
         let outcome = match response {
             Err(error) => match refusal_of(&error) {
                 // The outbound policy refused the address: no retry can help
@@ -242,6 +260,39 @@ impl Endpoint {
             Ok(response) => outcome_of(response).await,
         };
         (outcome, started.elapsed())
+    }
+
+    /// The attempt's request, built as a whole rather than through
+    /// `RequestBuilder`: its header map is sized once for every header
+    /// (the client's defaults, `host` and `content-length` join it later)
+    /// instead of grown as they arrive. Fails only on an id or signature
+    /// that is not a valid header value, which no retry can fix.
+    fn request(
+        &self,
+        event_id: &str,
+        body: &Bytes,
+        attempt: u32,
+    ) -> Result<reqwest::Request, String> {
+        let header = |text: &str| {
+            HeaderValue::from_str(text).map_err(|_| format!("{text:?} cannot be sent as a header"))
+        };
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut request = reqwest::Request::new(Method::POST, self.url.clone());
+        let headers = request.headers_mut();
+        headers.reserve(self.header_count);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(WEBHOOK_ID, header(event_id)?);
+        headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
+        headers.insert(WEBHOOK_ATTEMPT, HeaderValue::from(attempt));
+        if !self.signing_secrets.is_empty() {
+            let signature = signature_header(&self.signing_secrets, event_id, timestamp, body);
+            headers.insert(WEBHOOK_SIGNATURE, header(&signature)?);
+        }
+        *request.body_mut() = Some(body.clone().into());
+        Ok(request)
     }
 }
 
@@ -452,6 +503,38 @@ mod tests {
         assert!(destination.is_paused());
         assert!(destination.apply_paused(false, destination.pause_token()));
         assert!(!destination.is_paused());
+    }
+
+    #[test]
+    fn an_attempt_carries_the_standard_webhook_headers() {
+        let config = crate::Config::defaults();
+        let policy = Policy::new(&config.outbound).expect("default policy");
+        let mut settings = config.destinations[0].clone();
+        let secret: SigningSecret = SigningSecret::generate().try_into().expect("a secret");
+        settings.signing_secrets = vec![secret.clone()];
+        let endpoint = Endpoint::new(&settings, &policy).expect("client builds");
+        let body = Bytes::from_static(b"{}");
+        let request = endpoint.request("3-5-0", &body, 4).expect("a valid id");
+        let header = |name: &str| request.headers()[name].to_str().expect("text").to_owned();
+        assert_eq!(header("content-type"), "application/json");
+        assert_eq!(header("webhook-id"), "3-5-0");
+        assert_eq!(header("webhook-attempt"), "4");
+        let timestamp: u64 = header("webhook-timestamp").parse().expect("seconds");
+        assert!(timestamp.abs_diff(protocol::unix_millis() / 1000) <= 5);
+        assert_eq!(
+            header("webhook-signature"),
+            secret.sign("3-5-0", timestamp, &body)
+        );
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(request.url(), &endpoint.url);
+        assert_eq!(
+            request.body().and_then(reqwest::Body::as_bytes),
+            Some(&b"{}"[..])
+        );
+        assert!(
+            endpoint.request("3-5-0\n", &body, 1).is_err(),
+            "an id no header can carry is refused"
+        );
     }
 
     #[test]

@@ -552,7 +552,12 @@ fn verdict(outcome: &AttemptOutcome) -> Verdict {
 }
 
 fn event_id(shard: u16, stream_id: StreamId) -> String {
-    EventId { shard, stream_id }.to_string()
+    use std::fmt::Write;
+    // Room for the longest id (`65535-<20 digits>-<20 digits>`): written
+    // into a growing string it took three allocations.
+    let mut id = String::with_capacity(48);
+    let _ = write!(id, "{}", EventId { shard, stream_id });
+    id
 }
 
 fn age_since(unix_ms: u64) -> Duration {
