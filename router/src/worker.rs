@@ -4,7 +4,9 @@
 //! and bytes, [`crate::budget`]); the dispatcher admits them into per-user
 //! queues ([`crate::parking`]) and runs one job ([`crate::job`]) per user at
 //! a time: a user's next event starts only after the previous one's
-//! terminal outcome is recorded. Jobs of different users run concurrently.
+//! terminal outcome is recorded. Jobs of different users run concurrently,
+//! polled by the dispatcher itself (a task per job cost a spawn, a
+//! scheduler hand-off at every wake-up and a map from task to user).
 //! A user whose head is in backoff, or who has more queued than its
 //! allowance, has its further entries parked (ids only), so reading goes on
 //! for everyone else.
@@ -12,13 +14,18 @@
 //! Every read and every attempt starts only if it ends while this router
 //! still surely holds the (shard, destination) lease; see [`crate::lease`].
 
-use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::CatchUnwind;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use protocol::{Backoff, EventEntry, StreamId};
 use tokio::sync::mpsc;
-use tokio::task::{Id as TaskId, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Amount, Budget};
@@ -104,11 +111,15 @@ pub async fn run(
     }
 }
 
-/// Starts the dispatcher's jobs: [`job::run`] in the router, a stand-in
+/// A job's future, boxed: it holds its entry and its request, and moving
+/// that much from future to future cost more than the allocation.
+type BoxedJob = Pin<Box<dyn Future<Output = JobEnd> + Send>>;
+
+/// Makes the dispatcher's jobs: [`job::run`] in the router, a stand-in
 /// whose delays and outcomes a unit test controls in the tests.
 trait JobRunner {
-    /// Spawns the job that takes `source` to its terminal outcome.
-    fn spawn(&self, jobs: &mut JoinSet<JobEnd>, source: Source) -> TaskId;
+    /// The job that takes `source` to its terminal outcome.
+    fn job(&self, source: Source) -> BoxedJob;
     /// The destination whose events wait for each other, per user.
     fn destination(&self) -> &str;
     /// Whether `event` is for the destination (others wait for no user).
@@ -124,9 +135,8 @@ struct Jobs {
 }
 
 impl JobRunner for Jobs {
-    fn spawn(&self, jobs: &mut JoinSet<JobEnd>, source: Source) -> TaskId {
-        jobs.spawn(job::run(self.context.clone(), self.lease.clone(), source))
-            .id()
+    fn job(&self, source: Source) -> BoxedJob {
+        Box::pin(job::run(self.context.clone(), self.lease.clone(), source))
     }
 
     fn destination(&self) -> &str {
@@ -150,10 +160,7 @@ struct Dispatcher<R: JobRunner> {
     /// at or below it is a second copy (the reader re-scans the pending
     /// list after a Redis error) and is dropped.
     admitted_up_to: Option<StreamId>,
-    jobs: JoinSet<JobEnd>,
-    /// The user of each running job; `None` for entries outside per-user
-    /// order (not for this destination, deleted, malformed).
-    job_users: HashMap<TaskId, Option<String>>,
+    jobs: FuturesUnordered<Running>,
     /// The parked counts last published.
     published: ParkedCount,
 }
@@ -165,8 +172,7 @@ impl<R: JobRunner> Dispatcher<R> {
             shutdown,
             queues: UserQueues::new(max_queued_per_user),
             admitted_up_to: None,
-            jobs: JoinSet::new(),
-            job_users: HashMap::new(),
+            jobs: FuturesUnordered::new(),
             published: ParkedCount::default(),
         }
     }
@@ -182,7 +188,7 @@ impl<R: JobRunner> Dispatcher<R> {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                Some(finished) = self.jobs.join_next_with_id() => self.finished(finished),
+                Some(finished) = self.jobs.next() => self.finished(finished),
                 Some(blocked) = blocked_users.recv() => self.blocked(blocked),
                 read = incoming.recv() => match read {
                     Some(Read::Entries(entries)) => self.accept(entries),
@@ -196,17 +202,16 @@ impl<R: JobRunner> Dispatcher<R> {
     }
 
     /// Waits up to `grace` for the jobs still running; false if some had to
-    /// be aborted.
+    /// be stopped.
     async fn drain(&mut self, grace: Duration) -> bool {
         let drained = tokio::time::timeout(grace, async {
-            while let Some(finished) = self.jobs.join_next_with_id().await {
+            while let Some(finished) = self.jobs.next().await {
                 self.finished(finished);
             }
         })
         .await;
-        if drained.is_err() {
-            self.jobs.abort_all();
-        }
+        // Dropping a job stops it; its entry stays pending.
+        self.jobs.clear();
         drained.is_ok()
     }
 
@@ -237,8 +242,8 @@ impl<R: JobRunner> Dispatcher<R> {
     }
 
     fn start(&mut self, user: Option<String>, source: Source) {
-        let task = self.runner.spawn(&mut self.jobs, source);
-        self.job_users.insert(task, user);
+        let job = AssertUnwindSafe(self.runner.job(source)).catch_unwind();
+        self.jobs.push(Running { user, job });
     }
 
     fn blocked(&mut self, blocked: Blocked) {
@@ -247,18 +252,18 @@ impl<R: JobRunner> Dispatcher<R> {
         self.publish_parked();
     }
 
-    fn finished(&mut self, result: Result<(TaskId, JobEnd), tokio::task::JoinError>) {
-        let (task, end) = match &result {
-            Ok((task, end)) => (*task, Some(*end)),
-            Err(error) => {
-                if error.is_panic() {
-                    tracing::error!(destination = %self.runner.destination(), %error, "Delivery job panicked; its entry stays pending.");
-                }
-                (error.id(), None)
+    fn finished(&mut self, Finished { user, end }: Finished) {
+        let end = match end {
+            Ok(end) => Some(end),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)");
+                tracing::error!(destination = %self.runner.destination(), panic = message, "Delivery job panicked; its entry stays pending.");
+                None
             }
-        };
-        let Some(user) = self.job_users.remove(&task) else {
-            return;
         };
         // An abandoned entry stays pending, so nothing after it may start
         // (jobs abandon only at shutdown or when the lease goes).
@@ -282,6 +287,33 @@ impl<R: JobRunner> Dispatcher<R> {
             self.runner.parked_changed(self.published, now);
             self.published = now;
         }
+    }
+}
+
+/// A job the dispatcher polls, with the user whose next event waits for it
+/// (`None` for entries outside per-user order: not for this destination,
+/// deleted, malformed).
+struct Running {
+    user: Option<String>,
+    /// A panic is caught here, so it ends this job only.
+    job: CatchUnwind<AssertUnwindSafe<BoxedJob>>,
+}
+
+/// How a job ended: its outcome, or the panic that ended it.
+struct Finished {
+    user: Option<String>,
+    end: Result<JobEnd, Box<dyn std::any::Any + Send>>,
+}
+
+impl Future for Running {
+    type Output = Finished;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Finished> {
+        let end = ready!(self.job.poll_unpin(cx));
+        Poll::Ready(Finished {
+            user: self.user.take(),
+            end,
+        })
     }
 }
 
@@ -456,6 +488,7 @@ async fn prepare(consumer: &GroupConsumer) -> Result<(), PrepareError> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
     use std::sync::Mutex;
 
     use protocol::EventEntry;
@@ -482,6 +515,8 @@ mod tests {
         users: HashMap<StreamId, String>,
         failing: u64,
         failures: u32,
+        /// The entry whose job panics.
+        panicking: Option<u64>,
         blocked: mpsc::UnboundedSender<Blocked>,
         log: Arc<Mutex<Vec<(Duration, Step)>>>,
         parked: Arc<Mutex<ParkedCount>>,
@@ -492,12 +527,13 @@ mod tests {
     const BACKOFF: Duration = Duration::from_secs(1);
 
     impl JobRunner for StandIn {
-        fn spawn(&self, jobs: &mut JoinSet<JobEnd>, source: Source) -> TaskId {
+        fn job(&self, source: Source) -> BoxedJob {
             let (id, parked, mut held) = match source {
                 Source::Held(held) => (held.entry.id, false, Some(held)),
                 Source::Parked(id) => (id, true, None),
             };
             let user = self.users[&id].clone();
+            let panics = self.panicking == Some(id.ms);
             let failures = if id.ms == self.failing {
                 self.failures
             } else {
@@ -506,7 +542,8 @@ mod tests {
             let (blocked, log, since) = (self.blocked.clone(), self.log.clone(), self.since);
             let record = move |step| log.lock().expect("log").push((since.elapsed(), step));
             record(Step::Started { n: id.ms, parked });
-            jobs.spawn(async move {
+            Box::pin(async move {
+                assert!(!panics, "a bug in a job");
                 for _ in 0..failures {
                     tokio::time::sleep(ATTEMPT).await;
                     drop(held.take());
@@ -523,7 +560,6 @@ mod tests {
                 drop(held);
                 JobEnd::Recorded
             })
-            .id()
         }
 
         fn destination(&self) -> &str {
@@ -607,6 +643,7 @@ mod tests {
             users,
             failing: 1,
             failures: 3,
+            panicking: None,
             blocked,
             log: log.clone(),
             parked: parked.clone(),
@@ -674,5 +711,71 @@ mod tests {
         assert_eq!(*parked.lock().expect("counts"), ParkedCount::default());
         shutdown.cancel();
         dispatcher.await.expect("the dispatcher ends");
+    }
+
+    /// A job that panics ends alone: the dispatcher goes on, and every
+    /// other user's events are delivered.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_job_stops_nothing_else() {
+        let budget = Budget::new(Amount {
+            entries: 100,
+            bytes: 1 << 20,
+        });
+        let mut reservation = budget.reserve_for_read(100).await;
+        let mut users = HashMap::new();
+        let mut entries = Vec::new();
+        for n in 1..=20 {
+            let user = format!("user-{}", n % 5);
+            users.insert(id(n), user.clone());
+            entries.push(Held {
+                charge: reservation.take(100),
+                entry: Entry {
+                    id: id(n),
+                    bytes: 100,
+                    content: event(&user),
+                },
+            });
+        }
+        drop(reservation);
+        let (blocked, blocked_users) = mpsc::unbounded_channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let runner = StandIn {
+            users,
+            failing: 0,
+            failures: 0,
+            panicking: Some(3),
+            blocked,
+            log: log.clone(),
+            parked: Arc::new(Mutex::new(ParkedCount::default())),
+            since: Instant::now(),
+        };
+        let shutdown = CancellationToken::new();
+        let (reads, incoming) = mpsc::channel(2);
+        let dispatcher = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                let mut dispatcher = Dispatcher::new(runner, 10, shutdown);
+                dispatcher.run(incoming, blocked_users).await;
+            }
+        });
+        reads
+            .send(Read::Entries(entries))
+            .await
+            .expect("the dispatcher reads");
+        tokio::time::sleep(BACKOFF).await;
+        let others: Vec<u64> = (1..=20).filter(|n| n % 5 != 3).collect();
+        let delivered: Vec<u64> = delivered(&log.lock().expect("log"), &others)
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(delivered.len(), others.len(), "delivered: {delivered:?}");
+        assert!(
+            !dispatcher.is_finished(),
+            "the dispatcher outlives the panic"
+        );
+        shutdown.cancel();
+        dispatcher
+            .await
+            .expect("the dispatcher ends without panicking");
     }
 }
