@@ -6,8 +6,7 @@ use clap::{Parser, Subcommand};
 use protocol::secret::{generate_token, TokenDigest};
 
 /// mimalloc instead of glibc malloc: 5-14 % less CPU per event
-/// (docs/benchmarks.md). The router keeps glibc: with mimalloc its memory
-/// outgrew the byte budget's bound on large events.
+/// (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
