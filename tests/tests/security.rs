@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use e2e_tests::{
-    test_python, wait_for, workspace_root, RedisServer, TestDestination, TestSystem, ADMIN_TOKEN,
-    API_KEY, API_KEY_NAME,
+    free_local_address, test_python, wait_for, workspace_root, RedisServer, RouterProcess,
+    TestDestination, TestSystem, ADMIN_TOKEN, API_KEY, API_KEY_NAME,
 };
 use redis::AsyncCommands;
 use serde_json::{json, Value};
@@ -402,4 +402,42 @@ async fn internal_addresses_are_refused_at_connect_time_unless_allow_listed() {
         refusal.contains("destination `internal`: url: refused to connect to 169.254.169.254"),
         "{refusal}"
     );
+}
+
+/// A proxy named in the environment would resolve destinations itself, past
+/// the outbound policy's address checks. The router ignores it: with every
+/// proxy variable pointing at a port where nothing listens, events are
+/// still delivered, straight to the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_ignores_proxies_named_in_its_environment() {
+    let mut system =
+        TestSystem::start_without_router(vec![TestDestination::new("crm", "/ok/crm")]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = system.write_router_config(dir.path());
+    let admin = free_local_address();
+    system.admin_url = Some(format!("http://{admin}"));
+    let nowhere = format!("http://{}", free_local_address());
+    let mut env = vec![("ROUTER_ADMIN__LISTEN", admin.as_str())];
+    for variable in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        env.push((variable, nowhere.as_str()));
+    }
+    let _router =
+        RouterProcess::start_with_env(&config, "router", &dir.path().join("router.log"), &env);
+    let (status, _, body) = post_with(
+        &system,
+        Some(&format!("Bearer {API_KEY}")),
+        &json!({ "userId": "u1", "payload": { "n": 1 } }),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    system
+        .wait_delivered("crm", 1, Duration::from_secs(30))
+        .await;
 }
