@@ -200,23 +200,15 @@ impl Redis {
     /// now tiny size and everything written so far is flushed, so that a
     /// phase's fsyncs do not queue behind the previous phase's writeback.
     pub async fn reset(&self) -> anyhow::Result<()> {
-        let mut con = self.connection().await?;
-        let () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
-        let _: String = redis::cmd("BGREWRITEAOF").query_async(&mut con).await?;
-        wait_until("the AOF rewrite", Duration::from_secs(60), || {
-            let mut con = con.clone();
-            async move {
-                let info: Result<String, _> = redis::cmd("INFO")
-                    .arg("persistence")
-                    .query_async(&mut con)
-                    .await;
-                info.is_ok_and(|info| {
-                    protocol::info_field(&info, "aof_rewrite_in_progress") == Some("0")
-                        && protocol::info_field(&info, "aof_rewrite_scheduled") == Some("0")
-                })
-            }
-        })
-        .await?;
+        let con = self.connection().await?;
+        // A rewrite the last phase's writes started would refuse the one
+        // asked for here.
+        wait_for_aof_rewrite(&con).await?;
+        let () = redis::cmd("FLUSHALL").query_async(&mut con.clone()).await?;
+        let _: String = redis::cmd("BGREWRITEAOF")
+            .query_async(&mut con.clone())
+            .await?;
+        wait_for_aof_rewrite(&con).await?;
         let synced = tokio::process::Command::new("sync").status().await?;
         anyhow::ensure!(synced.success(), "sync failed");
         Ok(())
@@ -362,4 +354,22 @@ pub fn machine() -> Machine {
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
         .unwrap_or_default();
     Machine { cpu, cores, commit }
+}
+
+/// Waits until no AOF rewrite runs or is scheduled.
+async fn wait_for_aof_rewrite(con: &redis::aio::MultiplexedConnection) -> anyhow::Result<()> {
+    wait_until("the AOF rewrite", Duration::from_secs(60), || {
+        let mut con = con.clone();
+        async move {
+            let info: Result<String, _> = redis::cmd("INFO")
+                .arg("persistence")
+                .query_async(&mut con)
+                .await;
+            info.is_ok_and(|info| {
+                protocol::info_field(&info, "aof_rewrite_in_progress") == Some("0")
+                    && protocol::info_field(&info, "aof_rewrite_scheduled") == Some("0")
+            })
+        }
+    })
+    .await
 }
