@@ -594,6 +594,53 @@ mod tests {
         })
     }
 
+    /// Entries 1 to `count`, 100 bytes each, entry `n` of `user(n)`, held
+    /// within `budget`; and each entry's user.
+    async fn held_entries(
+        budget: &Arc<Budget>,
+        count: u64,
+        user: impl Fn(u64) -> String,
+    ) -> (HashMap<StreamId, String>, Vec<Held>) {
+        let mut reservation = budget
+            .reserve_for_read(usize::try_from(count).expect("small"))
+            .await;
+        let mut users = HashMap::new();
+        let mut entries = Vec::new();
+        for n in 1..=count {
+            let user = user(n);
+            entries.push(Held {
+                charge: reservation.take(100),
+                entry: Entry {
+                    id: id(n),
+                    bytes: 100,
+                    content: event(&user),
+                },
+            });
+            users.insert(id(n), user);
+        }
+        (users, entries)
+    }
+
+    /// A dispatcher (10 queued per user) running `runner`'s jobs, handed
+    /// `entries` as one read; it runs while the returned sender lives.
+    async fn dispatch(
+        runner: StandIn,
+        blocked_users: mpsc::UnboundedReceiver<Blocked>,
+        entries: Vec<Held>,
+        shutdown: CancellationToken,
+    ) -> (tokio::task::JoinHandle<()>, mpsc::Sender<Read>) {
+        let (reads, incoming) = mpsc::channel(2);
+        let dispatcher = tokio::spawn(async move {
+            let mut dispatcher = Dispatcher::new(runner, 10, shutdown);
+            dispatcher.run(incoming, blocked_users).await;
+        });
+        reads
+            .send(Read::Entries(entries))
+            .await
+            .expect("the dispatcher reads");
+        (dispatcher, reads)
+    }
+
     /// Delivery times of `numbers`, in the order delivered.
     fn delivered(log: &[(Duration, Step)], numbers: &[u64]) -> Vec<(u64, Duration)> {
         log.iter()
@@ -616,26 +663,14 @@ mod tests {
             entries: 1000,
             bytes: 1 << 20,
         });
-        let mut reservation = budget.reserve_for_read(1000).await;
-        let mut users = HashMap::new();
-        let mut entries = Vec::new();
-        for n in 1..=HOT + 200 {
-            let user = if n <= HOT {
+        let (users, entries) = held_entries(&budget, HOT + 200, |n| {
+            if n <= HOT {
                 "hot".to_owned()
             } else {
                 format!("user-{}", n % 100)
-            };
-            users.insert(id(n), user.clone());
-            entries.push(Held {
-                charge: reservation.take(100),
-                entry: Entry {
-                    id: id(n),
-                    bytes: 100,
-                    content: event(&user),
-                },
-            });
-        }
-        drop(reservation);
+            }
+        })
+        .await;
         let (blocked, blocked_users) = mpsc::unbounded_channel();
         let log = Arc::new(Mutex::new(Vec::new()));
         let parked = Arc::new(Mutex::new(ParkedCount::default()));
@@ -650,18 +685,7 @@ mod tests {
             since: Instant::now(),
         };
         let shutdown = CancellationToken::new();
-        let (reads, incoming) = mpsc::channel(2);
-        let dispatcher = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                let mut dispatcher = Dispatcher::new(runner, 10, shutdown);
-                dispatcher.run(incoming, blocked_users).await;
-            }
-        });
-        reads
-            .send(Read::Entries(entries))
-            .await
-            .expect("the dispatcher reads");
+        let (dispatcher, _reads) = dispatch(runner, blocked_users, entries, shutdown.clone()).await;
 
         // Within the head's first retry delay.
         tokio::time::sleep(BACKOFF / 2).await;
@@ -721,22 +745,7 @@ mod tests {
             entries: 100,
             bytes: 1 << 20,
         });
-        let mut reservation = budget.reserve_for_read(100).await;
-        let mut users = HashMap::new();
-        let mut entries = Vec::new();
-        for n in 1..=20 {
-            let user = format!("user-{}", n % 5);
-            users.insert(id(n), user.clone());
-            entries.push(Held {
-                charge: reservation.take(100),
-                entry: Entry {
-                    id: id(n),
-                    bytes: 100,
-                    content: event(&user),
-                },
-            });
-        }
-        drop(reservation);
+        let (users, entries) = held_entries(&budget, 20, |n| format!("user-{}", n % 5)).await;
         let (blocked, blocked_users) = mpsc::unbounded_channel();
         let log = Arc::new(Mutex::new(Vec::new()));
         let runner = StandIn {
@@ -750,18 +759,7 @@ mod tests {
             since: Instant::now(),
         };
         let shutdown = CancellationToken::new();
-        let (reads, incoming) = mpsc::channel(2);
-        let dispatcher = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                let mut dispatcher = Dispatcher::new(runner, 10, shutdown);
-                dispatcher.run(incoming, blocked_users).await;
-            }
-        });
-        reads
-            .send(Read::Entries(entries))
-            .await
-            .expect("the dispatcher reads");
+        let (dispatcher, _reads) = dispatch(runner, blocked_users, entries, shutdown.clone()).await;
         tokio::time::sleep(BACKOFF).await;
         let others: Vec<u64> = (1..=20).filter(|n| n % 5 != 3).collect();
         let delivered: Vec<u64> = delivered(&log.lock().expect("log"), &others)
