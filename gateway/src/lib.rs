@@ -73,6 +73,7 @@ pub async fn run(
         max_batch_events: config.max_batch_events,
         max_json_depth: config.max_json_depth,
         retry_after_secs: config.retry_after_secs,
+        metrics: routes::IngestMetrics::register(),
     });
     let workers = match config.workers {
         0 => std::thread::available_parallelism().map_or(1, usize::from),

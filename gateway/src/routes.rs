@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use metrics::{Counter, Histogram};
 use serde_json::json;
 
 use crate::api::{Accepted, BatchAccepted};
@@ -20,6 +21,7 @@ pub struct AppState {
     pub max_batch_events: usize,
     pub max_json_depth: usize,
     pub retry_after_secs: u64,
+    pub metrics: IngestMetrics,
 }
 
 impl AppState {
@@ -96,45 +98,75 @@ fn attribute(key: Option<&ApiKey>, events: &mut [NewEvent]) -> Result<(), ApiErr
     Ok(())
 }
 
-/// Runs one ingest, records its outcome and latency under `route`, and
-/// answers with its response.
-async fn observed(
-    route: &'static str,
-    ingest: impl std::future::Future<Output = Result<Ingested, ApiError>>,
-) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
-    let result = ingest.await;
-    observe(route, started, &result);
-    result.map(|ingested| ingested.response)
+/// Metric handles registered once, so an accepted request does no label
+/// lookups (refusals, rarer and with many reasons, look theirs up).
+pub struct IngestMetrics {
+    events: RouteMetrics,
+    batch: RouteMetrics,
+    accepted_events: Counter,
+    duplicate_events: Counter,
+    batch_size: Histogram,
 }
 
-/// Counts a finished ingest request: its outcome, latency and, when
-/// accepted, its events.
-fn observe(route: &'static str, started: Instant, result: &Result<Ingested, ApiError>) {
-    metrics::histogram!("gateway_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    match result {
-        Ok(ingested) => {
-            metrics::counter!("gateway_requests_total", "route" => route, "outcome" => "accepted")
+struct RouteMetrics {
+    route: &'static str,
+    duration: Histogram,
+    accepted: Counter,
+}
+
+impl RouteMetrics {
+    fn new(route: &'static str) -> Self {
+        Self {
+            route,
+            duration: metrics::histogram!("gateway_request_duration_seconds", "route" => route),
+            accepted: metrics::counter!("gateway_requests_total", "route" => route, "outcome" => "accepted"),
+        }
+    }
+}
+
+impl IngestMetrics {
+    /// Call after the metrics recorder is installed.
+    pub fn register() -> Self {
+        Self {
+            events: RouteMetrics::new("/v1/events"),
+            batch: RouteMetrics::new("/v1/batch"),
+            accepted_events: metrics::counter!("gateway_events_total", "outcome" => "accepted"),
+            duplicate_events: metrics::counter!("gateway_events_total", "outcome" => "duplicate"),
+            batch_size: metrics::histogram!("gateway_batch_size"),
+        }
+    }
+
+    /// Runs one ingest, records its outcome and latency under `route`, and
+    /// answers with its response.
+    async fn observed(
+        &self,
+        route: &RouteMetrics,
+        ingest: impl std::future::Future<Output = Result<Ingested, ApiError>>,
+    ) -> Result<HttpResponse, ApiError> {
+        let started = Instant::now();
+        let result = ingest.await;
+        route.duration.record(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(ingested) => {
+                route.accepted.increment(1);
+                self.accepted_events.increment(ingested.new);
+                self.duplicate_events.increment(ingested.duplicates);
+            }
+            Err(error) => {
+                let outcome = match error {
+                    ApiError::Unavailable { .. } => "unavailable",
+                    _ => "rejected",
+                };
+                metrics::counter!(
+                    "gateway_requests_total",
+                    "route" => route.route,
+                    "outcome" => outcome,
+                    "reason" => error.reason()
+                )
                 .increment(1);
-            metrics::counter!("gateway_events_total", "outcome" => "accepted")
-                .increment(ingested.new);
-            metrics::counter!("gateway_events_total", "outcome" => "duplicate")
-                .increment(ingested.duplicates);
+            }
         }
-        Err(error) => {
-            let outcome = match error {
-                ApiError::Unavailable { .. } => "unavailable",
-                _ => "rejected",
-            };
-            metrics::counter!(
-                "gateway_requests_total",
-                "route" => route,
-                "outcome" => outcome,
-                "reason" => error.reason()
-            )
-            .increment(1);
-        }
+        result.map(|ingested| ingested.response)
     }
 }
 
@@ -211,11 +243,13 @@ pub(crate) async fn post_event(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    observed(
-        "/v1/events",
-        ingest_event(&state, &lanes, &request, payload),
-    )
-    .await
+    let metrics = &state.metrics;
+    metrics
+        .observed(
+            &metrics.events,
+            ingest_event(&state, &lanes, &request, payload),
+        )
+        .await
 }
 
 async fn ingest_event(
@@ -266,7 +300,13 @@ pub(crate) async fn post_batch(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    observed("/v1/batch", ingest_batch(&state, &lanes, &request, payload)).await
+    let metrics = &state.metrics;
+    metrics
+        .observed(
+            &metrics.batch,
+            ingest_batch(&state, &lanes, &request, payload),
+        )
+        .await
 }
 
 async fn ingest_batch(
@@ -279,7 +319,7 @@ async fn ingest_batch(
     let body = read_json_body(state, request, payload).await?;
     let mut events = event::parse_batch(&body, state.max_batch_events)?;
     attribute(key, &mut events)?;
-    metrics::histogram!("gateway_batch_size").record(events.len() as f64);
+    state.metrics.batch_size.record(events.len() as f64);
     state.check_destinations(&events).await?;
     let appended = state
         .store
