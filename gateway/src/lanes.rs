@@ -7,6 +7,13 @@
 //! connections are made, and for every other command, the shared ones
 //! made at start-up serve.
 //!
+//! Which of its own. A write takes the first connection whose unanswered
+//! writes leave room for it within [`LANE_BYTES`], about what Redis reads
+//! from one client per turn of its event loop; when none has room, the least
+//! loaded. So light load rides one connection (one read, one reply write
+//! per turn for Redis, fewer wake-ups for the worker), and heavy load, such
+//! as batches, spreads over all of them, each read taking its full share.
+//!
 //! Order. A user's next event is sent after the previous one was answered,
 //! and may reach another worker. A 202 means Redis has the write, so any
 //! connection may carry the next one. But a write whose outcome is unknown
@@ -18,7 +25,7 @@
 //! it, behind the stale write, as if the shard had one connection.
 //! (`tests/tests/faults.rs` checks this with Redis paused.)
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -28,6 +35,11 @@ use tokio_util::sync::CancellationToken;
 /// After a failure to make a worker's connections, the next try waits this
 /// long (meanwhile the shared ones serve).
 const RETRY_CONNECTING_AFTER: Duration = Duration::from_secs(1);
+
+/// Bytes of unanswered writes one of a worker's connections carries before
+/// the next write takes another: Redis reads at most 16 KiB from a client
+/// per turn of its event loop, and one turn's commands share one fsync.
+const LANE_BYTES: usize = 16 * 1024;
 
 /// The connections of all workers, and the shards in doubt.
 pub struct Lanes {
@@ -132,24 +144,65 @@ impl Lanes {
 /// worker's thread, so their I/O runs there too.
 pub struct WorkerLanes {
     lanes: Arc<Lanes>,
-    own: Arc<OnceLock<Vec<RedisConnection>>>,
+    own: Arc<OnceLock<Vec<Lane>>>,
     /// When making them was last started; `None` before the first write.
     tried_at: Mutex<Option<Instant>>,
 }
 
-impl WorkerLanes {
-    /// The connection for a write of `shard`: the one in doubt if there
-    /// is one, else this worker's own, else a shared one.
-    pub fn for_write(&self, shard: u16) -> RedisConnection {
-        if let Some(connection) = self.lanes.doubt(shard) {
-            return connection;
+/// One of a worker's own connections.
+struct Lane {
+    connection: RedisConnection,
+    /// Bytes of the writes sent over it and not yet answered.
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Lane {
+    fn load(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// The connection a write goes over; its bytes count as in flight on it
+/// until this is dropped.
+pub struct Taken {
+    pub connection: RedisConnection,
+    held: Option<(Arc<AtomicUsize>, usize)>,
+}
+
+impl Taken {
+    fn untracked(connection: RedisConnection) -> Self {
+        Self {
+            connection,
+            held: None,
         }
-        match self.own.get() {
-            Some(own) => own[usize::from(shard) % own.len()].clone(),
-            None => {
-                self.start_connecting();
-                self.lanes.shared(shard)
-            }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some((in_flight, bytes)) = &self.held {
+            in_flight.fetch_sub(*bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl WorkerLanes {
+    /// The connection for a write of `bytes` to `shard`: the one in doubt
+    /// if there is one, else one of this worker's own (see the module
+    /// comment), else a shared one.
+    pub fn for_write(&self, shard: u16, bytes: usize) -> Taken {
+        if let Some(connection) = self.lanes.doubt(shard) {
+            return Taken::untracked(connection);
+        }
+        let Some(own) = self.own.get() else {
+            self.start_connecting();
+            return Taken::untracked(self.lanes.shared(shard));
+        };
+        let lane = &own[pick_lane(own.iter().map(Lane::load), bytes)];
+        lane.in_flight.fetch_add(bytes, Ordering::Relaxed);
+        Taken {
+            connection: lane.connection.clone(),
+            held: Some((lane.in_flight.clone(), bytes)),
         }
     }
 
@@ -165,7 +218,10 @@ impl WorkerLanes {
             let mut connections = Vec::with_capacity(redis.connections);
             for _ in 0..redis.connections {
                 match redis.connect(redis.timeout()).await {
-                    Ok(connection) => connections.push(connection),
+                    Ok(connection) => connections.push(Lane {
+                        connection,
+                        in_flight: Arc::default(),
+                    }),
                     Err(error) => {
                         tracing::debug!(%error, "Cannot make a worker's own Redis connections yet.");
                         return;
@@ -177,9 +233,55 @@ impl WorkerLanes {
     }
 }
 
+/// The index of the lane a write of `bytes` takes, given the unanswered
+/// bytes of each: the first with room for it, else the least loaded.
+fn pick_lane(loads: impl Iterator<Item = usize> + Clone, bytes: usize) -> usize {
+    let lanes = loads.enumerate();
+    if let Some((index, _)) = lanes.clone().find(|&(_, load)| load + bytes <= LANE_BYTES) {
+        return index;
+    }
+    lanes
+        .min_by_key(|&(_, load)| load)
+        .map_or(0, |(index, _)| index)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain assignments only: consistent after a panic elsewhere.
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pick(loads: &[usize], bytes: usize) -> usize {
+        pick_lane(loads.iter().copied(), bytes)
+    }
+
+    #[test]
+    fn writes_ride_the_first_lane_while_it_has_room() {
+        assert_eq!(pick(&[0, 0, 0, 0], 300), 0);
+        assert_eq!(pick(&[LANE_BYTES - 300, 0, 0, 0], 300), 0);
+    }
+
+    #[test]
+    fn a_write_without_room_spills_to_the_next_lane_with_room() {
+        assert_eq!(pick(&[LANE_BYTES - 299, 0, 0, 0], 300), 1);
+        assert_eq!(pick(&[LANE_BYTES, LANE_BYTES, 100, 0], 3_000), 2);
+    }
+
+    #[test]
+    fn when_no_lane_has_room_the_least_loaded_takes_it() {
+        assert_eq!(
+            pick(
+                &[LANE_BYTES, 2 * LANE_BYTES, LANE_BYTES / 2, LANE_BYTES],
+                10_000
+            ),
+            2
+        );
+        // An event larger than a lane's share goes to an idle lane.
+        assert_eq!(pick(&[500, 0, 700, 0], 1 << 20), 1);
+    }
 }

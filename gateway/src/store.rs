@@ -17,7 +17,7 @@ use redis::FromRedisValue;
 
 use crate::config::{BacklogConfig, ReplicationConfig};
 use crate::event::NewEvent;
-use crate::lanes::{Lanes, WorkerLanes};
+use crate::lanes::{Lanes, Taken, WorkerLanes};
 
 /// Adds an event unless its idempotency key was seen, atomically. Both keys
 /// carry the shard's hash tag, so this works on Redis Cluster too.
@@ -123,6 +123,15 @@ pub struct EventStore {
     idempotency_ttl_ms: u64,
     timeout: Duration,
     destinations: Mutex<CachedNames>,
+}
+
+/// One shard's part of an append: its events' indices in the request, the
+/// pipeline writing them, and the connection carrying it.
+struct ShardWrite {
+    shard: u16,
+    indices: Vec<usize>,
+    pipeline: redis::Pipeline,
+    taken: Taken,
 }
 
 #[derive(Default)]
@@ -242,61 +251,75 @@ impl EventStore {
                 .push(index);
         }
         self.check_backlog(by_shard.keys().copied())?;
-        let taken: Vec<(u16, RedisConnection)> = by_shard
-            .keys()
-            .map(|&shard| (shard, lanes.for_write(shard)))
-            .collect();
-        let writes = by_shard
+        let replication = self.replication;
+        let shard_writes: Vec<ShardWrite> = by_shard
             .into_iter()
-            .zip(&taken)
-            .map(|((shard, indices), (_, con))| {
+            .map(|(shard, indices)| {
                 let mut pipeline = redis::pipe();
+                let mut bytes = 0;
                 for &index in &indices {
-                    pipeline.add_command(self.append_command(shard, &events[index]));
+                    let command = self.append_command(shard, &events[index]);
+                    bytes += command_bytes(&command);
+                    pipeline.add_command(command);
                 }
-                let replication = self.replication;
                 if replication.min_replicas > 0 {
                     pipeline
                         .cmd("WAIT")
                         .arg(replication.min_replicas)
                         .arg(u64::try_from(replication.timeout.as_millis()).unwrap_or(u64::MAX));
                 }
-                let mut con = con.clone();
-                async move {
-                    let mut replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
-                    if replication.min_replicas > 0 {
-                        let confirmed = replies
-                            .pop()
-                            .map(u32::from_redis_value)
-                            .transpose()
-                            .map_err(|e| StoreError::Reply(format!("WAIT: {e}")))?
-                            .unwrap_or(0);
-                        if confirmed < replication.min_replicas {
-                            return Err(StoreError::NotReplicated {
-                                wanted: replication.min_replicas,
-                                confirmed,
-                            });
-                        }
-                    }
-                    if replies.len() != indices.len() {
-                        return Err(StoreError::Reply(format!(
-                            "{} replies for {} commands",
-                            replies.len(),
-                            indices.len()
-                        )));
-                    }
-                    indices
-                        .into_iter()
-                        .zip(replies)
-                        .map(|(index, reply)| Ok((index, parse_append_reply(shard, reply)?)))
-                        .collect::<Result<Vec<_>, StoreError>>()
+                ShardWrite {
+                    shard,
+                    indices,
+                    pipeline,
+                    taken: lanes.for_write(shard, bytes),
                 }
-            });
+            })
+            .collect();
+        let writes = shard_writes.iter().map(|write| {
+            let ShardWrite {
+                shard,
+                indices,
+                pipeline,
+                taken,
+            } = write;
+            let (shard, mut con) = (*shard, taken.connection.clone());
+            async move {
+                let mut replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
+                if replication.min_replicas > 0 {
+                    let confirmed = replies
+                        .pop()
+                        .map(u32::from_redis_value)
+                        .transpose()
+                        .map_err(|e| StoreError::Reply(format!("WAIT: {e}")))?
+                        .unwrap_or(0);
+                    if confirmed < replication.min_replicas {
+                        return Err(StoreError::NotReplicated {
+                            wanted: replication.min_replicas,
+                            confirmed,
+                        });
+                    }
+                }
+                if replies.len() != indices.len() {
+                    return Err(StoreError::Reply(format!(
+                        "{} replies for {} commands",
+                        replies.len(),
+                        indices.len()
+                    )));
+                }
+                indices
+                    .iter()
+                    .zip(replies)
+                    .map(|(&index, reply)| Ok((index, parse_append_reply(shard, reply)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()
+            }
+        });
         let per_shard = match self.bounded(async { try_join_all(writes).await }).await {
             Ok(per_shard) => per_shard,
             Err(error) => {
-                for (shard, con) in &taken {
-                    self.lanes.write_failed(*shard, con);
+                for write in &shard_writes {
+                    self.lanes
+                        .write_failed(write.shard, &write.taken.connection);
                 }
                 return Err(error);
             }
@@ -423,6 +446,18 @@ fn memory_percent(info: &str) -> Option<f64> {
     let field = |name: &str| -> Option<f64> { protocol::info_field(info, name)?.parse().ok() };
     let max = field("maxmemory").filter(|max| *max > 0.0)?;
     Some(field("used_memory")? * 100.0 / max)
+}
+
+/// The bytes of `command`'s arguments: about what it adds to its connection.
+fn command_bytes(command: &redis::Cmd) -> usize {
+    command
+        .args_iter()
+        .map(|arg| match arg {
+            redis::Arg::Simple(bytes) => bytes.len(),
+            // A cursor, or what a later redis-rs adds: a few bytes.
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Reads the reply of XADD (the id) or of the append-once script
