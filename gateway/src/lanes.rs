@@ -153,7 +153,7 @@ pub struct WorkerLanes {
 struct Lane {
     connection: RedisConnection,
     /// Bytes of the writes sent over it and not yet answered.
-    in_flight: Arc<AtomicUsize>,
+    in_flight: AtomicUsize,
 }
 
 impl Lane {
@@ -164,12 +164,12 @@ impl Lane {
 
 /// The connection a write goes over; its bytes count as in flight on it
 /// until this is dropped.
-pub struct Taken {
+pub struct Taken<'a> {
     pub connection: RedisConnection,
-    held: Option<(Arc<AtomicUsize>, usize)>,
+    held: Option<(&'a AtomicUsize, usize)>,
 }
 
-impl Taken {
+impl Taken<'_> {
     fn untracked(connection: RedisConnection) -> Self {
         Self {
             connection,
@@ -178,7 +178,7 @@ impl Taken {
     }
 }
 
-impl Drop for Taken {
+impl Drop for Taken<'_> {
     fn drop(&mut self) {
         if let Some((in_flight, bytes)) = &self.held {
             in_flight.fetch_sub(*bytes, Ordering::Relaxed);
@@ -190,7 +190,7 @@ impl WorkerLanes {
     /// The connection for a write of `bytes` to `shard`: the one in doubt
     /// if there is one, else one of this worker's own (see the module
     /// comment), else a shared one.
-    pub fn for_write(&self, shard: u16, bytes: usize) -> Taken {
+    pub fn for_write(&self, shard: u16, bytes: usize) -> Taken<'_> {
         if let Some(connection) = self.lanes.doubt(shard) {
             return Taken::untracked(connection);
         }
@@ -202,7 +202,7 @@ impl WorkerLanes {
         lane.in_flight.fetch_add(bytes, Ordering::Relaxed);
         Taken {
             connection: lane.connection.clone(),
-            held: Some((lane.in_flight.clone(), bytes)),
+            held: Some((&lane.in_flight, bytes)),
         }
     }
 
@@ -220,7 +220,7 @@ impl WorkerLanes {
                 match redis.connect(redis.timeout()).await {
                     Ok(connection) => connections.push(Lane {
                         connection,
-                        in_flight: Arc::default(),
+                        in_flight: AtomicUsize::new(0),
                     }),
                     Err(error) => {
                         tracing::debug!(%error, "Cannot make a worker's own Redis connections yet.");

@@ -127,11 +127,11 @@ pub struct EventStore {
 
 /// One shard's part of an append: its events' indices in the request, the
 /// pipeline writing them, and the connection carrying it.
-struct ShardWrite {
+struct ShardWrite<'a> {
     shard: u16,
     indices: Vec<usize>,
     pipeline: redis::Pipeline,
-    taken: Taken,
+    taken: Taken<'a>,
 }
 
 #[derive(Default)]
