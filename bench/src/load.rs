@@ -78,6 +78,19 @@ impl LoadResult {
     pub fn events_per_sec(&self) -> f64 {
         self.events() as f64 / self.elapsed.as_secs_f64()
     }
+
+    pub fn requests_per_sec(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Adds the figures of another run, or of a part of this one; their
+    /// users must differ (each run names its own).
+    pub fn absorb(&mut self, other: LoadResult) {
+        self.accepted.extend(other.accepted);
+        self.refused += other.refused;
+        self.latencies_us.extend(other.latencies_us);
+        self.elapsed += other.elapsed;
+    }
 }
 
 /// Microseconds since the Unix epoch; the sink, in the same process,
@@ -120,11 +133,9 @@ pub async fn run(
     }
     let mut total = LoadResult::default();
     while let Some(result) = workers.join_next().await {
-        let part = result.context("a load worker panicked")??;
-        total.accepted.extend(part.accepted);
-        total.refused += part.refused;
-        total.latencies_us.extend(part.latencies_us);
+        total.absorb(result.context("a load worker panicked")??);
     }
+    // The workers ran side by side: the run took as long as it took.
     total.elapsed = started.elapsed();
     Ok(total)
 }

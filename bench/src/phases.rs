@@ -19,6 +19,8 @@ const CONNECTIONS: usize = 64;
 const USERS_PER_CONNECTION: usize = 16;
 /// Events per `/v1/batch` request.
 const BATCH_SIZE: usize = 100;
+/// The fsync settings ingest is measured with: the shipped one first.
+const FSYNCS: [&str; 2] = ["always", "everysec"];
 /// Shard count of the shipped configuration (gateway and router defaults).
 const SHARDS: u16 = 16;
 /// A drain or delivery wait gives up after this long without progress.
@@ -37,7 +39,12 @@ pub enum Phase {
 /// How long and how big each phase is.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// How long each batch ingest run lasts.
     pub ingest_for: Duration,
+    /// Rounds of the single-event comparison with the no-op, per fsync
+    /// setting; each runs both servers for one slice.
+    pub share_rounds: usize,
+    pub share_slice: Duration,
     pub drain_events: u64,
     pub big_drain_events: u64,
     /// Events drained to three destinations (the CPU-per-delivery figure).
@@ -52,6 +59,8 @@ impl Plan {
     pub fn full() -> Self {
         Self {
             ingest_for: Duration::from_secs(10),
+            share_rounds: 6,
+            share_slice: Duration::from_secs(2),
             drain_events: 100_000,
             big_drain_events: 1_000_000,
             fan_out_drain_events: 100_000,
@@ -66,6 +75,8 @@ impl Plan {
     pub fn quick() -> Self {
         Self {
             ingest_for: Duration::from_secs(1),
+            share_rounds: 2,
+            share_slice: Duration::from_millis(500),
             drain_events: 5_000,
             big_drain_events: 20_000,
             fan_out_drain_events: 5_000,
@@ -94,6 +105,39 @@ pub struct IngestRow {
     pub redis_cpu_us: Option<f64>,
     /// What the streams hold, against what was accepted (none for the no-op).
     pub verdict: Option<Verdict>,
+}
+
+/// Single-event ingest as a share of the no-op ceiling, from rounds that
+/// each ran both under the same load generator, one slice each, in
+/// alternating order: the machine's speed drifts by tens of percent over
+/// minutes, and a round's two slices see nearly the same machine.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub fsync: &'static str,
+    /// The median of the rounds' ratios of requests per second.
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub rounds: usize,
+}
+
+impl Share {
+    fn of_rounds(fsync: &'static str, mut ratios: Vec<f64>) -> Self {
+        ratios.sort_by(f64::total_cmp);
+        let middle = ratios.len() / 2;
+        let median = if ratios.len() % 2 == 0 {
+            (ratios[middle - 1] + ratios[middle]) / 2.0
+        } else {
+            ratios[middle]
+        };
+        Self {
+            fsync,
+            median,
+            min: ratios[0],
+            max: ratios[ratios.len() - 1],
+            rounds: ratios.len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +186,8 @@ pub struct Results {
     pub plan: Plan,
     pub noop: IngestRow,
     pub ingest: Vec<IngestRow>,
+    /// One per fsync setting.
+    pub shares: Vec<Share>,
     pub drain: DrainRow,
     pub big_drain: DrainRow,
     pub fan_out_drain: DrainRow,
@@ -217,35 +263,27 @@ impl Bench {
         let redis = Redis::start(&self.binaries, &data).await?;
         let redis_version = redis.version().await?;
 
-        let mut noop = None;
-        if wanted(Phase::Ceiling) {
-            eprintln!("» no-op ceiling");
-            let (noop_process, noop_url) =
-                system::start_noop(&self.binaries, &self.http, &self.work_dir).await?;
-            let row = self.saturate(&noop_process, &noop_url).await?;
-            noop_process.stop().await?;
-            eprintln!(
-                "  {:.0} events/s; CPU per event: no-op server {:.1} µs",
-                row.events_per_sec, row.server_cpu_us
-            );
-            noop = Some(row);
-        }
-
         let (mut gateway, gateway_url) =
             system::start_gateway(&self.binaries, &redis, &self.http, &self.work_dir).await?;
-        let mut ingest = Vec::new();
-        let endpoints = if wanted(Phase::Ingest) {
-            vec![Endpoint::Single, Endpoint::Batch(BATCH_SIZE)]
-        } else {
-            Vec::new()
-        };
-        for endpoint in endpoints {
-            for fsync in ["always", "everysec"] {
-                eprintln!("» ingest {} with appendfsync {fsync}", endpoint.path());
+        let (mut noop, mut ingest, mut shares) = (None, Vec::new(), Vec::new());
+        if wanted(Phase::Ceiling) || wanted(Phase::Ingest) {
+            let single = self
+                .noop_and_single_events(&redis, &mut gateway, &gateway_url, wanted(Phase::Ingest))
+                .await?;
+            (noop, ingest, shares) = (Some(single.0), single.1, single.2);
+        }
+        if wanted(Phase::Ingest) {
+            let batch = Endpoint::Batch(BATCH_SIZE);
+            for fsync in FSYNCS {
+                eprintln!("» ingest {} with appendfsync {fsync}", batch.path());
                 redis.reset().await?;
                 redis.set_fsync(fsync).await?;
                 let row = self
-                    .ingest(&redis, &gateway, &gateway_url, fsync, endpoint)
+                    .ingest_batches(
+                        Target::gateway(&gateway, &gateway_url, &redis),
+                        fsync,
+                        batch,
+                    )
                     .await?;
                 eprintln!(
                     "  {:.0} events/s; CPU per event: gateway {:.1} µs, Redis {:.1} µs; streams: {}",
@@ -359,6 +397,7 @@ impl Bench {
             plan: self.plan.clone(),
             noop,
             ingest,
+            shares,
             drain,
             big_drain,
             fan_out_drain,
@@ -369,56 +408,138 @@ impl Bench {
         }))
     }
 
-    /// The ceiling: the load generator against the no-op handler.
-    async fn saturate(&self, noop: &Process, url: &str) -> anyhow::Result<IngestRow> {
-        let spec = self.saturating("noop", Endpoint::Single);
-        let cpu_before = noop.cpu_time()?;
-        let mut result = load::run(&self.http, url, spec).await?;
-        let server_cpu = noop.cpu_time()? - cpu_before;
-        Ok(ingest_row(
-            "no-op handler",
-            "-",
-            Endpoint::Single,
-            &mut result,
-            server_cpu,
-            None,
-            None,
-        ))
-    }
-
-    async fn ingest(
+    /// The no-op ceiling and, with `against_gateway`, single events to the
+    /// gateway against it in alternating slices, per fsync setting.
+    async fn noop_and_single_events(
         &self,
         redis: &Redis,
-        gateway: &Process,
+        gateway: &mut Process,
         gateway_url: &str,
+        against_gateway: bool,
+    ) -> anyhow::Result<(IngestRow, Vec<IngestRow>, Vec<Share>)> {
+        let (no_op, no_op_url) =
+            system::start_noop(&self.binaries, &self.http, &self.work_dir).await?;
+        let no_op_target = Target {
+            process: &no_op,
+            url: &no_op_url,
+            redis: None,
+        };
+        let mut ceiling = Slices::default();
+        let (mut rows, mut shares) = (Vec::new(), Vec::new());
+        if against_gateway {
+            for fsync in FSYNCS {
+                eprintln!(
+                    "» /v1/events with appendfsync {fsync}, against the no-op in alternating slices"
+                );
+                redis.reset().await?;
+                redis.set_fsync(fsync).await?;
+                let (row, share, no_op_slices) = self
+                    .single_against_noop(
+                        Target::gateway(gateway, gateway_url, redis),
+                        no_op_target,
+                        fsync,
+                    )
+                    .await?;
+                eprintln!(
+                    "  {:.0} events/s, {:.0}% of the no-op (median of {} rounds, {:.0}–{:.0}%); \
+                     CPU per event: gateway {:.1} µs, Redis {:.1} µs; streams: {}",
+                    row.events_per_sec,
+                    share.median * 100.0,
+                    share.rounds,
+                    share.min * 100.0,
+                    share.max * 100.0,
+                    row.server_cpu_us,
+                    row.redis_cpu_us.unwrap_or_default(),
+                    row.verdict.map(|v| v.to_string()).unwrap_or_default()
+                );
+                redis.report_latency_spikes().await?;
+                ceiling.absorb(no_op_slices);
+                rows.push(row);
+                shares.push(share);
+                gateway.check_running()?;
+            }
+        } else {
+            eprintln!("» no-op ceiling");
+            let spec = self.saturating("noop", Endpoint::Single, self.plan.ingest_for);
+            ceiling.run(&self.http, no_op_target, spec).await?;
+        }
+        no_op.stop().await?;
+        let noop = ceiling.row("no-op handler", "-", Endpoint::Single, None);
+        eprintln!(
+            "  no-op: {:.0} events/s; CPU per event: no-op server {:.1} µs",
+            noop.events_per_sec, noop.server_cpu_us
+        );
+        Ok((noop, rows, shares))
+    }
+
+    /// Single events against the gateway and the no-op in alternating
+    /// slices (see [`Share`]); returns the gateway's row, the share, and
+    /// the no-op's slices.
+    async fn single_against_noop(
+        &self,
+        gateway: Target<'_>,
+        no_op: Target<'_>,
+        fsync: &'static str,
+    ) -> anyhow::Result<(IngestRow, Share, Slices)> {
+        let (mut gateway_slices, mut no_op_slices) = (Slices::default(), Slices::default());
+        let mut ratios = Vec::with_capacity(self.plan.share_rounds);
+        for round in 0..self.plan.share_rounds {
+            let slice = |users_named: String| {
+                self.saturating(&users_named, Endpoint::Single, self.plan.share_slice)
+            };
+            let gateway_spec = slice(format!("ingest-{fsync}-{round}"));
+            let no_op_spec = slice(format!("noop-{fsync}-{round}"));
+            // Whichever goes first in a round goes second in the next, so
+            // a steady drift of the machine favours neither.
+            let (gateway_rate, no_op_rate) = if round % 2 == 0 {
+                let no_op_rate = no_op_slices.run(&self.http, no_op, no_op_spec).await?;
+                let gateway_rate = gateway_slices
+                    .run(&self.http, gateway, gateway_spec)
+                    .await?;
+                (gateway_rate, no_op_rate)
+            } else {
+                let gateway_rate = gateway_slices
+                    .run(&self.http, gateway, gateway_spec)
+                    .await?;
+                let no_op_rate = no_op_slices.run(&self.http, no_op, no_op_spec).await?;
+                (gateway_rate, no_op_rate)
+            };
+            ratios.push(gateway_rate / no_op_rate);
+        }
+        let redis = gateway.redis.context("the gateway writes to Redis")?;
+        let verdict = self
+            .scan_streams(redis)
+            .await?
+            .verdict(&gateway_slices.load.accepted);
+        let row = gateway_slices.row("gateway", fsync, Endpoint::Single, Some(verdict));
+        Ok((row, Share::of_rounds(fsync, ratios), no_op_slices))
+    }
+
+    /// Batches against the gateway for the plan's ingest time.
+    async fn ingest_batches(
+        &self,
+        gateway: Target<'_>,
         fsync: &'static str,
         endpoint: Endpoint,
     ) -> anyhow::Result<IngestRow> {
-        let spec = self.saturating(&format!("ingest-{fsync}"), endpoint);
-        let cpu_before = (gateway.cpu_time()?, redis.process.cpu_time()?);
-        let mut result = load::run(&self.http, gateway_url, spec).await?;
-        let gateway_cpu = gateway.cpu_time()? - cpu_before.0;
-        let redis_cpu = redis.process.cpu_time()? - cpu_before.1;
-        let stored = self.scan_streams(redis).await?;
-        let verdict = stored.verdict(&result.accepted);
-        Ok(ingest_row(
-            "gateway",
-            fsync,
-            endpoint,
-            &mut result,
-            gateway_cpu,
-            Some(redis_cpu),
-            Some(verdict),
-        ))
+        let spec = self.saturating(&format!("ingest-{fsync}"), endpoint, self.plan.ingest_for);
+        let mut slices = Slices::default();
+        slices.run(&self.http, gateway, spec).await?;
+        let redis = gateway.redis.context("the gateway writes to Redis")?;
+        let verdict = self
+            .scan_streams(redis)
+            .await?
+            .verdict(&slices.load.accepted);
+        Ok(slices.row("gateway", fsync, endpoint, Some(verdict)))
     }
 
-    fn saturating(&self, users_named: &str, endpoint: Endpoint) -> LoadSpec {
+    fn saturating(&self, users_named: &str, endpoint: Endpoint, lasting: Duration) -> LoadSpec {
         LoadSpec {
             users_named: users_named.to_owned(),
             endpoint,
             connections: CONNECTIONS,
             users_per_connection: USERS_PER_CONNECTION,
-            stop: Stop::After(self.plan.ingest_for),
+            stop: Stop::After(lasting),
             rate: None,
         }
     }
@@ -599,30 +720,108 @@ impl Bench {
     }
 }
 
-fn ingest_row(
-    target: &str,
-    fsync: &'static str,
-    endpoint: Endpoint,
-    result: &mut LoadResult,
+/// A server under load: its process, its URL, and the Redis it writes to
+/// (none for the no-op).
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    process: &'a Process,
+    url: &'a str,
+    redis: Option<&'a Redis>,
+}
+
+impl<'a> Target<'a> {
+    fn gateway(process: &'a Process, url: &'a str, redis: &'a Redis) -> Self {
+        Self {
+            process,
+            url,
+            redis: Some(redis),
+        }
+    }
+}
+
+/// Load runs against one server, added up, with the CPU time they cost it
+/// and its Redis.
+#[derive(Default)]
+struct Slices {
+    load: LoadResult,
     server_cpu: Duration,
     redis_cpu: Option<Duration>,
-    verdict: Option<Verdict>,
-) -> IngestRow {
-    let requests = result.latencies_us.len() as f64;
-    let events = result.events().max(1) as f64;
-    let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / events;
-    let ms = |us: u32| f64::from(us) / 1000.0;
-    IngestRow {
-        target: target.to_owned(),
-        fsync,
-        endpoint,
-        events_per_sec: result.events_per_sec(),
-        requests_per_sec: requests / result.elapsed.as_secs_f64(),
-        p50_ms: ms(load::percentile(&mut result.latencies_us, 50.0)),
-        p99_ms: ms(load::percentile(&mut result.latencies_us, 99.0)),
-        refused: result.refused,
-        server_cpu_us: per_event(server_cpu),
-        redis_cpu_us: redis_cpu.map(per_event),
-        verdict,
+}
+
+impl Slices {
+    /// Runs `spec` against `target` and adds its figures; returns the
+    /// slice's own requests per second.
+    async fn run(
+        &mut self,
+        http: &reqwest::Client,
+        target: Target<'_>,
+        spec: LoadSpec,
+    ) -> anyhow::Result<f64> {
+        let redis_cpu = || {
+            target
+                .redis
+                .map(|redis| redis.process.cpu_time())
+                .transpose()
+        };
+        let before = (target.process.cpu_time()?, redis_cpu()?);
+        let load = load::run(http, target.url, spec).await?;
+        self.server_cpu += target.process.cpu_time()? - before.0;
+        if let (Some(after), Some(before)) = (redis_cpu()?, before.1) {
+            *self.redis_cpu.get_or_insert_default() += after - before;
+        }
+        let rate = load.requests_per_sec();
+        self.load.absorb(load);
+        Ok(rate)
+    }
+
+    fn absorb(&mut self, other: Slices) {
+        self.load.absorb(other.load);
+        self.server_cpu += other.server_cpu;
+        if let Some(cpu) = other.redis_cpu {
+            *self.redis_cpu.get_or_insert_default() += cpu;
+        }
+    }
+
+    fn row(
+        &mut self,
+        target: &str,
+        fsync: &'static str,
+        endpoint: Endpoint,
+        verdict: Option<Verdict>,
+    ) -> IngestRow {
+        let result = &mut self.load;
+        let events = result.events().max(1) as f64;
+        let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / events;
+        let ms = |us: u32| f64::from(us) / 1000.0;
+        IngestRow {
+            target: target.to_owned(),
+            fsync,
+            endpoint,
+            events_per_sec: result.events_per_sec(),
+            requests_per_sec: result.requests_per_sec(),
+            p50_ms: ms(load::percentile(&mut result.latencies_us, 50.0)),
+            p99_ms: ms(load::percentile(&mut result.latencies_us, 99.0)),
+            refused: result.refused,
+            server_cpu_us: per_event(self.server_cpu),
+            redis_cpu_us: self.redis_cpu.map(per_event),
+            verdict,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_is_the_median_of_its_rounds() {
+        let odd = Share::of_rounds("always", vec![0.7, 0.5, 0.9]);
+        assert_eq!(
+            (odd.median, odd.min, odd.max, odd.rounds),
+            (0.7, 0.5, 0.9, 3)
+        );
+        let even = Share::of_rounds("always", vec![0.8, 0.5, 0.6, 0.9]);
+        assert!((even.median - 0.7).abs() < 1e-9, "{}", even.median);
+        assert_eq!((even.min, even.max), (0.5, 0.9));
     }
 }
