@@ -135,7 +135,8 @@ pub async fn run(
     while let Some(result) = workers.join_next().await {
         total.absorb(result.context("a load worker panicked")??);
     }
-    // The workers ran side by side: the run took as long as it took.
+    // The workers ran side by side: the run's time is the wall-clock time,
+    // not the sum of theirs.
     total.elapsed = started.elapsed();
     Ok(total)
 }
