@@ -62,6 +62,11 @@ pub fn authorized_client() -> reqwest::Client {
     );
     reqwest::Client::builder()
         .default_headers(headers)
+        // The gateway (actix-web) closes a connection idle for 5 s; a
+        // client that reuses one as it closes loses that request (a broken
+        // pipe mid-body). So, as docs/api.md ("Retrying") advises clients,
+        // idle connections are given up sooner.
+        .pool_idle_timeout(Duration::from_secs(2))
         .build()
         .expect("a client builds")
 }
@@ -797,6 +802,45 @@ pub async fn post_event(
         .as_str()
         .expect("id in the 202 answer")
         .to_owned()
+}
+
+/// Posts one event of `user` with `message_id` until the gateway accepts it,
+/// as its clients are asked to: a 503 (Redis slow to answer) or a lost
+/// connection leaves the outcome unknown, and the same `messageId` keeps a
+/// retry from storing it twice. Returns its id (the stored one's, if an
+/// earlier try was stored). Panics on any other answer, or after 60 s.
+pub async fn post_event_until_accepted(
+    http: &reqwest::Client,
+    gateway_url: &str,
+    user: &str,
+    message_id: &str,
+    payload: Value,
+) -> String {
+    let body = serde_json::json!({ "userId": user, "messageId": message_id, "payload": payload });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let outcome = http
+            .post(format!("{gateway_url}/v1/events"))
+            .json(&body)
+            .send()
+            .await;
+        match outcome {
+            Ok(response) if response.status() == 202 => {
+                let answer: Value = response.json().await.expect("JSON answer");
+                return answer["id"]
+                    .as_str()
+                    .expect("id in the 202 answer")
+                    .to_owned();
+            }
+            Ok(response) if response.status() != 503 => {
+                panic!("an event of {user} rejected: {}", response.status())
+            }
+            outcome if Instant::now() >= deadline => {
+                panic!("an event of {user} not accepted within 60 s; last: {outcome:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// A loopback address with a port that was free a moment ago, for a child

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use e2e_tests::{
-    batch_ids, free_local_address, post_event, wait_for, RouterProcess, TestDestination,
-    TestSystem, SHARDS,
+    batch_ids, free_local_address, post_event, post_event_until_accepted, wait_for, RouterProcess,
+    TestDestination, TestSystem, SHARDS,
 };
 use serde_json::{json, Value};
 
@@ -274,7 +274,11 @@ async fn post_large(
         );
         posting.spawn(async move {
             let user = format!("user-{n}");
-            let id = post_event(&http, &url, &user, json!({ "filler": filler })).await;
+            let payload = json!({ "filler": filler });
+            // Megabyte writes on a loaded machine may outlast the gateway's
+            // Redis timeout: retried as a client would.
+            let id =
+                post_event_until_accepted(&http, &url, &user, &format!("large-{n}"), payload).await;
             (user, id)
         });
         if posting.len() >= 8 {
