@@ -72,19 +72,32 @@ pub fn authorized_client() -> reqwest::Client {
 }
 
 /// Polls `condition` every 25 ms until it holds; panics naming `what` after `timeout`.
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert!(
+        holds_within(timeout, condition).await,
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Polls `condition` every 25 ms until it holds (true) or `timeout` passes
+/// (false).
+pub async fn holds_within<F, Fut>(timeout: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    true
 }
 
 /// Logs warnings of the services a test runs in-process to the test's
@@ -514,12 +527,21 @@ impl TestSystem {
 
     /// Waits until `destination` has received `count` distinct events with 2xx.
     pub async fn wait_delivered(&self, destination: &str, count: usize, timeout: Duration) {
-        let what = format!("{count} events delivered to {destination}");
         let path = self.path_of(destination).to_owned();
-        wait_for(&what, timeout, || async {
+        let delivered = holds_within(timeout, || async {
             self.recorder.delivered_count(&path) >= count
         })
         .await;
+        if !delivered {
+            // What the router holds, parks and has in flight says where
+            // delivery stopped.
+            let view = self.try_destination_view(destination).await;
+            panic!(
+                "timed out after {timeout:?} waiting for {count} events delivered to \
+                 {destination} ({} were); the router's view of it: {view:?}",
+                self.recorder.delivered_count(&path)
+            );
+        }
     }
 
     /// How many times Redis ran `command` (lower case, e.g. `xack`), summed
