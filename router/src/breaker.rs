@@ -19,7 +19,23 @@
 //! **Half-open.** The probe is in flight. If it succeeds the breaker closes
 //! and the waiting events go out in per-user order (each user's next event
 //! is the one waiting); if it fails, the breaker opens for another interval.
+//!
+//! **Which event probes.** Probes alternate, starting with each opening,
+//! between the waiting event tried most often and the one waiting longest
+//! (`docs/decisions/0003-breaker-probes.md`). Many endpoints refuse an
+//! event's first attempt and accept its retry (a cold start, a token
+//! refresh): a burst of fresh events opens the circuit, and a probe that
+//! went to a fresh event would be refused every time, wedging a destination
+//! that accepts every retry. The longest-waiting turn keeps one event the
+//! destination always refuses (tried most often of all) from holding the
+//! circuit open: every waiting event gets its turn, as a failed probe
+//! waits again behind the others.
+//!
+//! Events wait here without holding anything of the destination's (its
+//! concurrency slots are taken after this gate), so every event waiting
+//! for the circuit is a candidate for the probe.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -49,9 +65,9 @@ pub struct BreakerView {
     pub since_ms: u64,
 }
 
-/// How an attempt may go out.
+/// How an attempt was let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub enum PassKind {
     /// The breaker is closed.
     Attempt,
     /// The breaker was open: this attempt is the probe.
@@ -67,6 +83,81 @@ pub enum Verdict {
     Failed,
     /// Never finished (shutdown, lease lost): says nothing.
     Unknown,
+}
+
+/// Leave from the breaker for one attempt. Its verdict goes back through
+/// [`Pass::record`]; dropped without one (shutdown, a lost lease, a panic),
+/// it counts as [`Verdict::Unknown`], so a probe is never left out.
+#[must_use = "a pass records its attempt's verdict"]
+pub struct Pass<'a> {
+    breaker: &'a Breaker,
+    kind: PassKind,
+    recorded: bool,
+}
+
+impl Pass<'_> {
+    pub fn kind(&self) -> PassKind {
+        self.kind
+    }
+
+    /// Whether the attempt may still go out: a probe may; an ordinary
+    /// attempt only while the circuit is closed (it may have opened while
+    /// this one waited for a concurrency slot).
+    pub fn still_valid(&self) -> bool {
+        self.kind == PassKind::Probe || self.breaker.lock().state == BreakerState::Closed
+    }
+
+    /// Records how the attempt ended.
+    pub fn record(mut self, verdict: Verdict) {
+        self.recorded = true;
+        self.breaker.record(self.kind, verdict);
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.breaker.record(self.kind, Verdict::Unknown);
+        }
+    }
+}
+
+/// Which waiting event the next probe goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeTurn {
+    MostTried,
+    LongestWaiting,
+}
+
+/// The events waiting for an open circuit, by ticket (the order they came).
+#[derive(Default)]
+struct Waiters {
+    next_ticket: u64,
+    /// Ticket → the attempt the event waits to make (1: never tried).
+    waiting: BTreeMap<u64, u32>,
+    /// The waiter the due probe goes to, once picked.
+    chosen: Option<u64>,
+}
+
+impl Waiters {
+    fn join(&mut self, attempt: u32) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.waiting.insert(ticket, attempt);
+        ticket
+    }
+
+    fn pick(&self, turn: ProbeTurn) -> Option<u64> {
+        match turn {
+            ProbeTurn::LongestWaiting => self.waiting.keys().next().copied(),
+            // The highest attempt, the earliest ticket among equals.
+            ProbeTurn::MostTried => self
+                .waiting
+                .iter()
+                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                .map(|(ticket, _)| *ticket),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -97,11 +188,15 @@ struct Inner {
     epoch: Instant,
     /// `None` once the buckets or the window change.
     earlier: Option<Earlier>,
+    waiters: Waiters,
+    /// Which waiter the next probe goes to.
+    turn: ProbeTurn,
 }
 
 pub struct Breaker {
     inner: Mutex<Inner>,
-    /// Bumped at every state change, so waiting attempts look again.
+    /// Bumped at every state change and every pick of a probe, so waiting
+    /// attempts look again.
     changes: watch::Sender<u64>,
 }
 
@@ -116,6 +211,8 @@ impl Breaker {
                 buckets: vec![Bucket::default(); MAX_WINDOW_SECS],
                 epoch: Instant::now(),
                 earlier: None,
+                waiters: Waiters::default(),
+                turn: ProbeTurn::MostTried,
             }),
             changes: watch::Sender::new(0),
         }
@@ -143,26 +240,32 @@ impl Breaker {
         }
     }
 
-    /// Waits until an attempt may go out: at once while closed; while
-    /// open, until this caller is the next probe. `None` at shutdown.
-    pub async fn admit(&self, shutdown: &CancellationToken) -> Option<Admission> {
+    /// Waits until attempt number `attempt` of an event (1: its first)
+    /// may go out: at once while closed; while open, until this caller is
+    /// picked for the probe. `None` at shutdown.
+    pub async fn admit(&self, attempt: u32, shutdown: &CancellationToken) -> Option<Pass<'_>> {
         let mut changes = self.changes.subscribe();
+        let mut ticket = Ticket {
+            breaker: self,
+            id: None,
+        };
         loop {
             let wait = {
                 let mut inner = self.lock();
-                let now = Instant::now();
-                match inner.state {
-                    BreakerState::Closed => return Some(Admission::Attempt),
-                    BreakerState::Open if now >= inner.next_probe => {
-                        self.switch(&mut inner, BreakerState::HalfOpen);
-                        return Some(Admission::Probe);
+                // Under the lock that every change is made under: no change
+                // between this look and the wait below can be missed.
+                changes.mark_unchanged();
+                match self.turn(&mut inner, attempt, &mut ticket.id) {
+                    Ok(kind) => {
+                        return Some(Pass {
+                            breaker: self,
+                            kind,
+                            recorded: false,
+                        })
                     }
-                    BreakerState::Open => Some(inner.next_probe - now),
-                    // The probe is out: wait for its verdict.
-                    BreakerState::HalfOpen => None,
+                    Err(wait) => wait,
                 }
             };
-            changes.mark_unchanged();
             let sleep = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600)));
             tokio::select! {
                 () = shutdown.cancelled() => return None,
@@ -172,27 +275,76 @@ impl Breaker {
         }
     }
 
-    /// Records how an admitted attempt ended.
-    pub fn record(&self, admission: Admission, verdict: Verdict) {
+    /// Under the lock: the pass this caller gets now, or how long to wait
+    /// (`None`: until a change). A caller that must wait joins the waiters.
+    fn turn(
+        &self,
+        inner: &mut Inner,
+        attempt: u32,
+        ticket: &mut Option<u64>,
+    ) -> Result<PassKind, Option<Duration>> {
+        let now = Instant::now();
+        if inner.state == BreakerState::Closed {
+            if let Some(id) = ticket.take() {
+                self.leave(inner, id);
+            }
+            return Ok(PassKind::Attempt);
+        }
+        let id = *ticket.get_or_insert_with(|| inner.waiters.join(attempt));
+        match inner.state {
+            BreakerState::Open if now >= inner.next_probe => {
+                let waiters = &inner.waiters;
+                let still_waiting = waiters.chosen.filter(|c| waiters.waiting.contains_key(c));
+                let chosen = match still_waiting {
+                    Some(chosen) => chosen,
+                    None => {
+                        let chosen = inner.waiters.pick(inner.turn).unwrap_or(id);
+                        inner.turn = match inner.turn {
+                            ProbeTurn::MostTried => ProbeTurn::LongestWaiting,
+                            ProbeTurn::LongestWaiting => ProbeTurn::MostTried,
+                        };
+                        inner.waiters.chosen = Some(chosen);
+                        // The chosen one may be waiting for a change.
+                        self.changes.send_modify(|changes| *changes += 1);
+                        chosen
+                    }
+                };
+                if chosen != id {
+                    return Err(None);
+                }
+                inner.waiters.chosen = None;
+                inner.waiters.waiting.remove(&id);
+                *ticket = None;
+                self.switch(inner, BreakerState::HalfOpen);
+                Ok(PassKind::Probe)
+            }
+            BreakerState::Open => Err(Some(inner.next_probe - now)),
+            // The probe is out: wait for its verdict.
+            _ => Err(None),
+        }
+    }
+
+    /// Records how an attempt let through ended.
+    fn record(&self, kind: PassKind, verdict: Verdict) {
         let mut inner = self.lock();
         let now = Instant::now();
-        match (admission, verdict) {
-            (Admission::Probe, Verdict::Answered) => {
+        match (kind, verdict) {
+            (PassKind::Probe, Verdict::Answered) => {
                 inner.buckets.fill(Bucket::default());
                 inner.earlier = None;
                 self.switch(&mut inner, BreakerState::Closed);
             }
-            (Admission::Probe, Verdict::Failed) => {
+            (PassKind::Probe, Verdict::Failed) => {
                 inner.next_probe = now + inner.settings.probe_interval();
                 self.switch(&mut inner, BreakerState::Open);
             }
             // A probe that never finished: the next caller probes at once.
-            (Admission::Probe, Verdict::Unknown) => {
+            (PassKind::Probe, Verdict::Unknown) => {
                 inner.next_probe = now;
                 self.switch(&mut inner, BreakerState::Open);
             }
-            (Admission::Attempt, Verdict::Unknown) => {}
-            (Admission::Attempt, verdict) => {
+            (PassKind::Attempt, Verdict::Unknown) => {}
+            (PassKind::Attempt, verdict) => {
                 let second = now.duration_since(inner.epoch).as_secs();
                 let slot = usize::try_from(second).unwrap_or(0) % MAX_WINDOW_SECS;
                 let bucket = &mut inner.buckets[slot];
@@ -212,9 +364,20 @@ impl Breaker {
                     && trips(&mut inner, current)
                 {
                     inner.next_probe = now + inner.settings.probe_interval();
+                    inner.turn = ProbeTurn::MostTried;
                     self.switch(&mut inner, BreakerState::Open);
                 }
             }
+        }
+    }
+
+    /// Takes waiter `id` out; if the due probe was picked for it, the
+    /// others pick again.
+    fn leave(&self, inner: &mut Inner, id: u64) {
+        inner.waiters.waiting.remove(&id);
+        if inner.waiters.chosen == Some(id) {
+            inner.waiters.chosen = None;
+            self.changes.send_modify(|changes| *changes += 1);
         }
     }
 
@@ -225,6 +388,22 @@ impl Breaker {
         inner.state = state;
         inner.since_ms = protocol::unix_millis();
         self.changes.send_modify(|changes| *changes += 1);
+    }
+}
+
+/// A caller's place among the waiters, left when it is dropped (the
+/// caller gave up: shutdown, or its job ended).
+struct Ticket<'a> {
+    breaker: &'a Breaker,
+    id: Option<u64>,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let mut inner = self.breaker.lock();
+            self.breaker.leave(&mut inner, id);
+        }
     }
 }
 
@@ -265,6 +444,8 @@ fn trips(inner: &mut Inner, current: Bucket) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn settings() -> BreakerConfig {
@@ -279,10 +460,10 @@ mod tests {
 
     fn attempts(breaker: &Breaker, failed: u32, answered: u32) {
         for _ in 0..failed {
-            breaker.record(Admission::Attempt, Verdict::Failed);
+            breaker.record(PassKind::Attempt, Verdict::Failed);
         }
         for _ in 0..answered {
-            breaker.record(Admission::Attempt, Verdict::Answered);
+            breaker.record(PassKind::Attempt, Verdict::Answered);
         }
     }
 
@@ -336,8 +517,8 @@ mod tests {
         attempts(&breaker, 20, 0);
         assert_eq!(breaker.view().state, BreakerState::Open);
         let started = tokio::time::Instant::now();
-        let probe = breaker.admit(&shutdown).await;
-        assert_eq!(probe, Some(Admission::Probe));
+        let probe = breaker.admit(1, &shutdown).await.expect("a pass");
+        assert_eq!(probe.kind(), PassKind::Probe);
         assert_eq!(
             started.elapsed(),
             Duration::from_secs(5),
@@ -345,18 +526,104 @@ mod tests {
         );
         assert_eq!(breaker.view().state, BreakerState::HalfOpen);
         // Others wait for the probe's verdict.
-        let waiting = tokio::time::timeout(Duration::from_secs(60), breaker.admit(&shutdown));
-        breaker.record(Admission::Probe, Verdict::Failed);
+        let waiting = tokio::time::timeout(Duration::from_secs(60), breaker.admit(1, &shutdown));
+        probe.record(Verdict::Failed);
         // The failed probe reopens it; the waiter becomes the next probe 5 s later.
         let started = tokio::time::Instant::now();
-        assert_eq!(waiting.await, Ok(Some(Admission::Probe)));
+        let probe = waiting.await.expect("in time").expect("a pass");
+        assert_eq!(probe.kind(), PassKind::Probe);
         assert_eq!(started.elapsed(), Duration::from_secs(5));
-        breaker.record(Admission::Probe, Verdict::Answered);
+        probe.record(Verdict::Answered);
         assert_eq!(breaker.view().state, BreakerState::Closed);
-        assert_eq!(breaker.admit(&shutdown).await, Some(Admission::Attempt));
+        let pass = breaker.admit(1, &shutdown).await.expect("a pass");
+        assert_eq!(pass.kind(), PassKind::Attempt);
+        drop(pass);
         // Closing cleared the window: 19 more failures do not reopen it.
         attempts(&breaker, 19, 0);
         assert_eq!(breaker.view().state, BreakerState::Closed);
+    }
+
+    /// Waiters making attempts `attempts` join in that order; returns the
+    /// attempt number of each probe, in order, failing all but the last
+    /// `succeed_from`-numbered one.
+    async fn probes_among(attempts: &[u32], probes: usize) -> Vec<u32> {
+        let breaker = Arc::new(Breaker::new(settings()));
+        let shutdown = CancellationToken::new();
+        self::attempts(&breaker, 20, 0);
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiters = tokio::task::JoinSet::new();
+        for &attempt in attempts {
+            let (breaker, shutdown, sender) = (breaker.clone(), shutdown.clone(), sender.clone());
+            waiters.spawn(async move {
+                let pass = breaker.admit(attempt, &shutdown).await.expect("a pass");
+                assert_eq!(pass.kind(), PassKind::Probe);
+                sender.send(attempt).expect("the test listens");
+                pass.record(Verdict::Failed);
+            });
+            // Each joins before the next.
+            tokio::task::yield_now().await;
+        }
+        let mut probed = Vec::new();
+        for _ in 0..probes {
+            probed.push(receiver.recv().await.expect("a probe"));
+        }
+        shutdown.cancel();
+        probed
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_alternate_between_the_event_tried_most_and_the_one_waiting_longest() {
+        // Fresh events came first; the retries (attempts 2 and 3) later.
+        let probed = probes_among(&[1, 1, 2, 3, 1, 3], 6).await;
+        assert_eq!(
+            probed,
+            // Most tried (the first 3), longest waiting (the first 1),
+            // most tried (the other 3), longest waiting (the second 1),
+            // most tried (the 2), then the last left.
+            [3, 1, 3, 1, 2, 1]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_reports_is_given_back_when_dropped() {
+        let breaker = Breaker::new(settings());
+        let shutdown = CancellationToken::new();
+        attempts(&breaker, 20, 0);
+        let probe = breaker.admit(2, &shutdown).await.expect("a pass");
+        assert_eq!(breaker.view().state, BreakerState::HalfOpen);
+        // Its job ended without a verdict (a panic, a lost lease).
+        drop(probe);
+        assert_eq!(breaker.view().state, BreakerState::Open);
+        let started = tokio::time::Instant::now();
+        let next = breaker.admit(1, &shutdown).await.expect("a pass");
+        assert_eq!(next.kind(), PassKind::Probe);
+        assert_eq!(started.elapsed(), Duration::ZERO, "the next probes at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_picked_for_the_probe_that_gives_up_leaves_it_to_another() {
+        let breaker = Breaker::new(settings());
+        attempts(&breaker, 20, 0);
+        let turn = |attempt, ticket: &mut Ticket<'_>| {
+            breaker.turn(&mut breaker.lock(), attempt, &mut ticket.id)
+        };
+        let mut most_tried = Ticket {
+            breaker: &breaker,
+            id: None,
+        };
+        let mut other = Ticket {
+            breaker: &breaker,
+            id: None,
+        };
+        assert!(turn(9, &mut most_tried).is_err());
+        assert!(turn(1, &mut other).is_err());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // The other looks first and picks the most tried, then waits.
+        assert_eq!(turn(1, &mut other), Err(None));
+        // The one picked gives up before it looks.
+        drop(most_tried);
+        assert_eq!(turn(1, &mut other), Ok(PassKind::Probe));
+        assert_eq!(breaker.view().state, BreakerState::HalfOpen);
     }
 
     #[tokio::test(start_paused = true)]

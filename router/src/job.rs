@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
-use crate::breaker::{Admission, Verdict};
+use crate::breaker::{Pass, Verdict};
 use crate::budget::{Budget, Charge};
 use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
 use crate::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
@@ -300,11 +300,8 @@ impl Job {
                 .await;
             return Step::Done(end);
         }
-        let Some(Gates {
-            slot,
-            admission,
-            waited,
-        }) = pass_gates(destination, &self.context.shutdown).await
+        let Some(Gates { slot, pass, waited }) =
+            pass_gates(destination, attempt, &self.context.shutdown).await
         else {
             return Step::Done(JobEnd::Abandoned);
         };
@@ -320,7 +317,7 @@ impl Job {
             .hold_for(endpoint.timeout, &self.context.shutdown)
             .await
         {
-            destination.breaker.record(admission, Verdict::Unknown);
+            // The pass, dropped, tells the breaker nothing came of it.
             return Step::Done(JobEnd::Abandoned);
         }
         let first_attempt = *self.first_attempt.get_or_insert_with(Instant::now);
@@ -330,7 +327,7 @@ impl Job {
             .await;
         drop(in_flight);
         drop(slot);
-        destination.breaker.record(admission, verdict(&outcome));
+        pass.record(verdict(&outcome));
         if let AttemptOutcome::Retry {
             status: Some(429),
             retry_after: Some(retry_after),
@@ -506,34 +503,40 @@ fn prepare<'a>(entry: &'a Entry, endpoint: &Endpoint, shard: u16) -> Prepared<'a
 /// Leave to make an attempt.
 struct Gates<'a> {
     slot: SemaphorePermit<'a>,
-    admission: Admission,
+    pass: Pass<'a>,
     /// How long getting it took (not retry time).
     waited: Duration,
 }
 
-/// Waits until `destination` takes an attempt: not paused, a concurrency
-/// slot free, its circuit letting this one through, and its rate limit
-/// giving a turn. The circuit is asked last, holding the slot, so no
-/// attempt admitted before it opened is still waiting to go out after.
-/// `None` at shutdown.
+/// Waits until `destination` takes attempt number `attempt`: not paused,
+/// its circuit letting this one through, a concurrency slot free, and its
+/// rate limit giving a turn. Events waiting for an open circuit hold no
+/// slot, so every one of them is a candidate for its probe; the circuit is
+/// asked again once the slot is held, so no attempt let through before it
+/// opened goes out after. `None` at shutdown.
 async fn pass_gates<'a>(
     destination: &'a Destination,
+    attempt: u32,
     shutdown: &CancellationToken,
 ) -> Option<Gates<'a>> {
     let arrived = Instant::now();
-    // A paused destination starts no attempt; the entry stays pending.
-    if !destination.wait_until_resumed(shutdown).await {
-        return None;
-    }
-    let slot = destination.slot().await;
-    let admission = destination.breaker.admit(shutdown).await?;
+    let (slot, pass) = loop {
+        // A paused destination starts no attempt; the entry stays pending.
+        if !destination.wait_until_resumed(shutdown).await {
+            return None;
+        }
+        let pass = destination.breaker.admit(attempt, shutdown).await?;
+        let slot = destination.slot().await;
+        if pass.still_valid() {
+            break (slot, pass);
+        }
+    };
     if !destination.throttle.wait_turn(shutdown).await {
-        destination.breaker.record(admission, Verdict::Unknown);
         return None;
     }
     Some(Gates {
         slot,
-        admission,
+        pass,
         waited: arrived.elapsed(),
     })
 }

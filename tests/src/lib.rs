@@ -124,9 +124,8 @@ pub struct TestDestination {
 
 impl TestDestination {
     /// A destination with fast retries (10 ms doubling, 5 attempts), a 2 s
-    /// attempt timeout, and no circuit breaker, so a failing destination's
-    /// events reach their dead letters at once (the tests of the breaker
-    /// turn it on).
+    /// attempt timeout, and the circuit breaker at its defaults, as users
+    /// get it. A test that needs it off says why ([`Self::without_breaker`]).
     pub fn new(name: &str, path: &str) -> Self {
         Self {
             path: path.into(),
@@ -145,10 +144,7 @@ impl TestDestination {
                 },
                 signing_secrets: Vec::new(),
                 event_types: Vec::new(),
-                breaker: router::config::BreakerConfig {
-                    enabled: false,
-                    ..Default::default()
-                },
+                breaker: Default::default(),
                 rate_limit_per_sec: None,
             },
         }
@@ -202,8 +198,23 @@ impl TestDestination {
         self
     }
 
+    /// The retry policy a destination gets when its config names none
+    /// (100 ms doubling to 5 min, for up to 24 h).
+    pub fn default_retry(mut self) -> Self {
+        self.settings.retry = Default::default();
+        self
+    }
+
     pub fn breaker(mut self, breaker: router::config::BreakerConfig) -> Self {
         self.settings.breaker = breaker;
+        self
+    }
+
+    /// Turns the circuit breaker off: for a test that counts every attempt
+    /// against a destination failing them all (with the breaker, its circuit
+    /// would open and its events would wait instead).
+    pub fn without_breaker(mut self) -> Self {
+        self.settings.breaker.enabled = false;
         self
     }
 
