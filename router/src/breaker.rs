@@ -2,13 +2,21 @@
 //! router.
 //!
 //! **Rule.** It opens when, over the last `window_ms` (30 s), at least
-//! `min_attempts` (20) attempts ended and at least `failure_percent` (90 %)
-//! of them failed in a way that says the destination is down or
-//! overloaded: a connection error, a timeout, 408, 429 or 5xx. A permanent
-//! refusal (another 4xx) does not count as a failure: the destination is up
-//! and answering. The minimum keeps a handful of unlucky attempts from
-//! opening it; the high ratio keeps a destination that fails one request in
-//! two (a flaky one, whose retries do succeed) delivering at full rate.
+//! `min_attempts` (20) events were attempted and the latest attempt of at
+//! least `failure_percent` (90 %) of them failed in a way that says the
+//! destination is down or overloaded: a connection error, a timeout, 408,
+//! 429 or 5xx. A permanent refusal (another 4xx) does not count as a
+//! failure: the destination is up and answering. The minimum keeps a
+//! handful of unlucky events from opening it; the high ratio keeps a
+//! destination that fails one request in two (a flaky one, whose retries do
+//! succeed) delivering at full rate.
+//!
+//! **Events, not attempts.** Each event counts once in the window, by its
+//! latest attempt ([`Counted`]): a retry that succeeds takes the event's
+//! failure back out. Counted by attempts, one user whose events the
+//! destination refuses, retried quickly, would outnumber every other user's
+//! successes and open the circuit for all of them; and a burst of events
+//! that each fail once before they are accepted would keep the ratio high.
 //!
 //! **Open.** No attempt starts except one probe every `probe_interval_ms`
 //! (5 s). Events wait without spending attempts or retry time, so an outage
@@ -107,17 +115,19 @@ impl Pass<'_> {
         self.kind == PassKind::Probe || self.breaker.lock().state == BreakerState::Closed
     }
 
-    /// Records how the attempt ended.
-    pub fn record(mut self, verdict: Verdict) {
+    /// Records how the attempt ended; `counted` is the event's place in
+    /// the window, kept by its job from one attempt to the next.
+    pub fn record(mut self, verdict: Verdict, counted: &mut Counted) {
         self.recorded = true;
-        self.breaker.record(self.kind, verdict);
+        self.breaker.record(self.kind, verdict, counted);
     }
 }
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
         if !self.recorded {
-            self.breaker.record(self.kind, Verdict::Unknown);
+            self.breaker
+                .record(self.kind, Verdict::Unknown, &mut Counted::default());
         }
     }
 }
@@ -160,11 +170,28 @@ impl Waiters {
     }
 }
 
+/// An event's outcome as the window holds it: its latest attempt's, in the
+/// second it ended. A job keeps it across the event's attempts and hands it
+/// back with each verdict, so the earlier outcome leaves the window as the
+/// new one enters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counted(Option<Mark>);
+
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// The window's generation (closing the circuit starts a new one).
+    generation: u64,
+    second: u64,
+    failed: bool,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Bucket {
     second: u64,
-    attempts: u32,
-    failures: u32,
+    /// Events whose latest attempt ended in this second.
+    events: u32,
+    /// Of those, the ones whose latest attempt failed.
+    failed: u32,
 }
 
 /// The window's counts before one second: summed once in that second, not
@@ -173,8 +200,8 @@ struct Bucket {
 #[derive(Debug, Clone, Copy)]
 struct Earlier {
     second: u64,
-    attempts: u64,
-    failures: u64,
+    events: u64,
+    failed: u64,
 }
 
 struct Inner {
@@ -184,6 +211,8 @@ struct Inner {
     /// Open: when the next probe may go.
     next_probe: Instant,
     buckets: Vec<Bucket>,
+    /// Raised when the buckets are cleared: marks of before no longer count.
+    generation: u64,
     /// Seconds are counted from here (monotonic).
     epoch: Instant,
     /// `None` once the buckets or the window change.
@@ -209,6 +238,7 @@ impl Breaker {
                 since_ms: protocol::unix_millis(),
                 next_probe: Instant::now(),
                 buckets: vec![Bucket::default(); MAX_WINDOW_SECS],
+                generation: 0,
                 epoch: Instant::now(),
                 earlier: None,
                 waiters: Waiters::default(),
@@ -325,12 +355,13 @@ impl Breaker {
     }
 
     /// Records how an attempt let through ended.
-    fn record(&self, kind: PassKind, verdict: Verdict) {
+    fn record(&self, kind: PassKind, verdict: Verdict, counted: &mut Counted) {
         let mut inner = self.lock();
         let now = Instant::now();
         match (kind, verdict) {
             (PassKind::Probe, Verdict::Answered) => {
                 inner.buckets.fill(Bucket::default());
+                inner.generation += 1;
                 inner.earlier = None;
                 self.switch(&mut inner, BreakerState::Closed);
             }
@@ -346,19 +377,25 @@ impl Breaker {
             (PassKind::Attempt, Verdict::Unknown) => {}
             (PassKind::Attempt, verdict) => {
                 let second = now.duration_since(inner.epoch).as_secs();
-                let slot = usize::try_from(second).unwrap_or(0) % MAX_WINDOW_SECS;
-                let bucket = &mut inner.buckets[slot];
+                if let Some(mark) = counted.0.take() {
+                    withdraw(&mut inner, mark);
+                }
+                let failed = verdict == Verdict::Failed;
+                let bucket = &mut inner.buckets[slot(second)];
                 if bucket.second != second {
                     *bucket = Bucket {
                         second,
                         ..Bucket::default()
                     };
                 }
-                bucket.attempts += 1;
-                if verdict == Verdict::Failed {
-                    bucket.failures += 1;
-                }
+                bucket.events += 1;
+                bucket.failed += u32::from(failed);
                 let current = *bucket;
+                counted.0 = Some(Mark {
+                    generation: inner.generation,
+                    second,
+                    failed,
+                });
                 if inner.state == BreakerState::Closed
                     && inner.settings.enabled
                     && trips(&mut inner, current)
@@ -407,11 +444,38 @@ impl Drop for Ticket<'_> {
     }
 }
 
+fn slot(second: u64) -> usize {
+    usize::try_from(second % MAX_WINDOW_SECS as u64).unwrap_or(0)
+}
+
+fn window_secs(settings: &BreakerConfig) -> u64 {
+    settings.window_secs().min(MAX_WINDOW_SECS as u64)
+}
+
+/// Takes an event's earlier outcome out of the window, if the window still
+/// holds it.
+fn withdraw(inner: &mut Inner, mark: Mark) {
+    let bucket = &mut inner.buckets[slot(mark.second)];
+    if mark.generation != inner.generation || bucket.second != mark.second {
+        return;
+    }
+    bucket.events = bucket.events.saturating_sub(1);
+    bucket.failed = bucket.failed.saturating_sub(u32::from(mark.failed));
+    let window = window_secs(&inner.settings);
+    if let Some(earlier) = &mut inner.earlier {
+        // The same seconds `trips` summed into it.
+        if mark.second < earlier.second && mark.second + window > earlier.second {
+            earlier.events = earlier.events.saturating_sub(1);
+            earlier.failed = earlier.failed.saturating_sub(u64::from(mark.failed));
+        }
+    }
+}
+
 /// Whether the window ending with `current` (this second's bucket) meets
 /// the opening rule.
 fn trips(inner: &mut Inner, current: Bucket) -> bool {
     let second = current.second;
-    let window = inner.settings.window_secs().min(MAX_WINDOW_SECS as u64);
+    let window = window_secs(&inner.settings);
     let earlier = match inner.earlier {
         Some(earlier) if earlier.second == second => earlier,
         _ => {
@@ -422,12 +486,12 @@ fn trips(inner: &mut Inner, current: Bucket) -> bool {
                 .fold(
                     Earlier {
                         second,
-                        attempts: 0,
-                        failures: 0,
+                        events: 0,
+                        failed: 0,
                     },
                     |sum, bucket| Earlier {
-                        attempts: sum.attempts + u64::from(bucket.attempts),
-                        failures: sum.failures + u64::from(bucket.failures),
+                        events: sum.events + u64::from(bucket.events),
+                        failed: sum.failed + u64::from(bucket.failed),
                         ..sum
                     },
                 );
@@ -435,11 +499,11 @@ fn trips(inner: &mut Inner, current: Bucket) -> bool {
             earlier
         }
     };
-    let attempts = earlier.attempts + u64::from(current.attempts);
-    let failures = earlier.failures + u64::from(current.failures);
+    let events = earlier.events + u64::from(current.events);
+    let failed = earlier.failed + u64::from(current.failed);
     let settings = &inner.settings;
-    attempts >= u64::from(settings.min_attempts)
-        && failures * 100 >= attempts * u64::from(settings.failure_percent)
+    events >= u64::from(settings.min_attempts)
+        && failed * 100 >= events * u64::from(settings.failure_percent)
 }
 
 #[cfg(test)]
@@ -458,12 +522,13 @@ mod tests {
         }
     }
 
+    /// `failed` events whose one attempt failed, then `answered` answered.
     fn attempts(breaker: &Breaker, failed: u32, answered: u32) {
         for _ in 0..failed {
-            breaker.record(PassKind::Attempt, Verdict::Failed);
+            breaker.record(PassKind::Attempt, Verdict::Failed, &mut Counted::default());
         }
         for _ in 0..answered {
-            breaker.record(PassKind::Attempt, Verdict::Answered);
+            breaker.record(PassKind::Attempt, Verdict::Answered, &mut Counted::default());
         }
     }
 
@@ -527,13 +592,13 @@ mod tests {
         assert_eq!(breaker.view().state, BreakerState::HalfOpen);
         // Others wait for the probe's verdict.
         let waiting = tokio::time::timeout(Duration::from_secs(60), breaker.admit(1, &shutdown));
-        probe.record(Verdict::Failed);
+        probe.record(Verdict::Failed, &mut Counted::default());
         // The failed probe reopens it; the waiter becomes the next probe 5 s later.
         let started = tokio::time::Instant::now();
         let probe = waiting.await.expect("in time").expect("a pass");
         assert_eq!(probe.kind(), PassKind::Probe);
         assert_eq!(started.elapsed(), Duration::from_secs(5));
-        probe.record(Verdict::Answered);
+        probe.record(Verdict::Answered, &mut Counted::default());
         assert_eq!(breaker.view().state, BreakerState::Closed);
         let pass = breaker.admit(1, &shutdown).await.expect("a pass");
         assert_eq!(pass.kind(), PassKind::Attempt);
@@ -558,7 +623,7 @@ mod tests {
                 let pass = breaker.admit(attempt, &shutdown).await.expect("a pass");
                 assert_eq!(pass.kind(), PassKind::Probe);
                 sender.send(attempt).expect("the test listens");
-                pass.record(Verdict::Failed);
+                pass.record(Verdict::Failed, &mut Counted::default());
             });
             // Each joins before the next.
             tokio::task::yield_now().await;
@@ -624,6 +689,37 @@ mod tests {
         drop(most_tried);
         assert_eq!(turn(1, &mut other), Ok(PassKind::Probe));
         assert_eq!(breaker.view().state, BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_counts_once_by_its_latest_attempt() {
+        let breaker = Breaker::new(settings());
+        // One event (one user's head) failing 100 times, quickly.
+        let mut hot = Counted::default();
+        for _ in 0..100 {
+            breaker.record(PassKind::Attempt, Verdict::Failed, &mut hot);
+        }
+        attempts(&breaker, 0, 2);
+        assert_eq!(breaker.view().state, BreakerState::Closed, "1 of 3 events failed");
+        // 18 fresh events fail once, in an earlier second, then 17 of them
+        // are accepted on their retry: 2 failed of 21.
+        let breaker = Breaker::new(settings());
+        let mut events = vec![Counted::default(); 18];
+        for counted in &mut events {
+            breaker.record(PassKind::Attempt, Verdict::Failed, counted);
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for counted in &mut events[1..] {
+            breaker.record(PassKind::Attempt, Verdict::Answered, counted);
+        }
+        breaker.record(PassKind::Attempt, Verdict::Failed, &mut Counted::default());
+        attempts(&breaker, 0, 2);
+        assert_eq!(breaker.view().state, BreakerState::Closed);
+        // The same 18 failing again: 18 + 1 of 21 events.
+        for counted in &mut events[1..] {
+            breaker.record(PassKind::Attempt, Verdict::Failed, counted);
+        }
+        assert_eq!(breaker.view().state, BreakerState::Open, "19 of 21 failed");
     }
 
     #[tokio::test(start_paused = true)]

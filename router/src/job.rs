@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
-use crate::breaker::{Pass, Verdict};
+use crate::breaker::{Counted, Pass, Verdict};
 use crate::budget::{Budget, Charge};
 use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
 use crate::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
@@ -116,6 +116,7 @@ pub async fn run(context: Arc<JobContext>, lease: LeaseGuard, source: Source) ->
         identified: AtomicBool::new(false),
         first_attempt: None,
         held_at_gates: Duration::ZERO,
+        counted: Counted::default(),
     }
     .run(source)
     .await
@@ -136,6 +137,8 @@ struct Job {
     /// Time since then spent waiting for a paused destination, an open
     /// circuit or the rate limit, which the horizon does not count.
     held_at_gates: Duration,
+    /// The event's outcome in its circuit breaker's window.
+    counted: Counted,
 }
 
 impl Job {
@@ -327,7 +330,7 @@ impl Job {
             .await;
         drop(in_flight);
         drop(slot);
-        pass.record(verdict(&outcome));
+        pass.record(verdict(&outcome), &mut self.counted);
         if let AttemptOutcome::Retry {
             status: Some(429),
             retry_after: Some(retry_after),

@@ -313,3 +313,16 @@ async fn the_delivery_log_shows_each_attempt_and_forgets_after_its_retention() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn scratch_random_95() {
+    let system = TestSystem::start(vec![TestDestination::new("r95", "/random/95").default_retry()]).await;
+    let total = system.post_concurrently(100, 5).await;
+    let started = std::time::Instant::now();
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let s = system.recorder.summary("/random/95");
+        eprintln!("{:.0}s: {} delivered of {total}, {} requests, {} order violations, breaker {}, dead {}", started.elapsed().as_secs_f64(), s.unique, s.requests, s.order_violations, breaker_state(&system, "r95").await, system.dead_letters("r95").await.len());
+    }
+}
