@@ -200,12 +200,13 @@ pub struct DestinationConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     pub enabled: bool,
-    /// The window attempts are counted over (ms).
+    /// The window outcomes are counted over (ms).
     pub window_ms: u64,
-    /// Fewest attempts in the window before it may open.
+    /// Fewest events attempted in the window before it may open (each
+    /// event counts once, by its latest attempt).
     pub min_attempts: u32,
-    /// Share of those that failed (connection error, timeout, 408, 429,
-    /// 5xx) at which it opens, in percent.
+    /// Share of those whose latest attempt failed (connection error,
+    /// timeout, 408, 429, 5xx) at which it opens, in percent.
     pub failure_percent: u8,
     /// While open, one probe attempt goes out this often (ms).
     pub probe_interval_ms: u64,

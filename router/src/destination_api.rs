@@ -174,11 +174,12 @@ pub struct SettingsDoc {
     rate_limit_per_sec: Option<u32>,
 }
 
-/// The circuit breaker: it opens when at least `min_attempts` attempts in
-/// the last `window_ms` failed at least `failure_percent` of the time
-/// (connection errors, timeouts, 408, 429, 5xx); then one probe goes out
-/// every `probe_interval_ms` until one succeeds. Defaults: on, 30000, 20,
-/// 90, 5000.
+/// The circuit breaker: it opens when at least `min_attempts` events were
+/// attempted in the last `window_ms` and the latest attempt of at least
+/// `failure_percent` of them failed (connection errors, timeouts, 408, 429,
+/// 5xx); then one probe goes out every `probe_interval_ms` until one
+/// succeeds, in turn to the event tried most often and the one waiting
+/// longest. Defaults: on, 30000, 20, 90, 5000.
 #[derive(ToSchema)]
 #[schema(as = Breaker)]
 #[allow(dead_code)] // Describes the JSON of BreakerConfig; never built.

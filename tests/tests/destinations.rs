@@ -367,8 +367,11 @@ async fn a_url_changed_mid_flow_loses_nothing_and_keeps_each_users_order() {
 async fn a_deleted_destination_stops_lets_trimming_proceed_keeps_its_dead_letters_and_can_return() {
     let system = TestSystem::start(vec![
         TestDestination::new("existing", "/ok/existing"),
-        // Everything fails at once: its events become dead letters.
-        TestDestination::new("doomed", "/fail").retry(10, 10, 1),
+        // Everything fails at once: its events become dead letters (without
+        // the breaker, whose open circuit would hold them instead).
+        TestDestination::new("doomed", "/fail")
+            .retry(10, 10, 1)
+            .without_breaker(),
     ])
     .await;
     let flow = Flow::start(&system, 10, None);
