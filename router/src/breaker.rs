@@ -223,6 +223,8 @@ struct Inner {
 }
 
 pub struct Breaker {
+    /// The destination's name, for the log lines of opening and closing.
+    destination: String,
     inner: Mutex<Inner>,
     /// Bumped at every state change and every pick of a probe, so waiting
     /// attempts look again.
@@ -230,8 +232,9 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(settings: BreakerConfig) -> Self {
+    pub fn new(destination: &str, settings: BreakerConfig) -> Self {
         Self {
+            destination: destination.to_owned(),
             inner: Mutex::new(Inner {
                 settings,
                 state: BreakerState::Closed,
@@ -363,6 +366,7 @@ impl Breaker {
                 inner.buckets.fill(Bucket::default());
                 inner.generation += 1;
                 inner.earlier = None;
+                tracing::info!(destination = %self.destination, "Circuit closed: a probe was answered.");
                 self.switch(&mut inner, BreakerState::Closed);
             }
             (PassKind::Probe, Verdict::Failed) => {
@@ -402,6 +406,13 @@ impl Breaker {
                 {
                     inner.next_probe = now + inner.settings.probe_interval();
                     inner.turn = ProbeTurn::MostTried;
+                    tracing::warn!(
+                        destination = %self.destination,
+                        window_ms = inner.settings.window_ms,
+                        probe_interval_ms = inner.settings.probe_interval_ms,
+                        "Circuit opened: most events attempted in the window failed; \
+                         only probes go out until one is answered."
+                    );
                     self.switch(&mut inner, BreakerState::Open);
                 }
             }
@@ -528,20 +539,24 @@ mod tests {
             breaker.record(PassKind::Attempt, Verdict::Failed, &mut Counted::default());
         }
         for _ in 0..answered {
-            breaker.record(PassKind::Attempt, Verdict::Answered, &mut Counted::default());
+            breaker.record(
+                PassKind::Attempt,
+                Verdict::Answered,
+                &mut Counted::default(),
+            );
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn it_opens_only_on_enough_attempts_that_mostly_failed() {
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         attempts(&breaker, 19, 0);
         assert_eq!(
             breaker.view().state,
             BreakerState::Closed,
             "19 < 20 attempts"
         );
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         attempts(&breaker, 0, 3);
         attempts(&breaker, 20, 0);
         // 20 failures of 23: 87 % < 90 %.
@@ -553,7 +568,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failures_older_than_the_window_do_not_count() {
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         attempts(&breaker, 15, 0);
         tokio::time::advance(Duration::from_secs(31)).await;
         attempts(&breaker, 15, 0);
@@ -562,7 +577,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failures_of_earlier_seconds_in_the_window_count() {
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         for _ in 0..4 {
             attempts(&breaker, 4, 0);
             tokio::time::advance(Duration::from_secs(7)).await;
@@ -577,7 +592,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn while_open_one_probe_per_interval_goes_and_its_success_closes_it() {
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         let shutdown = CancellationToken::new();
         attempts(&breaker, 20, 0);
         assert_eq!(breaker.view().state, BreakerState::Open);
@@ -612,7 +627,7 @@ mod tests {
     /// attempt number of each probe, in order, failing all but the last
     /// `succeed_from`-numbered one.
     async fn probes_among(attempts: &[u32], probes: usize) -> Vec<u32> {
-        let breaker = Arc::new(Breaker::new(settings()));
+        let breaker = Arc::new(Breaker::new("test", settings()));
         let shutdown = CancellationToken::new();
         self::attempts(&breaker, 20, 0);
         let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
@@ -651,7 +666,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_that_never_reports_is_given_back_when_dropped() {
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         let shutdown = CancellationToken::new();
         attempts(&breaker, 20, 0);
         let probe = breaker.admit(2, &shutdown).await.expect("a pass");
@@ -667,7 +682,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_picked_for_the_probe_that_gives_up_leaves_it_to_another() {
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         attempts(&breaker, 20, 0);
         let turn = |attempt, ticket: &mut Ticket<'_>| {
             breaker.turn(&mut breaker.lock(), attempt, &mut ticket.id)
@@ -693,17 +708,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_event_counts_once_by_its_latest_attempt() {
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         // One event (one user's head) failing 100 times, quickly.
         let mut hot = Counted::default();
         for _ in 0..100 {
             breaker.record(PassKind::Attempt, Verdict::Failed, &mut hot);
         }
         attempts(&breaker, 0, 2);
-        assert_eq!(breaker.view().state, BreakerState::Closed, "1 of 3 events failed");
+        assert_eq!(
+            breaker.view().state,
+            BreakerState::Closed,
+            "1 of 3 events failed"
+        );
         // 18 fresh events fail once, in an earlier second, then 17 of them
         // are accepted on their retry: 2 failed of 21.
-        let breaker = Breaker::new(settings());
+        let breaker = Breaker::new("test", settings());
         let mut events = vec![Counted::default(); 18];
         for counted in &mut events {
             breaker.record(PassKind::Attempt, Verdict::Failed, counted);
@@ -724,10 +743,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_disabled_breaker_never_opens() {
-        let breaker = Breaker::new(BreakerConfig {
-            enabled: false,
-            ..settings()
-        });
+        let breaker = Breaker::new(
+            "test",
+            BreakerConfig {
+                enabled: false,
+                ..settings()
+            },
+        );
         attempts(&breaker, 100, 0);
         assert_eq!(breaker.view().state, BreakerState::Closed);
     }

@@ -313,7 +313,7 @@ impl Destination {
             in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
             max_concurrency: AtomicUsize::new(config.max_concurrency),
             stats: DestinationStats::new(&config.name),
-            breaker: Breaker::new(config.breaker),
+            breaker: Breaker::new(&config.name, config.breaker),
             throttle: Throttle::new(config.rate_limit_per_sec, shards),
             paused: watch::Sender::new(false),
             pause_requests: AtomicU64::new(0),
