@@ -139,7 +139,11 @@ pub async fn run(
         return Ok(());
     };
     log_applied(&applied);
-    let registry = Arc::new(Registry::new(policy.clone(), config.redis.shards));
+    let registry = Arc::new(Registry::new(
+        policy.clone(),
+        config.redis.shards,
+        config.lease.assured_ms(),
+    ));
     let follow = || registry.follow(&catalog);
     if run_with_retries(
         "Cannot read the destinations yet",

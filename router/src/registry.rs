@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use crate::catalog::{Catalog, CatalogError, Definition};
+use crate::config::DestinationConfig;
 use crate::delivery::Destination;
 use crate::lease::LeaseId;
 use crate::outbound::Policy;
@@ -33,20 +34,46 @@ struct Snapshot {
 pub struct Registry {
     policy: Policy,
     shards: u16,
+    /// The longest attempt this router's lease is sure to cover
+    /// (`LeaseConfig::assured_ms`).
+    longest_attempt_ms: u64,
     current: RwLock<Snapshot>,
 }
 
 impl Registry {
-    pub fn new(policy: Policy, shards: u16) -> Self {
+    pub fn new(policy: Policy, shards: u16, longest_attempt_ms: u64) -> Self {
         Self {
             policy,
             shards,
+            longest_attempt_ms,
             current: RwLock::new(Snapshot::default()),
         }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Snapshot> {
         self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The settings this router delivers with. A definition made through
+    /// another router, whose lease is longer, may time its attempts longer
+    /// than this router's lease is sure to last; an attempt only starts when
+    /// the lease covers its timeout, so here it would wait for good, holding
+    /// its concurrency slot and its bytes. Its attempts time out sooner here
+    /// instead, and the log says so.
+    fn fit_to_lease(&self, settings: &DestinationConfig) -> DestinationConfig {
+        let mut settings = settings.clone();
+        if settings.timeout_ms > self.longest_attempt_ms {
+            tracing::warn!(
+                destination = %settings.name,
+                timeout_ms = settings.timeout_ms,
+                longest_ms = self.longest_attempt_ms,
+                "The destination's timeout_ms is longer than this router's lease is sure to last \
+                 (lease.ttl_ms - safety_margin_ms - 2 * renew_interval_ms); its attempts time out \
+                 after the shorter here."
+            );
+            settings.timeout_ms = self.longest_attempt_ms;
+        }
+        settings
     }
 
     /// The catalog revision applied last.
@@ -125,11 +152,12 @@ impl Registry {
                 continue;
             }
             let previous = snapshot.known.remove(&name);
+            let settings = || self.fit_to_lease(&definition.settings);
             let built = match previous {
                 Some(old) if old.definition.revision == definition.revision => Ok(old.destination),
                 // The same destination changed: its next attempts use the change.
                 Some(old) if old.definition.created_at_ms == definition.created_at_ms => {
-                    match old.destination.update(&definition.settings, &self.policy) {
+                    match old.destination.update(&settings(), &self.policy) {
                         Ok(()) => {
                             tracing::info!(destination = %name, revision = definition.revision, "Destination settings changed; the next attempts use them.");
                             Ok(old.destination)
@@ -143,7 +171,7 @@ impl Registry {
                 }
                 // New, or deleted and created again since the last read (a
                 // new generation: its workers restart, see `generation`).
-                _ => Destination::new(&definition.settings, &self.policy, self.shards).map(|destination| {
+                _ => Destination::new(&settings(), &self.policy, self.shards).map(|destination| {
                     tracing::info!(destination = %name, revision = definition.revision, "Destination added.");
                     Arc::new(destination)
                 }),

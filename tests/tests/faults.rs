@@ -521,3 +521,27 @@ async fn trimming_never_removes_what_the_slower_group_has_not_acknowledged() {
     })
     .await;
 }
+
+/// A destination defined through a router with a longer lease times its
+/// attempts longer than another router's lease is sure to last. An attempt
+/// starts only when the lease covers its timeout, so on that router it used
+/// to wait for good, holding its concurrency slot and its bytes (issue 27,
+/// wait 3); its attempts now time out within that router's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_longer_than_this_routers_lease_still_goes_out() {
+    let mut system = TestSystem::start(vec![TestDestination::new("crm", "/ok/crm")]).await;
+    system.wait_destinations_registered("crm").await;
+    system.stop_router().await;
+    // A lease of 2 s covers attempts of 1.4 s (less margin and two
+    // renewals); crm's definition, made above, says 2 s.
+    let short = system.start_extra_router("short-lease", |config| {
+        config.lease.ttl_ms = 2_000;
+        config.destinations.clear();
+    });
+    system.send_numbered(10, 3).await;
+    system
+        .wait_delivered("crm", 30, Duration::from_secs(20))
+        .await;
+    assert_eq!(system.received("crm").order_violations, 0);
+    short.stop().await;
+}
