@@ -7,6 +7,10 @@
 //!
 //! Each outcome's caller waits for the write that carries it, so a user's
 //! next event still starts only after its predecessor's ack is in Redis.
+//!
+//! The XACK's own reply decides. A log record Redis refuses (`maxmemory`:
+//! an XADD grows memory, an XACK does not) is lost with a warning, never
+//! retried with its XACK: a failed log write must not cost a delivery.
 
 use protocol::{RedisConnection, StreamId};
 use redis::Cmd;
@@ -72,24 +76,57 @@ async fn write_batches(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut pipe = redis::pipe();
-        let xack = pipe.cmd("XACK").arg(&stream).arg(&group);
-        for ack in &batch {
-            xack.arg(ack.id);
-        }
-        pipe.ignore();
-        for ack in &mut batch {
-            if let Some(record) = ack.record.take() {
-                pipe.add_command(record).ignore();
-            }
-        }
-        let result = pipe
-            .query_async::<()>(&mut connection.clone())
-            .await
-            .map_err(|error| AckError::Redis(error.to_string()));
+        let result = write(&mut batch, &connection, &stream, &group).await;
         for ack in batch.drain(..) {
             // The caller may have stopped waiting (shutdown).
             let _ = ack.written.send(result.clone());
         }
     }
+}
+
+/// One round trip: the XACK of every id in `batch`, then their log records.
+async fn write(
+    batch: &mut [Ack],
+    connection: &RedisConnection,
+    stream: &str,
+    group: &str,
+) -> Result<(), AckError> {
+    let mut pipe = redis::pipe();
+    // Each command's reply on its own: a refused record does not fail the XACK.
+    pipe.ignore_errors();
+    let xack = pipe.cmd("XACK").arg(stream).arg(group);
+    for ack in batch.iter() {
+        xack.arg(ack.id);
+    }
+    for ack in batch.iter_mut() {
+        if let Some(record) = ack.record.take() {
+            pipe.add_command(record);
+        }
+    }
+    let replies: Vec<redis::RedisResult<redis::Value>> = pipe
+        .query_async(&mut connection.clone())
+        .await
+        .map_err(|error| AckError::Redis(error.to_string()))?;
+    let mut replies = replies.into_iter();
+    let acked = replies
+        .next()
+        .unwrap_or_else(|| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "no reply to XACK",
+            )))
+        })
+        .map(drop)
+        .map_err(|error| AckError::Redis(error.to_string()));
+    let refused: Vec<redis::RedisError> = replies.filter_map(Result::err).collect();
+    if let Some(error) = refused.first() {
+        tracing::warn!(
+            %stream,
+            %group,
+            records = refused.len(),
+            %error,
+            "Redis refused delivery-log records; the outcomes are acknowledged, their log lines lost."
+        );
+    }
+    acked
 }

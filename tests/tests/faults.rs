@@ -545,3 +545,38 @@ async fn an_attempt_longer_than_this_routers_lease_still_goes_out() {
     assert_eq!(system.received("crm").order_violations, 0);
     short.stop().await;
 }
+
+/// A delivery-log record Redis refuses must not cost the delivery: the
+/// XACK and the records share one round trip, and a refused record used to
+/// fail the whole write, so the job retried its acknowledgement for good and
+/// the user's next event never started (issue 27, wait 4). Here every log
+/// key of the destination is a string, so each record's XADD is refused
+/// (WRONGTYPE) as `maxmemory` would refuse it, while the XACK applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_delivery_log_record_never_holds_up_an_acknowledgement() {
+    let mut system =
+        TestSystem::start_without_router(vec![TestDestination::new("crm", "/ok/crm")]).await;
+    {
+        let mut con = system.redis.connection().await;
+        for shard in 0..e2e_tests::SHARDS {
+            let key = system.keys.delivery_log(shard, "crm");
+            redis::cmd("SET")
+                .arg(&key)
+                .arg("not a stream")
+                .query_async::<()>(&mut con)
+                .await
+                .expect("SET");
+        }
+    }
+    system.start_router();
+    let accepted = system.send_numbered(4, 5).await;
+    system
+        .wait_delivered("crm", 20, Duration::from_secs(20))
+        .await;
+    wait_for("nothing pending", Duration::from_secs(10), || async {
+        system.pending("crm").await == 0
+    })
+    .await;
+    assert_eq!(system.received("crm").order_violations, 0);
+    assert_eq!(system.received("crm").duplicates, 0, "{accepted:?}");
+}
