@@ -190,7 +190,22 @@ impl RedisConnection {
 }
 
 /// Runs `commands`, which may touch keys of different shards, and returns
-/// their replies in order. They are sent concurrently as separate commands:
+/// each one's own result, in order: one failing (its master down or
+/// paused) fails only itself. For commands on independent targets (leases
+/// of different shards), whose callers act on each result.
+pub async fn query_each_settled<T: FromRedisValue>(
+    con: &RedisConnection,
+    commands: Vec<Cmd>,
+) -> Vec<RedisResult<T>> {
+    futures_util::future::join_all(commands.into_iter().map(|command| {
+        let mut con = con.clone();
+        async move { command.query_async(&mut con).await }
+    }))
+    .await
+}
+
+/// Runs `commands`, which may touch keys of different shards, and returns
+/// their replies in order, or the first error. They are sent concurrently as separate commands:
 /// a cluster routes each to the master of its key's slot, and a single
 /// server gets them pipelined on the multiplexed connection anyway.
 pub async fn query_each<T: FromRedisValue>(

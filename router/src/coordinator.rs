@@ -1,15 +1,18 @@
 //! Which (shard, destination) pairs this router delivers, over time.
 //!
 //! Every `lease.renew_interval_ms` the coordinator:
-//! 1. renews the leases it holds; one it can no longer prove it holds
-//!    (renewal refused, or Redis unreachable until the lease lapsed) is lost:
-//!    its worker is stopped at once;
+//! 1. renews the leases it holds, each on its own (one master in trouble
+//!    fails only its own shards' renewals); one it can no longer prove it
+//!    holds (renewal refused, or Redis unreachable until the lease lapsed)
+//!    is lost: its worker is stopped at once;
 //! 2. releases the leases of workers it stopped for a hand-over, once they
 //!    have finished their attempts in flight;
 //! 3. refreshes its heartbeat, computes its share of the pairs among the
-//!    live routers ([`assign`]) from the destinations defined now, stops
-//!    workers outside its share (a deleted destination's among them), and
-//!    tries to acquire the leases of pairs inside it.
+//!    live routers ([`assign`]) from the destinations defined now (by the
+//!    last membership read while the heartbeat's master is unreachable),
+//!    stops workers outside its share (a deleted destination's among them),
+//!    and tries to acquire the leases of pairs inside it, all at once, each
+//!    on its own.
 //!
 //! A pair's worker is started only when the previous worker of that pair
 //! in this process has finished, so one process never runs two at once.
@@ -59,6 +62,8 @@ pub struct Coordinator<W> {
     settings: LeaseConfig,
     held: BTreeMap<LeaseId, Held>,
     workers: W,
+    /// The live routers as last read.
+    members: Vec<String>,
 }
 
 impl<W: StartWorker> Coordinator<W> {
@@ -68,6 +73,7 @@ impl<W: StartWorker> Coordinator<W> {
             settings,
             held: BTreeMap::new(),
             workers,
+            members: Vec::new(),
         }
     }
 
@@ -91,30 +97,29 @@ impl<W: StartWorker> Coordinator<W> {
             .filter(|(_, held)| held.state != State::Lost)
             .map(|(lease, _)| lease)
             .collect();
-        match self.leases.renew(&renewing).await {
-            Ok(results) => {
-                let refused: Vec<LeaseId> = renewing
-                    .into_iter()
-                    .zip(results)
-                    .filter_map(|(lease, still_ours)| {
-                        if still_ours {
-                            if let Some(held) = self.held.get(lease) {
-                                held.validity.renewed(sent_at);
-                            }
-                            None
-                        } else {
-                            Some(lease.clone())
-                        }
-                    })
-                    .collect();
-                for lease in refused {
-                    self.lose(
-                        &lease,
-                        "renewal refused: another router holds it or it expired",
-                    );
+        let results = self.leases.renew(&renewing).await;
+        let mut refused = Vec::new();
+        let mut unknown = Vec::new();
+        for (lease, result) in renewing.into_iter().zip(results) {
+            match result {
+                Ok(true) => {
+                    if let Some(held) = self.held.get(lease) {
+                        held.validity.renewed(sent_at);
+                    }
                 }
+                Ok(false) => refused.push(lease.clone()),
+                Err(error) => unknown.push((lease.clone(), error)),
             }
-            Err(error) => tracing::warn!(%error, "Cannot renew leases; will retry."),
+        }
+        if let Some((_, error)) = unknown.first() {
+            // Each keeps its validity until it lapses; the others renewed.
+            tracing::warn!(leases = unknown.len(), %error, "Cannot renew some leases; will retry.");
+        }
+        for lease in refused {
+            self.lose(
+                &lease,
+                "renewal refused: another router holds it or it expired",
+            );
         }
         let lapsed: Vec<LeaseId> = self
             .held
@@ -163,7 +168,18 @@ impl<W: StartWorker> Coordinator<W> {
 
     async fn rebalance(&mut self) {
         let members = match self.leases.heartbeat().await {
-            Ok(members) => members,
+            Ok(members) => {
+                self.members.clone_from(&members);
+                members
+            }
+            // The membership lives on one master: while it is unreachable,
+            // the last one read still splits the pairs, so the pairs of the
+            // healthy masters are still acquired (a lease, not the split,
+            // keeps each pair to one owner).
+            Err(error) if !self.members.is_empty() => {
+                tracing::warn!(%error, "Cannot refresh router membership; dealing by the last one read.");
+                self.members.clone()
+            }
             Err(error) => {
                 tracing::warn!(%error, "Cannot refresh router membership; will retry.");
                 return;
@@ -187,41 +203,49 @@ impl<W: StartWorker> Coordinator<W> {
             held.stop.cancel();
             held.state = State::HandingOver;
         }
-        for lease in share {
-            if self.held.contains_key(&lease) {
-                continue;
-            }
-            let sent_at = Instant::now();
-            match self.leases.try_acquire(&lease).await {
-                Ok(true) => {
-                    let validity = LeaseValidity::new(
-                        sent_at,
-                        self.settings.ttl(),
-                        self.settings.safety_margin(),
-                    );
-                    let stop = CancellationToken::new();
-                    let generation = self.workers.generation(&lease.destination);
-                    let worker = self.workers.start(&lease, validity.guard(), stop.clone());
-                    tracing::info!(%lease, instance = self.leases.instance(), "Lease gained.");
-                    self.held.insert(
-                        lease,
-                        Held {
-                            generation,
-                            validity,
-                            stop,
-                            worker,
-                            state: State::Active,
-                        },
-                    );
-                }
+        let wanted: Vec<LeaseId> = share
+            .into_iter()
+            .filter(|lease| !self.held.contains_key(lease))
+            .collect();
+        // All at once, each on its own: one unreachable master neither
+        // fails nor delays the pairs of the others.
+        let sent_at = Instant::now();
+        let results = futures_util::future::join_all(
+            wanted.iter().map(|lease| self.leases.try_acquire(lease)),
+        )
+        .await;
+        let mut failed = Vec::new();
+        for (lease, result) in wanted.into_iter().zip(results) {
+            match result {
+                Ok(true) => self.gained(lease, sent_at),
                 // Still held by its previous owner, which hands it over or lets it expire.
                 Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(%lease, %error, "Cannot acquire lease; will retry.");
-                    return;
-                }
+                Err(error) => failed.push((lease, error)),
             }
         }
+        if let Some((lease, error)) = failed.first() {
+            tracing::warn!(%lease, leases = failed.len(), %error, "Cannot acquire some leases; will retry.");
+        }
+    }
+
+    /// Starts the worker of a lease just acquired by a command sent at `sent_at`.
+    fn gained(&mut self, lease: LeaseId, sent_at: Instant) {
+        let validity =
+            LeaseValidity::new(sent_at, self.settings.ttl(), self.settings.safety_margin());
+        let stop = CancellationToken::new();
+        let generation = self.workers.generation(&lease.destination);
+        let worker = self.workers.start(&lease, validity.guard(), stop.clone());
+        tracing::info!(%lease, instance = self.leases.instance(), "Lease gained.");
+        self.held.insert(
+            lease,
+            Held {
+                generation,
+                validity,
+                stop,
+                worker,
+                state: State::Active,
+            },
+        );
     }
 
     async fn stop_all(mut self) {

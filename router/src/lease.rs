@@ -149,8 +149,10 @@ impl LeaseStore {
         Ok(reply.is_some())
     }
 
-    /// Renews `leases` all at once; per lease, whether we still hold it.
-    pub async fn renew(&self, leases: &[&LeaseId]) -> redis::RedisResult<Vec<bool>> {
+    /// Renews `leases` all at once; per lease, whether we still hold it,
+    /// or why that is not known (its master unreachable): one master in
+    /// trouble fails only the leases it holds.
+    pub async fn renew(&self, leases: &[&LeaseId]) -> Vec<redis::RedisResult<bool>> {
         let renewals = leases
             .iter()
             .map(|lease| {
@@ -163,7 +165,7 @@ impl LeaseStore {
                 eval
             })
             .collect();
-        protocol::query_each(&self.con, renewals).await
+        protocol::query_each_settled(&self.con, renewals).await
     }
 
     /// Gives the lease up so another router can take it at once.

@@ -59,6 +59,16 @@ impl Node {
         self.child = Some(child);
     }
 
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the node is running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -326,6 +336,29 @@ impl RedisCluster {
                 cluster_command(&url, &["SETSLOT", &slot, "NODE", &target]).await;
             moved.unwrap_or_else(|| panic!("the master at {port} takes SETSLOT"));
         }
+    }
+
+    /// SIGSTOPs the master serving `key` (a long stall: it keeps its
+    /// connections and answers nothing); returns its port.
+    pub async fn pause_master_of(&self, key: &str) -> u16 {
+        let port = self
+            .master_of(key)
+            .await
+            .expect("some master serves the slot");
+        self.node(port).signal("-STOP");
+        port
+    }
+
+    /// SIGCONT after [`Self::pause_master_of`].
+    pub fn resume(&self, port: u16) {
+        self.node(port).signal("-CONT");
+    }
+
+    fn node(&self, port: u16) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("the node is one of ours")
     }
 
     /// SIGKILLs the master serving `key`; returns its port.
