@@ -212,9 +212,8 @@ pub async fn query_each<T: FromRedisValue>(
     con: &RedisConnection,
     commands: Vec<Cmd>,
 ) -> RedisResult<Vec<T>> {
-    futures_util::future::try_join_all(commands.into_iter().map(|command| {
-        let mut con = con.clone();
-        async move { command.query_async(&mut con).await }
-    }))
-    .await
+    query_each_settled(con, commands)
+        .await
+        .into_iter()
+        .collect()
 }

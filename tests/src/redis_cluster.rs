@@ -61,12 +61,7 @@ impl Node {
 
     fn signal(&self, signal: &str) {
         let child = self.child.as_ref().expect("the node is running");
-        let status = Command::new("kill")
-            .arg(signal)
-            .arg(child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {signal} failed");
+        crate::redis_server::send_signal(child, signal);
     }
 
     fn kill(&mut self) {

@@ -2,6 +2,16 @@
 //! with its data in a temp dir, killed on drop. With the `testcontainers`
 //! feature, a pinned Redis 7 container instead.
 
+/// Sends `signal` (`-STOP`, `-CONT`) to a `redis-server` child.
+pub(crate) fn send_signal(child: &std::process::Child, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} failed");
+}
+
 /// Connection URL and lifetime of one test's Redis.
 pub struct RedisServer {
     url: String,
@@ -132,12 +142,7 @@ mod imp {
 
         fn signal(&self, signal: &str) {
             let child = self.inner.child.as_ref().expect("redis is running");
-            let status = Command::new("kill")
-                .arg(signal)
-                .arg(child.id().to_string())
-                .status()
-                .expect("kill runs");
-            assert!(status.success(), "kill {signal} failed");
+            super::send_signal(child, signal);
         }
 
         async fn wait_ready(&self, within: Duration) -> bool {
