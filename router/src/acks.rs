@@ -118,12 +118,12 @@ async fn write(
         })
         .map(drop)
         .map_err(|error| AckError::Redis(error.to_string()));
-    let refused: Vec<redis::RedisError> = replies.filter_map(Result::err).collect();
-    if let Some(error) = refused.first() {
+    let mut refused = replies.filter_map(Result::err);
+    if let Some(error) = refused.next() {
         tracing::warn!(
             %stream,
             %group,
-            records = refused.len(),
+            records = 1 + refused.count(),
             %error,
             "Redis refused delivery-log records; the outcomes are acknowledged, their log lines lost."
         );

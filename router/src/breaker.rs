@@ -326,9 +326,8 @@ impl Breaker {
         let id = *ticket.get_or_insert_with(|| inner.waiters.join(attempt));
         match inner.state {
             BreakerState::Open if now >= inner.next_probe => {
-                let waiters = &inner.waiters;
-                let still_waiting = waiters.chosen.filter(|c| waiters.waiting.contains_key(c));
-                let chosen = match still_waiting {
+                // A waiter that leaves clears its pick (`leave`).
+                let chosen = match inner.waiters.chosen {
                     Some(chosen) => chosen,
                     None => {
                         let chosen = inner.waiters.pick(inner.turn).unwrap_or(id);
@@ -345,9 +344,8 @@ impl Breaker {
                 if chosen != id {
                     return Err(None);
                 }
-                inner.waiters.chosen = None;
-                inner.waiters.waiting.remove(&id);
                 *ticket = None;
+                self.leave(inner, id);
                 self.switch(inner, BreakerState::HalfOpen);
                 Ok(PassKind::Probe)
             }
