@@ -19,11 +19,16 @@
 //! connection may carry the next one. But a write whose outcome is unknown
 //! (it timed out, or its connection failed) may still be queued on its
 //! connection and land later, after writes sent since over other
-//! connections. So a failed write puts its shard *in doubt* before the
-//! client is answered: until that connection has answered a command sent
-//! after the failure, every write of the shard, from every worker, goes over
-//! it, behind the stale write, as if the shard had one connection.
-//! (`tests/tests/faults.rs` checks this with Redis paused.)
+//! connections. So a failed write puts its shard *in doubt* on its
+//! connection before the client is answered: until that connection has
+//! answered a command sent after the failure, every write of the shard, from
+//! every worker, goes over it, behind the stale write, as if the shard had
+//! one connection. Writes of one shard in flight on several connections at
+//! once may all fail (Redis paused under load): then no connection is
+//! behind all the stale writes, and the shard's writes are refused (503,
+//! nothing sent) until all but one of those connections have drained.
+//! (`tests/tests/faults.rs` and `cluster.rs` check this with Redis, or one
+//! master, paused.)
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -44,18 +49,32 @@ const LANE_BYTES: usize = 16 * 1024;
 /// The connections of all workers, and the shards in doubt.
 pub struct Lanes {
     redis: RedisConfig,
+    /// Named by their index.
     shared: Vec<RedisConnection>,
-    /// Per shard: the connection every write of the shard must take.
-    doubts: Vec<Mutex<Option<Doubt>>>,
+    /// Names each worker connection, after the shared ones.
+    connections_made: AtomicUsize,
+    /// Per shard: each connection holding a write of the shard whose
+    /// outcome is unknown, at most once.
+    doubts: Vec<Mutex<Vec<Doubt>>>,
     /// Numbers the doubts, so a drained one clears only itself.
     doubts_raised: AtomicU64,
     keys: Keys,
 }
 
 struct Doubt {
+    lane: LaneId,
     connection: RedisConnection,
     number: u64,
 }
+
+/// Names one of the gateway's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneId(usize);
+
+/// Writes of this shard have an unknown outcome on several connections,
+/// so none may carry the next one yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InDoubtOnSeveral;
 
 impl Lanes {
     /// `shared` serve every command until workers have their own.
@@ -63,8 +82,9 @@ impl Lanes {
         let shards = redis.shards;
         Arc::new(Self {
             redis,
+            connections_made: AtomicUsize::new(shared.len()),
             shared,
-            doubts: (0..shards).map(|_| Mutex::new(None)).collect(),
+            doubts: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
             doubts_raised: AtomicU64::new(0),
             keys: keys.clone(),
         })
@@ -84,36 +104,51 @@ impl Lanes {
         }
     }
 
-    /// The connection a write of `shard` must take while it is in doubt.
-    fn doubt(&self, shard: u16) -> Option<RedisConnection> {
-        let doubt = lock(&self.doubts[usize::from(shard)]);
-        doubt.as_ref().map(|doubt| doubt.connection.clone())
+    /// The connection a write of `shard` must take while it is in doubt
+    /// (`Ok(None)`: it is not).
+    fn doubt(&self, shard: u16) -> Result<Option<Taken<'_>>, InDoubtOnSeveral> {
+        let doubts = lock(&self.doubts[usize::from(shard)]);
+        match doubts.as_slice() {
+            [] => Ok(None),
+            [doubt] => Ok(Some(Taken::untracked(doubt.lane, doubt.connection.clone()))),
+            _ => Err(InDoubtOnSeveral),
+        }
     }
 
-    /// Records that a write of `shard` over `connection` failed with an
-    /// unknown outcome: the shard's writes take `connection` until it has
+    /// Records that a write of `shard` over `taken` failed with an unknown
+    /// outcome: the shard's writes take that connection until it has
     /// answered a command sent after now. Call before answering the client.
-    pub fn write_failed(self: &Arc<Self>, shard: u16, connection: &RedisConnection) {
+    pub fn write_failed(self: &Arc<Self>, shard: u16, taken: &Taken<'_>) {
         let number = self.doubts_raised.fetch_add(1, Ordering::Relaxed);
-        let earlier = lock(&self.doubts[usize::from(shard)]).replace(Doubt {
-            connection: connection.clone(),
-            number,
-        });
-        if earlier.is_none() {
-            metrics::gauge!("gateway_shards_in_doubt").increment(1.0);
+        {
+            let mut doubts = lock(&self.doubts[usize::from(shard)]);
+            if doubts.is_empty() {
+                metrics::gauge!("gateway_shards_in_doubt").increment(1.0);
+            }
+            match doubts.iter_mut().find(|doubt| doubt.lane == taken.lane) {
+                Some(doubt) => doubt.number = number,
+                None => doubts.push(Doubt {
+                    lane: taken.lane,
+                    connection: taken.connection.clone(),
+                    number,
+                }),
+            }
         }
-        tokio::spawn(
-            self.clone()
-                .clear_when_drained(shard, connection.clone(), number),
-        );
+        tokio::spawn(self.clone().clear_when_drained(
+            shard,
+            taken.lane,
+            taken.connection.clone(),
+            number,
+        ));
     }
 
     /// Waits until `connection` answers a command sent after the failure
     /// (so everything sent before it has been executed), then ends doubt
-    /// `number` unless a newer one replaced it.
+    /// `number` unless a newer one on `lane` replaced it.
     async fn clear_when_drained(
         self: Arc<Self>,
         shard: u16,
+        lane: LaneId,
         mut connection: RedisConnection,
         number: u64,
     ) {
@@ -132,9 +167,10 @@ impl Lanes {
             failures += 1;
             Backoff::COMMANDS.wait(failures, &never).await;
         }
-        let mut doubt = lock(&self.doubts[usize::from(shard)]);
-        if doubt.as_ref().is_some_and(|doubt| doubt.number == number) {
-            *doubt = None;
+        let mut doubts = lock(&self.doubts[usize::from(shard)]);
+        let before = doubts.len();
+        doubts.retain(|doubt| (doubt.lane, doubt.number) != (lane, number));
+        if doubts.is_empty() && before > 0 {
             metrics::gauge!("gateway_shards_in_doubt").decrement(1.0);
         }
     }
@@ -151,6 +187,7 @@ pub struct WorkerLanes {
 
 /// One of a worker's own connections.
 struct Lane {
+    id: LaneId,
     connection: RedisConnection,
     /// Bytes of the writes sent over it and not yet answered.
     in_flight: AtomicUsize,
@@ -166,13 +203,15 @@ impl Lane {
 /// until this is dropped.
 pub struct Taken<'a> {
     pub connection: RedisConnection,
+    lane: LaneId,
     held: Option<(&'a AtomicUsize, usize)>,
 }
 
 impl Taken<'_> {
-    fn untracked(connection: RedisConnection) -> Self {
+    fn untracked(lane: LaneId, connection: RedisConnection) -> Self {
         Self {
             connection,
+            lane,
             held: None,
         }
     }
@@ -189,21 +228,24 @@ impl Drop for Taken<'_> {
 impl WorkerLanes {
     /// The connection for a write of `bytes` to `shard`: the one in doubt
     /// if there is one, else one of this worker's own (see the module
-    /// comment), else a shared one.
-    pub fn for_write(&self, shard: u16, bytes: usize) -> Taken<'_> {
-        if let Some(connection) = self.lanes.doubt(shard) {
-            return Taken::untracked(connection);
+    /// comment), else a shared one. None while the shard is in doubt on
+    /// several connections.
+    pub fn for_write(&self, shard: u16, bytes: usize) -> Result<Taken<'_>, InDoubtOnSeveral> {
+        if let Some(taken) = self.lanes.doubt(shard)? {
+            return Ok(taken);
         }
         let Some(own) = self.own.get() else {
             self.start_connecting();
-            return Taken::untracked(self.lanes.shared(shard));
+            let index = usize::from(shard) % self.lanes.shared.len();
+            return Ok(Taken::untracked(LaneId(index), self.lanes.shared(shard)));
         };
         let lane = &own[pick_lane(own.iter().map(Lane::load), bytes)];
         lane.in_flight.fetch_add(bytes, Ordering::Relaxed);
-        Taken {
+        Ok(Taken {
             connection: lane.connection.clone(),
+            lane: lane.id,
             held: Some((&lane.in_flight, bytes)),
-        }
+        })
     }
 
     fn start_connecting(&self) {
@@ -212,13 +254,15 @@ impl WorkerLanes {
             return;
         }
         *tried_at = Some(Instant::now());
-        let (own, redis) = (self.own.clone(), self.lanes.redis.clone());
+        let (own, lanes) = (self.own.clone(), self.lanes.clone());
         // On an actix worker this runs on the worker's own thread.
         tokio::spawn(async move {
+            let redis = &lanes.redis;
             let mut connections = Vec::with_capacity(redis.connections);
             for _ in 0..redis.connections {
                 match redis.connect(redis.timeout()).await {
                     Ok(connection) => connections.push(Lane {
+                        id: LaneId(lanes.connections_made.fetch_add(1, Ordering::Relaxed)),
                         connection,
                         in_flight: AtomicUsize::new(0),
                     }),

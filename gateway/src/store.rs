@@ -17,7 +17,7 @@ use redis::FromRedisValue;
 
 use crate::config::{BacklogConfig, ReplicationConfig};
 use crate::event::NewEvent;
-use crate::lanes::{Lanes, Taken, WorkerLanes};
+use crate::lanes::{InDoubtOnSeveral, Lanes, Taken, WorkerLanes};
 
 /// Adds an event unless its idempotency key was seen, atomically. Both keys
 /// carry the shard's hash tag, so this works on Redis Cluster too.
@@ -53,6 +53,10 @@ pub enum StoreError {
          retry later (with the same messageId a retry is not stored twice)"
     )]
     NotReplicated { wanted: u32, confirmed: u32 },
+    /// Earlier writes of the shard have an unknown outcome on several
+    /// connections (see [`crate::lanes`]); nothing was written.
+    #[error("writes of shard {0} are in doubt on several Redis connections")]
+    InDoubt(u16),
 }
 
 /// How many replicas must confirm each write before the client gets 202.
@@ -252,7 +256,7 @@ impl EventStore {
         }
         self.check_backlog(by_shard.keys().copied())?;
         let replication = self.replication;
-        let shard_writes: Vec<ShardWrite> = by_shard
+        let shard_writes = by_shard
             .into_iter()
             .map(|(shard, indices)| {
                 let mut pipeline = redis::pipe();
@@ -268,14 +272,17 @@ impl EventStore {
                         .arg(replication.min_replicas)
                         .arg(u64::try_from(replication.timeout.as_millis()).unwrap_or(u64::MAX));
                 }
-                ShardWrite {
+                let taken = lanes
+                    .for_write(shard, bytes)
+                    .map_err(|InDoubtOnSeveral| StoreError::InDoubt(shard))?;
+                Ok(ShardWrite {
                     shard,
                     indices,
                     pipeline,
-                    taken: lanes.for_write(shard, bytes),
-                }
+                    taken,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<ShardWrite>, StoreError>>()?;
         let writes = shard_writes.iter().map(|write| {
             let ShardWrite {
                 shard,
@@ -318,8 +325,7 @@ impl EventStore {
             Ok(per_shard) => per_shard,
             Err(error) => {
                 for write in &shard_writes {
-                    self.lanes
-                        .write_failed(write.shard, &write.taken.connection);
+                    self.lanes.write_failed(write.shard, &write.taken);
                 }
                 return Err(error);
             }

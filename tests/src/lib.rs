@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 pub use admin::Metrics;
 pub use hostile::{spawn_hostile_server, Misbehaviour};
-pub use load::{Accepted, Load, Verdict};
+pub use load::{Accepted, HastyLoad, Load, Verdict};
 use mock_destinations::{PathSummary, Recorder};
 use protocol::Keys;
 pub use redis_cluster::{ClusterNode, RedisCluster};
@@ -663,6 +663,113 @@ impl TestSystem {
             })
             .await;
         added.iter().sum()
+    }
+
+    /// The `n` of each of `user`'s `{"n": …}` events in its shard stream,
+    /// in stream order.
+    pub async fn numbers_in_stream_of(&self, user: &str) -> Vec<u64> {
+        let stream = self.keys.events(protocol::shard_for(user, SHARDS));
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+            redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut self.redis.connection().await)
+                .await
+                .expect("XRANGE works");
+        entries
+            .into_iter()
+            .filter(|(_, fields)| fields.get("user").map(String::as_str) == Some(user))
+            .filter_map(|(_, fields)| {
+                let payload: Value = serde_json::from_str(fields.get("payload")?).ok()?;
+                payload["n"].as_u64()
+            })
+            .collect()
+    }
+
+    /// After Redis comes back from a pause during which `sent` events
+    /// `{"n": 0..sent}` of `user` were answered 503: every one of those
+    /// writes, queued on its connection, lands, in the order sent, and the
+    /// shard's doubt clears.
+    pub async fn assert_timed_out_writes_landed_in_order(&self, user: &str, sent: usize) {
+        wait_for(
+            "every write that timed out lands",
+            Duration::from_secs(30),
+            || async { self.numbers_in_stream_of(user).await.len() >= sent },
+        )
+        .await;
+        assert_eq!(
+            self.numbers_in_stream_of(user).await,
+            (0..sent as u64).collect::<Vec<_>>(),
+            "in the order sent"
+        );
+        wait_for(
+            "the shard's doubt to clear",
+            Duration::from_secs(30),
+            || async {
+                self.gateway_metrics()
+                    .await
+                    .value("gateway_shards_in_doubt", &[])
+                    == 0.0
+            },
+        )
+        .await;
+    }
+
+    /// After Redis (or a master) comes back from a pause during `load`:
+    /// once 200 more events are stored, stops it and asserts that the pause
+    /// was felt (some 503s) and that no user's event is stored behind a
+    /// later one of theirs.
+    pub async fn assert_hasty_users_kept_their_order(&self, load: HastyLoad) {
+        let stored_at_resume = self.stream_lengths().await;
+        wait_for("events accepted again", Duration::from_secs(30), || async {
+            self.stream_lengths().await > stored_at_resume + 200
+        })
+        .await;
+        let (answers, users) = load.stop().await;
+        let behind = self.stored_out_of_user_order(&users).await;
+        eprintln!("answers by status: {answers:?}; stored behind a later event: {behind}");
+        assert!(
+            answers.get(&503).is_some_and(|&n| n > 0),
+            "the pause was felt: {answers:?}"
+        );
+        assert_eq!(behind, 0, "events stored out of per-user order");
+    }
+
+    /// Once no shard is in doubt (every write that timed out has landed or
+    /// never will): how many of `users`' `{"n": …}` events are stored
+    /// after a later one of theirs.
+    pub async fn stored_out_of_user_order(&self, users: &[String]) -> usize {
+        wait_for("no shard in doubt", Duration::from_secs(30), || async {
+            self.gateway_metrics()
+                .await
+                .value("gateway_shards_in_doubt", &[])
+                == 0.0
+        })
+        .await;
+        let mut behind = 0;
+        for user in users {
+            let numbers = self.numbers_in_stream_of(user).await;
+            let late = numbers.windows(2).filter(|w| w[0] >= w[1]).count();
+            if late > 0 {
+                eprintln!("{user}'s events stored in this order: {numbers:?}");
+            }
+            behind += late;
+        }
+        behind
+    }
+
+    /// POSTs `body` to `/v1/events` with a new client, so over a new HTTP
+    /// connection (which the gateway hands to its workers in turn).
+    pub async fn post_on_a_new_connection(&self, body: &Value) -> u16 {
+        authorized_client()
+            .post(format!("{}/v1/events", self.gateway_url))
+            .json(body)
+            .send()
+            .await
+            .expect("the gateway answers")
+            .status()
+            .as_u16()
     }
 
     /// Total entries in all shard streams.

@@ -1,8 +1,11 @@
-//! A client load for fault tests: users post numbered events one after
-//! another, like real clients: on 503 or a connection error they retry the
-//! same event with the same `messageId` (so a retry of a write that did land
-//! is not stored twice) before moving on to the next.
+//! Client loads for fault tests. [`Load`]: users post numbered events one
+//! after another, like real clients: on 503 or a connection error they retry
+//! the same event with the same `messageId` (so a retry of a write that did
+//! land is not stored twice) before moving on to the next. [`HastyLoad`]:
+//! users without `messageId` who move on after any answer, so a write
+//! answered 503 that lands late would land behind their later events.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -142,6 +145,59 @@ impl Load {
             result.expect("every event is eventually accepted");
         }
         self.accepted()
+    }
+}
+
+/// Users `hasty-0…` posting `{"n": 0, 1, …}` one after another, every
+/// 20 ms, moving on after any answer, until stopped.
+pub struct HastyLoad {
+    posters: JoinSet<BTreeMap<u16, usize>>,
+    users: Vec<String>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HastyLoad {
+    pub fn start(system: &TestSystem, users: usize) -> Self {
+        let users: Vec<String> = (0..users).map(|n| format!("hasty-{n}")).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut posters = JoinSet::new();
+        for user in users.clone() {
+            let (http, stop) = (system.http.clone(), stop.clone());
+            let url = format!("{}/v1/events", system.gateway_url);
+            posters.spawn(async move {
+                let mut answers = BTreeMap::new();
+                for n in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let body = serde_json::json!({ "userId": user, "payload": { "n": n } });
+                    let post = http.post(&url).json(&body).timeout(Duration::from_secs(10));
+                    // 0: no answer at all.
+                    let status = post.send().await.map_or(0, |r| r.status().as_u16());
+                    *answers.entry(status).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                answers
+            });
+        }
+        Self {
+            posters,
+            users,
+            stop,
+        }
+    }
+
+    /// Stops every poster after its current event; returns how many answers
+    /// of each status they got, and the users.
+    pub async fn stop(mut self) -> (BTreeMap<u16, usize>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut answers = BTreeMap::new();
+        while let Some(per_user) = self.posters.join_next().await {
+            for (status, count) in per_user.expect("a poster finishes") {
+                *answers.entry(status).or_default() += count;
+            }
+        }
+        (answers, self.users)
     }
 }
 

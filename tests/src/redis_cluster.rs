@@ -43,6 +43,9 @@ impl Node {
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+            // As docs/scaling.md advises: a failed master without a
+            // replica stops only the slots it serves, not the whole cluster.
+            .args(["--cluster-require-full-coverage", "no"])
             // Replicas sync at once instead of waiting 5 s for others to
             // share a diskless transfer; until synced they hold nothing.
             .args(["--repl-diskless-sync-delay", "0"])
@@ -342,6 +345,17 @@ impl RedisCluster {
             .expect("some master serves the slot");
         self.node(port).signal("-STOP");
         port
+    }
+
+    /// `CONFIG SET name value` on every live node.
+    pub async fn set_config_everywhere(&self, name: &str, value: &str) {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let mut command = redis::cmd("CONFIG");
+            command.arg("SET").arg(name).arg(value);
+            ask_node::<()>(&node.url(), command)
+                .await
+                .unwrap_or_else(|| panic!("CONFIG SET {name} on node {}", node.port));
+        }
     }
 
     /// SIGCONT after [`Self::pause_master_of`].

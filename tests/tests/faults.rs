@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use e2e_tests::{
-    spawn_hostile_server, wait_for, Load, Misbehaviour, RedisServer, RouterProcess,
+    spawn_hostile_server, wait_for, HastyLoad, Load, Misbehaviour, RedisServer, RouterProcess,
     TestDestination, TestSystem, SHARDS,
 };
 
@@ -289,80 +289,26 @@ async fn redis_paused_writes_that_timed_out_land_in_the_order_they_were_sent() {
     let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
     let user = "patient";
     let sent = 6;
-    let post = |body: serde_json::Value| {
-        // A new client per event: a new connection, which the gateway hands
-        // to its workers in turn.
-        let url = format!("{}/v1/events", system.gateway_url);
-        async move {
-            e2e_tests::authorized_client()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .expect("the gateway answers")
-                .status()
-        }
-    };
     // Every worker has written before.
     for n in 0..4 {
-        let status = post(serde_json::json!({ "userId": "warm", "payload": { "n": n } })).await;
-        assert_eq!(status, 202);
+        let body = serde_json::json!({ "userId": "warm", "payload": { "n": n } });
+        assert_eq!(system.post_on_a_new_connection(&body).await, 202);
     }
     system.redis.server().pause().await;
     for n in 0..sent {
-        let status = post(serde_json::json!({ "userId": user, "payload": { "n": n } })).await;
-        assert_eq!(status, 503, "Redis is paused");
+        let body = serde_json::json!({ "userId": user, "payload": { "n": n } });
+        assert_eq!(
+            system.post_on_a_new_connection(&body).await,
+            503,
+            "Redis is paused"
+        );
     }
     let in_doubt = system.gateway_metrics().await;
     assert_eq!(in_doubt.value("gateway_shards_in_doubt", &[]), 1.0);
     system.redis.server().resume().await;
-
-    let stream = system.keys.events(protocol::shard_for(user, SHARDS));
-    let con = system.redis.connection().await;
-    let order = || {
-        let (stream, mut con) = (stream.clone(), con.clone());
-        async move {
-            let entries: Vec<(String, std::collections::HashMap<String, String>)> =
-                redis::cmd("XRANGE")
-                    .arg(&stream)
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut con)
-                    .await
-                    .expect("XRANGE works");
-            entries
-                .into_iter()
-                .filter_map(|(_, fields)| {
-                    let payload: serde_json::Value =
-                        serde_json::from_str(fields.get("payload")?).ok()?;
-                    payload["n"].as_u64()
-                })
-                .collect::<Vec<u64>>()
-        }
-    };
-    wait_for(
-        "every write that timed out lands",
-        Duration::from_secs(30),
-        || async { order().await.len() == sent },
-    )
-    .await;
-    assert_eq!(
-        order().await,
-        (0..sent as u64).collect::<Vec<_>>(),
-        "in the order sent"
-    );
-    wait_for(
-        "the shard's doubt to clear",
-        Duration::from_secs(30),
-        || async {
-            system
-                .gateway_metrics()
-                .await
-                .value("gateway_shards_in_doubt", &[])
-                == 0.0
-        },
-    )
-    .await;
+    system
+        .assert_timed_out_writes_landed_in_order(user, sent)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,4 +525,26 @@ async fn a_refused_delivery_log_record_never_holds_up_an_acknowledgement() {
     .await;
     assert_eq!(system.received("crm").order_violations, 0);
     assert_eq!(system.received("crm").duplicates, 0, "{accepted:?}");
+}
+
+/// Users keep posting numbered events, moving on after a 503, while Redis
+/// is paused: writes of one shard in flight on several connections all time
+/// out, and none may land behind a user's later events (the gateway refuses
+/// a shard's writes while it is in doubt on more than one connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_refused_while_redis_is_paused_never_land_behind_later_ones() {
+    let redis = RedisServer::start().await;
+    let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
+    let load = HastyLoad::start(&system, 24);
+    wait_for("some events accepted", Duration::from_secs(10), || async {
+        system.stream_lengths().await >= 100
+    })
+    .await;
+    system.redis.server().pause().await;
+    let paused_at = Instant::now();
+    while paused_at.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    system.redis.server().resume().await;
+    system.assert_hasty_users_kept_their_order(load).await;
 }
