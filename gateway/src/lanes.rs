@@ -92,7 +92,12 @@ impl Lanes {
 
     /// A shared connection, for commands other than writes of events.
     pub fn shared(&self, shard: u16) -> RedisConnection {
-        self.shared[usize::from(shard) % self.shared.len()].clone()
+        self.shared_lane(shard).1
+    }
+
+    fn shared_lane(&self, shard: u16) -> (LaneId, RedisConnection) {
+        let index = usize::from(shard) % self.shared.len();
+        (LaneId(index), self.shared[index].clone())
     }
 
     /// The lanes of one worker thread; call on that thread.
@@ -228,16 +233,16 @@ impl Drop for Taken<'_> {
 impl WorkerLanes {
     /// The connection for a write of `bytes` to `shard`: the one in doubt
     /// if there is one, else one of this worker's own (see the module
-    /// comment), else a shared one. None while the shard is in doubt on
-    /// several connections.
+    /// comment), else a shared one. An error while the shard is in doubt
+    /// on several connections.
     pub fn for_write(&self, shard: u16, bytes: usize) -> Result<Taken<'_>, InDoubtOnSeveral> {
         if let Some(taken) = self.lanes.doubt(shard)? {
             return Ok(taken);
         }
         let Some(own) = self.own.get() else {
             self.start_connecting();
-            let index = usize::from(shard) % self.lanes.shared.len();
-            return Ok(Taken::untracked(LaneId(index), self.lanes.shared(shard)));
+            let (index, connection) = self.lanes.shared_lane(shard);
+            return Ok(Taken::untracked(index, connection));
         };
         let lane = &own[pick_lane(own.iter().map(Lane::load), bytes)];
         lane.in_flight.fetch_add(bytes, Ordering::Relaxed);
