@@ -114,6 +114,9 @@ pub struct AdminConfig {
     pub listen: String,
     /// How often destinations are measured for the admin API and gauges (ms).
     pub overview_interval_ms: u64,
+    /// How long a worker with work may make no progress before it shows
+    /// as stalled (ms).
+    pub stall_after_ms: u64,
     /// Whether every request to the admin listener must carry the token.
     pub require_token: bool,
     /// SHA-256 of the admin token; required when `require_token`.
@@ -123,6 +126,10 @@ pub struct AdminConfig {
 impl AdminConfig {
     pub fn overview_interval(&self) -> Duration {
         Duration::from_millis(self.overview_interval_ms)
+    }
+
+    pub fn stall_after(&self) -> Duration {
+        Duration::from_millis(self.stall_after_ms)
     }
 }
 
@@ -340,6 +347,13 @@ impl Config {
         }
         if self.admin.overview_interval_ms == 0 {
             return Err("admin.overview_interval_ms must be positive".into());
+        }
+        if self.admin.stall_after_ms < self.admin.overview_interval_ms {
+            return Err(format!(
+                "admin.stall_after_ms ({}) must be at least admin.overview_interval_ms ({}), \
+                 which is how often workers are checked",
+                self.admin.stall_after_ms, self.admin.overview_interval_ms
+            ));
         }
         if self.admin.require_token && self.admin.token_sha256.is_none() {
             return Err("admin.token_sha256 is not set: create a token with \

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::breaker::Breaker;
 use crate::config::DestinationConfig;
 use crate::outbound::{refusal_of, Policy};
+use crate::progress::Workers;
 use crate::retry::RetryPolicy;
 use crate::stats::DestinationStats;
 use crate::throttle::Throttle;
@@ -144,6 +145,8 @@ pub struct Destination {
     /// Counts pauses and resumes requested on this router, so a read of
     /// the paused set that started before one cannot undo it.
     pause_requests: AtomicU64,
+    /// Its workers on this router, with what each waits on.
+    pub workers: Workers,
 }
 
 /// A destination's settings as attempts use them.
@@ -317,6 +320,7 @@ impl Destination {
             throttle: Throttle::new(config.rate_limit_per_sec, shards),
             paused: watch::Sender::new(false),
             pause_requests: AtomicU64::new(0),
+            workers: Workers::default(),
         })
     }
 

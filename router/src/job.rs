@@ -32,6 +32,7 @@ use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsu
 use crate::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
 use crate::delivery_log::{Logged, Record};
 use crate::lease::LeaseGuard;
+use crate::progress::{Progress, Wait};
 use crate::retry::NextStep;
 use crate::stats::AttemptResult;
 
@@ -74,6 +75,8 @@ pub struct JobContext {
     pub budget: Arc<Budget>,
     pub shutdown: CancellationToken,
     pub blocked: mpsc::UnboundedSender<Blocked>,
+    /// What the worker's jobs wait on, and when they last got anywhere.
+    pub progress: Arc<Progress>,
 }
 
 /// What preparing an entry decided.
@@ -198,6 +201,7 @@ impl Job {
                     // The dispatcher may already have stopped listening.
                     let _ = self.context.blocked.send(Blocked { user, head: id });
                     let _in_backoff = self.context.destination.stats.user_in_backoff();
+                    let _waiting = self.context.progress.enter(Wait::Backoff);
                     tokio::select! {
                         () = self.context.shutdown.cancelled() => return JobEnd::Abandoned,
                         () = tokio::time::sleep(delay) => {}
@@ -244,6 +248,7 @@ impl Job {
             () = self.context.shutdown.cancelled() => return None,
             reservation = self.context.budget.reserve_one() => reservation,
         };
+        let _waiting = self.context.progress.enter(Wait::Fetching);
         let mut failures = 0;
         loop {
             match self.context.consumer.fetch(id).await {
@@ -303,11 +308,14 @@ impl Job {
                 .await;
             return Step::Done(end);
         }
+        let progress = &self.context.progress;
+        let waiting = progress.enter(Wait::Gates);
         let Some(Gates { slot, pass, waited }) =
             pass_gates(destination, attempt, &self.context.shutdown).await
         else {
             return Step::Done(JobEnd::Abandoned);
         };
+        drop(waiting);
         if self.first_attempt.is_some() {
             self.held_at_gates += waited;
         }
@@ -315,6 +323,7 @@ impl Job {
         let endpoint = destination.endpoint();
         // The attempt must be over before the lease could pass to another
         // router, or the next owner could deliver this user's next event first.
+        let waiting = progress.enter(Wait::Lease);
         if !self
             .lease
             .hold_for(endpoint.timeout, &self.context.shutdown)
@@ -323,11 +332,15 @@ impl Job {
             // The pass, dropped, tells the breaker nothing came of it.
             return Step::Done(JobEnd::Abandoned);
         }
+        drop(waiting);
         let first_attempt = *self.first_attempt.get_or_insert_with(Instant::now);
+        progress.job_progressed();
         let in_flight = stats.attempt_in_flight();
+        let waiting = progress.enter(Wait::Sending);
         let (outcome, latency) = endpoint
             .attempt(&slot, &request.event_id, &request.body, attempt)
             .await;
+        drop(waiting);
         drop(in_flight);
         drop(slot);
         pass.record(verdict(&outcome), &mut self.counted);
@@ -450,6 +463,8 @@ impl Job {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), ConsumerError>>,
     {
+        let progress = &self.context.progress;
+        let waiting = progress.enter(Wait::Recording);
         let mut failures = 0;
         while let Err(error) = write().await {
             failures += 1;
@@ -459,6 +474,8 @@ impl Job {
             }
             tokio::time::sleep(Backoff::COMMANDS.delay(failures)).await;
         }
+        drop(waiting);
+        progress.job_progressed();
         JobEnd::Recorded
     }
 }

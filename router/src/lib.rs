@@ -40,6 +40,7 @@ pub mod lease;
 pub mod outbound;
 pub mod overview;
 pub mod parking;
+pub mod progress;
 pub mod registry;
 pub mod retention;
 pub mod retry;
@@ -193,6 +194,7 @@ pub async fn run(
         instance.clone(),
         registry.clone(),
         catalog.clone(),
+        config.admin.stall_after(),
     );
     // Before any worker starts, so a paused destination sends nothing.
     if let Err(error) = observer.apply_paused().await {

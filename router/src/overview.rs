@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{BreakerState, BreakerView};
 use crate::catalog::{Catalog, CatalogError};
+use crate::delivery::Destination;
+use crate::progress::{Change, WorkerState, WorkerView};
 use crate::registry::{Known, Registry};
 use crate::stats::Counts;
 
@@ -51,6 +53,9 @@ pub struct DestinationView {
     pub delivery_rate: f64,
     /// Per shard, the router instance holding the lease (None: nobody).
     pub owners: Vec<Option<String>>,
+    /// This router's workers of the destination, by shard: what each
+    /// waits on, and whether it is stalled.
+    pub workers: Vec<WorkerView>,
 }
 
 /// One measurement of every configured destination.
@@ -84,6 +89,8 @@ pub struct Observer {
     /// delivered count then, for rates.
     previous: Option<(Instant, HashMap<String, u64>)>,
     sequence: u64,
+    /// How long a worker may make no progress before it is stalled.
+    stall_after: Duration,
 }
 
 impl Observer {
@@ -94,8 +101,10 @@ impl Observer {
         instance: String,
         registry: Arc<Registry>,
         catalog: Catalog,
+        stall_after: Duration,
     ) -> Self {
         Self {
+            stall_after,
             con,
             keys,
             shards,
@@ -151,6 +160,7 @@ impl Observer {
                     counts: d.stats.counts(),
                     delivery_rate: 0.0,
                     owners: Vec::with_capacity(usize::from(self.shards)),
+                    workers: workers_of(&d, self.stall_after),
                 },
             )
             .collect();
@@ -207,6 +217,52 @@ impl Observer {
         })
     }
 
+    /// Warns about workers that became stalled (naming their waits) and
+    /// notes those that recovered; sets `router_stalled_workers`. Local:
+    /// it works while Redis does not answer.
+    pub fn check_stalls(&self) {
+        let now = Instant::now();
+        for destination in self.registry.destinations() {
+            let mut stalled = 0usize;
+            for worker in destination.workers.running() {
+                match worker.check(now, self.stall_after) {
+                    Change::Stalled(stall) => {
+                        let waiting_on: Vec<&str> =
+                            stall.waiting_on.iter().map(|w| w.describe()).collect();
+                        tracing::warn!(
+                            destination = %destination.name,
+                            shard = worker.shard(),
+                            no_progress_for_ms = u64::try_from(stall.for_.as_millis()).unwrap_or(u64::MAX),
+                            waiting_on = %waiting_on.join("; "),
+                            "Delivery worker stalled: it has work but made no progress."
+                        );
+                    }
+                    Change::Recovered => tracing::info!(
+                        destination = %destination.name,
+                        shard = worker.shard(),
+                        "Delivery worker no longer stalled."
+                    ),
+                    Change::Unchanged => {}
+                }
+                if worker.stall(now, self.stall_after).is_some() {
+                    stalled += 1;
+                }
+            }
+            metrics::gauge!("router_stalled_workers", "destination" => destination.name.clone())
+                .set(stalled as f64);
+        }
+    }
+
+    /// Brings the workers of a snapshot up to date (when Redis cannot be
+    /// measured, what the workers wait on is still known here).
+    fn refresh_workers(&self, overview: &mut Overview) {
+        for view in &mut overview.destinations {
+            if let Some(known) = self.registry.get(&view.name) {
+                view.workers = workers_of(&known.destination, self.stall_after);
+            }
+        }
+    }
+
     /// Pending and lag of every group on one shard stream.
     async fn groups(&mut self, shard: u16) -> redis::RedisResult<HashMap<String, GroupInfo>> {
         let reply: Result<Vec<HashMap<String, Value>>, _> = redis::cmd("XINFO")
@@ -232,6 +288,26 @@ impl Observer {
                 Some((name, info))
             })
             .collect())
+    }
+}
+
+fn workers_of(destination: &Destination, stall_after: Duration) -> Vec<WorkerView> {
+    let now = Instant::now();
+    destination
+        .workers
+        .running()
+        .iter()
+        .map(|worker| worker.view(now, stall_after))
+        .collect()
+}
+
+impl DestinationView {
+    /// How many of this router's workers of the destination are stalled.
+    pub fn stalled_workers(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Stalled)
+            .count()
     }
 }
 
@@ -289,12 +365,16 @@ pub async fn run(
         if let Err(error) = observer.apply_paused().await {
             tracing::debug!(%error, "Cannot read paused destinations; will retry.");
         }
+        observer.check_stalls();
         match observer.measure().await {
             Ok(overview) => {
                 export(&overview);
                 *latest.lock().unwrap_or_else(|p| p.into_inner()) = overview;
             }
-            Err(error) => tracing::debug!(%error, "Cannot measure destinations; will retry."),
+            Err(error) => {
+                tracing::debug!(%error, "Cannot measure destinations; will retry.");
+                observer.refresh_workers(&mut latest.lock().unwrap_or_else(|p| p.into_inner()));
+            }
         }
     }
 }

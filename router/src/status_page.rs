@@ -81,14 +81,18 @@ button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap
 }
 
 fn row(page: &mut String, d: &DestinationView, instance: &str) {
+    let stalled = d.stalled_workers();
     let (state_class, state) = if d.paused {
-        ("paused", "paused")
+        ("paused", "paused".to_owned())
     } else if d.breaker.state != BreakerState::Closed {
-        ("failing", "circuit open")
+        ("failing", "circuit open".to_owned())
+    } else if stalled > 0 {
+        // The admin API names what each stalled worker waits on.
+        ("failing", format!("stalled ({stalled} shards)"))
     } else if d.counts.users_in_backoff > 0 {
-        ("failing", "retrying")
+        ("failing", "retrying".to_owned())
     } else {
-        ("ok", "delivering")
+        ("ok", "delivering".to_owned())
     };
     let lag = d.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string());
     let last_error = d.counts.last_error.as_ref().map_or_else(String::new, |e| {
@@ -215,6 +219,7 @@ mod tests {
                 },
                 delivery_rate: 2.5,
                 owners: vec![Some("r1".into()), None],
+                workers: Vec::new(),
             }],
         };
         let page = render(&overview, &Notice::default());
@@ -237,5 +242,51 @@ mod tests {
             assert!(page.contains(expected), "missing {expected} in {page}");
         }
         assert!(!page.contains("<b>boom"));
+    }
+
+    #[test]
+    fn a_stalled_worker_shows_in_the_state() {
+        use crate::progress::{WorkerState, WorkerView};
+        let worker = |state| WorkerView {
+            shard: 0,
+            started_at_ms: 0,
+            state,
+            waiting_on: Vec::new(),
+            stalled_for_ms: None,
+        };
+        let mut overview = Overview {
+            sequence: 1,
+            measured_at_ms: 0,
+            instance: "r1".into(),
+            shards: 2,
+            revision: 1,
+            destinations: vec![DestinationView {
+                name: "crm".into(),
+                url: "http://crm/hook".into(),
+                event_types: Vec::new(),
+                revision: 1,
+                created_at_ms: 0,
+                paused: false,
+                breaker: crate::breaker::BreakerView {
+                    state: BreakerState::Closed,
+                    since_ms: 0,
+                },
+                lag: Some(0),
+                pending: 1,
+                dead_letters: 0,
+                counts: Counts::default(),
+                delivery_rate: 0.0,
+                owners: vec![Some("r1".into()), Some("r1".into())],
+                workers: vec![worker(WorkerState::Working), worker(WorkerState::Stalled)],
+            }],
+        };
+        let page = render(&overview, &Notice::default());
+        assert!(
+            page.contains(r#"data-field="state">stalled (1 shards)<"#),
+            "{page}"
+        );
+        overview.destinations[0].workers[1].state = WorkerState::Idle;
+        let page = render(&overview, &Notice::default());
+        assert!(page.contains(r#"data-field="state">delivering<"#), "{page}");
     }
 }

@@ -35,6 +35,7 @@ use crate::delivery::Destination;
 use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::lease::LeaseGuard;
 use crate::parking::{Admission, Next, ParkedCount, UserQueues};
+use crate::progress::{Progress, Wait};
 
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
@@ -72,6 +73,8 @@ pub async fn run(
     // The destination's rate limit is shared by the shards delivered here.
     let held = destination.clone();
     let _shard_held = held.throttle.shard_held();
+    let progress = Arc::new(Progress::new(consumer.shard(), settings.read_span));
+    let _listed = held.workers.register(progress.clone());
     let consumer = Arc::new(consumer);
     let budget = Budget::new(Amount {
         entries: settings.window,
@@ -79,8 +82,11 @@ pub async fn run(
     });
     let (batches, incoming) = mpsc::channel(2);
     let reader = tokio::spawn(read_loop(
-        consumer.clone(),
-        destination.clone(),
+        Reader {
+            consumer: consumer.clone(),
+            destination: destination.clone(),
+            progress: progress.clone(),
+        },
         batches,
         budget.clone(),
         settings,
@@ -94,6 +100,7 @@ pub async fn run(
         budget,
         shutdown: shutdown.clone(),
         blocked,
+        progress,
     });
     let runner = Jobs { context, lease };
     let mut dispatcher = Dispatcher::new(runner, settings.max_queued_per_user, shutdown);
@@ -326,28 +333,43 @@ impl<R: JobRunner> Drop for Dispatcher<R> {
     }
 }
 
+/// What the reader works on and reports to.
+struct Reader {
+    consumer: Arc<GroupConsumer>,
+    destination: Arc<Destination>,
+    progress: Arc<Progress>,
+}
+
 /// Fetches entries while the budget has room: first everything pending on
 /// us (in id order), then new entries.
 async fn read_loop(
-    consumer: Arc<GroupConsumer>,
-    destination: Arc<Destination>,
+    reader: Reader,
     batches: mpsc::Sender<Read>,
     budget: Arc<Budget>,
     settings: WorkerSettings,
     mut lease: LeaseGuard,
     shutdown: CancellationToken,
 ) {
+    let Reader {
+        consumer,
+        destination,
+        progress,
+    } = reader;
     let mut from = ReadFrom::Pending(StreamId::default());
     let mut failures = 0u32;
     let mut prepared = false;
     loop {
         if !prepared {
+            let _waiting = progress.enter(Wait::Claiming);
             // Claiming entries is an owner's act, like reading.
             if !lease.hold_for(settings.read_span, &shutdown).await {
                 return;
             }
             match prepare(&consumer).await {
-                Ok(()) => prepared = true,
+                Ok(()) => {
+                    prepared = true;
+                    progress.reader_progressed();
+                }
                 Err(error) => {
                     failures += 1;
                     if error.is_destination_gone() {
@@ -364,13 +386,19 @@ async fn read_loop(
             }
         }
         // Paused: read nothing more, so the group's lag shows the backlog.
+        let waiting = progress.enter(Wait::Paused);
         if !destination.wait_until_resumed(&shutdown).await {
             return;
         }
+        drop(waiting);
+        let waiting = progress.enter(Wait::Budget);
         let mut reservation = tokio::select! {
             () = shutdown.cancelled() => return,
             reservation = budget.reserve_for_read(settings.batch_size) => reservation,
         };
+        drop(waiting);
+        // Held through a failure's retry delay: failing reads make no progress.
+        let reading = progress.enter(Wait::Reading);
         // A read by a router whose lease has expired would take entries
         // away from the new owner, so a read starts only if it ends in time.
         if !lease.hold_for(settings.read_span, &shutdown).await {
@@ -384,6 +412,8 @@ async fn read_loop(
         };
         match result {
             Ok(entries) => {
+                drop(reading);
+                progress.reader_progressed();
                 failures = 0;
                 if let ReadFrom::Pending(after) = &mut from {
                     match entries.last() {
@@ -403,6 +433,7 @@ async fn read_loop(
                     .collect();
                 // Room reserved but not filled goes back now.
                 drop(reservation);
+                let _waiting = progress.enter(Wait::HandOver);
                 if !held.is_empty() && !hand_over(&batches, Read::Entries(held), &shutdown).await {
                     return;
                 }
@@ -413,6 +444,7 @@ async fn read_loop(
                 if error.is_missing_group() {
                     tracing::debug!(shard = consumer.shard(), "Consumer group missing.");
                     prepared = false;
+                    let _waiting = progress.enter(Wait::HandOver);
                     if !hand_over(&batches, Read::GroupRecreated, &shutdown).await {
                         return;
                     }

@@ -548,3 +548,80 @@ async fn writes_refused_while_redis_is_paused_never_land_behind_later_ones() {
     system.redis.server().resume().await;
     system.assert_hasty_users_kept_their_order(load).await;
 }
+
+/// Whether the admin API shows a worker of `destination` as stalled and
+/// waiting on `wait`.
+async fn shows_stalled(system: &TestSystem, destination: &str, wait: &str) -> bool {
+    let view = system.destination_view(destination).await;
+    view["workers"].as_array().is_some_and(|workers| {
+        workers
+            .iter()
+            .any(|w| w["state"] == "stalled" && w["waiting_on"].to_string().contains(wait))
+    })
+}
+
+/// A worker that cannot record outcomes (Redis refuses XACK: an ACL
+/// changed under the router) keeps its lease, since renewals still work,
+/// yet delivers nothing more. It shows as stalled in the admin API and in
+/// `router_stalled_workers`, naming what it waits on, and recovers once
+/// Redis takes acknowledgements again (issue 27: a stall explains itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refusing_acknowledgements_shows_the_worker_stalled_naming_its_wait() {
+    let redis = RedisServer::start().await;
+    let mut system = TestSystem::start_custom(
+        redis,
+        vec![TestDestination::new("fast", "/ok/fast")],
+        |_| {},
+    )
+    .await;
+    system.start_router_with(|config| config.admin.stall_after_ms = 1000);
+    system.wait_destinations_registered("fast").await;
+    let acl = |change: &'static str| {
+        let redis = &system.redis;
+        async move {
+            let mut con = redis.connection().await;
+            redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("default")
+                .arg(change)
+                .query_async::<()>(&mut con)
+                .await
+                .expect("ACL SETUSER");
+        }
+    };
+    system.send("first", serde_json::json!(1)).await;
+    system
+        .wait_delivered("fast", 1, Duration::from_secs(30))
+        .await;
+    assert!(!shows_stalled(&system, "fast", "").await);
+
+    acl("-xack").await;
+    system.send("stuck", serde_json::json!(2)).await;
+    wait_for(
+        "the worker to show as stalled, waiting to record an outcome",
+        Duration::from_secs(30),
+        || shows_stalled(&system, "fast", "recording an outcome in Redis"),
+    )
+    .await;
+    let metrics = system.router_metrics().await;
+    assert_eq!(
+        metrics.value("router_stalled_workers", &[("destination", "fast")]),
+        1.0
+    );
+
+    acl("+xack").await;
+    wait_for(
+        "the stall to end once Redis takes acknowledgements",
+        Duration::from_secs(30),
+        || async {
+            !shows_stalled(&system, "fast", "").await
+                && system
+                    .router_metrics()
+                    .await
+                    .value("router_stalled_workers", &[("destination", "fast")])
+                    == 0.0
+                && system.destination_view("fast").await["pending"] == 0
+        },
+    )
+    .await;
+}
