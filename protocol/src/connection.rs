@@ -191,9 +191,8 @@ impl RedisConnection {
 
 /// Runs `commands`, which may touch keys of different shards, and returns
 /// each one's own result, in order: one failing (its master down or
-/// paused) fails only itself. For commands on independent targets (leases
-/// of different shards), whose callers act on each result.
-pub async fn query_each_settled<T: FromRedisValue>(
+/// paused) fails only itself.
+async fn query_each_settled<T: FromRedisValue>(
     con: &RedisConnection,
     commands: Vec<Cmd>,
 ) -> Vec<RedisResult<T>> {

@@ -1,25 +1,37 @@
 //! Which (shard, destination) pairs this router delivers, over time.
 //!
 //! Every `lease.renew_interval_ms` the coordinator:
-//! 1. renews the leases it holds, each on its own (one master in trouble
-//!    fails only its own shards' renewals); one it can no longer prove it
-//!    holds (renewal refused, or Redis unreachable until the lease lapsed)
-//!    is lost: its worker is stopped at once;
+//! 1. sends a renewal for each lease it holds; one it can no longer prove
+//!    it holds (renewal refused, or Redis unreachable until the lease
+//!    lapsed) is lost: its worker is stopped at once;
 //! 2. releases the leases of workers it stopped for a hand-over, once they
 //!    have finished their attempts in flight;
-//! 3. refreshes its heartbeat, computes its share of the pairs among the
-//!    live routers ([`assign`]) from the destinations defined now (by the
-//!    last membership read while the heartbeat's master is unreachable),
-//!    stops workers outside its share (a deleted destination's among them),
-//!    and tries to acquire the leases of pairs inside it, all at once, each
-//!    on its own.
+//! 3. sends its heartbeat. When the membership comes back (or the
+//!    heartbeat fails: then by the last one read, as the heartbeat lives on
+//!    one master), it computes its share of the pairs among the live
+//!    routers ([`assign`]) from the destinations defined now, stops workers
+//!    outside its share (a deleted destination's among them), and sends an
+//!    acquisition for each pair inside it.
+//!
+//! Nothing waits for a reply: each is acted on when it comes, and a lease
+//! with a command unanswered gets no other meanwhile. So one master in
+//! trouble, whose replies come only at the timeout, fails and delays only
+//! its own shards' leases; the others are renewed every interval (a tick
+//! that waited for every reply renewed them only once per timeout, too
+//! rarely to cover an attempt, and their deliveries slowed to a quarter
+//! during a failover).
 //!
 //! A pair's worker is started only when the previous worker of that pair
 //! in this process has finished, so one process never runs two at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
 use telemetry::lifecycle::Ticks;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -57,23 +69,61 @@ struct Held {
     state: State,
 }
 
+/// A Redis reply the coordinator acts on when it comes.
+enum Answer {
+    Renewed {
+        lease: LeaseId,
+        sent_at: Instant,
+        result: redis::RedisResult<bool>,
+    },
+    Acquired {
+        lease: LeaseId,
+        sent_at: Instant,
+        result: redis::RedisResult<bool>,
+    },
+    Released {
+        lease: LeaseId,
+        result: redis::RedisResult<()>,
+    },
+    Members(redis::RedisResult<Vec<String>>),
+}
+
+type Awaited = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
 pub struct Coordinator<W> {
-    leases: LeaseStore,
+    leases: Arc<LeaseStore>,
     settings: LeaseConfig,
     held: BTreeMap<LeaseId, Held>,
     workers: W,
     /// The live routers as last read.
     members: Vec<String>,
+    /// Commands sent and not answered yet. Nothing waits for them: a master
+    /// that answers late (paused, failing over) delays only its own leases,
+    /// and the next tick goes on for everyone else.
+    awaited: FuturesUnordered<Awaited>,
+    /// Leases with a command in `awaited`: each gets its next only after.
+    busy: HashSet<LeaseId>,
+    /// Whether a heartbeat is in `awaited`.
+    heartbeat_sent: bool,
+    /// Renewals that failed since the last tick (logged once per tick).
+    renewal_errors: Vec<redis::RedisError>,
+    /// Acquisitions that failed since the last tick (logged once per tick).
+    acquisition_errors: Vec<(LeaseId, redis::RedisError)>,
 }
 
 impl<W: StartWorker> Coordinator<W> {
     pub fn new(leases: LeaseStore, settings: LeaseConfig, workers: W) -> Self {
         Self {
-            leases,
+            leases: Arc::new(leases),
             settings,
             held: BTreeMap::new(),
             workers,
             members: Vec::new(),
+            awaited: FuturesUnordered::new(),
+            busy: HashSet::new(),
+            heartbeat_sent: false,
+            renewal_errors: Vec::new(),
+            acquisition_errors: Vec::new(),
         }
     }
 
@@ -81,45 +131,41 @@ impl<W: StartWorker> Coordinator<W> {
     /// releases the leases so other routers take over at once.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut ticks = Ticks::new(self.settings.renew_interval());
-        while ticks.next(&shutdown).await {
-            self.renew().await;
-            self.reap().await;
-            self.rebalance().await;
+        loop {
+            tokio::select! {
+                more = ticks.next(&shutdown) => {
+                    if !more {
+                        break;
+                    }
+                    self.tick();
+                }
+                Some(answer) = self.awaited.next() => self.answered(answer),
+            }
         }
         self.stop_all().await;
     }
 
-    async fn renew(&mut self) {
-        let sent_at = Instant::now();
-        let renewing: Vec<&LeaseId> = self
+    /// Sends this tick's renewals and heartbeat, stops the workers of
+    /// lapsed leases and releases those handed over. Waits for nothing.
+    fn tick(&mut self) {
+        self.report_errors();
+        let renewing: Vec<LeaseId> = self
             .held
             .iter()
-            .filter(|(_, held)| held.state != State::Lost)
-            .map(|(lease, _)| lease)
+            .filter(|(lease, held)| held.state != State::Lost && !self.busy.contains(*lease))
+            .map(|(lease, _)| lease.clone())
             .collect();
-        let results = self.leases.renew(&renewing).await;
-        let mut refused = Vec::new();
-        let mut unknown = Vec::new();
-        for (lease, result) in renewing.into_iter().zip(results) {
-            match result {
-                Ok(true) => {
-                    if let Some(held) = self.held.get(lease) {
-                        held.validity.renewed(sent_at);
-                    }
+        for lease in renewing {
+            let store = self.leases.clone();
+            self.send(lease, move |lease| async move {
+                let sent_at = Instant::now();
+                let result = store.renew(&lease).await;
+                Answer::Renewed {
+                    lease,
+                    sent_at,
+                    result,
                 }
-                Ok(false) => refused.push(lease.clone()),
-                Err(error) => unknown.push((lease.clone(), error)),
-            }
-        }
-        if let Some((_, error)) = unknown.first() {
-            // Each keeps its validity until it lapses; the others renewed.
-            tracing::warn!(leases = unknown.len(), %error, "Cannot renew some leases; will retry.");
-        }
-        for lease in refused {
-            self.lose(
-                &lease,
-                "renewal refused: another router holds it or it expired",
-            );
+            });
         }
         let lapsed: Vec<LeaseId> = self
             .held
@@ -130,6 +176,87 @@ impl<W: StartWorker> Coordinator<W> {
         for lease in lapsed {
             self.lose(&lease, "not renewed in time (Redis unreachable?)");
         }
+        self.reap();
+        if !self.heartbeat_sent {
+            self.heartbeat_sent = true;
+            let store = self.leases.clone();
+            self.awaited.push(Box::pin(
+                async move { Answer::Members(store.heartbeat().await) },
+            ));
+        }
+    }
+
+    /// Sends one command for `lease`, which gets no other until it is answered.
+    fn send<F, Fut>(&mut self, lease: LeaseId, command: F)
+    where
+        F: FnOnce(LeaseId) -> Fut,
+        Fut: Future<Output = Answer> + Send + 'static,
+    {
+        self.busy.insert(lease.clone());
+        self.awaited.push(Box::pin(command(lease)));
+    }
+
+    fn answered(&mut self, answer: Answer) {
+        match answer {
+            Answer::Renewed {
+                lease,
+                sent_at,
+                result,
+            } => {
+                self.busy.remove(&lease);
+                match result {
+                    Ok(true) => {
+                        if let Some(held) = self.held.get(&lease) {
+                            held.validity.renewed(sent_at);
+                        }
+                    }
+                    Ok(false) => self.lose(
+                        &lease,
+                        "renewal refused: another router holds it or it expired",
+                    ),
+                    // It keeps its validity until it lapses.
+                    Err(error) => self.renewal_errors.push(error),
+                }
+            }
+            Answer::Acquired {
+                lease,
+                sent_at,
+                result,
+            } => {
+                self.busy.remove(&lease);
+                match result {
+                    Ok(true) => self.gained(lease, sent_at),
+                    // Still held by its previous owner, which hands it over or lets it expire.
+                    Ok(false) => {}
+                    Err(error) => self.acquisition_errors.push((lease, error)),
+                }
+            }
+            Answer::Released { lease, result } => {
+                self.busy.remove(&lease);
+                match result {
+                    Ok(()) => tracing::info!(%lease, "Lease released."),
+                    // It expires by itself; the next owner waits for that.
+                    Err(error) => tracing::warn!(%lease, %error, "Cannot release lease."),
+                }
+            }
+            Answer::Members(result) => {
+                self.heartbeat_sent = false;
+                self.rebalance(result);
+            }
+        }
+    }
+
+    /// Logs the failures answered since the last tick, once each kind.
+    fn report_errors(&mut self) {
+        if let Some(error) = self.renewal_errors.first() {
+            // Each keeps its validity until it lapses; the others renewed.
+            tracing::warn!(leases = self.renewal_errors.len(), %error, "Cannot renew some leases; will retry.");
+        }
+        if let Some((lease, error)) = self.acquisition_errors.first() {
+            tracing::warn!(%lease, leases = self.acquisition_errors.len(), %error, "Cannot acquire some leases; will retry.");
+        }
+        self.renewal_errors.clear();
+        self.acquisition_errors.clear();
     }
 
     fn lose(&mut self, lease: &LeaseId, reason: &str) {
@@ -141,7 +268,7 @@ impl<W: StartWorker> Coordinator<W> {
     }
 
     /// Forgets pairs whose workers have ended, releasing handed-over leases.
-    async fn reap(&mut self) {
+    fn reap(&mut self) {
         let ended: Vec<LeaseId> = self
             .held
             .iter()
@@ -153,21 +280,23 @@ impl<W: StartWorker> Coordinator<W> {
                 continue;
             };
             if held.state != State::Lost {
-                self.release(&lease).await;
+                let store = self.leases.clone();
+                // A renewal still awaited answers for a lease no longer held.
+                self.busy.remove(&lease);
+                self.send(lease, move |lease| async move {
+                    let result = store.release(&lease).await;
+                    Answer::Released { lease, result }
+                });
             }
         }
     }
 
-    async fn release(&self, lease: &LeaseId) {
-        match self.leases.release(lease).await {
-            Ok(()) => tracing::info!(%lease, "Lease released."),
-            // It expires by itself; the next owner waits for that.
-            Err(error) => tracing::warn!(%lease, %error, "Cannot release lease."),
-        }
-    }
-
-    async fn rebalance(&mut self) {
-        let members = match self.leases.heartbeat().await {
+    /// Deals the pairs by the membership just read (or, while the
+    /// heartbeat's master is unreachable, by the last one read), hands over
+    /// those outside this router's share and sends acquisitions for those
+    /// inside it.
+    fn rebalance(&mut self, heartbeat: redis::RedisResult<Vec<String>>) {
+        let members = match heartbeat {
             Ok(members) => {
                 self.members.clone_from(&members);
                 members
@@ -203,28 +332,23 @@ impl<W: StartWorker> Coordinator<W> {
             held.stop.cancel();
             held.state = State::HandingOver;
         }
+        // Each on its own: one unreachable master neither fails nor delays
+        // the pairs of the others.
         let wanted: Vec<LeaseId> = share
             .into_iter()
-            .filter(|lease| !self.held.contains_key(lease))
+            .filter(|lease| !self.held.contains_key(lease) && !self.busy.contains(lease))
             .collect();
-        // All at once, each on its own: one unreachable master neither
-        // fails nor delays the pairs of the others.
-        let sent_at = Instant::now();
-        let results = futures_util::future::join_all(
-            wanted.iter().map(|lease| self.leases.try_acquire(lease)),
-        )
-        .await;
-        let mut failed = Vec::new();
-        for (lease, result) in wanted.into_iter().zip(results) {
-            match result {
-                Ok(true) => self.gained(lease, sent_at),
-                // Still held by its previous owner, which hands it over or lets it expire.
-                Ok(false) => {}
-                Err(error) => failed.push((lease, error)),
-            }
-        }
-        if let Some((lease, error)) = failed.first() {
-            tracing::warn!(%lease, leases = failed.len(), %error, "Cannot acquire some leases; will retry.");
+        for lease in wanted {
+            let store = self.leases.clone();
+            self.send(lease, move |lease| async move {
+                let sent_at = Instant::now();
+                let result = store.try_acquire(&lease).await;
+                Answer::Acquired {
+                    lease,
+                    sent_at,
+                    result,
+                }
+            });
         }
     }
 
@@ -252,10 +376,32 @@ impl<W: StartWorker> Coordinator<W> {
         for held in self.held.values() {
             held.stop.cancel();
         }
+        // An acquisition that succeeded is released below like the others.
+        while let Some(answer) = self.awaited.next().await {
+            match answer {
+                Answer::Acquired {
+                    lease,
+                    sent_at,
+                    result: Ok(true),
+                } => {
+                    self.gained(lease.clone(), sent_at);
+                    if let Some(held) = self.held.get(&lease) {
+                        held.stop.cancel();
+                    }
+                }
+                Answer::Released { lease, result } => {
+                    self.answered(Answer::Released { lease, result })
+                }
+                _ => {}
+            }
+        }
         for (lease, held) in std::mem::take(&mut self.held) {
             let _ = held.worker.await;
             if held.state != State::Lost {
-                self.release(&lease).await;
+                match self.leases.release(&lease).await {
+                    Ok(()) => tracing::info!(%lease, "Lease released."),
+                    Err(error) => tracing::warn!(%lease, %error, "Cannot release lease."),
+                }
             }
         }
         if let Err(error) = self.leases.leave().await {

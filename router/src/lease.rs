@@ -149,23 +149,17 @@ impl LeaseStore {
         Ok(reply.is_some())
     }
 
-    /// Renews `leases` all at once; per lease, whether we still hold it,
-    /// or why that is not known (its master unreachable): one master in
-    /// trouble fails only the leases it holds.
-    pub async fn renew(&self, leases: &[&LeaseId]) -> Vec<redis::RedisResult<bool>> {
-        let renewals = leases
-            .iter()
-            .map(|lease| {
-                let mut eval = redis::cmd("EVAL");
-                eval.arg(RENEW)
-                    .arg(1)
-                    .arg(self.key(lease))
-                    .arg(&self.instance)
-                    .arg(self.ttl_ms);
-                eval
-            })
-            .collect();
-        protocol::query_each_settled(&self.con, renewals).await
+    /// Extends `lease` if we still hold it: whether we do.
+    pub async fn renew(&self, lease: &LeaseId) -> redis::RedisResult<bool> {
+        let extended: i64 = redis::cmd("EVAL")
+            .arg(RENEW)
+            .arg(1)
+            .arg(self.key(lease))
+            .arg(&self.instance)
+            .arg(self.ttl_ms)
+            .query_async(&mut self.con.clone())
+            .await?;
+        Ok(extended == 1)
     }
 
     /// Gives the lease up so another router can take it at once.
