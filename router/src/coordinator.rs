@@ -69,6 +69,14 @@ struct Held {
     state: State,
 }
 
+/// A lease command the coordinator sends without waiting for its reply.
+#[derive(Debug, Clone, Copy)]
+enum Command {
+    Renew,
+    Acquire,
+    Release,
+}
+
 /// A Redis reply the coordinator acts on when it comes.
 enum Answer {
     Renewed {
@@ -156,16 +164,7 @@ impl<W: StartWorker> Coordinator<W> {
             .map(|(lease, _)| lease.clone())
             .collect();
         for lease in renewing {
-            let store = self.leases.clone();
-            self.send(lease, move |lease| async move {
-                let sent_at = Instant::now();
-                let result = store.renew(&lease).await;
-                Answer::Renewed {
-                    lease,
-                    sent_at,
-                    result,
-                }
-            });
+            self.send(lease, Command::Renew);
         }
         let lapsed: Vec<LeaseId> = self
             .held
@@ -186,14 +185,32 @@ impl<W: StartWorker> Coordinator<W> {
         }
     }
 
-    /// Sends one command for `lease`, which gets no other until it is answered.
-    fn send<F, Fut>(&mut self, lease: LeaseId, command: F)
-    where
-        F: FnOnce(LeaseId) -> Fut,
-        Fut: Future<Output = Answer> + Send + 'static,
-    {
+    /// Sends `command` for `lease`, which gets no other until it is
+    /// answered. A renewal's or acquisition's time is taken just before it
+    /// goes out: Redis receives it later, so the lease lasts at least `ttl`
+    /// from then.
+    fn send(&mut self, lease: LeaseId, command: Command) {
         self.busy.insert(lease.clone());
-        self.awaited.push(Box::pin(command(lease)));
+        let store = self.leases.clone();
+        self.awaited.push(Box::pin(async move {
+            let sent_at = Instant::now();
+            match command {
+                Command::Renew => Answer::Renewed {
+                    result: store.renew(&lease).await,
+                    lease,
+                    sent_at,
+                },
+                Command::Acquire => Answer::Acquired {
+                    result: store.try_acquire(&lease).await,
+                    lease,
+                    sent_at,
+                },
+                Command::Release => Answer::Released {
+                    result: store.release(&lease).await,
+                    lease,
+                },
+            }
+        }));
     }
 
     fn answered(&mut self, answer: Answer) {
@@ -280,13 +297,8 @@ impl<W: StartWorker> Coordinator<W> {
                 continue;
             };
             if held.state != State::Lost {
-                let store = self.leases.clone();
                 // A renewal still awaited answers for a lease no longer held.
-                self.busy.remove(&lease);
-                self.send(lease, move |lease| async move {
-                    let result = store.release(&lease).await;
-                    Answer::Released { lease, result }
-                });
+                self.send(lease, Command::Release);
             }
         }
     }
@@ -339,16 +351,7 @@ impl<W: StartWorker> Coordinator<W> {
             .filter(|lease| !self.held.contains_key(lease) && !self.busy.contains(lease))
             .collect();
         for lease in wanted {
-            let store = self.leases.clone();
-            self.send(lease, move |lease| async move {
-                let sent_at = Instant::now();
-                let result = store.try_acquire(&lease).await;
-                Answer::Acquired {
-                    lease,
-                    sent_at,
-                    result,
-                }
-            });
+            self.send(lease, Command::Acquire);
         }
     }
 
@@ -389,19 +392,15 @@ impl<W: StartWorker> Coordinator<W> {
                         held.stop.cancel();
                     }
                 }
-                Answer::Released { lease, result } => {
-                    self.answered(Answer::Released { lease, result })
-                }
+                answer @ Answer::Released { .. } => self.answered(answer),
                 _ => {}
             }
         }
         for (lease, held) in std::mem::take(&mut self.held) {
             let _ = held.worker.await;
             if held.state != State::Lost {
-                match self.leases.release(&lease).await {
-                    Ok(()) => tracing::info!(%lease, "Lease released."),
-                    Err(error) => tracing::warn!(%lease, %error, "Cannot release lease."),
-                }
+                let result = self.leases.release(&lease).await;
+                self.answered(Answer::Released { lease, result });
             }
         }
         if let Err(error) = self.leases.leave().await {

@@ -225,7 +225,11 @@ impl Observer {
         for destination in self.registry.destinations() {
             let mut stalled = 0usize;
             for worker in destination.workers.running() {
-                match worker.check(now, self.stall_after) {
+                let change = worker.check(now, self.stall_after);
+                if change.is_stalled() {
+                    stalled += 1;
+                }
+                match change {
                     Change::Stalled(stall) => {
                         let waiting_on: Vec<&str> =
                             stall.waiting_on.iter().map(|w| w.describe()).collect();
@@ -242,10 +246,7 @@ impl Observer {
                         shard = worker.shard(),
                         "Delivery worker no longer stalled."
                     ),
-                    Change::Unchanged => {}
-                }
-                if worker.stall(now, self.stall_after).is_some() {
-                    stalled += 1;
+                    Change::Fine | Change::StillStalled => {}
                 }
             }
             metrics::gauge!("router_stalled_workers", "destination" => destination.name.clone())

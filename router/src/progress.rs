@@ -148,12 +148,23 @@ pub struct Stall {
     pub for_: Duration,
 }
 
-/// Whether a worker's state changed from or to stalled at a check.
+/// A worker's state at a check, and whether it changed from or to stalled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Unchanged,
+    /// Not stalled, as at the last check.
+    Fine,
+    /// Stalled since this check.
     Stalled(Stall),
+    /// Stalled, as at the last check.
+    StillStalled,
+    /// No longer stalled.
     Recovered,
+}
+
+impl Change {
+    pub fn is_stalled(&self) -> bool {
+        matches!(self, Change::Stalled(_) | Change::StillStalled)
+    }
 }
 
 impl Progress {
@@ -196,8 +207,10 @@ impl Progress {
     }
 
     /// The stall, if the worker has made no progress for `after` while
-    /// waiting on something that is not legitimate.
-    pub fn stall(&self, now: Instant, after: Duration) -> Option<Stall> {
+    /// waiting on something that is not legitimate (the tests' probe;
+    /// the router asks [`Progress::check`]).
+    #[cfg(test)]
+    fn stall(&self, now: Instant, after: Duration) -> Option<Stall> {
         stall_of(&self.lock(), now, after, self.read_span)
     }
 
@@ -210,11 +223,12 @@ impl Progress {
                 state.reported = true;
                 Change::Stalled(stall)
             }
+            (Some(_), true) => Change::StillStalled,
             (None, true) => {
                 state.reported = false;
                 Change::Recovered
             }
-            _ => Change::Unchanged,
+            (None, false) => Change::Fine,
         }
     }
 
@@ -451,10 +465,10 @@ mod tests {
         let waiting = progress.enter(Wait::Fetching);
         let at = later(AFTER * 2);
         assert!(matches!(progress.check(at, AFTER), Change::Stalled(_)));
-        assert_eq!(progress.check(at, AFTER), Change::Unchanged);
+        assert_eq!(progress.check(at, AFTER), Change::StillStalled);
         drop(waiting);
         assert_eq!(progress.check(at, AFTER), Change::Recovered);
-        assert_eq!(progress.check(at, AFTER), Change::Unchanged);
+        assert_eq!(progress.check(at, AFTER), Change::Fine);
     }
 
     #[test]
