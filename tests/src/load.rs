@@ -1,5 +1,5 @@
-//! Client loads for fault tests. [`Load`]: users post numbered events one
-//! after another, like real clients: on 503 or a connection error they retry
+//! Client loads for fault tests. [`Load`]: users `user-0…` post numbered
+//! events (`{"n": 0, 1, …}`) one after another, like real clients: on 503 or a connection error they retry
 //! the same event with the same `messageId` (so a retry of a write that did
 //! land is not stored twice) before moving on to the next. [`HastyLoad`]:
 //! users without `messageId` who move on after any answer, so a write
@@ -68,7 +68,7 @@ impl Load {
                     let body = serde_json::json!({
                         "userId": format!("user-{user}"),
                         "messageId": format!("user-{user}-{seq}"),
-                        "payload": { "seq": seq },
+                        "payload": { "n": seq },
                     });
                     let first_try = Instant::now();
                     loop {

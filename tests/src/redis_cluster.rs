@@ -175,7 +175,7 @@ impl RedisCluster {
     /// Waits until every replica has finished its first sync and follows
     /// its master: before that a failover would promote a replica holding
     /// none of the recent writes.
-    async fn wait_replicas_synced(&self, within: Duration) {
+    pub async fn wait_replicas_synced(&self, within: Duration) {
         let urls: Vec<String> = self.nodes.iter().map(Node::url).collect();
         wait_for("every replica to sync with its master", within, || {
             let urls = urls.clone();
@@ -382,6 +382,38 @@ impl RedisCluster {
             .expect("the master is one of ours")
             .kill();
         port
+    }
+
+    /// Starts the node at `port` again after [`Self::kill_master_of`], on
+    /// its own data and `nodes.conf`: it rejoins the cluster as a replica
+    /// of the node that took over its slots. Waits until it follows that
+    /// node and every replica is in sync.
+    pub async fn restart(&mut self, port: u16, within: Duration) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("the node is one of ours");
+        assert!(node.child.is_none(), "node {port} is still running");
+        node.spawn();
+        let url = node.url();
+        // It starts as the master it was, until the cluster tells it
+        // another node serves its slots now.
+        wait_for(
+            "the restarted node to follow its successor, in sync",
+            within,
+            || async {
+                info_replication(&url).await.is_some_and(|info| {
+                    let field = |name| protocol::info_field(&info, name);
+                    field("role") == Some("slave")
+                        && field("master_link_status") == Some("up")
+                        && field("master_sync_in_progress") == Some("0")
+                })
+            },
+        )
+        .await;
+        self.wait_healthy(within).await;
+        self.wait_replicas_synced(within).await;
     }
 
     /// Waits until a live master other than `old_port` serves `key`: its

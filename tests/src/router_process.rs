@@ -71,6 +71,17 @@ impl RouterProcess {
         kib * 1024
     }
 
+    /// SIGSTOP: the router keeps its connections and does nothing, as in
+    /// a long GC-like stall or a VM paused; [`Self::resume`] ends it.
+    pub fn pause(&self) {
+        crate::redis_server::send_signal(&self.child, "-STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        crate::redis_server::send_signal(&self.child, "-CONT");
+    }
+
     /// SIGKILL: no shutdown code runs, as in a crash or an OOM kill.
     pub fn kill(mut self) {
         self.child.kill().expect("kill router");
