@@ -76,6 +76,20 @@ impl ConsumerError {
     }
 }
 
+/// KEYS: the shard stream. ARGV: the group. The id of the first entry
+/// after the group's last-delivered id, or false (none, or no such group).
+const OLDEST_UNREAD: &str = r"
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == ARGV[1] then
+    local next = redis.call('XRANGE', KEYS[1], '(' .. info['last-delivered-id'], '+', 'COUNT', 1)[1]
+    return next and next[1] or false
+  end
+end
+return false
+";
+
 /// One destination's consumer group on one shard stream.
 pub struct GroupConsumer {
     shard: u16,
@@ -250,6 +264,22 @@ impl GroupConsumer {
                 content: EntryContent::Deleted,
             }),
         }
+    }
+
+    /// The id of the oldest entry the group has not read yet, if any.
+    pub async fn oldest_unread(&self) -> Result<Option<StreamId>, ConsumerError> {
+        let id: Option<String> = redis::cmd("EVAL")
+            .arg(OLDEST_UNREAD)
+            .arg(1)
+            .arg(&self.stream)
+            .arg(&self.group)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        id.map(|id| {
+            id.parse()
+                .map_err(|reason: String| ConsumerError::Reply(format!("stream id {id}: {reason}")))
+        })
+        .transpose()
     }
 
     /// Acknowledges an entry this destination is done with without

@@ -281,41 +281,27 @@ impl Job {
     ) -> Step {
         let destination = &self.context.destination;
         let stats = &destination.stats;
-        if let Some(age) = expired(request.age_from_ms, prepared_with.max_age) {
-            let error = format!(
-                "expired: undelivered {}s after it was accepted (max_age_ms)",
-                age.as_secs()
-            );
-            tracing::warn!(parent: self.span(Some(request)), attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
-            let record = Record {
-                event_id: &request.event_id,
-                user: &request.event.user_id,
-                attempt: attempt - 1,
-                status: None,
-                latency_ms: 0,
-                outcome: Logged::DeadLettered,
-                error: Some(&error),
-            };
-            let end = self
-                .dead_letter(
-                    entry,
-                    &request.event_id,
-                    attempt - 1,
-                    None,
-                    &error,
-                    Some(&record),
-                )
-                .await;
-            return Step::Done(end);
+        let max_age = prepared_with.max_age;
+        if expired(request.age_from_ms, max_age).is_some() {
+            return Step::Done(self.expire(entry, request, attempt).await);
         }
         let progress = &self.context.progress;
         let waiting = progress.enter(Wait::Gates);
-        let Some(Gates { slot, pass, waited }) =
-            pass_gates(destination, attempt, &self.context.shutdown).await
-        else {
-            return Step::Done(JobEnd::Abandoned);
+        // The event's age keeps counting while it waits for a paused
+        // destination, an open circuit or the rate limit.
+        let expiry = time_left(request.age_from_ms, max_age).map(|left| Instant::now() + left);
+        let at_gates = tokio::select! {
+            gates = pass_gates(destination, attempt, &self.context.shutdown) => {
+                gates.map_or(AtGates::Shutdown, AtGates::Passed)
+            }
+            () = sleep_until(expiry) => AtGates::Expired,
         };
         drop(waiting);
+        let Gates { slot, pass, waited } = match at_gates {
+            AtGates::Passed(gates) => gates,
+            AtGates::Expired => return Step::Done(self.expire(entry, request, attempt).await),
+            AtGates::Shutdown => return Step::Done(JobEnd::Abandoned),
+        };
         if self.first_attempt.is_some() {
             self.held_at_gates += waited;
         }
@@ -421,11 +407,43 @@ impl Job {
                 .await;
             return Step::Done(end);
         };
+        // A retry due after the event expires waits only until then.
+        let delay =
+            time_left(request.age_from_ms, endpoint.max_age).map_or(delay, |left| delay.min(left));
         stats.attempted(AttemptResult::Retry, latency);
         self.context.consumer.record_retry(&record).await;
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         tracing::info!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
         Step::RetryAfter(delay)
+    }
+
+    /// Dead-letters an event past its destination's `max_age_ms`, before
+    /// attempt number `attempt`.
+    async fn expire(&self, entry: &Entry, request: &Request<'_>, attempt: u32) -> JobEnd {
+        let age = age_since(request.age_from_ms);
+        let error = format!(
+            "expired: undelivered {}s after it was accepted (max_age_ms)",
+            age.as_secs()
+        );
+        tracing::warn!(parent: self.span(Some(request)), attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
+        let record = Record {
+            event_id: &request.event_id,
+            user: &request.event.user_id,
+            attempt: attempt - 1,
+            status: None,
+            latency_ms: 0,
+            outcome: Logged::DeadLettered,
+            error: Some(&error),
+        };
+        self.dead_letter(
+            entry,
+            &request.event_id,
+            attempt - 1,
+            None,
+            &error,
+            Some(&record),
+        )
+        .await
     }
 
     /// Records the dead letter (and the acknowledgement with it).
@@ -520,6 +538,14 @@ fn prepare<'a>(entry: &'a Entry, endpoint: &Endpoint, shard: u16) -> Prepared<'a
     }
 }
 
+/// How an event's wait at the gates ended.
+enum AtGates<'a> {
+    Passed(Gates<'a>),
+    /// It reached its destination's `max_age_ms` first.
+    Expired,
+    Shutdown,
+}
+
 /// Leave to make an attempt.
 struct Gates<'a> {
     slot: SemaphorePermit<'a>,
@@ -587,8 +613,21 @@ fn age_since(unix_ms: u64) -> Duration {
     Duration::from_millis(protocol::unix_millis().saturating_sub(unix_ms))
 }
 
-/// How old the event is, if older than `max_age`.
+/// How old the event is, if it has reached `max_age`.
 fn expired(since_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
     let age = age_since(since_ms);
-    max_age.filter(|max| age > *max).map(|_| age)
+    max_age.filter(|max| age >= *max).map(|_| age)
+}
+
+/// How long until the event reaches `max_age` (`None`: it never expires).
+fn time_left(since_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
+    max_age.map(|max| max.saturating_sub(age_since(since_ms)))
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
 }

@@ -37,6 +37,10 @@ use crate::lease::LeaseGuard;
 use crate::parking::{Admission, Next, ParkedCount, UserQueues};
 use crate::progress::{Progress, Wait};
 
+/// How soon a paused destination's reader looks again for expired entries
+/// after the look failed.
+const RETRY_PAUSED_LOOK: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
     pub batch_size: usize,
@@ -385,9 +389,8 @@ async fn read_loop(
                 }
             }
         }
-        // Paused: read nothing more, so the group's lag shows the backlog.
         let waiting = progress.enter(Wait::Paused);
-        if !destination.wait_until_resumed(&shutdown).await {
+        if !wait_while_paused(&consumer, &destination, &shutdown).await {
             return;
         }
         drop(waiting);
@@ -458,6 +461,48 @@ async fn read_loop(
                 // us; re-read the pending list before anything newer.
                 from = ReadFrom::Pending(StreamId::default());
             }
+        }
+    }
+}
+
+/// Waits while `destination` is paused, reading nothing more, so that the
+/// group's lag shows the backlog: until it is resumed or, when it has a
+/// `max_age_ms`, until the oldest entry it has not read on this shard
+/// reaches that age. Then the reader reads on while paused, and its jobs
+/// dead-letter what expired (`job.rs`): an event's age counts while its
+/// destination is paused. False at shutdown.
+async fn wait_while_paused(
+    consumer: &GroupConsumer,
+    destination: &Destination,
+    shutdown: &CancellationToken,
+) -> bool {
+    loop {
+        if !destination.is_paused() {
+            return true;
+        }
+        let Some(max_age) = destination.endpoint().max_age else {
+            return destination.wait_until_resumed(shutdown).await;
+        };
+        let look_again = match consumer.oldest_unread().await {
+            Ok(Some(oldest)) => {
+                let age = Duration::from_millis(protocol::unix_millis().saturating_sub(oldest.ms));
+                if age >= max_age {
+                    return true;
+                }
+                max_age - age
+            }
+            // An entry added from now on expires no sooner than this.
+            Ok(None) => max_age,
+            Err(error) => {
+                tracing::warn!(shard = consumer.shard(), %error, "Cannot look for expired entries of a paused destination; retrying.");
+                RETRY_PAUSED_LOOK
+            }
+        };
+        // A lowered `max_age_ms` applies within a minute.
+        let look_again = look_again.min(Duration::from_secs(60));
+        tokio::select! {
+            resumed = destination.wait_until_resumed(shutdown) => return resumed,
+            () = tokio::time::sleep(look_again) => {}
         }
     }
 }

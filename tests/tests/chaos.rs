@@ -143,9 +143,13 @@ async fn chaos_on_a_cluster_loses_and_reorders_nothing() {
     })
     .await;
     keep_every_entry(&system).await;
+    // The routers' logs outlive the test where EVD_CHAOS_LOGS points.
     let dir = tempfile::tempdir().expect("temp dir");
+    let logs =
+        std::env::var_os("EVD_CHAOS_LOGS").map_or_else(|| dir.path().to_owned(), PathBuf::from);
+    std::fs::create_dir_all(&logs).expect("the log directory");
     let config = system.write_router_config(dir.path());
-    let mut routers = Routers::start(&config, dir.path());
+    let mut routers = Routers::start(&config, &logs);
     wait_leases_held(&system).await;
 
     let load = Load::until_stopped(&system, USERS, PACE);
