@@ -10,12 +10,11 @@
 //! outcome, so anything unfinished at a crash is still pending at restart
 //! and is read again from the PEL, in id order, before new entries.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use protocol::RedisConnection;
 use protocol::{EventEntry, Keys, Replay, StreamId};
-use redis::{FromRedisValue, Value};
+use redis::Value;
 
 use crate::acks::{AckError, AckWriter};
 use crate::catalog::{Catalog, CatalogError};
@@ -88,6 +87,21 @@ for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   end
 end
 return false
+";
+
+/// KEYS: the shard stream. ARGV: the group, our consumer name. Deletes
+/// the group's other consumers that have nothing pending; returns their names.
+const REMOVE_IDLE_CONSUMERS: &str = r"
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[2] and info['pending'] == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(removed, info['name'])
+  end
+end
+return removed
 ";
 
 /// One destination's consumer group on one shard stream.
@@ -185,34 +199,19 @@ impl GroupConsumer {
     /// Removes the group's other consumers that hold nothing pending: names
     /// of earlier owners, which would otherwise accumulate with every
     /// restart. Only the lease holder calls this, after claiming their
-    /// entries, so none of them is still reading.
+    /// entries. The check and the removal are one script: a consumer that
+    /// read entries after the claim (an earlier owner that has not yet seen
+    /// its lease go) keeps them pending, to be claimed, instead of losing
+    /// them with its name.
     pub async fn remove_idle_consumers(&self) -> Result<Vec<String>, ConsumerError> {
-        let consumers: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
-            .arg("CONSUMERS")
+        Ok(redis::cmd("EVAL")
+            .arg(REMOVE_IDLE_CONSUMERS)
+            .arg(1)
             .arg(&self.stream)
             .arg(&self.group)
+            .arg(&self.consumer)
             .query_async(&mut self.commands.clone())
-            .await?;
-        let mut removed = Vec::new();
-        for consumer in consumers {
-            let field = |name: &str| consumer.get(name).cloned().unwrap_or(Value::Nil);
-            let name = String::from_redis_value(field("name"))
-                .map_err(|e| ConsumerError::Reply(format!("XINFO CONSUMERS name: {e}")))?;
-            let pending = i64::from_redis_value(field("pending"))
-                .map_err(|e| ConsumerError::Reply(format!("XINFO CONSUMERS pending: {e}")))?;
-            if name == self.consumer || pending > 0 {
-                continue;
-            }
-            let _: i64 = redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
-                .arg(&self.stream)
-                .arg(&self.group)
-                .arg(&name)
-                .query_async(&mut self.commands.clone())
-                .await?;
-            removed.push(name);
-        }
-        Ok(removed)
+            .await?)
     }
 
     /// Reads up to `count` entries. Reading new entries blocks up to `block`.

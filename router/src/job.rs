@@ -181,6 +181,8 @@ impl Job {
                     return end;
                 }
                 Prepared::Deleted => {
+                    // Nothing deletes an entry a group still needs: worth a look.
+                    tracing::warn!(parent: self.span(None), stream_id = %entry.id, "An entry pending on this destination is gone from the stream; acknowledging it.");
                     let consumer = &self.context.consumer;
                     return self.record(|| consumer.ack(entry.id)).await;
                 }

@@ -23,10 +23,15 @@
 //! `scripts/soak.sh` runs it with any seed for longer; results in
 //! docs/guarantees.md.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{wait_for, Load, RedisCluster, RouterProcess, TestDestination, TestSystem, SHARDS};
+use e2e_tests::{
+    holds_within, wait_for, Accepted, Load, RedisCluster, RouterProcess, TestDestination,
+    TestSystem, SHARDS,
+};
+use protocol::EventId;
 
 /// Users posting throughout, one event every [`PACE`] each at most.
 const USERS: usize = 20;
@@ -160,6 +165,10 @@ async fn chaos_on_a_cluster_loses_and_reorders_nothing() {
         rng.shuffle(&mut order);
         for fault in order {
             let hold = Duration::from_millis(rng.u64(2000..=5000));
+            eprintln!(
+                "{:>6.1} s  {fault:?} begins",
+                started.elapsed().as_secs_f64()
+            );
             let target = inject(fault, hold, &mut rng, &mut system, &mut routers).await;
             let healed = Instant::now();
             wait_recovered(&system).await;
@@ -185,7 +194,16 @@ async fn chaos_on_a_cluster_loses_and_reorders_nothing() {
     }
     let accepted = load.stop().await;
     let stopped = Instant::now();
-    system.assert_all_delivered(&accepted, DRAIN_BOUND).await;
+    let all_arrived = || async {
+        ["x", "y"].iter().all(|destination| {
+            let ids = accepted.iter().map(|a| a.id.as_str());
+            system.recorder.missing(system.path_of(destination), ids) == 0
+        })
+    };
+    if !holds_within(DRAIN_BOUND, all_arrived).await {
+        describe_missing(&system, &accepted, started).await;
+    }
+    system.assert_all_delivered(&accepted, Duration::ZERO).await;
     let drained_in = stopped.elapsed();
     let users: Vec<String> = (0..USERS).map(|user| format!("user-{user}")).collect();
     let behind = system.stored_out_of_user_order(&users).await;
@@ -314,4 +332,71 @@ async fn wait_leases_held(system: &TestSystem) {
         },
     )
     .await;
+}
+
+/// The accepted events each destination has not received, by destination
+/// and shard.
+fn missing(system: &TestSystem, accepted: &[Accepted]) -> BTreeMap<(String, u16), usize> {
+    let mut missing = BTreeMap::new();
+    for destination in ["x", "y"] {
+        let path = system.path_of(destination);
+        for event in accepted {
+            if system
+                .recorder
+                .missing(path, std::iter::once(event.id.as_str()))
+                > 0
+            {
+                let shard = event.id.parse::<EventId>().expect("an event id").shard;
+                *missing.entry((destination.to_owned(), shard)).or_default() += 1;
+            }
+        }
+    }
+    missing
+}
+
+/// Prints, for each (destination, shard) still missing events, what its
+/// consumer group says: what a stuck pair is stuck on.
+async fn describe_missing(system: &TestSystem, accepted: &[Accepted], started: Instant) {
+    for destination in ["x", "y"] {
+        let path = system.path_of(destination);
+        let lost: Vec<String> = accepted
+            .iter()
+            .filter(|a| {
+                system
+                    .recorder
+                    .missing(path, std::iter::once(a.id.as_str()))
+                    > 0
+            })
+            .take(20)
+            .map(|a| {
+                format!(
+                    "{} (sent at {:.2} s, answered at {:.2} s)",
+                    a.id,
+                    a.sent_at.duration_since(started).as_secs_f64(),
+                    a.answered_at.duration_since(started).as_secs_f64()
+                )
+            })
+            .collect();
+        eprintln!("{destination} misses: {lost:?}");
+    }
+    let mut con = system.redis.connection().await;
+    for ((destination, shard), count) in missing(system, accepted) {
+        let groups: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(system.keys.events(shard))
+            .query_async(&mut con)
+            .await
+            .expect("XINFO GROUPS");
+        let consumers: redis::Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(system.keys.events(shard))
+            .arg(&destination)
+            .query_async(&mut con)
+            .await
+            .expect("XINFO CONSUMERS");
+        eprintln!(
+            "{destination} misses {count} events of shard {shard}; groups: {groups:?}; \
+             consumers of {destination}: {consumers:?}"
+        );
+    }
 }
