@@ -1,7 +1,8 @@
 //! Seeded chaos on a Redis Cluster (issue 27): a cluster with two replicas
-//! per master, two routers run as child processes, the gateway, two
-//! destinations and users posting throughout. Faults come one at a time,
-//! each bounded, in an order and on targets the seed chooses:
+//! per master (the gateway waiting for both), two routers run as child
+//! processes, the gateway, two destinations and users posting throughout.
+//! Faults come one at a time, each bounded, in an order and on targets the
+//! seed chooses:
 //!
 //! - a master SIGSTOPped past the node timeout (its replica may take over);
 //! - a master SIGKILLed, its replica promoted, then restarted as a replica;
@@ -141,9 +142,12 @@ async fn chaos_on_a_cluster_loses_and_reorders_nothing() {
 
     let cluster = RedisCluster::start_with_replicas(2).await;
     let mut system = TestSystem::start_custom(cluster, destinations(), |gateway| {
-        // An event is acknowledged once a replica has it too: a failover
-        // loses no acknowledged event.
-        gateway.replication.min_replicas = 1;
+        // An event is acknowledged once every replica of its master has
+        // it. With one of two, a master paused past the node timeout loses
+        // writes it takes in the moment after it resumes, before it learns
+        // that its replica took over: the other replica still follows it
+        // and confirms them (seen in 3 of 4 runs; docs/guarantees.md).
+        gateway.replication.min_replicas = 2;
         gateway.replication.timeout_ms = 500;
     })
     .await;
