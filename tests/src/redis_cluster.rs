@@ -280,6 +280,22 @@ impl RedisCluster {
         times
     }
 
+    /// Each live master's port and the replicas connected to it (`INFO
+    /// replication`); `None` for a master that does not answer.
+    pub async fn replicas_per_master(&self) -> BTreeMap<u16, Option<usize>> {
+        let mut replicas = BTreeMap::new();
+        for node in self.topology().await.iter().filter(|n| n.is_live_master()) {
+            let url = format!("redis://127.0.0.1:{}", node.port);
+            let count = info_replication(&url).await.and_then(|info| {
+                protocol::info_field(&info, "connected_slaves")?
+                    .parse()
+                    .ok()
+            });
+            replicas.insert(node.port, count);
+        }
+        replicas
+    }
+
     /// Clients connected to the live nodes, and how many of them are blocked
     /// in a command (a blocking XREADGROUP), summed over the nodes. Each
     /// node also counts the connection that asks it.

@@ -177,11 +177,14 @@ async fn chaos_on_a_cluster_loses_and_reorders_nothing() {
             let healed = Instant::now();
             wait_recovered(&system).await;
             let recovered_in = healed.elapsed();
+            let cluster = system.redis.cluster().expect("a cluster");
             eprintln!(
-                "{:>6.1} s  {fault:?} on {target}, held {} ms, recovered in {} ms",
+                "{:>6.1} s  {fault:?} on {target}, held {} ms, recovered in {} ms; \
+                 replicas per master: {:?}",
                 started.elapsed().as_secs_f64(),
                 hold.as_millis(),
-                recovered_in.as_millis()
+                recovered_in.as_millis(),
+                cluster.replicas_per_master().await
             );
             injected.push(Injected {
                 fault,
