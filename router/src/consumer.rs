@@ -199,10 +199,11 @@ impl GroupConsumer {
     /// Removes the group's other consumers that hold nothing pending: names
     /// of earlier owners, which would otherwise accumulate with every
     /// restart. Only the lease holder calls this, after claiming their
-    /// entries. The check and the removal are one script: a consumer that
-    /// read entries after the claim (an earlier owner that has not yet seen
-    /// its lease go) keeps them pending, to be claimed, instead of losing
-    /// them with its name.
+    /// entries. The check and the removal are one script: a router paused
+    /// between deciding and deleting once deleted, on resuming, the consumer
+    /// of the router that had taken the pair over meanwhile, and with it
+    /// every entry pending on it (the chaos test, seed 1). Now a consumer
+    /// with anything pending is never deleted, whoever asks and however late.
     pub async fn remove_idle_consumers(&self) -> Result<Vec<String>, ConsumerError> {
         Ok(redis::cmd("EVAL")
             .arg(REMOVE_IDLE_CONSUMERS)

@@ -8,7 +8,8 @@
 //! - dead (permanent answer or attempts exhausted) → dead-letter + XACK in one MULTI;
 //! - not for this destination (addressed elsewhere, or of an event type it
 //!   does not subscribe to), or deleted from the stream → XACK;
-//! - expired (older than the destination's `max_age_ms`) → dead-letter + XACK;
+//! - expired (older than the destination's `max_age_ms`, checked before
+//!   each attempt and while it waits at the gates) → dead-letter + XACK;
 //! - abandoned at shutdown or when the lease goes → nothing: it stays
 //!   pending and is redelivered by the next owner.
 //!
