@@ -285,7 +285,7 @@ impl Job {
         let destination = &self.context.destination;
         let stats = &destination.stats;
         let max_age = prepared_with.max_age;
-        if expired(request.age_from_ms, max_age).is_some() {
+        if expired(request.age_from_ms, max_age) {
             return Step::Done(self.expire(entry, request, attempt).await);
         }
         let progress = &self.context.progress;
@@ -616,10 +616,9 @@ fn age_since(unix_ms: u64) -> Duration {
     Duration::from_millis(protocol::unix_millis().saturating_sub(unix_ms))
 }
 
-/// How old the event is, if it has reached `max_age`.
-fn expired(since_ms: u64, max_age: Option<Duration>) -> Option<Duration> {
-    let age = age_since(since_ms);
-    max_age.filter(|max| age >= *max).map(|_| age)
+/// Whether the event has reached `max_age`.
+fn expired(since_ms: u64, max_age: Option<Duration>) -> bool {
+    max_age.is_some_and(|max| age_since(since_ms) >= max)
 }
 
 /// How long until the event reaches `max_age` (`None`: it never expires).

@@ -292,15 +292,14 @@ async fn inject(
             routers.get(router).resume();
             ROUTERS[router].to_owned()
         }
-        Fault::DestinationDown => {
-            let path = system.path_of("x").to_owned();
-            system.recorder.set_outage(&path, true);
-            tokio::time::sleep(hold).await;
-            system.recorder.set_outage(&path, false);
-            path
-        }
-        Fault::DestinationHangs => {
-            let path = system.path_of("y").to_owned();
+        Fault::DestinationDown | Fault::DestinationHangs => {
+            // `x` answers 503 during its outage; `y` holds each request.
+            let destination = if fault == Fault::DestinationDown {
+                "x"
+            } else {
+                "y"
+            };
+            let path = system.path_of(destination).to_owned();
             system.recorder.set_outage(&path, true);
             tokio::time::sleep(hold).await;
             system.recorder.set_outage(&path, false);
