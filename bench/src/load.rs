@@ -57,12 +57,22 @@ pub struct LoadSpec {
     /// Open loop: spread this many events per second evenly over the
     /// connections instead of sending as fast as possible.
     pub rate: Option<f64>,
+    /// With `Some(n)`, each user sends events of one type only: the k-th
+    /// user of the run sends `t<k mod n>` (see [`event_type`]).
+    pub event_types: Option<usize>,
+}
+
+/// The event type the k-th user of a run sends, out of `types`.
+pub fn event_type(k: usize, types: usize) -> String {
+    format!("t{}", k % types)
 }
 
 #[derive(Debug, Default)]
 pub struct LoadResult {
     /// Events the gateway accepted (202), per user.
     pub accepted: HashMap<String, u64>,
+    /// The event type of each user that sends one.
+    pub event_types: HashMap<String, String>,
     /// Requests answered with something other than 202, or not answered.
     pub refused: u64,
     /// Per accepted request, microseconds from sending to the 202.
@@ -73,6 +83,15 @@ pub struct LoadResult {
 impl LoadResult {
     pub fn events(&self) -> u64 {
         self.accepted.values().sum()
+    }
+
+    /// Per user, the events accepted of type `event_type`.
+    pub fn accepted_of_type(&self, event_type: &str) -> HashMap<String, u64> {
+        self.accepted
+            .iter()
+            .filter(|(user, _)| self.event_types.get(*user).map(String::as_str) == Some(event_type))
+            .map(|(user, &count)| (user.clone(), count))
+            .collect()
     }
 
     pub fn events_per_sec(&self) -> f64 {
@@ -87,6 +106,7 @@ impl LoadResult {
     /// users must differ (each run names its own).
     pub fn absorb(&mut self, other: LoadResult) {
         self.accepted.extend(other.accepted);
+        self.event_types.extend(other.event_types);
         self.refused += other.refused;
         self.latencies_us.extend(other.latencies_us);
         self.elapsed += other.elapsed;
@@ -123,6 +143,13 @@ pub async fn run(
             users: (0..spec.users_per_connection)
                 .map(|user| (format!("{}-{connection}-{user}", spec.users_named), 0))
                 .collect(),
+            event_types: (0..spec.users_per_connection)
+                .map(|user| {
+                    spec.event_types.map(|types| {
+                        event_type(connection * spec.users_per_connection + user, types)
+                    })
+                })
+                .collect(),
             cursor: 0,
             budget: budget.clone(),
         };
@@ -147,6 +174,8 @@ struct Worker {
     spec: LoadSpec,
     /// Each user of this connection and the sequence number it sends next.
     users: Vec<(String, u64)>,
+    /// Beside each user, the type of its events, if they have one.
+    event_types: Vec<Option<String>>,
     cursor: usize,
     /// Events claimed so far over all workers, for [`Stop::Events`].
     budget: Arc<AtomicU64>,
@@ -213,6 +242,11 @@ impl Worker {
                 }
             }
         }
+        for ((user, _), event_type) in self.users.iter().zip(self.event_types) {
+            if let Some(event_type) = event_type {
+                result.event_types.insert(user.clone(), event_type);
+            }
+        }
         // Users start at 0, so the sequence number each reached is its count.
         result.accepted = self.users.into_iter().collect();
         Ok(result)
@@ -239,12 +273,17 @@ impl Worker {
         let users = self.users.len();
         let events: Vec<String> = (0..count)
             .map(|i| {
-                let (user, next) = &self.users[(self.cursor + i) % users];
+                let position = (self.cursor + i) % users;
+                let (user, next) = &self.users[position];
                 // A user recurs every `users` positions, so `i / users` of
                 // its events come earlier in this request.
                 let seq = next + (i / users) as u64;
+                let event_type = self.event_types[position]
+                    .as_ref()
+                    .map(|t| format!(r#""eventType":"{t}","#))
+                    .unwrap_or_default();
                 format!(
-                    r#"{{"userId":"{user}","payload":{{"seq":{seq},"sentAt":{now},"pad":"{PAD}"}}}}"#
+                    r#"{{"userId":"{user}",{event_type}"payload":{{"seq":{seq},"sentAt":{now},"pad":"{PAD}"}}}}"#
                 )
             })
             .collect();

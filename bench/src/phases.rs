@@ -1,6 +1,7 @@
 //! The benchmark's phases, each from an empty Redis: the no-op ceiling,
 //! ingest, drain, and end-to-end latency against offered load.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,31 @@ pub enum Phase {
     Ceiling,
     Ingest,
     Drain,
+    /// Drains to 1, 16 and 64 destinations that each take one event type,
+    /// and to 16 that take everything.
+    Destinations,
     EndToEnd,
+}
+
+/// The destinations phase's layouts, in the order of each round.
+const DESTINATION_LAYOUTS: [Layout; 4] = [
+    Layout::Filtered(1),
+    Layout::Filtered(16),
+    Layout::Filtered(64),
+    Layout::FannedOut(16),
+];
+
+fn print_drain(row: &DrainRow) {
+    eprintln!(
+        "  {:.0} events/s; CPU: router {:.1} µs/delivery, Redis {:.1} µs/event; \
+         router: {} Redis connections, peak RSS {} MB; {}",
+        row.events_per_sec,
+        row.router_cpu_us,
+        row.redis_cpu_us,
+        row.router_connections,
+        row.router_peak_rss / 1_000_000,
+        check::summary(&row.verdicts)
+    );
 }
 
 /// How long and how big each phase is.
@@ -49,6 +74,10 @@ pub struct Plan {
     pub big_drain_events: u64,
     /// Events drained to three destinations (the CPU-per-delivery figure).
     pub fan_out_drain_events: u64,
+    /// Events per drain of the destinations phase, and how many rounds of
+    /// its layouts run.
+    pub destinations_events: u64,
+    pub destinations_rounds: usize,
     pub e2e_rate: f64,
     pub e2e_for: Duration,
     pub curve_rates: Vec<f64>,
@@ -64,6 +93,8 @@ impl Plan {
             drain_events: 100_000,
             big_drain_events: 1_000_000,
             fan_out_drain_events: 100_000,
+            destinations_events: 16_000,
+            destinations_rounds: 2,
             e2e_rate: 2000.0,
             e2e_for: Duration::from_secs(20),
             curve_rates: vec![250.0, 500.0, 1000.0, 4000.0, 8000.0],
@@ -80,6 +111,8 @@ impl Plan {
             drain_events: 5_000,
             big_drain_events: 20_000,
             fan_out_drain_events: 5_000,
+            destinations_events: 2_000,
+            destinations_rounds: 1,
             e2e_rate: 500.0,
             e2e_for: Duration::from_secs(2),
             curve_rates: vec![250.0],
@@ -140,12 +173,40 @@ impl Share {
     }
 }
 
+/// How a drain's destinations divide the events between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Every destination takes every event.
+    FannedOut(usize),
+    /// Destination i takes only events of type `t<i>`, and each user sends
+    /// one type: every event goes to exactly one destination.
+    Filtered(usize),
+}
+
+impl Layout {
+    pub fn destinations(self) -> usize {
+        match self {
+            Layout::FannedOut(n) | Layout::Filtered(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Layout::FannedOut(n) => write!(f, "{n} fanned out"),
+            Layout::Filtered(n) => write!(f, "{n} filtered"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DrainRow {
     pub events: u64,
     pub users: usize,
-    /// Each event goes to every one of them.
-    pub destinations: usize,
+    pub layout: Layout,
+    /// Events delivered, summed over the destinations.
+    pub deliveries: u64,
     /// From the router's start to the last event's arrival everywhere.
     pub seconds: f64,
     pub events_per_sec: f64,
@@ -153,13 +214,17 @@ pub struct DrainRow {
     /// The router's user + system time from its start, per delivery (an
     /// event delivered to three destinations is three deliveries).
     pub router_cpu_us: f64,
+    /// redis-server's CPU time over the same span, per stored event.
+    pub redis_cpu_us: f64,
+    /// Redis client connections the router opened.
+    pub router_connections: u64,
     /// One per destination.
     pub verdicts: Vec<Verdict>,
 }
 
 impl DrainRow {
-    pub fn deliveries(&self) -> u64 {
-        self.events * self.destinations as u64
+    pub fn destinations(&self) -> usize {
+        self.layout.destinations()
     }
 
     pub fn passed(&self) -> bool {
@@ -191,6 +256,8 @@ pub struct Results {
     pub drain: DrainRow,
     pub big_drain: DrainRow,
     pub fan_out_drain: DrainRow,
+    /// The destinations phase, round by round in [`DESTINATION_LAYOUTS`] order.
+    pub destinations: Vec<DrainRow>,
     pub e2e: LatencyRow,
     pub curve: Vec<LatencyRow>,
     pub gateway_peak_rss: u64,
@@ -205,8 +272,9 @@ impl Results {
             .filter_map(|row| row.verdict)
             .all(|v| v.passed())
             && [&self.drain, &self.big_drain, &self.fan_out_drain]
-                .iter()
-                .all(|row| row.passed())
+                .into_iter()
+                .chain(&self.destinations)
+                .all(DrainRow::passed)
             && std::iter::once(&self.e2e)
                 .chain(&self.curve)
                 .flat_map(|row| &row.verdicts)
@@ -303,26 +371,42 @@ impl Bench {
         if wanted(Phase::Drain) {
             let plan = &self.plan;
             let mut rows = Vec::new();
-            for (events, label, destinations) in [
-                (plan.drain_events, "drain", 1),
-                (plan.big_drain_events, "drain-big", 1),
-                (plan.fan_out_drain_events, "drain-fan-out", 3),
+            for (events, label, layout) in [
+                (plan.drain_events, "drain", Layout::FannedOut(1)),
+                (plan.big_drain_events, "drain-big", Layout::FannedOut(1)),
+                (
+                    plan.fan_out_drain_events,
+                    "drain-fan-out",
+                    Layout::FannedOut(3),
+                ),
             ] {
-                eprintln!("» drain {events} events to {destinations} destination(s)");
+                eprintln!("» drain {events} events to {layout} destination(s)");
                 let row = self
-                    .drain(&redis, &gateway_url, events, label, destinations)
+                    .drain(&redis, &gateway_url, events, label, layout)
                     .await?;
-                eprintln!(
-                    "  {:.0} events/s, router CPU {:.1} µs/delivery, router peak RSS {} MB; {}",
-                    row.events_per_sec,
-                    row.router_cpu_us,
-                    row.router_peak_rss / 1_000_000,
-                    check::summary(&row.verdicts)
-                );
+                print_drain(&row);
                 rows.push(row);
             }
             redis.report_latency_spikes().await?;
             drains = <[DrainRow; 3]>::try_from(rows).ok();
+        }
+        let mut many = Vec::new();
+        if wanted(Phase::Destinations) {
+            // Alternating rounds: each layout is compared with the single
+            // destination of its own round.
+            for round in 1..=self.plan.destinations_rounds {
+                for layout in DESTINATION_LAYOUTS {
+                    let events = self.plan.destinations_events;
+                    eprintln!("» round {round}: drain {events} events to {layout} destinations");
+                    let label = format!("dest{round}-{}", layout.to_string().replace(' ', "-"));
+                    let row = self
+                        .drain(&redis, &gateway_url, events, &label, layout)
+                        .await?;
+                    print_drain(&row);
+                    many.push(row);
+                }
+            }
+            redis.report_latency_spikes().await?;
         }
         if !wanted(Phase::EndToEnd) {
             return Ok(None);
@@ -331,9 +415,13 @@ impl Bench {
         eprintln!("» end to end, 3 destinations");
         redis.reset().await?;
         let names = ["a", "b", "c"];
-        let destinations: Vec<(&str, String)> = names
+        let destinations: Vec<system::Route> = names
             .iter()
-            .map(|name| (*name, format!("{}/e2e/{name}", self.sink_url)))
+            .map(|name| system::Route {
+                name: (*name).to_owned(),
+                url: format!("{}/e2e/{name}", self.sink_url),
+                event_type: None,
+            })
             .collect();
         let mut router =
             system::start_router(&self.binaries, &redis, &destinations, &self.work_dir, "e2e")?;
@@ -401,6 +489,7 @@ impl Bench {
             drain,
             big_drain,
             fan_out_drain,
+            destinations: many,
             e2e,
             curve,
             gateway_peak_rss,
@@ -541,6 +630,7 @@ impl Bench {
             users_per_connection: USERS_PER_CONNECTION,
             stop: Stop::After(lasting),
             rate: None,
+            event_types: None,
         }
     }
 
@@ -576,18 +666,22 @@ impl Bench {
     }
 
     /// Stores `events` (1000 users) with no router running, then starts
-    /// one with `destinations` destinations and times how long it takes to
-    /// deliver them all to each.
+    /// one with the destinations of `layout` and times how long it takes to
+    /// deliver them all.
     async fn drain(
         &self,
         redis: &Redis,
         gateway_url: &str,
         events: u64,
         label: &str,
-        destinations: usize,
+        layout: Layout,
     ) -> anyhow::Result<DrainRow> {
         redis.reset().await?;
         let (connections, users_per_connection) = (40, 25);
+        let types = match layout {
+            Layout::FannedOut(_) => None,
+            Layout::Filtered(n) => Some(n),
+        };
         let spec = LoadSpec {
             users_named: label.to_owned(),
             endpoint: Endpoint::Batch(BATCH_SIZE),
@@ -595,49 +689,75 @@ impl Bench {
             users_per_connection,
             stop: Stop::Events(events),
             rate: None,
+            event_types: types,
         };
         let filled = load::run(&self.http, gateway_url, spec).await?;
-        let names: Vec<String> = (1..=destinations).map(|n| format!("sink{n}")).collect();
-        let paths: Vec<String> = names
-            .iter()
-            .map(|name| format!("/{label}/{name}"))
+        let routes: Vec<system::Route> = (0..layout.destinations())
+            .map(|i| {
+                let name = format!("sink{i}");
+                system::Route {
+                    url: format!("{}/{label}/{name}", self.sink_url),
+                    name,
+                    event_type: types.map(|types| load::event_type(i, types)),
+                }
+            })
             .collect();
-        let routes: Vec<(&str, String)> = names
+        // What each destination should get, per user.
+        let expected: Vec<HashMap<String, u64>> = routes
             .iter()
-            .zip(&paths)
-            .map(|(name, path)| (name.as_str(), format!("{}{path}", self.sink_url)))
+            .map(|route| match &route.event_type {
+                Some(event_type) => filled.accepted_of_type(event_type),
+                None => filled.accepted.clone(),
+            })
             .collect();
+        let clients_before = redis.connected_clients().await?;
+        let redis_cpu_before = redis.process.cpu_time()?;
         let mut router =
             system::start_router(&self.binaries, redis, &routes, &self.work_dir, label)?;
         let started = Instant::now();
-        let path_refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-        let finished = self
-            .wait_until_delivered(&path_refs, filled.events(), &mut router)
-            .await?;
+        let paths: Vec<String> = routes
+            .iter()
+            .map(|route| format!("/{label}/{}", route.name))
+            .collect();
+        let wanted: Vec<(&str, u64)> = paths
+            .iter()
+            .zip(&expected)
+            .map(|(path, expected)| (path.as_str(), expected.values().sum()))
+            .collect();
+        let finished = self.wait_until_delivered(&wanted, &mut router).await?;
         let seconds = finished.duration_since(started).as_secs_f64();
+        let redis_cpu = redis.process.cpu_time()? - redis_cpu_before;
+        let router_connections = redis
+            .connected_clients()
+            .await?
+            .saturating_sub(clients_before);
         let router_peak_rss = router.peak_rss_bytes()?;
         let router_cpu = router.cpu_time()?;
         router.stop().await?;
         let mut received = self.sink.take();
-        let verdicts = paths
+        let verdicts: Vec<Verdict> = paths
             .iter()
-            .map(|path| {
+            .zip(&expected)
+            .map(|(path, expected)| {
                 received
                     .remove(path)
                     .unwrap_or_default()
                     .order
-                    .verdict(&filled.accepted)
+                    .verdict(expected)
             })
             .collect();
-        let deliveries = filled.events() * destinations as u64;
+        let deliveries: u64 = verdicts.iter().map(|v| v.expected).sum();
         Ok(DrainRow {
             events: filled.events(),
             users: connections * users_per_connection,
-            destinations,
+            layout,
+            deliveries,
             seconds,
             events_per_sec: filled.events() as f64 / seconds,
             router_peak_rss,
-            router_cpu_us: router_cpu.as_secs_f64() * 1e6 / deliveries as f64,
+            router_cpu_us: router_cpu.as_secs_f64() * 1e6 / deliveries.max(1) as f64,
+            redis_cpu_us: redis_cpu.as_secs_f64() * 1e6 / filled.events().max(1) as f64,
+            router_connections,
             verdicts,
         })
     }
@@ -660,15 +780,18 @@ impl Bench {
             users_per_connection: USERS_PER_CONNECTION,
             stop: Stop::After(duration),
             rate: Some(rate),
+            event_types: None,
         };
         let sent = load::run(&self.http, gateway_url, spec).await?;
         let paths: Vec<String> = destinations
             .iter()
             .map(|name| format!("/e2e/{name}"))
             .collect();
-        let path_refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-        self.wait_until_delivered(&path_refs, sent.events(), router)
-            .await?;
+        let wanted: Vec<(&str, u64)> = paths
+            .iter()
+            .map(|path| (path.as_str(), sent.events()))
+            .collect();
+        self.wait_until_delivered(&wanted, router).await?;
         let mut received = self.sink.take();
         let mut latencies = Vec::new();
         let mut verdicts = Vec::new();
@@ -689,29 +812,35 @@ impl Bench {
         })
     }
 
-    /// Polls the sink until every path has `expected` events in order, or
-    /// nothing has moved for [`STALL`] (then the verdict shows what is
-    /// missing or out of order); returns when the last one arrived. Fails
-    /// if the router exits.
+    /// Polls the sink until every path has its expected count of events in
+    /// order, or nothing has moved for [`STALL`] (then the verdict shows
+    /// what is missing or out of order); returns when the last one arrived.
+    /// Fails if the router exits.
     async fn wait_until_delivered(
         &self,
-        paths: &[&str],
-        expected: u64,
+        wanted: &[(&str, u64)],
         router: &mut Process,
     ) -> anyhow::Result<Instant> {
         let mut last_total = 0;
         let mut last_progress = Instant::now();
         loop {
-            let counts: Vec<u64> = paths.iter().map(|path| self.sink.in_order(path)).collect();
+            let counts: Vec<u64> = wanted
+                .iter()
+                .map(|(path, _)| self.sink.in_order(path))
+                .collect();
             let total: u64 = counts.iter().sum();
-            if counts.iter().all(|&count| count >= expected) {
+            if counts
+                .iter()
+                .zip(wanted)
+                .all(|(&count, (_, expected))| count >= *expected)
+            {
                 return Ok(Instant::now());
             }
             if total != last_total {
                 last_total = total;
                 last_progress = Instant::now();
             } else if last_progress.elapsed() > STALL {
-                eprintln!("  no progress for {STALL:?}: {counts:?} of {expected} each");
+                eprintln!("  no progress for {STALL:?}: {counts:?} of {wanted:?}");
                 return Ok(last_progress);
             }
             router.check_running()?;

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use crate::check;
 use crate::load::Endpoint;
-use crate::phases::{IngestRow, LatencyRow, Results, Share};
+use crate::phases::{DrainRow, IngestRow, LatencyRow, Layout, Results, Share};
 
 /// The generated part of `docs/benchmarks.md` lies between these lines;
 /// everything around them is kept.
@@ -180,15 +180,17 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
             "| {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.1} | {} | {} |",
             row.events,
             row.users,
-            row.destinations,
+            row.destinations(),
             row.seconds,
             row.events_per_sec,
-            row.deliveries() as f64 / row.seconds,
+            row.deliveries as f64 / row.seconds,
             row.router_cpu_us,
             mb(row.router_peak_rss),
             check::summary(&row.verdicts)
         );
     }
+
+    destinations_table(&mut out, &results.destinations);
 
     let _ = writeln!(
         out,
@@ -225,15 +227,60 @@ pub fn markdown(results: &Results, date: &str, plot_file: &str) -> String {
     out
 }
 
+/// The destinations phase: what one more destination costs, as ratios to
+/// the single destination drained in the same round.
+fn destinations_table(out: &mut String, rows: &[DrainRow]) {
+    let _ = writeln!(
+        out,
+        "\n### Many destinations\n\nThe drain above with 1, 16 and 64 destinations where \
+         destination i takes only events of type `t<i>` and each user sends one type (every \
+         event goes to exactly one destination), and with 16 destinations that take every \
+         event; the layouts alternate, round after round. Redis CPU is redis-server's time \
+         from the router's start to the last arrival, per stored event; connections are the \
+         Redis clients the router opened. The ratios compare with the 1-destination row of \
+         the same round.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| round | destinations | events | deliveries | seconds | router CPU µs/delivery | Redis CPU µs/event | router ÷ 1 | Redis ÷ 1 | router connections | router peak RSS | delivered |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    let mut single: Option<&DrainRow> = None;
+    let mut round = 0;
+    for row in rows {
+        if row.layout == Layout::Filtered(1) {
+            single = Some(row);
+            round += 1;
+        }
+        let ratio = |of: fn(&DrainRow) -> f64| {
+            single.map_or("–".to_owned(), |one| format!("{:.2}", of(row) / of(one)))
+        };
+        let _ = writeln!(
+            out,
+            "| {round} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            row.layout,
+            row.events,
+            row.deliveries,
+            row.seconds,
+            row.router_cpu_us,
+            row.redis_cpu_us,
+            ratio(|r| r.router_cpu_us),
+            ratio(|r| r.redis_cpu_us),
+            row.router_connections,
+            mb(row.router_peak_rss),
+            check::summary(&row.verdicts)
+        );
+    }
+}
+
 /// The rows of the CPU-efficiency goals (issue 17), closing the targets table.
 fn efficiency_targets(out: &mut String, results: &Results, share_always: Option<&Share>) {
     let fan_out = &results.fan_out_drain;
     let _ = writeln!(
         out,
         "| router CPU ≤ 20 µs per delivery, drain to {} destinations | {:.1} µs ({} deliveries) | {} |",
-        fan_out.destinations,
+        fan_out.destinations(),
         fan_out.router_cpu_us,
-        fan_out.deliveries(),
+        fan_out.deliveries,
         met(fan_out.router_cpu_us <= 20.0 && fan_out.passed())
     );
     let busiest = results

@@ -232,6 +232,18 @@ impl Redis {
         Ok(())
     }
 
+    /// Clients connected to Redis now (`INFO clients`), this query's own
+    /// connection included.
+    pub async fn connected_clients(&self) -> anyhow::Result<u64> {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut self.connection().await?)
+            .await?;
+        protocol::info_field(&info, "connected_clients")
+            .and_then(|count| count.parse().ok())
+            .context("INFO clients has no connected_clients")
+    }
+
     pub async fn version(&self) -> anyhow::Result<String> {
         let info: String = redis::cmd("INFO")
             .arg("server")
@@ -297,11 +309,19 @@ async fn wait_until_ready(http: &reqwest::Client, url: &str) -> anyhow::Result<(
     .await
 }
 
-/// Starts the router delivering to `destinations` (name → URL).
+/// A destination of the router under test.
+pub struct Route {
+    pub name: String,
+    pub url: String,
+    /// It takes only events of this type; every event when `None`.
+    pub event_type: Option<String>,
+}
+
+/// Starts the router delivering to `destinations`.
 pub fn start_router(
     binaries: &Binaries,
     redis: &Redis,
-    destinations: &[(&str, String)],
+    destinations: &[Route],
     dir: &Path,
     label: &str,
 ) -> anyhow::Result<Process> {
@@ -313,10 +333,18 @@ pub fn start_router(
         redis.url,
         protocol::secret::TokenDigest::of(&admin_token).to_hex()
     );
-    for (name, url) in destinations {
+    for Route {
+        name,
+        url,
+        event_type,
+    } in destinations
+    {
         config.push_str(&format!(
             "\n[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n"
         ));
+        if let Some(event_type) = event_type {
+            config.push_str(&format!("event_types = [\"{event_type}\"]\n"));
+        }
     }
     let config_path = dir.join(format!("router-{label}.toml"));
     std::fs::write(&config_path, config)?;

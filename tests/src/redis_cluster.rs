@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use protocol::RedisConnection;
 
-use crate::wait_for;
+use crate::{holds_within, wait_for};
 
 const MASTERS: usize = 3;
 /// Short, so a killed master's replica takes over within a few seconds.
@@ -53,6 +53,8 @@ impl Node {
             .args(["--maxmemory-policy", "noeviction"])
             .arg("--dir")
             .arg(self.dir.path())
+            // In its own directory, so a node that never answers explains why.
+            .args(["--logfile", "redis.log"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -143,12 +145,20 @@ impl RedisCluster {
         let cluster = RedisCluster { nodes };
         for node in &cluster.nodes {
             let url = node.url();
-            wait_for(
-                "a cluster node to answer",
-                Duration::from_secs(10),
-                || async { ask_node::<String>(&url, redis::cmd("PING")).await.is_some() },
-            )
+            let answered = holds_within(Duration::from_secs(10), || async {
+                ask_node::<String>(&url, redis::cmd("PING")).await.is_some()
+            })
             .await;
+            if !answered {
+                let log = std::fs::read_to_string(node.dir.path().join("redis.log"))
+                    .unwrap_or_else(|e| format!("(no log: {e})"));
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                panic!(
+                    "the cluster node on port {} did not answer within 10 s; its log ends:\n{}",
+                    node.port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
         }
         let addresses: Vec<String> = cluster
             .nodes

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use e2e_tests::{wait_for, RouterProcess, TestDestination, TestSystem};
+use e2e_tests::{holds_within, wait_for, RouterProcess, TestDestination, TestSystem};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -16,11 +16,20 @@ async fn wait_view(
     what: &str,
     holds: impl Fn(&Value) -> bool,
 ) {
-    let description = format!("{destination}: {what}");
-    wait_for(&description, PATIENCE, || async {
-        holds(&system.destination_view(destination).await)
+    let last = std::cell::RefCell::new(Value::Null);
+    let held = holds_within(PATIENCE, || async {
+        let view = system.destination_view(destination).await;
+        let holds = holds(&view);
+        *last.borrow_mut() = view;
+        holds
     })
     .await;
+    // The last view says which part never came true.
+    assert!(
+        held,
+        "timed out after {PATIENCE:?} waiting for {destination}: {what}; its last view: {}",
+        last.borrow()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
