@@ -145,7 +145,8 @@ pub struct RetentionConfig {
 pub struct ReaderConfig {
     /// Most entries one XREADGROUP fetches.
     pub batch_size: usize,
-    /// How long a read blocks waiting for new entries (ms).
+    /// How long a caught-up reader waits for its shard's wake-up before it
+    /// reads again anyway, and how long the wake-up's XREAD blocks (ms).
     pub block_ms: u64,
     /// Most entries one shard × destination reader holds in memory.
     pub window: usize,

@@ -10,8 +10,6 @@
 //! outcome, so anything unfinished at a crash is still pending at restart
 //! and is read again from the PEL, in id order, before new entries.
 
-use std::time::Duration;
-
 use protocol::RedisConnection;
 use protocol::{EventEntry, Keys, Replay, StreamId};
 use redis::Value;
@@ -113,9 +111,9 @@ pub struct GroupConsumer {
     replaying: String,
     group: String,
     consumer: String,
-    /// Only for blocking reads: a blocked XREADGROUP would stall every other
-    /// command multiplexed on its connection.
-    blocking: RedisConnection,
+    /// Group reads, shared with the shard's other destinations; never
+    /// retried by the client (see [`Connections::reads`]).
+    reads: RedisConnection,
     /// Dead-letter writes, claims and fetches.
     commands: RedisConnection,
     /// Acknowledgements, in batches (on the `commands` connection).
@@ -128,8 +126,12 @@ pub struct GroupConsumer {
 
 /// The two connections a consumer uses.
 pub struct Connections {
-    /// Its own, for blocking reads.
-    pub blocking: RedisConnection,
+    /// For group reads, which never block (new entries are announced by
+    /// [`crate::wakeup`]). A client that sent a read again after losing its
+    /// reply would skip the entries the lost reply moved into our pending
+    /// list, so this connection never retries by itself: one to the shard's
+    /// master on a cluster, a plain one on a single Redis.
+    pub reads: RedisConnection,
     /// Shared, for acknowledgements and dead letters.
     pub commands: RedisConnection,
 }
@@ -140,7 +142,7 @@ impl GroupConsumer {
         shard: u16,
         destination: &str,
         consumer: &str,
-        Connections { blocking, commands }: Connections,
+        Connections { reads, commands }: Connections,
         catalog: Catalog,
         log: Option<LogStream>,
     ) -> Self {
@@ -155,7 +157,7 @@ impl GroupConsumer {
             replaying: keys.replaying(shard, destination),
             group: destination.to_owned(),
             consumer: consumer.to_owned(),
-            blocking,
+            reads,
             commands,
         }
     }
@@ -215,34 +217,24 @@ impl GroupConsumer {
             .await?)
     }
 
-    /// Reads up to `count` entries. Reading new entries blocks up to `block`.
-    pub async fn read(
-        &self,
-        from: &ReadFrom,
-        count: usize,
-        block: Duration,
-    ) -> Result<Vec<Entry>, ConsumerError> {
-        let mut command = redis::cmd("XREADGROUP");
-        command
+    /// Reads up to `count` entries, without blocking: none when nothing is
+    /// new ([`crate::wakeup`] says when to look again).
+    pub async fn read(&self, from: &ReadFrom, count: usize) -> Result<Vec<Entry>, ConsumerError> {
+        let after = match from {
+            ReadFrom::New => ">".to_owned(),
+            ReadFrom::Pending(after) => after.to_string(),
+        };
+        let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.group)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(count);
-        match from {
-            ReadFrom::New => {
-                command
-                    .arg("BLOCK")
-                    .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
-                    .arg("STREAMS")
-                    .arg(&self.stream)
-                    .arg(">");
-            }
-            ReadFrom::Pending(after) => {
-                command.arg("STREAMS").arg(&self.stream).arg(after);
-            }
-        }
-        let reply: Value = command.query_async(&mut self.blocking.clone()).await?;
+            .arg(count)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(after)
+            .query_async(&mut self.reads.clone())
+            .await?;
         parse_read_reply(reply)
     }
 

@@ -14,6 +14,7 @@
 //! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`retry`]: the backoff policy.
 //! - [`worker`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
+//! - [`wakeup`]: one blocking read per shard, waking that shard's readers when entries arrive.
 //! - [`budget`]: how many entries and bytes a worker holds in memory.
 //! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.
 //! - [`job`]: one entry to its terminal outcome (fetch, prepare, attempt, record).
@@ -47,6 +48,7 @@ pub mod retry;
 pub mod stats;
 pub mod status_page;
 pub mod throttle;
+pub mod wakeup;
 pub mod worker;
 
 use std::net::TcpListener;
@@ -67,6 +69,7 @@ use coordinator::{Coordinator, StartWorker};
 use lease::{LeaseGuard, LeaseId, LeaseStore};
 use overview::{Observer, Overview, SharedOverview};
 use registry::Registry;
+use wakeup::{Announcer, Wakeups};
 use worker::WorkerSettings;
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
@@ -162,7 +165,19 @@ pub async fn run(
     let block = Duration::from_millis(config.reader.block_ms);
     let consumer_name = config.consumer_name();
     let instance = format!("{consumer_name}#{:08x}", fastrand::u32(..));
+    let wakeups = Wakeups::start(
+        (0..config.redis.shards)
+            .map(|shard| Announcer {
+                stream: keys.events(shard),
+                redis: config.redis.clone(),
+                block,
+            })
+            .collect(),
+        &shutdown,
+    );
     let workers = Workers {
+        reads: ReadConnections::new(&config.redis, keys.clone()),
+        wakeups,
         redis: config.redis.clone(),
         keys: keys.clone(),
         consumer_name: consumer_name.clone(),
@@ -268,6 +283,8 @@ pub async fn run(
 
 /// Everything a (shard, destination) worker needs.
 struct Workers {
+    reads: Arc<ReadConnections>,
+    wakeups: Wakeups,
     redis: RedisConfig,
     keys: Keys,
     consumer_name: String,
@@ -303,13 +320,10 @@ impl StartWorker for Workers {
         let catalog = self.catalog.clone();
         let delivery_log = self.delivery_log;
         let shard = lease.shard;
+        let reads = self.reads.clone();
+        let wakeup = self.wakeups.of(shard);
         tokio::spawn(async move {
-            let stream = keys.events(shard);
-            let purpose = Connection::BlockingReads {
-                stream: &stream,
-                span: settings.read_span,
-            };
-            let Ok(Some(blocking)) = connect(&redis, &stop, purpose).await else {
+            let Some(reads) = reads.get(shard, &stop).await else {
                 return;
             };
             let log = delivery_log.enabled.then(|| {
@@ -323,11 +337,11 @@ impl StartWorker for Workers {
                 shard,
                 &destination.name,
                 &consumer_name,
-                Connections { blocking, commands },
+                Connections { reads, commands },
                 catalog,
                 log,
             );
-            worker::run(consumer, destination, settings, guard, stop).await;
+            worker::run(consumer, destination, wakeup, settings, guard, stop).await;
         })
     }
 }
@@ -371,8 +385,45 @@ pub async fn catalog(config: &Config) -> anyhow::Result<Catalog> {
 enum Connection<'a> {
     /// Ordinary commands, answered within `redis.timeout_ms`.
     Commands,
-    /// One worker's blocking reads of `stream`, whose replies may take `span`.
-    BlockingReads { stream: &'a str, span: Duration },
+    /// Group reads of `stream`, which the client never sends twice.
+    Reads { stream: &'a str },
+}
+
+/// The connections for group reads ([`consumer::Connections::reads`]): on
+/// a cluster one per shard, to the master of its slot; on a single Redis
+/// one for every shard. Each is made when a worker first needs it, so a
+/// shard whose node is down holds up no other.
+struct ReadConnections {
+    redis: RedisConfig,
+    keys: Keys,
+    cells: Vec<tokio::sync::OnceCell<RedisConnection>>,
+}
+
+impl ReadConnections {
+    fn new(redis: &RedisConfig, keys: Keys) -> Arc<Self> {
+        let count = if redis.is_cluster() { redis.shards } else { 1 };
+        Arc::new(Self {
+            redis: redis.clone(),
+            keys,
+            cells: (0..count).map(|_| tokio::sync::OnceCell::new()).collect(),
+        })
+    }
+
+    /// The connection for `shard`'s reads; `None` if `stop` came first.
+    async fn get(&self, shard: u16, stop: &CancellationToken) -> Option<RedisConnection> {
+        let cell = &self.cells[usize::from(shard) % self.cells.len()];
+        let stream = self.keys.events(shard);
+        let made = cell
+            .get_or_try_init(|| async {
+                match connect(&self.redis, stop, Connection::Reads { stream: &stream }).await {
+                    Ok(Some(connection)) => Ok(connection),
+                    // Stopped: whoever asks next makes it.
+                    _ => Err(()),
+                }
+            })
+            .await;
+        made.ok().cloned()
+    }
 }
 
 /// Connects, waiting for Redis while it is unreachable (it may still be
@@ -386,8 +437,10 @@ async fn connect(
     let connect = || async move {
         match purpose {
             Connection::Commands => redis.connect(redis.timeout()).await,
-            Connection::BlockingReads { stream, span } => {
-                redis.connect_for_blocking_reads(stream, span).await
+            Connection::Reads { stream } => {
+                redis
+                    .connect_for_blocking_reads(stream, redis.timeout())
+                    .await
             }
         }
     };

@@ -42,6 +42,9 @@ pub enum Wait {
     Budget,
     /// The dispatcher taking a batch (busy with its jobs).
     HandOver,
+    /// Caught up: new entries to be announced ([`crate::wakeup`]), at most
+    /// `reader.block_ms`.
+    NewEntries,
     // The jobs'.
     /// Fetching a parked entry again.
     Fetching,
@@ -68,6 +71,7 @@ impl Wait {
             Wait::Paused
                 | Wait::Budget
                 | Wait::HandOver
+                | Wait::NewEntries
                 | Wait::Gates
                 | Wait::Sending
                 | Wait::Backoff
@@ -77,7 +81,12 @@ impl Wait {
     fn is_reader(self) -> bool {
         matches!(
             self,
-            Wait::Claiming | Wait::Reading | Wait::Paused | Wait::Budget | Wait::HandOver
+            Wait::Claiming
+                | Wait::Reading
+                | Wait::Paused
+                | Wait::Budget
+                | Wait::HandOver
+                | Wait::NewEntries
         )
     }
 
@@ -89,6 +98,7 @@ impl Wait {
             Wait::Paused => "the destination to be resumed",
             Wait::Budget => "room in the worker's memory budget",
             Wait::HandOver => "the dispatcher to take a batch",
+            Wait::NewEntries => "new entries on the shard stream",
             Wait::Fetching => "fetching a parked entry from Redis",
             Wait::Gates => "the destination's gates (circuit, concurrency, rate limit)",
             Wait::Lease => "the lease to cover an attempt (renewed, and longer than the timeout)",
@@ -273,6 +283,7 @@ const WAITS: [Wait; KINDS] = [
     Wait::Paused,
     Wait::Budget,
     Wait::HandOver,
+    Wait::NewEntries,
     Wait::Fetching,
     Wait::Gates,
     Wait::Lease,

@@ -36,6 +36,7 @@ use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::lease::LeaseGuard;
 use crate::parking::{Admission, Next, ParkedCount, UserQueues};
 use crate::progress::{Progress, Wait};
+use crate::wakeup::Wakeup;
 
 /// How soon a paused destination's reader looks again for expired entries
 /// after the look failed.
@@ -44,6 +45,8 @@ const RETRY_PAUSED_LOOK: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
     pub batch_size: usize,
+    /// Longest a caught-up reader waits for an announcement of new entries
+    /// before it reads again anyway.
     pub block: Duration,
     /// Longest a read can take: the block time plus the reply timeout.
     pub read_span: Duration,
@@ -70,6 +73,7 @@ enum Read {
 pub async fn run(
     consumer: GroupConsumer,
     destination: Arc<Destination>,
+    wakeup: Wakeup,
     settings: WorkerSettings,
     lease: LeaseGuard,
     shutdown: CancellationToken,
@@ -90,6 +94,7 @@ pub async fn run(
             consumer: consumer.clone(),
             destination: destination.clone(),
             progress: progress.clone(),
+            wakeup,
         },
         batches,
         budget.clone(),
@@ -342,10 +347,12 @@ struct Reader {
     consumer: Arc<GroupConsumer>,
     destination: Arc<Destination>,
     progress: Arc<Progress>,
+    wakeup: Wakeup,
 }
 
 /// Fetches entries while the budget has room: first everything pending on
-/// us (in id order), then new entries.
+/// us (in id order), then new entries; once caught up, waits for the
+/// shard's announcement of new ones (or `block`) before reading again.
 async fn read_loop(
     reader: Reader,
     batches: mpsc::Sender<Read>,
@@ -358,6 +365,7 @@ async fn read_loop(
         consumer,
         destination,
         progress,
+        mut wakeup,
     } = reader;
     let mut from = ReadFrom::Pending(StreamId::default());
     let mut failures = 0u32;
@@ -407,17 +415,24 @@ async fn read_loop(
         if !lease.hold_for(settings.read_span, &shutdown).await {
             return;
         }
+        let reading_new = from == ReadFrom::New;
+        if reading_new {
+            // Before the read: an entry added after it still wakes us.
+            wakeup.mark_seen();
+        }
+        let wanted = reservation.entries();
         // A read abandoned here may leave entries pending on us unseen; the
         // next owner of this shard claims and reads them first.
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            result = consumer.read(&from, reservation.entries(), settings.block) => result,
+            result = consumer.read(&from, wanted) => result,
         };
         match result {
             Ok(entries) => {
                 drop(reading);
                 progress.reader_progressed();
                 failures = 0;
+                let caught_up = reading_new && entries.len() < wanted;
                 if let ReadFrom::Pending(after) = &mut from {
                     match entries.last() {
                         Some(last) => *after = last.id,
@@ -436,9 +451,16 @@ async fn read_loop(
                     .collect();
                 // Room reserved but not filled goes back now.
                 drop(reservation);
-                let _waiting = progress.enter(Wait::HandOver);
+                let waiting = progress.enter(Wait::HandOver);
                 if !held.is_empty() && !hand_over(&batches, Read::Entries(held), &shutdown).await {
                     return;
+                }
+                drop(waiting);
+                if caught_up {
+                    let _waiting = progress.enter(Wait::NewEntries);
+                    if !wakeup.wait(settings.block, &shutdown).await {
+                        return;
+                    }
                 }
             }
             Err(error) => {

@@ -744,3 +744,72 @@ async fn the_destinations_command_lists_applies_and_deletes() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("bad one"));
 }
+
+/// Clients connected to Redis, over every master.
+async fn redis_clients(system: &TestSystem) -> u64 {
+    let infos = system
+        .redis
+        .connection()
+        .await
+        .info_of_every_master("clients")
+        .await
+        .expect("INFO clients");
+    infos
+        .iter()
+        .map(|info| {
+            protocol::info_field(info, "connected_clients")
+                .and_then(|count| count.parse::<u64>().ok())
+                .expect("connected_clients")
+        })
+        .sum()
+}
+
+/// Decision 0004: one blocking read per shard wakes every destination's
+/// reader, and group reads share connections, so a router's connections
+/// do not grow with its destinations (before: one per shard and
+/// destination, 8 × 24 = 192 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routers_redis_connections_do_not_grow_with_its_destinations() {
+    const DESTINATIONS: usize = 24;
+    let destinations = (0..DESTINATIONS)
+        .map(|i| {
+            TestDestination::new(&format!("d{i}"), &format!("/ok/d{i}"))
+                .event_types(&[&format!("t{i}")])
+        })
+        .collect();
+    let mut system = TestSystem::start_without_router(destinations).await;
+    let before = redis_clients(&system).await;
+    system.start_router();
+    // Every destination gets events on several shards: its workers read.
+    let mut expected: HashMap<String, HashSet<String>> = HashMap::new();
+    for user in 0..(2 * usize::from(SHARDS)) {
+        for i in 0..DESTINATIONS {
+            let body = json!({ "userId": format!("user-{user}"), "eventType": format!("t{i}"), "payload": { "i": i } });
+            let (status, answer) = system.post("/v1/events", &body).await;
+            assert_eq!(status, 202, "{answer}");
+            expected
+                .entry(format!("/ok/d{i}"))
+                .or_default()
+                .insert(answer["id"].as_str().expect("id").to_owned());
+        }
+    }
+    for (path, ids) in &expected {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        wait_all_delivered(&system, path, &ids).await;
+        assert_eq!(&delivered_ids(&system, path), &expected[path], "{path}");
+    }
+    let opened = redis_clients(&system).await.saturating_sub(before);
+    // The issue's bound: shards + 16 on one Redis. On a cluster, group
+    // reads take a connection per shard (to the master of its slot), and
+    // each of the router's command connections is one per master.
+    let bound = match system.redis.cluster() {
+        None => u64::from(SHARDS) + 16,
+        Some(_) => 2 * u64::from(SHARDS) + 16 * 3,
+    };
+    assert!(
+        opened <= bound,
+        "the router opened {opened} Redis connections for {DESTINATIONS} destinations on \
+         {SHARDS} shards; at most {bound} expected"
+    );
+    eprintln!("the router opened {opened} Redis connections (bound {bound})");
+}

@@ -1,0 +1,268 @@
+//! One blocking read per shard stream, announcing new entries to every
+//! worker of that shard (decision 0004). Workers read their consumer groups
+//! without `BLOCK` and, when nothing is new, wait here; so a router's Redis
+//! connections do not grow with its destinations.
+//!
+//! Per shard, a task blocks in `XREAD` after the last id it knows, and on
+//! each reply learns the stream's last id (`XREVRANGE + - COUNT 1`) and bumps
+//! a counter on a watch channel. A worker marks the counter seen *before* its
+//! read, so an entry added between the read and the wait still wakes it.
+//! After an announcement the task reads again only once some worker waits:
+//! under load nobody is caught up, and the task costs Redis nothing.
+//! While the task cannot read (Redis down, the shard's node paused), workers
+//! wake after their own `reader.block_ms` and read anyway: an announcement
+//! only saves waiting, it never carries an entry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::{run_with_retries, Backoff, RedisConfig, RedisConnection, StreamId};
+use redis::Value;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// The announcements of every shard stream.
+pub struct Wakeups {
+    shards: Vec<(watch::Receiver<u64>, Arc<Notify>)>,
+}
+
+/// A shard stream to announce, read over a connection of its own made from
+/// `redis`, blocking up to `block` at a time.
+pub struct Announcer {
+    pub stream: String,
+    pub redis: RedisConfig,
+    pub block: Duration,
+}
+
+impl Wakeups {
+    /// Starts one announcer per shard (index = shard), each until `shutdown`.
+    pub fn start(announcers: Vec<Announcer>, shutdown: &CancellationToken) -> Self {
+        let shards = announcers
+            .into_iter()
+            .map(|announcer| {
+                let (sender, receiver) = watch::channel(0u64);
+                let demand = Arc::new(Notify::new());
+                tokio::spawn(announce(
+                    announcer,
+                    sender,
+                    demand.clone(),
+                    shutdown.clone(),
+                ));
+                (receiver, demand)
+            })
+            .collect();
+        Self { shards }
+    }
+
+    /// Announcements of new entries on `shard`'s stream.
+    pub fn of(&self, shard: u16) -> Wakeup {
+        let (announcements, demand) = self.shards[usize::from(shard)].clone();
+        Wakeup {
+            announcements,
+            demand,
+        }
+    }
+}
+
+/// One worker's view of its shard's announcements.
+pub struct Wakeup {
+    announcements: watch::Receiver<u64>,
+    /// Tells the announcer someone waits (a permit is kept until it looks).
+    demand: Arc<Notify>,
+}
+
+impl Wakeup {
+    /// Marks every announcement so far as seen; call it before a read, so
+    /// that [`Self::wait`] after an empty read returns on anything newer.
+    pub fn mark_seen(&mut self) {
+        self.announcements.borrow_and_update();
+    }
+
+    /// Waits for an announcement since [`Self::mark_seen`], at most
+    /// `at_most`, or until `shutdown`; false at shutdown.
+    pub async fn wait(&mut self, at_most: Duration, shutdown: &CancellationToken) -> bool {
+        self.demand.notify_one();
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            // A closed channel (the announcer ended) leaves the timeout.
+            changed = self.announcements.changed() => {
+                if changed.is_err() {
+                    return sleep_or_shutdown(at_most, shutdown).await;
+                }
+                true
+            }
+            () = tokio::time::sleep(at_most) => true,
+        }
+    }
+}
+
+async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(duration) => true,
+    }
+}
+
+/// Announces new entries of one shard stream until `shutdown`.
+async fn announce(
+    announcer: Announcer,
+    sender: watch::Sender<u64>,
+    demand: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let Announcer {
+        stream,
+        redis,
+        block,
+    } = announcer;
+    // Its own connection: a blocked XREAD holds up whatever else shares it.
+    // Made here, so a shard whose node is down delays no other shard.
+    let what = format!("Redis unreachable at {}", redis.redacted_url());
+    let connect = || redis.connect_for_blocking_reads(&stream, block + redis.timeout());
+    let Ok(Some(mut connection)) =
+        run_with_retries(&what, Backoff::STARTUP, &shutdown, |_| true, connect).await
+    else {
+        return;
+    };
+    let mut last: Option<StreamId> = None;
+    let mut failures = 0u32;
+    loop {
+        let step = async {
+            let after = match last {
+                Some(id) => id,
+                None => last_id(&mut connection, &stream).await?,
+            };
+            let new = wait_after(&mut connection, &stream, after, block).await?;
+            let tail = if new {
+                last_id(&mut connection, &stream).await?
+            } else {
+                after
+            };
+            Ok::<_, redis::RedisError>((new, tail))
+        };
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = step => result,
+        };
+        match result {
+            Ok((new, tail)) => {
+                if failures > 0 {
+                    tracing::info!(%stream, "Watching the shard stream for new entries again.");
+                }
+                failures = 0;
+                last = Some(tail);
+                if new {
+                    sender.send_modify(|count| *count = count.wrapping_add(1));
+                    // Until a worker has caught up, nobody needs the next.
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = demand.notified() => {}
+                    }
+                }
+            }
+            Err(error) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(%stream, %error, "Cannot watch the shard stream for new entries; workers poll it meanwhile.");
+                }
+                // Where the stream ends is learnt again: it may have been
+                // recreated. Whatever was added meanwhile, workers read
+                // once they wake.
+                last = None;
+                if !Backoff::COMMANDS.wait(failures, &shutdown).await {
+                    return;
+                }
+                sender.send_modify(|count| *count = count.wrapping_add(1));
+            }
+        }
+    }
+}
+
+/// The id of the stream's last entry (`0-0` when empty or missing).
+async fn last_id(connection: &mut RedisConnection, stream: &str) -> redis::RedisResult<StreamId> {
+    let reply: Vec<(String, Value)> = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(connection)
+        .await?;
+    Ok(reply
+        .first()
+        .and_then(|(id, _)| id.parse().ok())
+        .unwrap_or_default())
+}
+
+/// Blocks up to `block` for an entry after `after`; true if one came.
+async fn wait_after(
+    connection: &mut RedisConnection,
+    stream: &str,
+    after: StreamId,
+    block: Duration,
+) -> redis::RedisResult<bool> {
+    let reply: Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(1)
+        .arg("BLOCK")
+        .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(after)
+        .query_async(connection)
+        .await?;
+    Ok(!matches!(reply, Value::Nil))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wakeup() -> (watch::Sender<u64>, Arc<Notify>, Wakeup) {
+        let (sender, announcements) = watch::channel(0);
+        let demand = Arc::new(Notify::new());
+        let wakeup = Wakeup {
+            announcements,
+            demand: demand.clone(),
+        };
+        (sender, demand, wakeup)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_announcement_between_the_read_and_the_wait_is_not_lost() {
+        let (sender, _demand, mut wakeup) = wakeup();
+        let shutdown = CancellationToken::new();
+        wakeup.mark_seen();
+        // Announced while the reader was reading: the wait returns at once.
+        sender.send_modify(|count| *count += 1);
+        let started = tokio::time::Instant::now();
+        assert!(wakeup.wait(Duration::from_secs(10), &shutdown).await);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_nothing_announced_a_reader_waits_its_block_and_asks_for_the_next() {
+        let (_sender, demand, mut wakeup) = wakeup();
+        let shutdown = CancellationToken::new();
+        wakeup.mark_seen();
+        let started = tokio::time::Instant::now();
+        assert!(wakeup.wait(Duration::from_secs(10), &shutdown).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        // The announcer, waiting for demand, finds the permit.
+        tokio::time::timeout(Duration::from_millis(1), demand.notified())
+            .await
+            .expect("the wait asked the announcer to look again");
+        shutdown.cancel();
+        assert!(!wakeup.wait(Duration::from_secs(10), &shutdown).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_announcer_leaves_the_block_time() {
+        let (sender, _demand, mut wakeup) = wakeup();
+        drop(sender);
+        let shutdown = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        assert!(wakeup.wait(Duration::from_secs(3), &shutdown).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+}
