@@ -23,16 +23,19 @@ cargo build --workspace --bins --locked
 cargo check -p e2e-tests --features testcontainers --tests --locked
 
 # The end-to-end tests that run on whatever Redis the harness starts, run a
-# second time on a local Redis Cluster (3 masters + 3 replicas). Tests named
-# redis_* stop or pause their one Redis server and stay single-server.
+# second time on a local Redis Cluster (3 masters + 3 replicas), there with
+# every reader sharing its shard's wake-up (reader.own_connections = 0; the
+# first run gives most test routers, with few destinations, readers of their
+# own, as users get by default). Tests named redis_* stop or pause their
+# one Redis server and stay single-server.
 cluster_suite=(-p e2e-tests --test delivery --test admin --test faults --test ingest --test destinations --test policies)
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
-  EVD_TEST_REDIS=cluster cargo nextest run "${cluster_suite[@]}" --locked --no-fail-fast \
+  EVD_TEST_REDIS=cluster EVD_TEST_READERS=shared cargo nextest run "${cluster_suite[@]}" --locked --no-fail-fast \
     -E 'not test(/^redis_/)'
 else
   cargo test --workspace --locked --no-fail-fast
-  EVD_TEST_REDIS=cluster cargo test "${cluster_suite[@]}" --locked --no-fail-fast \
+  EVD_TEST_REDIS=cluster EVD_TEST_READERS=shared cargo test "${cluster_suite[@]}" --locked --no-fail-fast \
     -- --skip redis_
 fi
 

@@ -145,8 +145,9 @@ pub struct RetentionConfig {
 pub struct ReaderConfig {
     /// Most entries one XREADGROUP fetches.
     pub batch_size: usize,
-    /// How long a caught-up reader waits for its shard's wake-up before it
-    /// reads again anyway, and how long the wake-up's XREAD blocks (ms).
+    /// How long a read blocks waiting for new entries; with a shared
+    /// wake-up, how long a caught-up reader waits for it before it reads
+    /// again anyway, and how long the wake-up's XREAD blocks (ms).
     pub block_ms: u64,
     /// Most entries one shard × destination reader holds in memory.
     pub window: usize,
@@ -156,6 +157,13 @@ pub struct ReaderConfig {
     /// Most entries of one user queued in memory behind its head; further
     /// ones are parked (ids only) until their turn.
     pub max_queued_per_user: usize,
+    /// While the destinations × shards are at most this many, each reader
+    /// blocks in a read of its own, on a connection of its own: an entry
+    /// is read in the Redis event-loop turn that stored it. Beyond, every
+    /// reader reads without blocking and a shard's readers share one
+    /// blocking read as a wake-up, so connections stop growing with
+    /// destinations (decision 0004). 0: always share.
+    pub own_connections: usize,
 }
 
 impl ReaderConfig {

@@ -10,6 +10,8 @@
 //! outcome, so anything unfinished at a crash is still pending at restart
 //! and is read again from the PEL, in id order, before new entries.
 
+use std::time::Duration;
+
 use protocol::RedisConnection;
 use protocol::{EventEntry, Keys, Replay, StreamId};
 use redis::Value;
@@ -111,8 +113,7 @@ pub struct GroupConsumer {
     replaying: String,
     group: String,
     consumer: String,
-    /// Group reads, shared with the shard's other destinations; never
-    /// retried by the client (see [`Connections::reads`]).
+    /// Group reads; never retried by the client (see [`Connections::reads`]).
     reads: RedisConnection,
     /// Dead-letter writes, claims and fetches.
     commands: RedisConnection,
@@ -126,11 +127,12 @@ pub struct GroupConsumer {
 
 /// The two connections a consumer uses.
 pub struct Connections {
-    /// For group reads, which never block (new entries are announced by
-    /// [`crate::wakeup`]). A client that sent a read again after losing its
-    /// reply would skip the entries the lost reply moved into our pending
-    /// list, so this connection never retries by itself: one to the shard's
-    /// master on a cluster, a plain one on a single Redis.
+    /// For group reads: the reader's own, when it blocks in its reads, or
+    /// one shared by the shard's readers, which never block (new entries
+    /// are announced by [`crate::wakeup`]). A client that sent a read again
+    /// after losing its reply would skip the entries the lost reply moved
+    /// into our pending list, so this connection never retries by itself:
+    /// one to the shard's master on a cluster, a plain one on a single Redis.
     pub reads: RedisConnection,
     /// Shared, for acknowledgements and dead letters.
     pub commands: RedisConnection,
@@ -217,24 +219,40 @@ impl GroupConsumer {
             .await?)
     }
 
-    /// Reads up to `count` entries, without blocking: none when nothing is
-    /// new ([`crate::wakeup`] says when to look again).
-    pub async fn read(&self, from: &ReadFrom, count: usize) -> Result<Vec<Entry>, ConsumerError> {
-        let after = match from {
-            ReadFrom::New => ">".to_owned(),
-            ReadFrom::Pending(after) => after.to_string(),
-        };
-        let reply: Value = redis::cmd("XREADGROUP")
+    /// Reads up to `count` entries. With `block`, a read of new entries
+    /// waits that long for some (only on a connection of its own); without,
+    /// it returns none when nothing is new ([`crate::wakeup`] says when to
+    /// look again).
+    pub async fn read(
+        &self,
+        from: &ReadFrom,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Entry>, ConsumerError> {
+        let mut command = redis::cmd("XREADGROUP");
+        command
             .arg("GROUP")
             .arg(&self.group)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(count)
-            .arg("STREAMS")
-            .arg(&self.stream)
-            .arg(after)
-            .query_async(&mut self.reads.clone())
-            .await?;
+            .arg(count);
+        match (from, block) {
+            (ReadFrom::New, Some(block)) => {
+                command
+                    .arg("BLOCK")
+                    .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
+                    .arg("STREAMS")
+                    .arg(&self.stream)
+                    .arg(">");
+            }
+            (ReadFrom::New, None) => {
+                command.arg("STREAMS").arg(&self.stream).arg(">");
+            }
+            (ReadFrom::Pending(after), _) => {
+                command.arg("STREAMS").arg(&self.stream).arg(after);
+            }
+        }
+        let reply: Value = command.query_async(&mut self.reads.clone()).await?;
         parse_read_reply(reply)
     }
 

@@ -14,7 +14,7 @@
 //! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`retry`]: the backoff policy.
 //! - [`worker`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
-//! - [`wakeup`]: one blocking read per shard, waking that shard's readers when entries arrive.
+//! - [`wakeup`]: whether a reader blocks in its own reads, or shares one blocking read per shard that wakes it.
 //! - [`budget`]: how many entries and bytes a worker holds in memory.
 //! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.
 //! - [`job`]: one entry to its terminal outcome (fetch, prepare, attempt, record).
@@ -69,7 +69,7 @@ use coordinator::{Coordinator, StartWorker};
 use lease::{LeaseGuard, LeaseId, LeaseStore};
 use overview::{Observer, Overview, SharedOverview};
 use registry::Registry;
-use wakeup::{Announcer, Wakeups};
+use wakeup::{OwnReaders, Wakeups};
 use worker::WorkerSettings;
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
@@ -165,19 +165,11 @@ pub async fn run(
     let block = Duration::from_millis(config.reader.block_ms);
     let consumer_name = config.consumer_name();
     let instance = format!("{consumer_name}#{:08x}", fastrand::u32(..));
-    let wakeups = Wakeups::start(
-        (0..config.redis.shards)
-            .map(|shard| Announcer {
-                stream: keys.events(shard),
-                redis: config.redis.clone(),
-                block,
-            })
-            .collect(),
-        &shutdown,
-    );
+    let wakeups = Wakeups::new(config.redis.clone(), keys.clone(), block, shutdown.clone());
     let workers = Workers {
         reads: ReadConnections::new(&config.redis, keys.clone()),
         wakeups,
+        own_readers: OwnReaders::new(config.reader.own_connections),
         redis: config.redis.clone(),
         keys: keys.clone(),
         consumer_name: consumer_name.clone(),
@@ -285,6 +277,7 @@ pub async fn run(
 struct Workers {
     reads: Arc<ReadConnections>,
     wakeups: Wakeups,
+    own_readers: OwnReaders,
     redis: RedisConfig,
     keys: Keys,
     consumer_name: String,
@@ -320,10 +313,22 @@ impl StartWorker for Workers {
         let catalog = self.catalog.clone();
         let delivery_log = self.delivery_log;
         let shard = lease.shard;
-        let reads = self.reads.clone();
-        let wakeup = self.wakeups.of(shard);
+        let shared_reads = self.reads.clone();
+        let own = self.own_readers.claim(self.registry.pairs().len());
+        let wakeup = own.is_none().then(|| self.wakeups.of(shard));
         tokio::spawn(async move {
-            let Some(reads) = reads.get(shard, &stop).await else {
+            let reads = match &own {
+                Some(_) => {
+                    let stream = keys.events(shard);
+                    let purpose = Connection::Reads {
+                        stream: &stream,
+                        span: settings.read_span,
+                    };
+                    connect(&redis, &stop, purpose).await.ok().flatten()
+                }
+                None => shared_reads.get(shard, &stop).await,
+            };
+            let Some(reads) = reads else {
                 return;
             };
             let log = delivery_log.enabled.then(|| {
@@ -342,6 +347,8 @@ impl StartWorker for Workers {
                 log,
             );
             worker::run(consumer, destination, wakeup, settings, guard, stop).await;
+            // The connection of its own is given back with the worker.
+            drop(own);
         })
     }
 }
@@ -385,8 +392,9 @@ pub async fn catalog(config: &Config) -> anyhow::Result<Catalog> {
 enum Connection<'a> {
     /// Ordinary commands, answered within `redis.timeout_ms`.
     Commands,
-    /// Group reads of `stream`, which the client never sends twice.
-    Reads { stream: &'a str },
+    /// Group reads of `stream`, which the client never sends twice, whose
+    /// replies may take `span`.
+    Reads { stream: &'a str, span: Duration },
 }
 
 /// The connections for group reads ([`consumer::Connections::reads`]): on
@@ -415,7 +423,11 @@ impl ReadConnections {
         let stream = self.keys.events(shard);
         let made = cell
             .get_or_try_init(|| async {
-                match connect(&self.redis, stop, Connection::Reads { stream: &stream }).await {
+                let purpose = Connection::Reads {
+                    stream: &stream,
+                    span: self.redis.timeout(),
+                };
+                match connect(&self.redis, stop, purpose).await {
                     Ok(Some(connection)) => Ok(connection),
                     // Stopped: whoever asks next makes it.
                     _ => Err(()),
@@ -437,10 +449,8 @@ async fn connect(
     let connect = || async move {
         match purpose {
             Connection::Commands => redis.connect(redis.timeout()).await,
-            Connection::Reads { stream } => {
-                redis
-                    .connect_for_blocking_reads(stream, redis.timeout())
-                    .await
+            Connection::Reads { stream, span } => {
+                redis.connect_for_blocking_reads(stream, span).await
             }
         }
     };

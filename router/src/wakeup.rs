@@ -1,11 +1,17 @@
-//! One blocking read per shard stream, announcing new entries to every
-//! worker of that shard (decision 0004). Workers read their consumer groups
-//! without `BLOCK` and, when nothing is new, wait here; so a router's Redis
-//! connections do not grow with its destinations.
+//! How a reader learns of new entries (decision 0004). While a router's
+//! destinations × shards are few ([`OwnReaders`], `reader.own_connections`),
+//! each reader blocks in its own XREADGROUP on a connection of its own: an
+//! entry is read in the Redis event-loop turn that stored it. Beyond that,
+//! readers read their consumer groups without `BLOCK` and, when nothing is
+//! new, wait for one blocking read per shard stream that announces new
+//! entries to every reader of that shard; so a router's Redis connections
+//! do not grow with its destinations, at the cost of one more Redis turn
+//! between an entry and its read.
 //!
-//! Per shard, a task blocks in `XREAD` after the last id it knows, and on
-//! each reply learns the stream's last id (`XREVRANGE + - COUNT 1`) and bumps
-//! a counter on a watch channel. A worker marks the counter seen *before* its
+//! Per shard, a task learns where the stream ends (`XREVRANGE + - COUNT 1`),
+//! blocks in `XREAD` after that, and on its reply bumps a counter on a watch
+//! channel at once (the extra round trip is taken before the next wait, not
+//! between an entry and its announcement). A worker marks the counter seen *before* its
 //! read, so an entry added between the read and the wait still wakes it.
 //! After an announcement the task reads again only once some worker waits:
 //! under load nobody is caught up, and the task costs Redis nothing.
@@ -13,50 +19,116 @@
 //! wake after their own `reader.block_ms` and read anyway: an announcement
 //! only saves waiting, it never carries an entry.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use protocol::{run_with_retries, Backoff, RedisConfig, RedisConnection, StreamId};
+use protocol::{run_with_retries, Backoff, Keys, RedisConfig, RedisConnection, StreamId};
+use redis::streams::StreamReadReply;
 use redis::Value;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-/// The announcements of every shard stream.
+/// Which readers get a connection of their own: while the router's
+/// (shard, destination) pairs are at most `limit`, and no more than `limit`
+/// at a time, so that a router that grew past it holds no more than
+/// `limit` such connections while its older readers run on.
+pub struct OwnReaders {
+    limit: usize,
+    alive: Arc<AtomicUsize>,
+}
+
+/// One reader's connection of its own, counted until dropped.
+pub struct OwnReader(Arc<AtomicUsize>);
+
+impl OwnReaders {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            alive: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A claim for one more reader of its own, if `pairs` and the readers
+    /// already holding one are within the limit.
+    pub fn claim(&self, pairs: usize) -> Option<OwnReader> {
+        if pairs > self.limit {
+            return None;
+        }
+        self.alive
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |alive| {
+                (alive < self.limit).then_some(alive + 1)
+            })
+            .ok()
+            .map(|_| OwnReader(self.alive.clone()))
+    }
+}
+
+impl Drop for OwnReader {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The announcements of every shard stream, each started when a reader
+/// first needs it.
 pub struct Wakeups {
-    shards: Vec<(watch::Receiver<u64>, Arc<Notify>)>,
+    redis: RedisConfig,
+    keys: Keys,
+    block: Duration,
+    shutdown: CancellationToken,
+    shards: Vec<OnceLock<(watch::Receiver<u64>, Arc<Notify>)>>,
 }
 
 /// A shard stream to announce, read over a connection of its own made from
 /// `redis`, blocking up to `block` at a time.
-pub struct Announcer {
-    pub stream: String,
-    pub redis: RedisConfig,
-    pub block: Duration,
+struct Announcer {
+    stream: String,
+    redis: RedisConfig,
+    block: Duration,
 }
 
 impl Wakeups {
-    /// Starts one announcer per shard (index = shard), each until `shutdown`.
-    pub fn start(announcers: Vec<Announcer>, shutdown: &CancellationToken) -> Self {
-        let shards = announcers
-            .into_iter()
-            .map(|announcer| {
+    /// Announcements of the shard streams, each read over a connection of
+    /// its own made from `redis`, blocking up to `block` at a time, until
+    /// `shutdown`.
+    pub fn new(
+        redis: RedisConfig,
+        keys: Keys,
+        block: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let shards = (0..redis.shards).map(|_| OnceLock::new()).collect();
+        Self {
+            redis,
+            keys,
+            block,
+            shutdown,
+            shards,
+        }
+    }
+
+    /// Announcements of new entries on `shard`'s stream. The first call
+    /// for a shard starts its announcer (within a Tokio runtime).
+    pub fn of(&self, shard: u16) -> Wakeup {
+        let (announcements, demand) = self.shards[usize::from(shard)]
+            .get_or_init(|| {
                 let (sender, receiver) = watch::channel(0u64);
                 let demand = Arc::new(Notify::new());
+                let announcer = Announcer {
+                    stream: self.keys.events(shard),
+                    redis: self.redis.clone(),
+                    block: self.block,
+                };
                 tokio::spawn(announce(
                     announcer,
                     sender,
                     demand.clone(),
-                    shutdown.clone(),
+                    self.shutdown.clone(),
                 ));
                 (receiver, demand)
             })
-            .collect();
-        Self { shards }
-    }
-
-    /// Announcements of new entries on `shard`'s stream.
-    pub fn of(&self, shard: u16) -> Wakeup {
-        let (announcements, demand) = self.shards[usize::from(shard)].clone();
+            .clone();
         Wakeup {
             announcements,
             demand,
@@ -128,17 +200,17 @@ async fn announce(
     let mut failures = 0u32;
     loop {
         let step = async {
-            let after = match last {
-                Some(id) => id,
-                None => last_id(&mut connection, &stream).await?,
-            };
-            let new = wait_after(&mut connection, &stream, after, block).await?;
-            let tail = if new {
-                last_id(&mut connection, &stream).await?
-            } else {
-                after
-            };
-            Ok::<_, redis::RedisError>((new, tail))
+            // Where the stream ends now. Entries added since the last look
+            // are announced at once: a worker that has just read may have
+            // missed them.
+            let tail = last_id(&mut connection, &stream).await?;
+            if last.is_some_and(|seen| seen != tail) {
+                return Ok((true, tail));
+            }
+            // Announced on the reply, without another round trip; the next
+            // look finds where the stream ends by then.
+            let first_new = wait_after(&mut connection, &stream, tail, block).await?;
+            Ok::<_, redis::RedisError>((first_new.is_some(), first_new.unwrap_or(tail)))
         };
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -194,14 +266,14 @@ async fn last_id(connection: &mut RedisConnection, stream: &str) -> redis::Redis
         .unwrap_or_default())
 }
 
-/// Blocks up to `block` for an entry after `after`; true if one came.
+/// Blocks up to `block` for an entry after `after`; the first that came.
 async fn wait_after(
     connection: &mut RedisConnection,
     stream: &str,
     after: StreamId,
     block: Duration,
-) -> redis::RedisResult<bool> {
-    let reply: Value = redis::cmd("XREAD")
+) -> redis::RedisResult<Option<StreamId>> {
+    let reply: Option<StreamReadReply> = redis::cmd("XREAD")
         .arg("COUNT")
         .arg(1)
         .arg("BLOCK")
@@ -211,12 +283,34 @@ async fn wait_after(
         .arg(after)
         .query_async(connection)
         .await?;
-    Ok(!matches!(reply, Value::Nil))
+    let first = reply
+        .and_then(|reply| reply.keys.into_iter().next())
+        .and_then(|key| key.ids.into_iter().next());
+    Ok(match first {
+        Some(entry) => Some(entry.id.parse().unwrap_or(after)),
+        None => None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_readers_are_given_only_within_the_limit_and_returned_on_drop() {
+        let own = OwnReaders::new(2);
+        assert!(
+            own.claim(3).is_none(),
+            "more pairs than the limit: all share"
+        );
+        let first = own.claim(2).expect("within the limit");
+        let second = own.claim(2).expect("within the limit");
+        assert!(own.claim(2).is_none(), "two alive already");
+        drop(first);
+        assert!(own.claim(2).is_some(), "given back on drop");
+        drop(second);
+        assert!(OwnReaders::new(0).claim(0).is_none(), "0: always share");
+    }
 
     fn wakeup() -> (watch::Sender<u64>, Arc<Notify>, Wakeup) {
         let (sender, announcements) = watch::channel(0);

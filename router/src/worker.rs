@@ -45,8 +45,8 @@ const RETRY_PAUSED_LOOK: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
     pub batch_size: usize,
-    /// Longest a caught-up reader waits for an announcement of new entries
-    /// before it reads again anyway.
+    /// How long a read blocks for new entries; with a shared wake-up, the
+    /// longest a caught-up reader waits for it before it reads again anyway.
     pub block: Duration,
     /// Longest a read can take: the block time plus the reply timeout.
     pub read_span: Duration,
@@ -73,7 +73,7 @@ enum Read {
 pub async fn run(
     consumer: GroupConsumer,
     destination: Arc<Destination>,
-    wakeup: Wakeup,
+    wakeup: Option<Wakeup>,
     settings: WorkerSettings,
     lease: LeaseGuard,
     shutdown: CancellationToken,
@@ -347,12 +347,15 @@ struct Reader {
     consumer: Arc<GroupConsumer>,
     destination: Arc<Destination>,
     progress: Arc<Progress>,
-    wakeup: Wakeup,
+    /// The shard's shared wake-up; `None` when this reader blocks in its
+    /// own reads.
+    wakeup: Option<Wakeup>,
 }
 
 /// Fetches entries while the budget has room: first everything pending on
-/// us (in id order), then new entries; once caught up, waits for the
-/// shard's announcement of new ones (or `block`) before reading again.
+/// us (in id order), then new entries. A reader with its own connection
+/// blocks in the read up to `block`; one sharing the shard's wake-up reads
+/// without blocking and, once caught up, waits for the wake-up (or `block`).
 async fn read_loop(
     reader: Reader,
     batches: mpsc::Sender<Read>,
@@ -416,16 +419,17 @@ async fn read_loop(
             return;
         }
         let reading_new = from == ReadFrom::New;
-        if reading_new {
+        if let (true, Some(wakeup)) = (reading_new, &mut wakeup) {
             // Before the read: an entry added after it still wakes us.
             wakeup.mark_seen();
         }
         let wanted = reservation.entries();
+        let block = wakeup.is_none().then_some(settings.block);
         // A read abandoned here may leave entries pending on us unseen; the
         // next owner of this shard claims and reads them first.
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            result = consumer.read(&from, wanted) => result,
+            result = consumer.read(&from, wanted, block) => result,
         };
         match result {
             Ok(entries) => {
@@ -456,7 +460,7 @@ async fn read_loop(
                     return;
                 }
                 drop(waiting);
-                if caught_up {
+                if let (true, Some(wakeup)) = (caught_up, &mut wakeup) {
                     let _waiting = progress.enter(Wait::NewEntries);
                     if !wakeup.wait(settings.block, &shutdown).await {
                         return;

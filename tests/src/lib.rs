@@ -263,6 +263,10 @@ pub struct TestSystem {
     pub keys: Keys,
     /// The in-process router's admin address, once started.
     pub admin_url: Option<String>,
+    /// `reader.own_connections` of the routers started from now on: the
+    /// default unless `EVD_TEST_READERS=shared` (0: every reader shares its
+    /// shard's wake-up) or a test sets it.
+    pub own_connections: Option<usize>,
     shutdown: CancellationToken,
     router: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -321,6 +325,10 @@ impl TestSystem {
             http: authorized_client(),
             keys,
             admin_url: None,
+            own_connections: match std::env::var("EVD_TEST_READERS").as_deref() {
+                Ok("shared") => Some(0),
+                _ => None,
+            },
             shutdown,
             router: None,
         };
@@ -346,6 +354,9 @@ impl TestSystem {
         config.redis.shards = SHARDS;
         config.consumer_name = "test-router".into();
         config.reader.block_ms = 200;
+        if let Some(own_connections) = self.own_connections {
+            config.reader.own_connections = own_connections;
+        }
         config.shutdown_grace_ms = 2000;
         // Short leases so failover tests are quick; they still cover the
         // 2 s attempt timeout and a read (block + Redis timeout).

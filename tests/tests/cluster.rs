@@ -64,15 +64,48 @@ async fn shards_spread_over_every_master_and_every_event_arrives_in_order() {
     );
 }
 
-/// Blocking reads touch one stream, so their connections go to the master
-/// of that stream's slot only, and there is one per shard (the wake-up,
-/// decision 0004), plus one per shard for the group reads: a router's
+/// A reader blocking in its own reads (few destinations × shards) touches
+/// one stream, so its connection goes to the master of that stream's slot
+/// only: a router's connections grow with its (shard, destination) pairs
+/// plus the nodes, not pairs × nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_blocking_reader_connects_only_to_its_streams_master() {
+    let cluster = RedisCluster::start().await;
+    let mut system = TestSystem::start_custom(cluster, destinations(), |_| {}).await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    let before = cluster.clients().await;
+    system.start_router();
+    let cluster = system.redis.cluster().expect("a cluster");
+    let pairs = usize::from(SHARDS) * destinations().len();
+    wait_for(
+        "every worker blocked in a read",
+        Duration::from_secs(60),
+        || async { cluster.clients().await.blocked == pairs },
+    )
+    .await;
+    let after = cluster.clients().await;
+    let added = after.connected - before.connected;
+    let nodes = cluster.node_count();
+    eprintln!(
+        "{pairs} (shard, destination) pairs, {nodes} nodes: the router added {added} connections"
+    );
+    assert!(
+        added <= pairs + 4 * nodes,
+        "{added} connections for {pairs} pairs on {nodes} nodes"
+    );
+}
+
+/// Readers sharing their shard's wake-up (many destinations × shards): the
+/// one blocking read per shard and the shard's group reads each connect to
+/// the master of that stream's slot only (decision 0004): a router's
 /// connections grow with the shards plus the nodes, neither with its
 /// destinations nor with shards × nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_shards_readers_connect_only_to_its_streams_master() {
     let cluster = RedisCluster::start().await;
     let mut system = TestSystem::start_custom(cluster, destinations(), |_| {}).await;
+    // Every reader shares its shard's wake-up, as with many destinations.
+    system.own_connections = Some(0);
     let cluster = system.redis.cluster().expect("a cluster");
     let before = cluster.clients().await;
     system.start_router();

@@ -764,10 +764,11 @@ async fn redis_clients(system: &TestSystem) -> u64 {
         .sum()
 }
 
-/// Decision 0004: one blocking read per shard wakes every destination's
-/// reader, and group reads share connections, so a router's connections
-/// do not grow with its destinations (before: one per shard and
-/// destination, 8 × 24 = 192 here).
+/// Decision 0004: past `reader.own_connections` (64) destinations × shards
+/// (24 × 8 = 192 here), one blocking read per shard wakes every
+/// destination's reader, and group reads share connections, so a router's
+/// connections do not grow with its destinations (before: one per shard
+/// and destination, over 200 here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routers_redis_connections_do_not_grow_with_its_destinations() {
     const DESTINATIONS: usize = 24;
