@@ -314,7 +314,7 @@ impl StartWorker for Workers {
         let delivery_log = self.delivery_log;
         let shard = lease.shard;
         let shared_reads = self.reads.clone();
-        let own = self.own_readers.claim(self.registry.pairs().len());
+        let own = self.own_readers.claim(self.registry.pair_count());
         let wakeup = own.is_none().then(|| self.wakeups.of(shard));
         tokio::spawn(async move {
             let reads = match &own {

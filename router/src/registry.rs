@@ -113,6 +113,11 @@ impl Registry {
         self.read().known.keys().cloned().collect()
     }
 
+    /// How many (shard, destination) pairs there are to deliver.
+    pub fn pair_count(&self) -> usize {
+        self.read().known.len() * usize::from(self.shards)
+    }
+
     /// Every (shard, destination) pair to deliver, sorted.
     pub fn pairs(&self) -> Vec<LeaseId> {
         let snapshot = self.read();

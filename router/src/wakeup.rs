@@ -80,14 +80,6 @@ pub struct Wakeups {
     shards: Vec<OnceLock<(watch::Receiver<u64>, Arc<Notify>)>>,
 }
 
-/// A shard stream to announce, read over a connection of its own made from
-/// `redis`, blocking up to `block` at a time.
-struct Announcer {
-    stream: String,
-    redis: RedisConfig,
-    block: Duration,
-}
-
 impl Wakeups {
     /// Announcements of the shard streams, each read over a connection of
     /// its own made from `redis`, blocking up to `block` at a time, until
@@ -115,15 +107,14 @@ impl Wakeups {
             .get_or_init(|| {
                 let (sender, receiver) = watch::channel(0u64);
                 let demand = Arc::new(Notify::new());
-                let announcer = Announcer {
-                    stream: self.keys.events(shard),
-                    redis: self.redis.clone(),
-                    block: self.block,
-                };
                 tokio::spawn(announce(
-                    announcer,
-                    sender,
-                    demand.clone(),
+                    self.keys.events(shard),
+                    self.redis.clone(),
+                    self.block,
+                    Announced {
+                        sender,
+                        demand: demand.clone(),
+                    },
                     self.shutdown.clone(),
                 ));
                 (receiver, demand)
@@ -154,39 +145,43 @@ impl Wakeup {
     /// `at_most`, or until `shutdown`; false at shutdown.
     pub async fn wait(&mut self, at_most: Duration, shutdown: &CancellationToken) -> bool {
         self.demand.notify_one();
+        let announced = async {
+            // A closed channel (the announcer ended) leaves the timeout.
+            if self.announcements.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = shutdown.cancelled() => false,
-            // A closed channel (the announcer ended) leaves the timeout.
-            changed = self.announcements.changed() => {
-                if changed.is_err() {
-                    return sleep_or_shutdown(at_most, shutdown).await;
-                }
-                true
-            }
+            () = announced => true,
             () = tokio::time::sleep(at_most) => true,
         }
     }
 }
 
-async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        () = tokio::time::sleep(duration) => true,
+/// The announcer's side of a shard's channel.
+struct Announced {
+    sender: watch::Sender<u64>,
+    /// Notified when a worker waits.
+    demand: Arc<Notify>,
+}
+
+impl Announced {
+    fn bump(&self) {
+        self.sender
+            .send_modify(|count| *count = count.wrapping_add(1));
     }
 }
 
-/// Announces new entries of one shard stream until `shutdown`.
+/// Announces new entries of `stream` until `shutdown`, read over a
+/// connection of its own made from `redis`, blocking up to `block` at a time.
 async fn announce(
-    announcer: Announcer,
-    sender: watch::Sender<u64>,
-    demand: Arc<Notify>,
+    stream: String,
+    redis: RedisConfig,
+    block: Duration,
+    announced: Announced,
     shutdown: CancellationToken,
 ) {
-    let Announcer {
-        stream,
-        redis,
-        block,
-    } = announcer;
     // Its own connection: a blocked XREAD holds up whatever else shares it.
     // Made here, so a shard whose node is down delays no other shard.
     let what = format!("Redis unreachable at {}", redis.redacted_url());
@@ -224,11 +219,11 @@ async fn announce(
                 failures = 0;
                 last = Some(tail);
                 if new {
-                    sender.send_modify(|count| *count = count.wrapping_add(1));
+                    announced.bump();
                     // Until a worker has caught up, nobody needs the next.
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = demand.notified() => {}
+                        () = announced.demand.notified() => {}
                     }
                 }
             }
@@ -244,7 +239,7 @@ async fn announce(
                 if !Backoff::COMMANDS.wait(failures, &shutdown).await {
                     return;
                 }
-                sender.send_modify(|count| *count = count.wrapping_add(1));
+                announced.bump();
             }
         }
     }
