@@ -13,6 +13,9 @@
 //! | `<prefix>:{s:N}:lease:<destination>` | string | the router instance delivering shard N to that destination (expires) |
 //! | `<prefix>:{s:N}:log:<destination>` | stream | the delivery log: one entry per attempt |
 //! | `<prefix>:{s:N}:replaying:<destination>` | set | ids of that destination's dead letters on shard N whose replay is under way |
+//! | `<prefix>:{s:N}:refs:<destination>` | stream | references (the event's own id, no payload) to the events of shard N a filtered destination takes, written by the routing stage |
+//! | `<prefix>:{s:N}:routing:marks` | hash | filtered destination → the last shard entry the routing stage considered for it, while it catches up (created, or behind the stage) |
+//! | `<prefix>:{s:N}:routing:signal` | stream | one entry per routed batch (capped), which wakes the readers of reference streams |
 //! | `<prefix>:meta:shards` | string | the shard count, fixed at first start |
 //! | `<prefix>:{catalog}:destinations` | hash | destination name → its definition (JSON), the one source of truth |
 //! | `<prefix>:{catalog}:revision` | string | a counter raised by every change of a definition |
@@ -74,6 +77,24 @@ impl Keys {
     /// to `destination`.
     pub fn lease(&self, shard: u16, destination: &str) -> String {
         format!("{}:{{s:{shard}}}:lease:{destination}", self.prefix)
+    }
+
+    /// The references to the events of `shard` that `destination` (one
+    /// with `event_types`) takes: each entry's id is its event's id.
+    pub fn refs(&self, shard: u16, destination: &str) -> String {
+        format!("{}:{{s:{shard}}}:refs:{destination}", self.prefix)
+    }
+
+    /// Per filtered destination still catching up on `shard`, the last
+    /// shard entry the routing stage considered for it.
+    pub fn routing_marks(&self, shard: u16) -> String {
+        format!("{}:{{s:{shard}}}:routing:marks", self.prefix)
+    }
+
+    /// A capped stream the routing stage adds to once per routed batch of
+    /// `shard`: what wakes the readers of its reference streams.
+    pub fn routing_signal(&self, shard: u16) -> String {
+        format!("{}:{{s:{shard}}}:routing:signal", self.prefix)
     }
 
     /// The membership of live router instances, which split the leases.

@@ -129,6 +129,7 @@ impl AdminState {
                 name: &known.destination.name,
                 endpoint,
                 cuts: &known.definition.cuts,
+                routed: known.definition.routed,
             })
             .collect();
         Ok(self.log_reader().event(event_id, &subjects).await?)

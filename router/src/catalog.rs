@@ -66,6 +66,36 @@ end
 return redis.error_reply('ERR the group vanished while it was created')
 ";
 
+/// Sets up a filtered destination's delivery on one shard and returns its
+/// cut: the routing stage's group on the shard stream (created at the
+/// start if missing; an existing one stays where it is), the destination's
+/// group on its reference stream, and its routing mark at the cut, so the
+/// routing stage adds references from there on (catching up on what it
+/// has already passed). KEYS: shard stream, reference stream, routing
+/// marks. ARGV: the destination, start id (`$`, `0` or an id), the
+/// routing stage's group.
+const ROUTED_CUT: &str = r"
+local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[3], ARGV[2], 'MKSTREAM')
+if type(created) == 'table' and created.err and not string.find(created.err, 'BUSYGROUP', 1, true) then
+  return redis.error_reply(created.err)
+end
+local cut = ARGV[2]
+if cut == '$' then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then cut = info[i + 1] end
+  end
+elseif cut == '0' then
+  cut = '0-0'
+end
+created = redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[1], '0', 'MKSTREAM')
+if type(created) == 'table' and created.err and not string.find(created.err, 'BUSYGROUP', 1, true) then
+  return redis.error_reply(created.err)
+end
+redis.call('HSET', KEYS[3], ARGV[1], cut)
+return cut
+";
+
 /// A destination as the catalog holds it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Definition {
@@ -82,6 +112,13 @@ pub struct Definition {
     /// an id), so any router can complete an interrupted creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_id: Option<String>,
+    /// Whether it reads references written by the routing stage
+    /// ([`crate::routing`]) instead of a group on the shard streams:
+    /// decided at its creation, by whether it had `event_types` then
+    /// (decision 0004). A later change of its `event_types` changes what
+    /// it gets, not how it reads.
+    #[serde(default)]
+    pub routed: bool,
     pub settings: DestinationConfig,
 }
 
@@ -229,6 +266,7 @@ impl Catalog {
             created_at_ms: protocol::unix_millis(),
             cuts: Vec::new(),
             start_id: Some(start.group_id()),
+            routed: !settings.event_types.is_empty(),
             settings,
         };
         let revision: u64 = self
@@ -255,14 +293,7 @@ impl Catalog {
         let start = definition.start_id.take().unwrap_or_else(|| "$".into());
         let mut cuts = Vec::with_capacity(usize::from(self.shards));
         for shard in 0..self.shards {
-            let cut: String = redis::cmd("EVAL")
-                .arg(CUT)
-                .arg(1)
-                .arg(self.keys.events(shard))
-                .arg(&name)
-                .arg(&start)
-                .query_async(&mut self.con.clone())
-                .await?;
+            let cut = self.cut(&definition, shard, &start).await?;
             cuts.push(cut);
         }
         definition.cuts = cuts;
@@ -292,15 +323,40 @@ impl Catalog {
             .cuts
             .get(usize::from(shard))
             .ok_or_else(|| CatalogError::Creating(name.to_owned()))?;
-        let restored: String = redis::cmd("EVAL")
-            .arg(CUT)
-            .arg(1)
-            .arg(self.keys.events(shard))
-            .arg(name)
-            .arg(cut)
-            .query_async(&mut self.con.clone())
-            .await?;
-        Ok(restored)
+        self.cut(&definition, shard, cut).await
+    }
+
+    /// Creates `definition`'s group on `shard` at `start` (kept where it is
+    /// if it exists) and returns where it starts: on the shard stream, or,
+    /// for a routed destination, on its reference stream with its routing
+    /// mark at the cut.
+    async fn cut(
+        &self,
+        definition: &Definition,
+        shard: u16,
+        start: &str,
+    ) -> Result<String, CatalogError> {
+        let name = &definition.settings.name;
+        let mut script = redis::cmd("EVAL");
+        if definition.routed {
+            script
+                .arg(ROUTED_CUT)
+                .arg(3)
+                .arg(self.keys.events(shard))
+                .arg(self.keys.refs(shard, name))
+                .arg(self.keys.routing_marks(shard))
+                .arg(name)
+                .arg(start)
+                .arg(crate::routing::GROUP);
+        } else {
+            script
+                .arg(CUT)
+                .arg(1)
+                .arg(self.keys.events(shard))
+                .arg(name)
+                .arg(start);
+        }
+        Ok(script.query_async(&mut self.con.clone()).await?)
     }
 
     /// Changes a ready destination's settings with `change`, retrying when
@@ -455,6 +511,20 @@ async fn destroy_groups(
 ) -> redis::RedisResult<u16> {
     let mut removed = 0;
     for shard in 0..shards {
+        // A routed destination's mark first, so the routing stage adds no
+        // reference after its stream is gone ([`crate::routing`]).
+        let _: i64 = redis::cmd("HDEL")
+            .arg(keys.routing_marks(shard))
+            .arg(destination)
+            .query_async(con)
+            .await?;
+        let refs: i64 = redis::cmd("DEL")
+            .arg(keys.refs(shard, destination))
+            .query_async(con)
+            .await?;
+        if refs > 0 {
+            removed += 1;
+        }
         let stream = keys.events(shard);
         // XGROUP DESTROY refuses a missing stream with a plain `ERR`, which
         // only its text tells apart; asking first needs no text.

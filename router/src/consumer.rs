@@ -104,10 +104,34 @@ end
 return removed
 ";
 
-/// One destination's consumer group on one shard stream.
+/// KEYS: a reference stream, its shard stream. ARGV: the group, our
+/// consumer, the count, where to read from (`>` or an id). XREADGROUP of
+/// the references, each answered with the shard stream's entry of the same
+/// id (nil when it is gone), shaped as XREADGROUP's reply. Never blocks
+/// (scripts cannot).
+const READ_REFS: &str = r"
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], ARGV[4])
+if not reply then return false end
+local entries = {}
+for _, ref in ipairs(reply[1][2]) do
+  local found = redis.call('XRANGE', KEYS[2], ref[1], ref[1])[1]
+  table.insert(entries, {ref[1], found and found[2] or false})
+end
+return {{KEYS[1], entries}}
+";
+
+/// One destination's consumer group on one shard: on the shard stream, or,
+/// for a destination with `event_types` ([`crate::routing`]), on its
+/// reference stream, whose entries carry the ids of the shard stream's.
 pub struct GroupConsumer {
     shard: u16,
+    /// The stream the group is on: the shard stream or the reference stream.
     stream: String,
+    /// The shard stream, where the events are (for a routed destination,
+    /// not the stream its group reads).
+    events: String,
+    /// Whether the group reads references.
+    routed: bool,
     dead_letters: String,
     /// Dead letters of this destination and shard being replayed.
     replaying: String,
@@ -142,14 +166,21 @@ impl GroupConsumer {
     pub fn new(
         keys: &Keys,
         shard: u16,
-        destination: &str,
+        (destination, routed): (&str, bool),
         consumer: &str,
         Connections { reads, commands }: Connections,
         catalog: Catalog,
         log: Option<LogStream>,
     ) -> Self {
-        let stream = keys.events(shard);
+        let events = keys.events(shard);
+        let stream = if routed {
+            keys.refs(shard, destination)
+        } else {
+            events.clone()
+        };
         Self {
+            events,
+            routed,
             acks: AckWriter::start(commands.clone(), stream.clone(), destination.to_owned()),
             catalog,
             log,
@@ -166,6 +197,12 @@ impl GroupConsumer {
 
     pub fn shard(&self) -> u16 {
         self.shard
+    }
+
+    /// Whether the group reads references ([`crate::routing`]); such a
+    /// reader never blocks in its reads (a script cannot).
+    pub fn is_routed(&self) -> bool {
+        self.routed
     }
 
     /// Creates the group again after it went missing, at the cut recorded
@@ -229,6 +266,24 @@ impl GroupConsumer {
         count: usize,
         block: Option<Duration>,
     ) -> Result<Vec<Entry>, ConsumerError> {
+        if self.routed {
+            let from = match from {
+                ReadFrom::New => ">".to_owned(),
+                ReadFrom::Pending(after) => after.to_string(),
+            };
+            let reply: Value = redis::cmd("EVAL")
+                .arg(READ_REFS)
+                .arg(2)
+                .arg(&self.stream)
+                .arg(&self.events)
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(count)
+                .arg(from)
+                .query_async(&mut self.reads.clone())
+                .await?;
+            return parse_read_reply(reply);
+        }
         let mut command = redis::cmd("XREADGROUP");
         command
             .arg("GROUP")
@@ -261,7 +316,7 @@ impl GroupConsumer {
     /// [`EntryContent::Deleted`], as XREADGROUP reports it.
     pub async fn fetch(&self, id: StreamId) -> Result<Entry, ConsumerError> {
         let reply: Vec<Value> = redis::cmd("XRANGE")
-            .arg(&self.stream)
+            .arg(&self.events)
             .arg(id)
             .arg(id)
             .query_async(&mut self.commands.clone())
@@ -274,6 +329,26 @@ impl GroupConsumer {
                 content: EntryContent::Deleted,
             }),
         }
+    }
+
+    /// Up to `count` entries of the shard stream after `after`, up to and
+    /// including `up_to` (not through the group: the routing stage's
+    /// catch-up reads what it has read before).
+    pub async fn range(
+        &self,
+        after: StreamId,
+        up_to: StreamId,
+        count: usize,
+    ) -> Result<Vec<Entry>, ConsumerError> {
+        let reply: Vec<Value> = redis::cmd("XRANGE")
+            .arg(&self.events)
+            .arg(format!("({after}"))
+            .arg(up_to)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        reply.into_iter().map(parse_entry).collect()
     }
 
     /// The id of the oldest entry the group has not read yet, if any.

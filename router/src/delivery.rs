@@ -216,6 +216,11 @@ impl Endpoint {
         })
     }
 
+    /// Whether an event of `event_type` is of a type it subscribes to.
+    pub fn subscribes_to(&self, event_type: Option<&str>) -> bool {
+        self.settings.subscribes_to(event_type)
+    }
+
     /// Whether `event` is one this destination receives: addressed to it
     /// (or to every destination) and of a type it subscribes to.
     pub fn wants(&self, event: &EventEntry) -> bool {

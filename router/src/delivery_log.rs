@@ -67,6 +67,9 @@ impl Logged {
 pub struct Record<'a> {
     pub event_id: &'a str,
     pub user: &'a str,
+    /// The event's type: the per-event view tells from it why a filtered
+    /// destination did not get the event once the event itself is trimmed.
+    pub event_type: Option<&'a str>,
     pub attempt: u32,
     pub status: Option<u16>,
     pub latency_ms: u64,
@@ -99,11 +102,12 @@ impl LogStream {
         let bytes = self.key.len()
             + record.event_id.len()
             + record.user.len()
+            + record.event_type.map_or(0, str::len)
             + record
                 .error
                 .map_or(0, |error| error.len().min(4 * ERROR_CHARS))
             + 128;
-        let mut xadd = redis::Cmd::with_capacity(20, bytes);
+        let mut xadd = redis::Cmd::with_capacity(22, bytes);
         xadd.arg("XADD")
             .arg(&self.key)
             .arg("MAXLEN")
@@ -114,6 +118,9 @@ impl LogStream {
             .arg(record.event_id)
             .arg("user")
             .arg(record.user)
+            // Written even when empty: an event without a type.
+            .arg("type")
+            .arg(record.event_type.unwrap_or(""))
             .arg("attempt")
             .arg(record.attempt)
             .arg("latency_ms")
@@ -183,6 +190,16 @@ pub struct EventLog {
     pub destinations: Vec<DestinationLog>,
 }
 
+/// What the log holds of one event at one destination.
+#[derive(Default)]
+struct Recorded {
+    attempts: Vec<Attempt>,
+    user: Option<String>,
+    /// The event's type as recorded (`Some(None)`: it had none); `None`
+    /// when no record says (records written before types were recorded).
+    event_type: Option<Option<String>>,
+}
+
 /// A destination as the reader needs it.
 pub struct Subject<'a> {
     pub name: &'a str,
@@ -190,6 +207,8 @@ pub struct Subject<'a> {
     pub endpoint: &'a Endpoint,
     /// Per shard, the stream id after which its events begin.
     pub cuts: &'a [String],
+    /// Whether its group reads references ([`crate::routing`]).
+    pub routed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,19 +258,30 @@ impl LogReader {
             destinations: Vec::with_capacity(subjects.len()),
         };
         let mut known = entry.is_some();
+        // The event's type: from the event while it is in its stream, else
+        // from any destination's records (`None`: not known).
+        let mut event_type = entry.as_ref().map(|entry| entry.event_type.clone());
+        let mut logs = Vec::with_capacity(subjects.len());
         for subject in subjects {
-            let (mut attempts, user) = self.attempts(&mut con, id, subject.name).await?;
+            let found = self.attempts(&mut con, id, subject.name).await?;
             if log.user_id.is_none() {
-                log.user_id = user;
+                log.user_id.clone_from(&found.user);
             }
-            known |= !attempts.is_empty();
+            if event_type.is_none() {
+                event_type.clone_from(&found.event_type);
+            }
+            known |= !found.attempts.is_empty();
+            logs.push(found.attempts);
+        }
+        for (subject, mut attempts) in subjects.iter().zip(logs) {
             let state = match attempts.last().map(|a| a.outcome) {
                 Some(Logged::Delivered) => EventState::Delivered,
                 Some(Logged::DeadLettered) => EventState::DeadLettered,
                 Some(Logged::Retry) => EventState::InBackoff,
                 Some(Logged::Filtered) => EventState::Filtered,
                 None => {
-                    self.unattempted(&mut con, id, subject, entry.as_ref())
+                    let event_type = event_type.as_ref().map(Option::as_deref);
+                    self.unattempted(&mut con, id, subject, entry.as_ref(), event_type)
                         .await?
                 }
             };
@@ -262,6 +292,9 @@ impl LogReader {
                 state,
                 attempts,
             });
+        }
+        if log.event_type.is_none() {
+            log.event_type = event_type.flatten();
         }
         if !known {
             return Err(LogError::Unknown(event_id.to_owned()));
@@ -341,19 +374,20 @@ impl LogReader {
         }))
     }
 
-    /// The recorded attempts of `id` at `destination`, oldest first, and
-    /// the user they name.
+    /// The recorded attempts of `id` at `destination`, oldest first, with
+    /// the user and event type they name.
     async fn attempts(
         &self,
         con: &mut RedisConnection,
         id: EventId,
         destination: &str,
-    ) -> Result<(Vec<Attempt>, Option<String>), LogError> {
+    ) -> Result<Recorded, LogError> {
         let key = self.keys.delivery_log(id.shard, destination);
         let wanted = id.to_string();
         // Records are written after the event was accepted: start there.
         let mut start = format!("{}-0", id.stream_id.ms);
-        let (mut attempts, mut user, mut read) = (Vec::new(), None, 0);
+        let mut recorded = Recorded::default();
+        let mut read = 0;
         while read < self.scan_limit {
             let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
                 .arg(&key)
@@ -378,8 +412,12 @@ impl LogReader {
                 let Some(outcome) = field("outcome").and_then(Logged::parse) else {
                     continue;
                 };
-                user = field("user").map(str::to_owned);
-                attempts.push(Attempt {
+                recorded.user = field("user").map(str::to_owned);
+                if let Some(event_type) = field("type") {
+                    recorded.event_type =
+                        Some((!event_type.is_empty()).then(|| event_type.to_owned()));
+                }
+                recorded.attempts.push(Attempt {
                     at_ms: log_id
                         .split('-')
                         .next()
@@ -394,7 +432,7 @@ impl LogReader {
                     error: field("error").map(str::to_owned),
                 });
                 if outcome != Logged::Retry {
-                    return Ok((attempts, user));
+                    return Ok(recorded);
                 }
             }
             match page.last() {
@@ -402,16 +440,19 @@ impl LogReader {
                 _ => break,
             }
         }
-        Ok((attempts, user))
+        Ok(recorded)
     }
 
-    /// The state of an event with no recorded attempt at `subject`.
+    /// The state of an event with no recorded attempt at `subject`;
+    /// `event_type` is the event's when known (from its records, once the
+    /// event itself is gone).
     async fn unattempted(
         &self,
         con: &mut RedisConnection,
         id: EventId,
         subject: &Subject<'_>,
         entry: Option<&EventEntry>,
+        event_type: Option<Option<&str>>,
     ) -> Result<EventState, LogError> {
         let cut = subject
             .cuts
@@ -421,12 +462,27 @@ impl LogReader {
             return Ok(EventState::BeforeCreation);
         }
         let Some(entry) = entry else {
-            return Ok(EventState::Unknown);
+            // Gone from its stream: a routed destination records nothing for
+            // what it does not take, so its type says why it did not get it.
+            return Ok(match event_type {
+                Some(event_type)
+                    if subject.routed && !subject.endpoint.subscribes_to(event_type) =>
+                {
+                    EventState::Filtered
+                }
+                _ => EventState::Unknown,
+            });
         };
+        // A routed destination's rule is checked by the routing stage,
+        // which records nothing for the events it does not route.
         if !subject.endpoint.wants(entry) {
             return Ok(EventState::Filtered);
         }
-        let stream = self.keys.events(id.shard);
+        let stream = if subject.routed {
+            self.keys.refs(id.shard, subject.name)
+        } else {
+            self.keys.events(id.shard)
+        };
         let pending: Value = redis::cmd("XPENDING")
             .arg(&stream)
             .arg(subject.name)

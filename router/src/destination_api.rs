@@ -422,6 +422,7 @@ mod tests {
             created_at_ms: 1,
             cuts: vec!["0-0".into()],
             start_id: None,
+            routed: false,
             settings,
         };
         let shown = serde_json::to_string(&DestinationDoc::new(&definition, None)).expect("json");

@@ -167,6 +167,7 @@ impl Job {
                     let record = event.replay.is_none().then(|| Record {
                         event_id: &event_id,
                         user: &event.user_id,
+                        event_type: event.event_type.as_deref(),
                         attempt: 0,
                         status: None,
                         latency_ms: 0,
@@ -364,6 +365,7 @@ impl Job {
                 let record = Record {
                     event_id: &request.event_id,
                     user: &request.event.user_id,
+                    event_type: request.event.event_type.as_deref(),
                     attempt,
                     status: Some(status),
                     latency_ms,
@@ -388,6 +390,7 @@ impl Job {
         let mut record = Record {
             event_id: &request.event_id,
             user: &request.event.user_id,
+            event_type: request.event.event_type.as_deref(),
             attempt,
             status,
             latency_ms,
@@ -432,6 +435,7 @@ impl Job {
         let record = Record {
             event_id: &request.event_id,
             user: &request.event.user_id,
+            event_type: request.event.event_type.as_deref(),
             attempt: attempt - 1,
             status: None,
             latency_ms: 0,

@@ -45,6 +45,7 @@ pub mod progress;
 pub mod registry;
 pub mod retention;
 pub mod retry;
+pub mod routing;
 pub mod stats;
 pub mod status_page;
 pub mod throttle;
@@ -69,7 +70,7 @@ use coordinator::{Coordinator, StartWorker};
 use lease::{LeaseGuard, LeaseId, LeaseStore};
 use overview::{Observer, Overview, SharedOverview};
 use registry::Registry;
-use wakeup::{OwnReaders, Wakeups};
+use wakeup::{OwnReaders, Wakeups, Watched};
 use worker::WorkerSettings;
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
@@ -298,6 +299,9 @@ impl StartWorker for Workers {
     }
 
     fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()> {
+        if lease.destination == routing::GROUP {
+            return self.start_routing(lease.shard, guard, stop);
+        }
         let redis = self.redis.clone();
         let keys = self.keys.clone();
         let consumer_name = self.consumer_name.clone();
@@ -306,16 +310,23 @@ impl StartWorker for Workers {
             return tokio::spawn(async {});
         };
         let destination = known.destination;
-        let commands = self.command_connections
-            [usize::from(lease.shard) % self.command_connections.len()]
-        .clone();
+        let routed = known.definition.routed;
+        let commands = self.commands(lease.shard);
         let settings = self.settings;
         let catalog = self.catalog.clone();
         let delivery_log = self.delivery_log;
         let shard = lease.shard;
         let shared_reads = self.reads.clone();
-        let own = self.own_readers.claim(self.registry.pair_count());
-        let wakeup = own.is_none().then(|| self.wakeups.of(shard));
+        // A reader of references never blocks (its read is a script): it
+        // waits for the routing stage's signal.
+        let own = (!routed)
+            .then(|| self.own_readers.claim(self.registry.pair_count()))
+            .flatten();
+        let wakeup = match (routed, &own) {
+            (true, _) => Some(self.wakeups.of(shard, Watched::Routed)),
+            (false, None) => Some(self.wakeups.of(shard, Watched::Events)),
+            (false, Some(_)) => None,
+        };
         tokio::spawn(async move {
             let reads = match &own {
                 Some(_) => {
@@ -340,7 +351,7 @@ impl StartWorker for Workers {
             let consumer = GroupConsumer::new(
                 &keys,
                 shard,
-                &destination.name,
+                (&destination.name, routed),
                 &consumer_name,
                 Connections { reads, commands },
                 catalog,
@@ -349,6 +360,55 @@ impl StartWorker for Workers {
             worker::run(consumer, destination, wakeup, settings, guard, stop).await;
             // The connection of its own is given back with the worker.
             drop(own);
+        })
+    }
+}
+
+impl Workers {
+    /// The command connection of `shard`'s workers.
+    fn commands(&self, shard: u16) -> RedisConnection {
+        self.command_connections[usize::from(shard) % self.command_connections.len()].clone()
+    }
+
+    /// Starts `shard`'s routing stage ([`routing`]).
+    fn start_routing(
+        &self,
+        shard: u16,
+        guard: LeaseGuard,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        let commands = self.commands(shard);
+        let keys = self.keys.clone();
+        let consumer_name = self.consumer_name.clone();
+        let catalog = self.catalog.clone();
+        let registry = self.registry.clone();
+        let shared_reads = self.reads.clone();
+        let settings = self.settings;
+        let wakeup = self.wakeups.of(shard, Watched::Events);
+        tokio::spawn(async move {
+            let Some(reads) = shared_reads.get(shard, &stop).await else {
+                return;
+            };
+            let consumer = GroupConsumer::new(
+                &keys,
+                shard,
+                (routing::GROUP, false),
+                &consumer_name,
+                Connections {
+                    reads,
+                    commands: commands.clone(),
+                },
+                catalog,
+                None,
+            );
+            let stage = routing::Stage {
+                consumer,
+                commands,
+                keys,
+                registry,
+                wakeup,
+            };
+            routing::run(stage, settings, guard, stop).await;
         })
     }
 }

@@ -23,6 +23,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::delivery::Destination;
 use crate::progress::{Change, WorkerState, WorkerView};
 use crate::registry::{Known, Registry};
+use crate::routing;
 use crate::stats::Counts;
 
 /// Everything the admin API says about one destination.
@@ -138,9 +139,9 @@ impl Observer {
     /// Takes a new measurement.
     pub async fn measure(&mut self) -> redis::RedisResult<Overview> {
         let revision = self.registry.revision();
-        let mut views: Vec<DestinationView> = self
-            .registry
-            .known()
+        let known = self.registry.known();
+        let routed: Vec<bool> = known.iter().map(|k| k.definition.routed).collect();
+        let mut views: Vec<DestinationView> = known
             .into_iter()
             .map(
                 |Known {
@@ -165,7 +166,18 @@ impl Observer {
             )
             .collect();
         for shard in 0..self.shards {
-            let groups = self.groups(shard).await?;
+            let mut groups = self.groups(shard).await?;
+            let routing_lag = groups.get(routing::GROUP).map(|group| group.lag);
+            let names = views
+                .iter()
+                .zip(&routed)
+                .filter(|(_, routed)| **routed)
+                .map(|(view, _)| view.name.as_str());
+            for (name, group) in self.reference_groups(shard, names).await? {
+                // What the routing stage has not read may be for it too.
+                let lag = group.lag.zip(routing_lag.flatten()).map(|(a, b)| a + b);
+                groups.insert(name, GroupInfo { lag, ..group });
+            }
             let mut pipe = redis::pipe();
             for view in &views {
                 pipe.cmd("XLEN")
@@ -264,6 +276,37 @@ impl Observer {
         }
     }
 
+    /// Pending and lag of the routed destinations `names` on `shard`, in
+    /// their reference streams' groups (none for a group that is missing).
+    async fn reference_groups(
+        &mut self,
+        shard: u16,
+        names: impl Iterator<Item = &str>,
+    ) -> redis::RedisResult<Vec<(String, GroupInfo)>> {
+        let names: Vec<&str> = names.collect();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut script = redis::cmd("EVAL");
+        script.arg(REFERENCE_GROUPS).arg(names.len());
+        for name in &names {
+            script.arg(self.keys.refs(shard, name));
+        }
+        let replies: Vec<(i64, i64)> = script.arg(&names).query_async(&mut self.con).await?;
+        Ok(names
+            .into_iter()
+            .zip(replies)
+            .filter(|(_, (pending, _))| *pending >= 0)
+            .map(|(name, (pending, lag))| {
+                let info = GroupInfo {
+                    pending: pending.unsigned_abs(),
+                    lag: u64::try_from(lag).ok(),
+                };
+                (name.to_owned(), info)
+            })
+            .collect())
+    }
+
     /// Pending and lag of every group on one shard stream.
     async fn groups(&mut self, shard: u16) -> redis::RedisResult<HashMap<String, GroupInfo>> {
         let reply: Result<Vec<HashMap<String, Value>>, _> = redis::cmd("XINFO")
@@ -311,6 +354,27 @@ impl DestinationView {
             .count()
     }
 }
+
+/// KEYS: reference streams. ARGV: the destination reading each. Per
+/// destination `{pending, lag}`: lag -1 when Redis cannot tell, pending -1
+/// when the group is missing.
+const REFERENCE_GROUPS: &str = r"
+local replies = {}
+for i, refs in ipairs(KEYS) do
+  local reply = {-1, -1}
+  if redis.call('EXISTS', refs) == 1 then
+    for _, group in ipairs(redis.call('XINFO', 'GROUPS', refs)) do
+      local info = {}
+      for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
+      if info['name'] == ARGV[i] then
+        reply = {info['pending'], info['lag'] or -1}
+      end
+    end
+  end
+  replies[i] = reply
+end
+return replies
+";
 
 struct GroupInfo {
     pending: u64,

@@ -15,6 +15,7 @@ use crate::config::DestinationConfig;
 use crate::delivery::Destination;
 use crate::lease::LeaseId;
 use crate::outbound::Policy;
+use crate::routing;
 
 /// A destination and the definition it was built from.
 #[derive(Clone)]
@@ -103,10 +104,33 @@ impl Registry {
     /// started for another is stopped, so a destination deleted and created
     /// again between two reads does not deliver from its old group's state.
     pub fn generation(&self, name: &str) -> Option<u64> {
-        self.read()
+        let snapshot = self.read();
+        if name == routing::GROUP {
+            // The routing stage runs while some destination is routed.
+            return Self::routes(&snapshot).then_some(0);
+        }
+        snapshot
             .known
             .get(name)
             .map(|known| known.definition.created_at_ms)
+    }
+
+    /// Whether some destination reads references ([`routing`]).
+    fn routes(snapshot: &Snapshot) -> bool {
+        snapshot.known.values().any(|known| known.definition.routed)
+    }
+
+    /// The ready destinations' names, by how they read.
+    pub fn readers(&self) -> crate::retention::Readers {
+        let mut readers = crate::retention::Readers::default();
+        for (name, known) in &self.read().known {
+            if known.definition.routed {
+                readers.routed.push(name.clone());
+            } else {
+                readers.direct.push(name.clone());
+            }
+        }
+        readers
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -118,15 +142,20 @@ impl Registry {
         self.read().known.len() * usize::from(self.shards)
     }
 
-    /// Every (shard, destination) pair to deliver, sorted.
+    /// Every (shard, destination) pair to deliver, sorted, with the pair of
+    /// each shard's routing stage ([`routing::GROUP`]) while some
+    /// destination is routed.
     pub fn pairs(&self) -> Vec<LeaseId> {
         let snapshot = self.read();
+        let routing = Self::routes(&snapshot).then_some(routing::GROUP.to_owned());
         let mut pairs: Vec<LeaseId> = (0..self.shards)
             .flat_map(|shard| {
-                snapshot.known.keys().map(move |name| LeaseId {
-                    shard,
-                    destination: name.clone(),
-                })
+                snapshot
+                    .known
+                    .keys()
+                    .cloned()
+                    .chain(routing.clone())
+                    .map(move |destination| LeaseId { shard, destination })
             })
             .collect();
         pairs.sort();

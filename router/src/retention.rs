@@ -25,36 +25,76 @@ use crate::registry::Registry;
 /// moment ago, has one too.
 const ORPHAN_AFTER: Duration = Duration::from_secs(30);
 
-/// KEYS: the shard stream. ARGV: the defined destinations (group names).
-/// Returns `{trimmed, unknown groups}`; trimmed is -1 when a defined
-/// destination's group is missing.
+/// KEYS: the shard stream, its routing marks, then the reference stream of
+/// each routed destination. ARGV: the routing stage's group, how many
+/// destinations read the shard stream, their names (group names), then the
+/// routed destinations' names. Returns `{trimmed, unknown groups}`;
+/// trimmed is -1 when a defined destination's group is missing.
 const TRIM: &str = r"
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
 end
-local configured = {}
-for i = 1, #ARGV do configured[ARGV[i]] = false end
-local unknown = {}
 local floor_ms, floor_seq
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local info = {}
-  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-  local name = info['name']
-  if configured[name] == nil then table.insert(unknown, name) else configured[name] = true end
-  local ms, seq
-  if info['pending'] > 0 then
-    ms, seq = parse(redis.call('XPENDING', KEYS[1], name)[2])
-  else
-    ms, seq = parse(info['last-delivered-id'])
-    seq = seq + 1
-  end
+local function keep(ms, seq)
   if floor_ms == nil or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
     floor_ms, floor_seq = ms, seq
   end
 end
+-- The oldest entry a group still needs: its oldest pending, or the one
+-- after its last-delivered id.
+local function needs(stream, info)
+  if info['pending'] > 0 then
+    return parse(redis.call('XPENDING', stream, info['name'])[2])
+  end
+  local ms, seq = parse(info['last-delivered-id'])
+  return ms, seq + 1
+end
+local routing = ARGV[1]
+local direct = tonumber(ARGV[2])
+local routed = #ARGV - 2 - direct
+local configured = {}
+for i = 3, 2 + direct do configured[ARGV[i]] = false end
+if routed > 0 then configured[routing] = false end
+local unknown = {}
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  local name = info['name']
+  -- The routing stage's group, with no destination routed, needs nothing.
+  if name ~= routing or routed > 0 then
+    if configured[name] == nil then table.insert(unknown, name) else configured[name] = true end
+    keep(needs(KEYS[1], info))
+  end
+end
 for _, present in pairs(configured) do
   if not present then return {-1, unknown} end
+end
+-- A routed destination needs what its references still point to; its
+-- reference stream is trimmed below that.
+for i = 1, routed do
+  local name, refs = ARGV[2 + direct + i], KEYS[2 + i]
+  local found = false
+  if redis.call('EXISTS', refs) == 1 then
+    for _, group in ipairs(redis.call('XINFO', 'GROUPS', refs)) do
+      local info = {}
+      for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
+      if info['name'] == name then
+        found = true
+        local ms, seq = needs(refs, info)
+        redis.call('XTRIM', refs, 'MINID', string.format('%d-%d', ms, seq))
+        local next = redis.call('XRANGE', refs, string.format('%d-%d', ms, seq), '+', 'COUNT', 1)[1]
+        if next then keep(parse(next[1])) end
+      end
+    end
+  end
+  if not found then return {-1, unknown} end
+end
+-- A destination the routing stage is catching up needs all after its mark.
+local marks = redis.call('HGETALL', KEYS[2])
+for i = 2, #marks, 2 do
+  local ms, seq = parse(marks[i])
+  keep(ms, seq + 1)
 end
 if floor_ms == nil then return {0, unknown} end
 local trimmed = redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', floor_ms, floor_seq))
@@ -70,18 +110,43 @@ pub struct Trimmed {
     pub unknown_groups: Vec<String>,
 }
 
-/// Trims the stream of `shard` as far as every group allows.
+/// The defined destinations, by how they read.
+#[derive(Debug, Clone, Default)]
+pub struct Readers {
+    /// Groups on the shard streams.
+    pub direct: Vec<String>,
+    /// Groups on their reference streams ([`crate::routing`]).
+    pub routed: Vec<String>,
+}
+
+impl Readers {
+    fn all(&self) -> impl Iterator<Item = &String> {
+        self.direct.iter().chain(&self.routed)
+    }
+}
+
+/// Trims the stream of `shard` as far as every group allows, and the
+/// routed destinations' reference streams as far as their groups allow.
 pub async fn trim(
     con: &mut RedisConnection,
     keys: &Keys,
     shard: u16,
-    destinations: &[String],
+    readers: &Readers,
 ) -> redis::RedisResult<Trimmed> {
-    let (removed, unknown_groups): (i64, Vec<String>) = redis::cmd("EVAL")
+    let mut script = redis::cmd("EVAL");
+    script
         .arg(TRIM)
-        .arg(1)
+        .arg(2 + readers.routed.len())
         .arg(keys.events(shard))
-        .arg(destinations)
+        .arg(keys.routing_marks(shard));
+    for name in &readers.routed {
+        script.arg(keys.refs(shard, name));
+    }
+    let (removed, unknown_groups): (i64, Vec<String>) = script
+        .arg(crate::routing::GROUP)
+        .arg(readers.direct.len())
+        .arg(&readers.direct)
+        .arg(&readers.routed)
         .query_async(con)
         .await?;
     Ok(Trimmed {
@@ -96,7 +161,7 @@ async fn trim_logs(
     con: &mut RedisConnection,
     keys: &Keys,
     shard: u16,
-    destinations: &[String],
+    destinations: impl Iterator<Item = &String>,
     retention: Duration,
 ) -> redis::RedisResult<()> {
     let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
@@ -130,16 +195,16 @@ pub async fn run(
     let mut reported = HashSet::new();
     let mut ticks = Ticks::new(every);
     while ticks.next(&shutdown).await {
-        let destinations = registry.names();
+        let readers = registry.readers();
         for shard in 0..shards {
             if let Some(retention) = log_retention {
                 if let Err(error) =
-                    trim_logs(&mut con, &keys, shard, &destinations, retention).await
+                    trim_logs(&mut con, &keys, shard, readers.all(), retention).await
                 {
                     tracing::debug!(shard, %error, "Cannot trim the delivery log; will retry.");
                 }
             }
-            match trim(&mut con, &keys, shard, &destinations).await {
+            match trim(&mut con, &keys, shard, &readers).await {
                 Ok(trimmed) => {
                     if let Some(removed @ 1..) = trimmed.removed {
                         metrics::counter!("router_trimmed_entries_total").increment(removed);

@@ -119,8 +119,13 @@ impl DestinationStats {
 
     /// An entry not addressed to this destination was acknowledged unsent.
     pub fn filtered(&self) {
-        self.filtered.fetch_add(1, Ordering::Relaxed);
-        self.metrics.filtered.increment(1);
+        self.filtered_many(1);
+    }
+
+    /// `count` entries were not routed to this destination ([`crate::routing`]).
+    pub fn filtered_many(&self, count: u64) {
+        self.filtered.fetch_add(count, Ordering::Relaxed);
+        self.metrics.filtered.increment(count);
     }
 
     /// One attempt finished after `latency`.

@@ -8,18 +8,23 @@
 //! do not grow with its destinations, at the cost of one more Redis turn
 //! between an entry and its read.
 //!
-//! Per shard, a task learns where the stream ends (`XREVRANGE + - COUNT 1`),
-//! blocks in `XREAD` after that, and on its reply bumps a counter on a watch
+//! Per shard, one task and one connection announce two things
+//! ([`Watched`]): new entries of the shard stream, and references the
+//! routing stage added for the shard's filtered destinations (whose
+//! readers never block: their read is a script), told by the routing
+//! signal stream. For each that some worker waits for, the task learns
+//! where its stream ends (`XREVRANGE + - COUNT 1`), blocks in one `XREAD`
+//! after those ends, and on its reply bumps a counter on that kind's watch
 //! channel at once (the extra round trip is taken before the next wait, not
-//! between an entry and its announcement). A worker marks the counter seen *before* its
-//! read, so an entry added between the read and the wait still wakes it.
-//! After an announcement the task reads again only once some worker waits:
-//! under load nobody is caught up, and the task costs Redis nothing.
+//! between an entry and its announcement). A worker marks the counter seen
+//! *before* its read, so an entry added between the read and the wait still
+//! wakes it. The task looks only at what some worker waits for: under load
+//! nobody is caught up, and it costs Redis nothing.
 //! While the task cannot read (Redis down, the shard's node paused), workers
 //! wake after their own `reader.block_ms` and read anyway: an announcement
 //! only saves waiting, it never carries an entry.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -70,20 +75,55 @@ impl Drop for OwnReader {
     }
 }
 
-/// The announcements of every shard stream, each started when a reader
-/// first needs it.
+/// What a reader waits for on its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// New entries of the shard stream (a group on it).
+    Events,
+    /// References routed to the shard's filtered destinations
+    /// ([`crate::routing`]), announced by the routing signal stream.
+    Routed,
+}
+
+impl Watched {
+    const ALL: [Watched; 2] = [Watched::Events, Watched::Routed];
+
+    fn index(self) -> usize {
+        match self {
+            Watched::Events => 0,
+            Watched::Routed => 1,
+        }
+    }
+
+    fn stream(self, keys: &Keys, shard: u16) -> String {
+        match self {
+            Watched::Events => keys.events(shard),
+            Watched::Routed => keys.routing_signal(shard),
+        }
+    }
+}
+
+/// One shard's announcer, as its readers hold it.
+#[derive(Clone)]
+struct Shard {
+    announcements: [watch::Receiver<u64>; 2],
+    wanted: [Arc<AtomicBool>; 2],
+    demand: Arc<Notify>,
+}
+
+/// The announcements of every shard, each started when a reader first
+/// needs it: one task and one connection per shard, whatever it watches.
 pub struct Wakeups {
     redis: RedisConfig,
     keys: Keys,
     block: Duration,
     shutdown: CancellationToken,
-    shards: Vec<OnceLock<(watch::Receiver<u64>, Arc<Notify>)>>,
+    shards: Vec<OnceLock<Shard>>,
 }
 
 impl Wakeups {
-    /// Announcements of the shard streams, each read over a connection of
-    /// its own made from `redis`, blocking up to `block` at a time, until
-    /// `shutdown`.
+    /// Announcements of the shards, each read over a connection of its own
+    /// made from `redis`, blocking up to `block` at a time, until `shutdown`.
     pub fn new(
         redis: RedisConfig,
         keys: Keys,
@@ -100,36 +140,55 @@ impl Wakeups {
         }
     }
 
-    /// Announcements of new entries on `shard`'s stream. The first call
-    /// for a shard starts its announcer (within a Tokio runtime).
-    pub fn of(&self, shard: u16) -> Wakeup {
-        let (announcements, demand) = self.shards[usize::from(shard)]
+    /// Announcements of what `watched` on `shard`. The first call for a
+    /// shard starts its announcer (within a Tokio runtime).
+    pub fn of(&self, shard: u16, watched: Watched) -> Wakeup {
+        let shard_state = self.shards[usize::from(shard)]
             .get_or_init(|| {
-                let (sender, receiver) = watch::channel(0u64);
                 let demand = Arc::new(Notify::new());
+                let mut receivers = Vec::new();
+                let mut channels = Vec::new();
+                for watched in Watched::ALL {
+                    let (sender, receiver) = watch::channel(0u64);
+                    let wanted = Arc::new(AtomicBool::new(false));
+                    receivers.push(receiver);
+                    channels.push(Channel {
+                        stream: watched.stream(&self.keys, shard),
+                        sender,
+                        wanted,
+                        last: None,
+                    });
+                }
+                let state = Shard {
+                    announcements: [receivers[0].clone(), receivers[1].clone()],
+                    wanted: [channels[0].wanted.clone(), channels[1].wanted.clone()],
+                    demand: demand.clone(),
+                };
                 tokio::spawn(announce(
-                    self.keys.events(shard),
+                    channels,
                     self.redis.clone(),
                     self.block,
-                    Announced {
-                        sender,
-                        demand: demand.clone(),
-                    },
+                    demand,
                     self.shutdown.clone(),
                 ));
-                (receiver, demand)
+                state
             })
             .clone();
+        let index = watched.index();
         Wakeup {
-            announcements,
-            demand,
+            announcements: shard_state.announcements[index].clone(),
+            wanted: shard_state.wanted[index].clone(),
+            demand: shard_state.demand,
         }
     }
 }
 
-/// One worker's view of its shard's announcements.
+/// One worker's view of its shard's announcements of one kind.
 pub struct Wakeup {
     announcements: watch::Receiver<u64>,
+    /// Set while a reader of this kind waits: the announcer watches only
+    /// what someone waits for.
+    wanted: Arc<AtomicBool>,
     /// Tells the announcer someone waits (a permit is kept until it looks).
     demand: Arc<Notify>,
 }
@@ -144,6 +203,7 @@ impl Wakeup {
     /// Waits for an announcement since [`Self::mark_seen`], at most
     /// `at_most`, or until `shutdown`; false at shutdown.
     pub async fn wait(&mut self, at_most: Duration, shutdown: &CancellationToken) -> bool {
+        self.wanted.store(true, Ordering::SeqCst);
         self.demand.notify_one();
         let announced = async {
             // A closed channel (the announcer ended) leaves the timeout.
@@ -159,90 +219,156 @@ impl Wakeup {
     }
 }
 
-/// The announcer's side of a shard's channel.
-struct Announced {
+/// The announcer's side of one watched stream.
+struct Channel {
+    stream: String,
     sender: watch::Sender<u64>,
-    /// Notified when a worker waits.
-    demand: Arc<Notify>,
+    /// Whether a reader waits for it.
+    wanted: Arc<AtomicBool>,
+    /// The last entry announced or looked at.
+    last: Option<StreamId>,
 }
 
-impl Announced {
+impl Channel {
+    /// Announces what came after `last`, now `seen`. The wish is cleared
+    /// before the bump: a reader that wishes again after it has seen the
+    /// bump (it marked it seen before its next read) is not forgotten.
+    fn announce(&mut self, seen: StreamId) {
+        self.last = Some(seen);
+        self.bump();
+    }
+
     fn bump(&self) {
+        self.wanted.store(false, Ordering::SeqCst);
         self.sender
             .send_modify(|count| *count = count.wrapping_add(1));
     }
+
+    fn is_wanted(&self) -> bool {
+        self.wanted.load(Ordering::SeqCst)
+    }
 }
 
-/// Announces new entries of `stream` until `shutdown`, read over a
-/// connection of its own made from `redis`, blocking up to `block` at a time.
+/// Announces new entries of the `channels`' streams (one shard's, so one
+/// connection and one `XREAD` serve them all) until `shutdown`, read over
+/// a connection of its own made from `redis`, blocking up to `block` at a
+/// time. It looks only while a reader waits (`demand`), and only at the
+/// streams someone waits for: a busy stream that nobody waits on would
+/// otherwise answer every look at once.
 async fn announce(
-    stream: String,
+    mut channels: Vec<Channel>,
     redis: RedisConfig,
     block: Duration,
-    announced: Announced,
+    demand: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
+    let Some(first) = channels.first() else {
+        return;
+    };
+    let shard_stream = first.stream.clone();
     // Its own connection: a blocked XREAD holds up whatever else shares it.
     // Made here, so a shard whose node is down delays no other shard.
     let what = format!("Redis unreachable at {}", redis.redacted_url());
-    let connect = || redis.connect_for_blocking_reads(&stream, block + redis.timeout());
+    let connect = || redis.connect_for_blocking_reads(&shard_stream, block + redis.timeout());
     let Ok(Some(mut connection)) =
         run_with_retries(&what, Backoff::STARTUP, &shutdown, |_| true, connect).await
     else {
         return;
     };
-    let mut last: Option<StreamId> = None;
     let mut failures = 0u32;
     loop {
-        let step = async {
-            // Where the stream ends now. Entries added since the last look
-            // are announced at once: a worker that has just read may have
-            // missed them.
-            let tail = last_id(&mut connection, &stream).await?;
-            if last.is_some_and(|seen| seen != tail) {
-                return Ok((true, tail));
+        if !channels.iter().any(Channel::is_wanted) {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = demand.notified() => {}
             }
-            // Announced on the reply, without another round trip; the next
-            // look finds where the stream ends by then.
-            let first_new = wait_after(&mut connection, &stream, tail, block).await?;
-            Ok::<_, redis::RedisError>((first_new.is_some(), first_new.unwrap_or(tail)))
-        };
+            continue;
+        }
+        let step = look(&mut connection, &mut channels, block);
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
             result = step => result,
         };
         match result {
-            Ok((new, tail)) => {
+            Ok(()) => {
                 if failures > 0 {
-                    tracing::info!(%stream, "Watching the shard stream for new entries again.");
+                    tracing::info!(stream = %shard_stream, "Watching the shard for new entries again.");
                 }
                 failures = 0;
-                last = Some(tail);
-                if new {
-                    announced.bump();
-                    // Until a worker has caught up, nobody needs the next.
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = announced.demand.notified() => {}
-                    }
-                }
             }
             Err(error) => {
                 failures += 1;
                 if failures == 1 {
-                    tracing::warn!(%stream, %error, "Cannot watch the shard stream for new entries; workers poll it meanwhile.");
+                    tracing::warn!(stream = %shard_stream, %error, "Cannot watch the shard for new entries; workers poll it meanwhile.");
                 }
-                // Where the stream ends is learnt again: it may have been
+                // Where the streams end is learnt again: they may have been
                 // recreated. Whatever was added meanwhile, workers read
                 // once they wake.
-                last = None;
+                for channel in &mut channels {
+                    channel.last = None;
+                }
                 if !Backoff::COMMANDS.wait(failures, &shutdown).await {
                     return;
                 }
-                announced.bump();
+                for channel in &channels {
+                    channel.bump();
+                }
             }
         }
     }
+}
+
+/// One look at the wanted streams: entries added since the last look are
+/// announced at once (a worker that has just read may have missed them);
+/// else it blocks in `XREAD` after their ends, announcing on the reply
+/// without another round trip.
+async fn look(
+    connection: &mut RedisConnection,
+    channels: &mut [Channel],
+    block: Duration,
+) -> redis::RedisResult<()> {
+    let mut announced = false;
+    for channel in channels.iter_mut().filter(|c| c.is_wanted()) {
+        let tail = last_id(connection, &channel.stream).await?;
+        match channel.last {
+            Some(seen) if seen != tail => {
+                channel.announce(tail);
+                announced = true;
+            }
+            _ => channel.last = Some(tail),
+        }
+    }
+    if announced {
+        return Ok(());
+    }
+    let watched: Vec<usize> = (0..channels.len())
+        .filter(|&i| channels[i].is_wanted())
+        .collect();
+    if watched.is_empty() {
+        return Ok(());
+    }
+    let mut command = redis::cmd("XREAD");
+    command
+        .arg("COUNT")
+        .arg(1)
+        .arg("BLOCK")
+        .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
+        .arg("STREAMS");
+    for &i in &watched {
+        command.arg(&channels[i].stream);
+    }
+    for &i in &watched {
+        command.arg(channels[i].last.unwrap_or_default());
+    }
+    let reply: Option<StreamReadReply> = command.query_async(connection).await?;
+    for key in reply.map(|reply| reply.keys).unwrap_or_default() {
+        let Some(channel) = channels.iter_mut().find(|c| c.stream == key.key) else {
+            continue;
+        };
+        let first = key.ids.first().and_then(|entry| entry.id.parse().ok());
+        channel.announce(first.unwrap_or_else(|| channel.last.unwrap_or_default()));
+    }
+    Ok(())
 }
 
 /// The id of the stream's last entry (`0-0` when empty or missing).
@@ -259,32 +385,6 @@ async fn last_id(connection: &mut RedisConnection, stream: &str) -> redis::Redis
         .first()
         .and_then(|(id, _)| id.parse().ok())
         .unwrap_or_default())
-}
-
-/// Blocks up to `block` for an entry after `after`; the first that came.
-async fn wait_after(
-    connection: &mut RedisConnection,
-    stream: &str,
-    after: StreamId,
-    block: Duration,
-) -> redis::RedisResult<Option<StreamId>> {
-    let reply: Option<StreamReadReply> = redis::cmd("XREAD")
-        .arg("COUNT")
-        .arg(1)
-        .arg("BLOCK")
-        .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(after)
-        .query_async(connection)
-        .await?;
-    let first = reply
-        .and_then(|reply| reply.keys.into_iter().next())
-        .and_then(|key| key.ids.into_iter().next());
-    Ok(match first {
-        Some(entry) => Some(entry.id.parse().unwrap_or(after)),
-        None => None,
-    })
 }
 
 #[cfg(test)]
@@ -312,6 +412,7 @@ mod tests {
         let demand = Arc::new(Notify::new());
         let wakeup = Wakeup {
             announcements,
+            wanted: Arc::new(AtomicBool::new(false)),
             demand: demand.clone(),
         };
         (sender, demand, wakeup)

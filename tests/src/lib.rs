@@ -595,10 +595,11 @@ impl TestSystem {
     pub async fn pending(&self, destination: &str) -> u64 {
         let counts = self
             .per_shard(|mut con, shard| async move {
+                let stream = self.group_stream(&mut con, shard, destination).await;
                 // The summary form: [count, smallest id, largest id, consumers].
                 let (count, _, _, _): (u64, redis::Value, redis::Value, redis::Value) =
                     redis::cmd("XPENDING")
-                        .arg(self.keys.events(shard))
+                        .arg(stream)
                         .arg(destination)
                         .query_async(&mut con)
                         .await
@@ -630,6 +631,28 @@ impl TestSystem {
             })
             .await;
         per_shard.into_iter().flatten().collect()
+    }
+
+    /// The stream `destination`'s group on `shard` reads: its reference
+    /// stream when it has one (a destination with `event_types`, routed),
+    /// else the shard stream.
+    pub async fn group_stream(
+        &self,
+        con: &mut protocol::RedisConnection,
+        shard: u16,
+        destination: &str,
+    ) -> String {
+        let refs = self.keys.refs(shard, destination);
+        let routed: bool = redis::cmd("EXISTS")
+            .arg(&refs)
+            .query_async(con)
+            .await
+            .unwrap_or_else(|e| panic!("EXISTS {refs}: {e}"));
+        if routed {
+            refs
+        } else {
+            self.keys.events(shard)
+        }
     }
 
     /// Entries in each shard stream.
@@ -830,7 +853,7 @@ impl TestSystem {
     pub async fn groups_of(&self, destination: &str) -> usize {
         let per_shard = self
             .per_shard(|mut con, shard| async move {
-                let stream = self.keys.events(shard);
+                let stream = self.group_stream(&mut con, shard, destination).await;
                 let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
                     redis::cmd("XINFO").arg("GROUPS").arg(&stream).query_async(&mut con).await;
                 let groups = match groups {
@@ -866,7 +889,7 @@ impl TestSystem {
                     Vec<std::collections::HashMap<String, redis::Value>>,
                 > = redis::cmd("XINFO")
                     .arg("CONSUMERS")
-                    .arg(self.keys.events(shard))
+                    .arg(self.group_stream(&mut con, shard, destination).await)
                     .arg(destination)
                     .query_async(&mut con)
                     .await;

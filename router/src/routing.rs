@@ -1,0 +1,418 @@
+//! The routing stage (decision 0004): per shard, one task reads the shard
+//! stream once, in its own consumer group ([`GROUP`]), and adds to the
+//! reference stream of each filtered destination (one with `event_types`
+//! at its creation, [`crate::catalog::Definition::routed`]) a reference to
+//! every entry that destination takes: an entry with the event's own id
+//! and no payload. Each filtered destination reads its reference stream in
+//! a consumer group of its own ([`crate::consumer`] answers each reference
+//! with its event), so an event costs a destination that does not want it
+//! nothing but one rule check here.
+//!
+//! - **Order and idempotence.** The stage is the only writer of a reference
+//!   stream and adds in id order, and Redis refuses an id not above a
+//!   stream's last: routing an entry twice (after a failure, or by the next
+//!   owner of the lease) adds nothing. A batch's references, its
+//!   acknowledgements and its wake-up signal are one script.
+//! - **One owner.** The stage holds the lease of the pair (shard, [`GROUP`]),
+//!   dealt like any (shard, destination) pair; every read and every routing
+//!   starts only if it ends within the lease.
+//! - **Creation cut.** A destination's creation records its cut and a
+//!   routing mark at it ([`crate::catalog`]). While it has a mark, the
+//!   stage catches it up first: it reads the entries between the mark and
+//!   its own position again, adds the destination's references and moves
+//!   the mark, in one script per chunk, and drops the mark once caught up;
+//!   from then on the destination is routed with every batch. Trimming
+//!   keeps everything above a mark ([`crate::retention`]).
+//! - **Changes.** The rule (event types, per-event `destinations`, cut) is
+//!   the destination's as this router knows it when the batch is routed:
+//!   a PATCH of `event_types` applies from the next batch routed after the
+//!   router has read it. A deleted destination's mark and reference stream
+//!   are removed first, and the script adds nothing to a stream that is
+//!   gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use protocol::{Backoff, Keys, RedisConnection, StreamId};
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::{ConsumerError, EntryContent, GroupConsumer, ReadFrom};
+use crate::lease::LeaseGuard;
+use crate::registry::Registry;
+use crate::wakeup::Wakeup;
+use crate::worker::WorkerSettings;
+
+/// The routing stage's consumer group on every shard stream, and the
+/// destination part of its lease. Not a valid destination name, so it
+/// never collides with one.
+pub const GROUP: &str = "~routing";
+
+/// Entries read and routed at a time (and per catch-up chunk).
+const BATCH: usize = 500;
+
+/// Signal entries kept (approximately): readers need only the newest.
+const SIGNAL_CAP: u32 = 100;
+
+/// Routes one batch. KEYS: shard stream, routing marks, routing signal,
+/// then one reference stream per destination in ARGV. ARGV: the routing
+/// group, the signal stream's cap, the number of entries to acknowledge,
+/// their ids, then per
+/// destination: its name, how many ids, the ids. A destination with a mark
+/// gets only ids above it; one whose reference stream is gone (deleted)
+/// gets nothing. Returns how many references were added.
+const ROUTE: &str = r"
+local function above(a, b)
+  local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
+  local ma, mb = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
+  if ma ~= mb then return ma > mb end
+  return tonumber(string.sub(a, da + 1)) > tonumber(string.sub(b, db + 1))
+end
+local acks = tonumber(ARGV[3])
+local i = 4 + acks
+local key = 4
+local added = 0
+while i <= #ARGV do
+  local name, count = ARGV[i], tonumber(ARGV[i + 1])
+  local refs = KEYS[key]
+  key = key + 1
+  if redis.call('EXISTS', refs) == 1 then
+    local mark = redis.call('HGET', KEYS[2], name)
+    for j = i + 2, i + 1 + count do
+      if not mark or above(ARGV[j], mark) then
+        -- Refused when not above the stream's last: routed before.
+        local reply = redis.pcall('XADD', refs, ARGV[j], 'r', '1')
+        if type(reply) ~= 'table' or not reply.err then added = added + 1 end
+      end
+    end
+  end
+  i = i + 2 + count
+end
+if acks > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4, 3 + acks)) end
+if added > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'n', added)
+end
+return added
+";
+
+/// Catches one destination up. KEYS: routing marks, its reference stream.
+/// ARGV: its name, the new mark (empty: caught up, drop the mark), the ids
+/// to reference. Nothing if it has no mark any more (deleted) or its
+/// stream is gone. Returns how many references were added.
+const CATCH_UP: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 or redis.call('EXISTS', KEYS[2]) == 0 then
+  return 0
+end
+local added = 0
+for j = 3, #ARGV do
+  local reply = redis.pcall('XADD', KEYS[2], ARGV[j], 'r', '1')
+  if type(reply) ~= 'table' or not reply.err then added = added + 1 end
+end
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return added
+";
+
+/// KEYS: the shard stream. ARGV: the routing group. Its last-delivered
+/// id, or false without such a group.
+const POSITION: &str = r"
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == ARGV[1] then return info['last-delivered-id'] end
+end
+return false
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// A filtered destination as one batch is routed.
+struct Route {
+    name: String,
+    refs: String,
+    /// Entries at or below it are before its creation.
+    cut: StreamId,
+    destination: Arc<crate::delivery::Destination>,
+}
+
+/// The routing stage of one shard.
+pub struct Stage {
+    pub consumer: GroupConsumer,
+    pub commands: RedisConnection,
+    pub keys: Keys,
+    pub registry: Arc<Registry>,
+    pub wakeup: Wakeup,
+}
+
+impl Stage {
+    fn shard(&self) -> u16 {
+        self.consumer.shard()
+    }
+
+    /// The filtered destinations this router knows, with their cuts here.
+    fn routes(&self) -> Vec<Route> {
+        let shard = self.shard();
+        self.registry
+            .known()
+            .into_iter()
+            .filter(|known| known.definition.routed)
+            .map(|known| Route {
+                name: known.destination.name.clone(),
+                refs: self.keys.refs(shard, &known.destination.name),
+                cut: known
+                    .definition
+                    .cuts
+                    .get(usize::from(shard))
+                    .and_then(|cut| cut.parse().ok())
+                    .unwrap_or_default(),
+                destination: known.destination,
+            })
+            .collect()
+    }
+
+    /// Takes over what an earlier owner left pending, creating the group
+    /// at the start of the stream if it is missing; returns the stage's
+    /// position (the last entry it has read).
+    async fn prepare(&self) -> Result<StreamId, RoutingError> {
+        let events = self.keys.events(self.shard());
+        let position: Option<String> = redis::cmd("EVAL")
+            .arg(POSITION)
+            .arg(1)
+            .arg(&events)
+            .arg(GROUP)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        let position = match position {
+            Some(position) => position,
+            None => {
+                // Lost with Redis's data, or by hand: everything retained is
+                // routed again (what was routed before is refused).
+                let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&events)
+                    .arg(GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut self.commands.clone())
+                    .await;
+                match created {
+                    Err(error) if error.code() != Some("BUSYGROUP") => return Err(error.into()),
+                    _ => tracing::warn!(
+                        shard = self.shard(),
+                        "Routing group was missing; created at the start of the stream."
+                    ),
+                }
+                "0-0".to_owned()
+            }
+        };
+        self.consumer.claim_pending_of_others().await?;
+        self.consumer.remove_idle_consumers().await?;
+        Ok(position.parse().unwrap_or_default())
+    }
+
+    /// Catches up every destination with a mark below `position`, and drops
+    /// the marks at or above it (those destinations are routed with the
+    /// batches from now on; their cut keeps out what came before it).
+    async fn catch_up(
+        &self,
+        routes: &[Route],
+        position: StreamId,
+        lease: &mut LeaseGuard,
+        settings: &WorkerSettings,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, RoutingError> {
+        let marks: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.routing_marks(self.shard()))
+            .query_async(&mut self.commands.clone())
+            .await?;
+        for route in routes {
+            let Some(mark) = marks.get(&route.name) else {
+                continue;
+            };
+            let mut mark: StreamId = mark.parse().unwrap_or_default();
+            loop {
+                if !lease.hold_for(settings.read_span, shutdown).await {
+                    return Ok(false);
+                }
+                let entries = if mark < position {
+                    self.consumer.range(mark, position, BATCH).await?
+                } else {
+                    Vec::new()
+                };
+                let last = entries.last().map(|entry| entry.id);
+                let done = entries.len() < BATCH || last == Some(position);
+                let ids: Vec<StreamId> = entries
+                    .iter()
+                    .filter(|entry| entry.id > route.cut && wants(route, &entry.content))
+                    .map(|entry| entry.id)
+                    .collect();
+                let mut script = redis::cmd("EVAL");
+                script
+                    .arg(CATCH_UP)
+                    .arg(2)
+                    .arg(self.keys.routing_marks(self.shard()))
+                    .arg(&route.refs)
+                    .arg(&route.name);
+                match (done, last) {
+                    (true, _) => script.arg(""),
+                    (false, Some(last)) => script.arg(last.to_string()),
+                    (false, None) => unreachable!("a full chunk has a last entry"),
+                };
+                script.arg(&ids);
+                let added: u64 = script.query_async(&mut self.commands.clone()).await?;
+                if done {
+                    tracing::info!(
+                        destination = %route.name,
+                        shard = self.shard(),
+                        added,
+                        "Filtered destination caught up with the routing stage; routed with every batch from now on."
+                    );
+                    break;
+                }
+                if let Some(last) = last {
+                    mark = last;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Routes `entries` (read in id order) and acknowledges them, in one
+    /// script.
+    async fn route(
+        &self,
+        routes: &[Route],
+        entries: &[crate::consumer::Entry],
+    ) -> Result<(), RoutingError> {
+        let mut script = redis::cmd("EVAL");
+        script
+            .arg(ROUTE)
+            .arg(3 + routes.len())
+            .arg(self.keys.events(self.shard()))
+            .arg(self.keys.routing_marks(self.shard()))
+            .arg(self.keys.routing_signal(self.shard()));
+        for route in routes {
+            script.arg(&route.refs);
+        }
+        script.arg(GROUP).arg(SIGNAL_CAP).arg(entries.len());
+        for entry in entries {
+            script.arg(entry.id);
+        }
+        let mut not_taken = Vec::with_capacity(routes.len());
+        for route in routes {
+            let after_cut = entries.iter().filter(|entry| entry.id > route.cut);
+            let ids: Vec<StreamId> = after_cut
+                .clone()
+                .filter(|entry| wants(route, &entry.content))
+                .map(|entry| entry.id)
+                .collect();
+            not_taken.push(after_cut.count() - ids.len());
+            script.arg(&route.name).arg(ids.len()).arg(&ids);
+        }
+        let _added: u64 = script.query_async(&mut self.commands.clone()).await?;
+        for (route, count) in routes.iter().zip(not_taken) {
+            if count > 0 {
+                route.destination.stats.filtered_many(count as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `route` takes an entry: an event of a type it subscribes to,
+/// addressed to it or to everyone.
+fn wants(route: &Route, content: &EntryContent) -> bool {
+    match content {
+        EntryContent::Event(event) => route.destination.endpoint().wants(event),
+        EntryContent::Deleted | EntryContent::Malformed(_) => false,
+    }
+}
+
+/// Routes shard `stage.consumer.shard()` until `shutdown` (the router
+/// stopping, or the lease lost or handed over).
+pub async fn run(
+    mut stage: Stage,
+    settings: WorkerSettings,
+    mut lease: LeaseGuard,
+    shutdown: CancellationToken,
+) {
+    let shard = stage.shard();
+    let mut position: Option<StreamId> = None;
+    let mut from = ReadFrom::Pending(StreamId::default());
+    let mut failures = 0u32;
+    loop {
+        let step = async {
+            if !lease.hold_for(settings.read_span, &shutdown).await {
+                return Ok(None);
+            }
+            let at = match position {
+                Some(at) => at,
+                None => stage.prepare().await?,
+            };
+            position = Some(at);
+            let routes = stage.routes();
+            if !stage
+                .catch_up(&routes, at, &mut lease, &settings, &shutdown)
+                .await?
+            {
+                return Ok(None);
+            }
+            if !lease.hold_for(settings.read_span, &shutdown).await {
+                return Ok(None);
+            }
+            let reading_new = from == ReadFrom::New;
+            if reading_new {
+                stage.wakeup.mark_seen();
+            }
+            let entries = stage.consumer.read(&from, BATCH, None).await?;
+            if !entries.is_empty() {
+                if !lease.hold_for(settings.read_span, &shutdown).await {
+                    return Ok(None);
+                }
+                stage.route(&routes, &entries).await?;
+            }
+            Ok::<_, RoutingError>(Some((entries.len(), entries.last().map(|e| e.id))))
+        };
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = step => result,
+        };
+        match result {
+            Ok(None) => return,
+            Ok(Some((count, last))) => {
+                failures = 0;
+                if let Some(last) = last {
+                    position = position.max(Some(last));
+                }
+                match (&mut from, last) {
+                    (ReadFrom::Pending(after), Some(last)) => *after = last,
+                    (ReadFrom::Pending(_), None) => from = ReadFrom::New,
+                    (ReadFrom::New, _) => {
+                        if count < BATCH && !stage.wakeup.wait(settings.block, &shutdown).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(shard, %error, "Routing failed; retrying.");
+                if !Backoff::COMMANDS.wait(failures, &shutdown).await {
+                    return;
+                }
+                // A reply lost in the failure may have left entries pending
+                // on us; route the pending list again before anything newer.
+                from = ReadFrom::Pending(StreamId::default());
+                position = None;
+            }
+        }
+    }
+}
