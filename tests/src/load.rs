@@ -18,8 +18,21 @@ use crate::TestSystem;
 #[derive(Debug, Clone)]
 pub struct Accepted {
     pub id: String,
+    /// Its `eventType` ([`load_event_type`]).
+    pub event_type: &'static str,
     pub sent_at: Instant,
     pub answered_at: Instant,
+}
+
+/// The type of a user's `seq`th load event: `load.b` for every fourth,
+/// `load.a` for the others, so a destination with `event_types` (routed,
+/// decision 0004) takes some of the load and filters out the rest.
+pub fn load_event_type(seq: usize) -> &'static str {
+    if seq % 4 == 3 {
+        "load.b"
+    } else {
+        "load.a"
+    }
 }
 
 pub struct Load {
@@ -65,10 +78,12 @@ impl Load {
                     if !pace.is_zero() {
                         tokio::time::sleep(pace).await;
                     }
+                    let event_type = load_event_type(seq);
                     let body = serde_json::json!({
                         "userId": format!("user-{user}"),
                         "messageId": format!("user-{user}-{seq}"),
                         "payload": { "n": seq },
+                        "eventType": event_type,
                     });
                     let first_try = Instant::now();
                     loop {
@@ -86,6 +101,7 @@ impl Load {
                                 let id = answer["id"].as_str().expect("id").to_owned();
                                 accepted.lock().expect("not poisoned").push(Accepted {
                                     id,
+                                    event_type,
                                     sent_at,
                                     answered_at: Instant::now(),
                                 });
@@ -228,16 +244,31 @@ impl std::fmt::Display for Verdict {
 }
 
 impl TestSystem {
-    /// Compares what `destination` received with `accepted`.
+    /// The accepted events `destination` takes (by its `event_types`).
+    pub fn taken_by<'a>(&self, destination: &str, accepted: &'a [Accepted]) -> Vec<&'a Accepted> {
+        let settings = &self
+            .destinations
+            .iter()
+            .find(|d| d.name() == destination)
+            .expect("known destination")
+            .settings;
+        accepted
+            .iter()
+            .filter(|a| settings.subscribes_to(Some(a.event_type)))
+            .collect()
+    }
+
+    /// Compares what `destination` received with the `accepted` events it takes.
     pub fn verdict(&self, destination: &str, accepted: &[Accepted]) -> Verdict {
         let received = self.received(destination);
+        let taken = self.taken_by(destination, accepted);
         let missing = self.recorder.missing(
             self.path_of(destination),
-            accepted.iter().map(|a| a.id.as_str()),
+            taken.iter().map(|a| a.id.as_str()),
         );
         Verdict {
             destination: destination.to_owned(),
-            accepted: accepted.len(),
+            accepted: taken.len(),
             delivered: received.unique,
             missing,
             order_violations: received.order_violations,
@@ -250,9 +281,10 @@ impl TestSystem {
     /// timeout what is stuck.
     pub async fn assert_all_delivered(&self, accepted: &[Accepted], timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let ids = || accepted.iter().map(|a| a.id.as_str());
         for destination in self.destinations.iter().map(|d| d.name().to_owned()) {
             let path = self.path_of(&destination).to_owned();
+            let taken = self.taken_by(&destination, accepted);
+            let ids = || taken.iter().map(|a| a.id.as_str());
             while self.recorder.missing(&path, ids()) > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

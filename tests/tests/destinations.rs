@@ -823,3 +823,263 @@ async fn a_routers_redis_connections_do_not_grow_with_its_destinations() {
     );
     eprintln!("the router opened {opened} Redis connections (bound {bound})");
 }
+
+fn ids(list: &[String]) -> Vec<&str> {
+    list.iter().map(String::as_str).collect()
+}
+
+/// Whether `key` exists in Redis.
+async fn exists(system: &TestSystem, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut system.redis.connection().await)
+        .await
+        .unwrap_or_else(|e| panic!("EXISTS {key}: {e}"))
+}
+
+/// A destination with `event_types` reads references the routing stage
+/// writes (decision 0004). One created later with `start_from_ms` in the
+/// past is caught up by the stage from its cut, over entries the stage has
+/// already routed for an earlier one, then routed with every batch; each
+/// gets exactly its types, each user's in order. Once everything is
+/// delivered the shard streams and the reference streams are trimmed, and
+/// a delete removes the references and the routing mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_destination_created_later_is_caught_up_by_the_routing_stage_and_trimmed_after()
+{
+    let system = TestSystem::start(vec![
+        TestDestination::new("everything", "/ok/everything"),
+        TestDestination::new("first", "/ok/first").event_types(&["a.*"]),
+    ])
+    .await;
+    // Paused, `everything` keeps every entry in the streams for the catch-up.
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/everything/pause", None)
+        .await;
+    assert_eq!(status, 200);
+    let post_round = |round: u64| {
+        let system = &system;
+        async move {
+            let mut by_type: HashMap<&'static str, Vec<String>> = HashMap::new();
+            for user in 0..20u64 {
+                let event_type =
+                    ["a.one", "b.two", "c"][usize::try_from((user + round) % 3).expect("small")];
+                let body = json!({
+                    "userId": format!("user-{user}"),
+                    "payload": { "round": round },
+                    "eventType": event_type,
+                });
+                let (status, answer) = system.post("/v1/events", &body).await;
+                assert_eq!(status, 202, "{answer}");
+                by_type
+                    .entry(event_type)
+                    .or_default()
+                    .push(answer["id"].as_str().expect("id").to_owned());
+            }
+            by_type
+        }
+    };
+    let mut before = Vec::new();
+    for round in 0..5 {
+        before.push(post_round(round).await);
+    }
+    let since_ms = protocol::unix_millis() + 1;
+    wait_for(
+        "the clock to pass since_ms",
+        Duration::from_secs(1),
+        || async { protocol::unix_millis() > since_ms },
+    )
+    .await;
+    let mut after = Vec::new();
+    for round in 5..10 {
+        after.push(post_round(round).await);
+    }
+    let first_expected: Vec<String> = before
+        .iter()
+        .chain(&after)
+        .flat_map(|round| round.get("a.one").cloned().unwrap_or_default())
+        .collect();
+    // The routing stage has routed everything so far for `first`.
+    wait_all_delivered(&system, "/ok/first", &ids(&first_expected)).await;
+
+    let mut body = definition(&system, "later", "/ok/later");
+    body["event_types"] = json!(["b.*"]);
+    body["start_from_ms"] = json!(since_ms);
+    let (status, answer) = system
+        .admin_call(Method::POST, "/admin/destinations", Some(&body))
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    let mut newest = Vec::new();
+    for round in 10..13 {
+        newest.push(post_round(round).await);
+    }
+    let later_expected: Vec<String> = after
+        .iter()
+        .chain(&newest)
+        .flat_map(|round| round.get("b.two").cloned().unwrap_or_default())
+        .collect();
+    wait_all_delivered(&system, "/ok/later", &ids(&later_expected)).await;
+    let later = system.recorder.summary("/ok/later");
+    assert_eq!(
+        delivered_ids(&system, "/ok/later"),
+        later_expected.iter().cloned().collect::<HashSet<_>>(),
+        "exactly the b.* events since start_from_ms"
+    );
+    assert_eq!(later.order_violations, 0, "each user's in order");
+    assert_eq!(later.duplicates, 0);
+    let first_all: Vec<String> = before
+        .iter()
+        .chain(&after)
+        .chain(&newest)
+        .flat_map(|round| round.get("a.one").cloned().unwrap_or_default())
+        .collect();
+    wait_all_delivered(&system, "/ok/first", &ids(&first_all)).await;
+    assert_eq!(
+        delivered_ids(&system, "/ok/first").len(),
+        first_all.len(),
+        "nothing but a.* to first"
+    );
+
+    // Everything delivered: the streams and the references are trimmed.
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/everything/resume", None)
+        .await;
+    assert_eq!(status, 200);
+    wait_for(
+        "streams and references trimmed",
+        Duration::from_secs(30),
+        || async {
+            let mut refs = 0u64;
+            for shard in 0..SHARDS {
+                for name in ["first", "later"] {
+                    refs += redis::cmd("XLEN")
+                        .arg(system.keys.refs(shard, name))
+                        .query_async::<u64>(&mut system.redis.connection().await)
+                        .await
+                        .expect("XLEN works");
+                }
+            }
+            system.stream_lengths().await == 0 && refs == 0
+        },
+    )
+    .await;
+
+    let (status, answer) = system
+        .admin_call(Method::DELETE, "/admin/destinations/later", None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    for shard in 0..SHARDS {
+        assert!(!exists(&system, &system.keys.refs(shard, "later")).await);
+        let mark: Option<String> = redis::cmd("HGET")
+            .arg(system.keys.routing_marks(shard))
+            .arg("later")
+            .query_async(&mut system.redis.connection().await)
+            .await
+            .expect("HGET works");
+        assert_eq!(mark, None, "no routing mark left on shard {shard}");
+    }
+    // The others go on.
+    let last = post_round(13).await;
+    let expected: Vec<&str> = last["a.one"].iter().map(String::as_str).collect();
+    wait_all_delivered(&system, "/ok/first", &expected).await;
+}
+
+/// The test process's resident memory, in kB (the router runs in it).
+fn resident_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// The issue's scale test (decision 0004, step 4): 200 destinations each
+/// taking its own event type, plus one taking everything. Every event
+/// reaches exactly the destinations that take it, each user's in order,
+/// while the router's Redis connections stay within shards + 16 (one
+/// Redis) and its memory within a bound that one blocking connection, a
+/// group read of every event and a `filtered` record per destination and
+/// event would each have broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_filtered_destinations_and_one_taking_everything_get_exactly_theirs() {
+    const FILTERED: usize = 200;
+    const USERS: usize = 100;
+    const PER_USER: usize = 20;
+    let mut destinations: Vec<TestDestination> = (0..FILTERED)
+        .map(|i| {
+            TestDestination::new(&format!("d{i}"), &format!("/ok/d{i}"))
+                .event_types(&[&format!("t{i}")])
+        })
+        .collect();
+    destinations.push(TestDestination::new("all", "/ok/all"));
+    let mut system = TestSystem::start_without_router(destinations).await;
+    // One event first, so that the gateway's connections are open before counting.
+    let (status, answer) = system
+        .post("/v1/events", &json!({ "userId": "warm-up", "payload": 0 }))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let before = redis_clients(&system).await;
+    let memory_before = resident_kb();
+    system.start_router();
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    let mut all = vec![answer["id"].as_str().expect("id").to_owned()];
+    for seq in 0..PER_USER {
+        let events: Vec<Value> = (0..USERS)
+            .map(|user| {
+                let i = (user * 7 + seq * 13) % FILTERED;
+                json!({ "userId": format!("user-{user}"), "eventType": format!("t{i}"), "payload": { "seq": seq } })
+            })
+            .collect();
+        let (status, answer) = system.post("/v1/batch", &json!({ "events": events })).await;
+        assert_eq!(status, 202, "{answer}");
+        for (event, id) in events.iter().zip(e2e_tests::batch_ids(&answer)) {
+            let i = event["eventType"].as_str().expect("type")[1..].to_owned();
+            expected
+                .entry(format!("/ok/d{i}"))
+                .or_default()
+                .push(id.clone());
+            all.push(id);
+        }
+    }
+    wait_all_delivered(&system, "/ok/all", &ids(&all)).await;
+    for i in 0..FILTERED {
+        let path = format!("/ok/d{i}");
+        let wanted = expected.get(&path).cloned().unwrap_or_default();
+        wait_all_delivered(&system, &path, &ids(&wanted)).await;
+        let summary = system.recorder.summary(&path);
+        assert_eq!(
+            delivered_ids(&system, &path),
+            wanted.iter().cloned().collect::<HashSet<_>>(),
+            "{path}: exactly its type"
+        );
+        assert_eq!(summary.order_violations, 0, "{path}");
+    }
+    assert_eq!(system.recorder.summary("/ok/all").order_violations, 0);
+    let bound = match system.redis.cluster() {
+        None => u64::from(SHARDS) + 16,
+        Some(_) => 2 * u64::from(SHARDS) + 16 * 3,
+    };
+    let opened = std::cell::Cell::new(0);
+    let settled = holds_within(Duration::from_secs(30), || async {
+        opened.set(redis_clients(&system).await.saturating_sub(before));
+        opened.get() <= bound
+    })
+    .await;
+    let grown_mb = resident_kb().saturating_sub(memory_before) / 1024;
+    eprintln!(
+        "{} events to {FILTERED} filtered destinations and one taking all: the router opened \
+         {} Redis connections (bound {bound}); the process grew by {grown_mb} MB",
+        all.len(),
+        opened.get()
+    );
+    assert!(
+        settled,
+        "{} connections, at most {bound} expected",
+        opened.get()
+    );
+    assert!(grown_mb < 512, "the router's memory grew by {grown_mb} MB");
+}

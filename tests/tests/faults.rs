@@ -11,18 +11,22 @@ use e2e_tests::{
     TestDestination, TestSystem, SHARDS,
 };
 
-/// Three destinations: fast, slow, and one failing 30% of attempts (retried
-/// until it succeeds).
+/// Three destinations taking everything: fast, slow, and one failing 30%
+/// of attempts (retried until it succeeds); and one taking only the load's
+/// `load.a` events, which reads references the routing stage writes
+/// (decision 0004), so every fault hits that path too.
 fn three_destinations() -> Vec<TestDestination> {
     vec![
         TestDestination::new("fast", "/ok/fast"),
         TestDestination::new("slow", "/slow/5/slow"),
         TestDestination::new("flaky", "/random/30/flaky").retry(5, 50, 50),
+        TestDestination::new("typed", "/ok/typed").event_types(&["load.a"]),
     ]
 }
 
-/// Every (shard, destination) pair of [`three_destinations`].
-const PAIRS: usize = SHARDS as usize * 3;
+/// Every leased pair of [`three_destinations`]: each (shard, destination)
+/// and each shard's routing stage.
+const PAIRS: usize = SHARDS as usize * 5;
 
 /// `FAULT_USERS` × `FAULT_EVENTS_PER_USER` (default 40 × 50) and
 /// `FAULT_ROUTER_KILLS` (default 3) scale the router-kill test up for the
@@ -121,7 +125,7 @@ async fn second_router_takes_over_within_the_lease_time_when_one_is_killed() {
     system
         .assert_all_delivered(&accepted, Duration::from_secs(120))
         .await;
-    for destination in ["fast", "slow", "flaky"] {
+    for destination in ["fast", "slow", "flaky", "typed"] {
         assert_eq!(
             system.consumers(destination).await,
             ["router-b"],

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use e2e_tests::{
     batch_ids, free_local_address, post_event, post_event_until_accepted, wait_for, RouterProcess,
-    TestDestination, TestSystem, SHARDS,
+    TestDestination, TestSystem, ORDER_EVENT, SHARDS,
 };
 use serde_json::{json, Value};
 
@@ -27,7 +27,7 @@ async fn post_in_order(system: &TestSystem, user: &str, payloads: Vec<Value>) ->
     for chunk in payloads.chunks(500) {
         let events: Vec<Value> = chunk
             .iter()
-            .map(|payload| json!({ "userId": user, "payload": payload }))
+            .map(|payload| json!({ "userId": user, "payload": payload, "eventType": ORDER_EVENT }))
             .collect();
         let (status, body) = system.post("/v1/batch", &json!({ "events": events })).await;
         assert_eq!(status, 202, "batch rejected: {body}");
@@ -103,8 +103,11 @@ fn assert_delivered_in_order(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_with_3000_refused_events_delays_no_user_of_its_shard_beyond_2_s() {
     // Three attempts 20 and 40 ms apart, then a dead letter: about 100 ms a
-    // refused event, so 3,000 of them take minutes to work through.
-    let crm = TestDestination::new("crm", "/scripted").retry(20, 40, 3);
+    // refused event, so 3,000 of them take minutes to work through. It
+    // takes `order.*` events, so it reads references (decision 0004).
+    let crm = TestDestination::new("crm", "/scripted")
+        .retry(20, 40, 3)
+        .event_types(&["order.*"]);
     let system = TestSystem::start(vec![crm]).await;
     let refused: Vec<Value> = (0..3000)
         .map(|seq| json!({ "seq": seq, "failUntil": u64::MAX }))
@@ -357,7 +360,10 @@ async fn router_memory_stays_within_the_byte_budget_with_200_events_of_1_mib_pen
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_killed_twice_while_thousands_of_entries_are_parked_loses_and_reorders_nothing() {
-    let crm = TestDestination::new("crm", "/scripted").retry(1, 2, 1000);
+    // It takes `order.*` events, so it reads references (decision 0004).
+    let crm = TestDestination::new("crm", "/scripted")
+        .retry(1, 2, 1000)
+        .event_types(&["order.*"]);
     let mut system = TestSystem::start_without_router(vec![crm]).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let mut router = start_router_process(&mut system, dir.path(), "router-0.log");
