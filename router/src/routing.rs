@@ -18,10 +18,11 @@
 //!   starts only if it ends within the lease.
 //! - **Creation cut.** A destination's creation records its cut and a
 //!   routing mark at it ([`crate::catalog`]). While it has a mark, the
-//!   stage catches it up first: it reads the entries between the mark and
-//!   its own position again, adds the destination's references and moves
-//!   the mark, in one script per chunk, and drops the mark once caught up;
-//!   from then on the destination is routed with every batch. Trimming
+//!   stage routes it only by catching it up, before each batch: it reads
+//!   the entries between the mark and its own position again, adds the
+//!   destination's references and moves the mark, in one script per chunk,
+//!   and drops the mark once caught up; from then on the destination is
+//!   routed with every batch. Trimming
 //!   keeps everything above a mark ([`crate::retention`]).
 //! - **Changes.** The rule (event types, per-event `destinations`, cut) is
 //!   the destination's as this router knows it when the batch is routed:
@@ -58,15 +59,9 @@ const SIGNAL_CAP: u32 = 100;
 /// group, the signal stream's cap, the number of entries to acknowledge,
 /// their ids, then per
 /// destination: its name, how many ids, the ids. A destination with a mark
-/// gets only ids above it; one whose reference stream is gone (deleted)
-/// gets nothing. Returns how many references were added.
+/// (being caught up) or whose reference stream is gone (deleted) gets
+/// nothing. Returns how many references were added.
 const ROUTE: &str = r"
-local function above(a, b)
-  local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
-  local ma, mb = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
-  if ma ~= mb then return ma > mb end
-  return tonumber(string.sub(a, da + 1)) > tonumber(string.sub(b, db + 1))
-end
 local acks = tonumber(ARGV[3])
 local i = 4 + acks
 local key = 4
@@ -75,14 +70,12 @@ while i <= #ARGV do
   local name, count = ARGV[i], tonumber(ARGV[i + 1])
   local refs = KEYS[key]
   key = key + 1
-  if redis.call('EXISTS', refs) == 1 then
-    local mark = redis.call('HGET', KEYS[2], name)
+  -- A destination with a mark is routed by its catch-up only, in order.
+  if redis.call('EXISTS', refs) == 1 and redis.call('HEXISTS', KEYS[2], name) == 0 then
     for j = i + 2, i + 1 + count do
-      if not mark or above(ARGV[j], mark) then
-        -- Refused when not above the stream's last: routed before.
-        local reply = redis.pcall('XADD', refs, ARGV[j], 'r', '1')
-        if type(reply) ~= 'table' or not reply.err then added = added + 1 end
-      end
+      -- Refused when not above the stream's last: routed before.
+      local reply = redis.pcall('XADD', refs, ARGV[j], 'r', '1')
+      if type(reply) ~= 'table' or not reply.err then added = added + 1 end
     end
   end
   i = i + 2 + count
@@ -94,16 +87,17 @@ end
 return added
 ";
 
-/// Catches one destination up. KEYS: routing marks, its reference stream.
-/// ARGV: its name, the new mark (empty: caught up, drop the mark), the ids
-/// to reference. Nothing if it has no mark any more (deleted) or its
-/// stream is gone. Returns how many references were added.
+/// Catches one destination up. KEYS: routing marks, its reference stream,
+/// the routing signal. ARGV: its name, the new mark (empty: caught up,
+/// drop the mark), the signal stream's cap, the ids to reference. Nothing
+/// if it has no mark any more (deleted) or its stream is gone. Returns how
+/// many references were added.
 const CATCH_UP: &str = r"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 or redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
 end
 local added = 0
-for j = 3, #ARGV do
+for j = 4, #ARGV do
   local reply = redis.pcall('XADD', KEYS[2], ARGV[j], 'r', '1')
   if type(reply) ~= 'table' or not reply.err then added = added + 1 end
 end
@@ -111,6 +105,9 @@ if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+if added > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'n', added)
 end
 return added
 ";
@@ -248,7 +245,8 @@ impl Stage {
                     Vec::new()
                 };
                 let last = entries.last().map(|entry| entry.id);
-                let done = entries.len() < BATCH || last == Some(position);
+                // Caught up unless a full chunk ended below the position.
+                let next_mark = last.filter(|last| entries.len() == BATCH && *last < position);
                 let ids: Vec<StreamId> = entries
                     .iter()
                     .filter(|entry| entry.id > route.cut && wants(route, &entry.content))
@@ -257,18 +255,17 @@ impl Stage {
                 let mut script = redis::cmd("EVAL");
                 script
                     .arg(CATCH_UP)
-                    .arg(2)
+                    .arg(3)
                     .arg(self.keys.routing_marks(self.shard()))
                     .arg(&route.refs)
+                    .arg(self.keys.routing_signal(self.shard()))
                     .arg(&route.name);
-                match (done, last) {
-                    (true, _) => script.arg(""),
-                    (false, Some(last)) => script.arg(last.to_string()),
-                    (false, None) => unreachable!("a full chunk has a last entry"),
-                };
-                script.arg(&ids);
+                script
+                    .arg(next_mark.map(|mark| mark.to_string()).unwrap_or_default())
+                    .arg(SIGNAL_CAP)
+                    .arg(&ids);
                 let added: u64 = script.query_async(&mut self.commands.clone()).await?;
-                if done {
+                let Some(next_mark) = next_mark else {
                     tracing::info!(
                         destination = %route.name,
                         shard = self.shard(),
@@ -276,10 +273,8 @@ impl Stage {
                         "Filtered destination caught up with the routing stage; routed with every batch from now on."
                     );
                     break;
-                }
-                if let Some(last) = last {
-                    mark = last;
-                }
+                };
+                mark = next_mark;
             }
         }
         Ok(true)

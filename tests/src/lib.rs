@@ -825,12 +825,21 @@ impl TestSystem {
         path
     }
 
-    /// The current holder of every (shard, destination) lease of the
-    /// configured destinations (`None` = free).
+    /// The holder of every lease (`None` = free): each (shard, destination)
+    /// and each shard's routing stage while a destination is routed.
     pub async fn lease_holders(&self) -> Vec<Option<String>> {
         let mut holders = Vec::new();
         for destination in &self.destinations {
             holders.extend(self.lease_holders_of(destination.name()).await);
+        }
+        // Destinations with `event_types` read references: each shard's
+        // routing stage holds a lease too.
+        if self
+            .destinations
+            .iter()
+            .any(|d| !d.settings.event_types.is_empty())
+        {
+            holders.extend(self.lease_holders_of(router::routing::GROUP).await);
         }
         holders
     }
