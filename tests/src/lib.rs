@@ -966,17 +966,27 @@ pub fn batch_ids(answer: &Value) -> Vec<String> {
 
 /// POSTs one event with `http` to the gateway at `gateway_url`, insisting
 /// on 202; returns its id. For tasks that cannot borrow a [`TestSystem`].
-/// The `eventType` of the events [`post_event`] posts.
-pub const ORDER_EVENT: &str = "order.created";
-
 pub async fn post_event(
     http: &reqwest::Client,
     gateway_url: &str,
     user: &str,
     payload: Value,
 ) -> String {
-    // Typed, so a destination with `event_types` (routed) can take it.
-    let body = serde_json::json!({ "userId": user, "payload": payload, "eventType": ORDER_EVENT });
+    post_typed_event(http, gateway_url, user, None, payload).await
+}
+
+/// Posts one event of `user` with `event_type` (none: untyped); returns its id.
+pub async fn post_typed_event(
+    http: &reqwest::Client,
+    gateway_url: &str,
+    user: &str,
+    event_type: Option<&str>,
+    payload: Value,
+) -> String {
+    let mut body = serde_json::json!({ "userId": user, "payload": payload });
+    if let Some(event_type) = event_type {
+        body["eventType"] = event_type.into();
+    }
     let response = http
         .post(format!("{gateway_url}/v1/events"))
         .json(&body)

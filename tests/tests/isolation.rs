@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use e2e_tests::{
-    batch_ids, free_local_address, post_event, post_event_until_accepted, wait_for, RouterProcess,
-    TestDestination, TestSystem, ORDER_EVENT, SHARDS,
+    batch_ids, free_local_address, post_event_until_accepted, post_typed_event, wait_for,
+    RouterProcess, TestDestination, TestSystem, SHARDS,
 };
 use serde_json::{json, Value};
 
@@ -20,6 +20,10 @@ fn users_sharing_shard_of(of: &str, count: usize, prefix: &str) -> Vec<String> {
         .take(count)
         .collect()
 }
+
+/// The `eventType` of the events posted here: a destination taking
+/// `order.*` reads references (decision 0004).
+const ORDER_EVENT: &str = "order.created";
 
 /// Posts `payloads` as `user`'s events, in order, in batches; returns their ids.
 async fn post_in_order(system: &TestSystem, user: &str, payloads: Vec<Value>) -> Vec<String> {
@@ -53,7 +57,10 @@ async fn post_users(
         posters.spawn(async move {
             let mut ids = Vec::new();
             for seq in 0..per_user {
-                ids.push(post_event(&http, &url, &user, json!({ "seq": seq })).await);
+                ids.push(
+                    post_typed_event(&http, &url, &user, Some(ORDER_EVENT), json!({ "seq": seq }))
+                        .await,
+                );
             }
             (user, ids)
         });
