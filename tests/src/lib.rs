@@ -472,6 +472,19 @@ impl TestSystem {
         post_event(&self.http, &self.gateway_url, user, payload).await
     }
 
+    /// Sends one event of `event_type` for `user`; returns its id.
+    pub async fn send_typed(&self, user: &str, event_type: &str) -> String {
+        let payload = serde_json::json!({ "type": event_type });
+        post_typed_event(
+            &self.http,
+            &self.gateway_url,
+            user,
+            Some(event_type),
+            payload,
+        )
+        .await
+    }
+
     /// Sends `per_user` events (`{"seq": n}`) for each of `users` (`user-N`),
     /// one after another; returns each user's event ids in the order they
     /// were accepted.
