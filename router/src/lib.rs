@@ -14,6 +14,7 @@
 //! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`retry`]: the backoff policy.
 //! - [`worker`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
+//! - [`routing`]: the routing stage: one read per shard stream, references for destinations with `event_types`.
 //! - [`wakeup`]: whether a reader blocks in its own reads, or shares one blocking read per shard that wakes it.
 //! - [`budget`]: how many entries and bytes a worker holds in memory.
 //! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.

@@ -668,6 +668,12 @@ impl TestSystem {
         }
     }
 
+    /// [`Self::group_stream`] of `destination` on `shard`, on a connection of its own.
+    pub async fn group_stream_of(&self, destination: &str, shard: u16) -> String {
+        let mut con = self.redis.connection().await;
+        self.group_stream(&mut con, shard, destination).await
+    }
+
     /// Entries in each shard stream.
     pub async fn shard_lengths(&self) -> Vec<u64> {
         self.per_shard(|mut con, shard| async move {

@@ -1125,3 +1125,80 @@ async fn a_caught_up_filtered_destination_is_woken_at_once_not_after_its_block_t
     assert_eq!(latencies.len(), sent.len());
     assert!(slowest < 1_000, "slowest {slowest} ms with a 5 s block");
 }
+
+/// A PATCH of a filtered destination's `event_types` applies to the events
+/// the routing stage routes once its router has the change (decision 0004):
+/// what was routed before keeps going, nothing of the old type is routed
+/// after, and `[]` (every type, events without a type included) keeps it
+/// reading references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_of_a_filtered_destinations_event_types_applies_from_the_next_routed_batch() {
+    let system = TestSystem::start(vec![
+        TestDestination::new("typed", "/ok/typed").event_types(&["a"])
+    ])
+    .await;
+    let send_both = |round: usize| {
+        let system = &system;
+        async move {
+            let mut sent = HashMap::new();
+            for user in 0..usize::from(SHARDS) {
+                for event_type in ["a", "b"] {
+                    let id = system
+                        .send_typed(&format!("user-{user}-{round}"), event_type)
+                        .await;
+                    sent.entry(event_type).or_insert_with(Vec::new).push(id);
+                }
+            }
+            sent
+        }
+    };
+    let before = send_both(0).await;
+    wait_all_delivered(&system, "/ok/typed", &ids(&before["a"])).await;
+
+    let patch = |event_types: Value| {
+        let system = &system;
+        async move {
+            let (status, body) = system
+                .admin_call(
+                    Method::PATCH,
+                    "/admin/destinations/typed",
+                    Some(&json!({ "event_types": event_types })),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            // The router has it once its overview shows it.
+            wait_for(
+                "the router to have the change",
+                Duration::from_secs(10),
+                || async { system.destination_view("typed").await["event_types"] == event_types },
+            )
+            .await;
+        }
+    };
+    patch(json!(["b"])).await;
+    let after = send_both(1).await;
+    wait_all_delivered(&system, "/ok/typed", &ids(&after["b"])).await;
+    patch(json!([])).await;
+    let untyped = system.send("someone", json!({ "untyped": true })).await;
+    let last = send_both(2).await;
+    let everything: Vec<&str> = last["a"]
+        .iter()
+        .chain(&last["b"])
+        .chain([&untyped])
+        .map(String::as_str)
+        .collect();
+    wait_all_delivered(&system, "/ok/typed", &everything).await;
+    let delivered = delivered_ids(&system, "/ok/typed");
+    assert!(
+        before["b"]
+            .iter()
+            .chain(&after["a"])
+            .all(|id| !delivered.contains(id)),
+        "nothing of a type the destination did not take when it was routed"
+    );
+    assert_eq!(system.recorder.summary("/ok/typed").order_violations, 0);
+    assert!(
+        system.group_stream_of("typed", 0).await.contains(":refs:"),
+        "still reading references"
+    );
+}
