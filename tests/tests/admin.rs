@@ -458,3 +458,56 @@ async fn json_logs_carry_one_event_per_attempt_with_its_fields() {
         "lease events are logged"
     );
 }
+
+/// A destination with `event_types` reads references (decision 0004): its
+/// dead letters replay through the routing stage like any event, in each
+/// user's order, and leave once delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_destinations_dead_letters_replay_through_the_routing_stage() {
+    let system = TestSystem::start(vec![TestDestination::new("typed", "/outage/typed")
+        .retry(10, 20, 2)
+        .event_types(&["t"])])
+    .await;
+    system.recorder.set_outage("/outage/typed", true);
+    let mut sent = Vec::new();
+    for seq in 0..4 {
+        for user in 0..3 {
+            sent.push(system.send_typed(&format!("user-{user}"), "t").await);
+        }
+        // Not taken: never a dead letter.
+        system.send_typed(&format!("user-{seq}"), "other").await;
+    }
+    wait_view(&system, "typed", "12 dead letters", |v| {
+        v["dead_letters"] == 12
+    })
+    .await;
+    system.recorder.set_outage("/outage/typed", false);
+    let (status, report) = system
+        .admin_call(
+            Method::POST,
+            "/admin/destinations/typed/dead-letters/replay",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, report["replayed"].clone()),
+        (200, json!(12)),
+        "{report}"
+    );
+    system.wait_delivered("typed", 12, PATIENCE).await;
+    wait_view(&system, "typed", "no dead letters", |v| {
+        v["dead_letters"] == 0 && v["pending"] == 0
+    })
+    .await;
+    let received = system.received("typed");
+    assert_eq!(received.order_violations, 0, "{received:?}");
+    let delivered: HashSet<String> = system
+        .recorder
+        .summary("/outage/typed")
+        .events
+        .into_iter()
+        .filter(|event| event.status == 200)
+        .map(|event| event.id)
+        .collect();
+    assert_eq!(delivered.len(), 12, "each replayed once: {delivered:?}");
+}
