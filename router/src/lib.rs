@@ -324,7 +324,7 @@ impl StartWorker for Workers {
             .then(|| self.own_readers.claim(self.registry.pair_count()))
             .flatten();
         let wakeup = match (routed, &own) {
-            (true, _) => Some(self.wakeups.of(shard, Watched::Routed)),
+            (true, _) => Some(self.wakeups.of(shard, Watched::Routed(&destination.name))),
             (false, None) => Some(self.wakeups.of(shard, Watched::Events)),
             (false, Some(_)) => None,
         };

@@ -54,35 +54,47 @@ const BATCH: usize = 500;
 /// Signal entries kept (approximately): readers need only the newest.
 const SIGNAL_CAP: u32 = 100;
 
+/// The field of a signal entry naming, comma-separated, the destinations
+/// that got references ([`crate::wakeup`] wakes only their readers).
+pub const SIGNAL_FIELD: &str = "d";
+
 /// Routes one batch. KEYS: shard stream, routing marks, routing signal,
 /// then one reference stream per destination in ARGV. ARGV: the routing
 /// group, the signal stream's cap, the number of entries to acknowledge,
 /// their ids, then per
 /// destination: its name, how many ids, the ids. A destination with a mark
 /// (being caught up) or whose reference stream is gone (deleted) gets
-/// nothing. Returns how many references were added.
+/// nothing. One signal entry names the destinations that got references,
+/// so only their readers wake (it is written, naming none, after a batch
+/// that added nothing too). Returns how many references were added.
 const ROUTE: &str = r"
 local acks = tonumber(ARGV[3])
 local i = 4 + acks
 local key = 4
 local added = 0
+local named = {}
 while i <= #ARGV do
   local name, count = ARGV[i], tonumber(ARGV[i + 1])
   local refs = KEYS[key]
   key = key + 1
   -- A destination with a mark is routed by its catch-up only, in order.
   if redis.call('EXISTS', refs) == 1 and redis.call('HEXISTS', KEYS[2], name) == 0 then
+    local before = added
     for j = i + 2, i + 1 + count do
       -- Refused when not above the stream's last: routed before.
       local reply = redis.pcall('XADD', refs, ARGV[j], 'r', '1')
       if type(reply) ~= 'table' or not reply.err then added = added + 1 end
     end
+    if added > before then table.insert(named, name) end
   end
   i = i + 2 + count
 end
 if acks > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4, 3 + acks)) end
-if added > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'n', added)
+-- Written after every batch, naming no one when nothing was added: the
+-- shard's announcer, blocked on the signal alone, then looks again at
+-- whether the stage waits for the shard stream.
+if acks > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'd', table.concat(named, ','))
 end
 return added
 ";
@@ -107,7 +119,7 @@ else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
 if added > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'n', added)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[1])
 end
 return added
 ";
@@ -371,6 +383,13 @@ pub async fn run(
             if !entries.is_empty() {
                 if !lease.hold_for(settings.read_span, &shutdown).await {
                     return Ok(None);
+                }
+                if reading_new && entries.len() < BATCH {
+                    // Caught up: the stage waits once this batch is routed.
+                    // The batch's signal wakes an announcer blocked on the
+                    // signal alone, which then watches the shard stream
+                    // for the stage too.
+                    stage.wakeup.expect_to_wait();
                 }
                 stage.route(&routes, &entries).await?;
             }

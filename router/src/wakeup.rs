@@ -10,22 +10,25 @@
 //!
 //! Per shard, one task and one connection announce two things
 //! ([`Watched`]): new entries of the shard stream, and references the
-//! routing stage added for the shard's filtered destinations (whose
+//! routing stage added for one of the shard's filtered destinations (whose
 //! readers never block: their read is a script), told by the routing
-//! signal stream. For each that some worker waits for, the task learns
-//! where its stream ends (`XREVRANGE + - COUNT 1`), blocks in one `XREAD`
-//! after those ends, and on its reply bumps a counter on that kind's watch
-//! channel at once (the extra round trip is taken before the next wait, not
-//! between an entry and its announcement). A worker marks the counter seen
-//! *before* its read, so an entry added between the read and the wait still
-//! wakes it. The task looks only at what some worker waits for: under load
+//! signal stream, whose entries name the destinations of each routed batch,
+//! so only their readers wake. For what some worker waits for, the task
+//! learns where the shard stream ends (`XREVRANGE + - COUNT 1`) and what
+//! signals came since its last look, and else blocks in one `XREAD` after
+//! those ends, bumping on its reply the watch channel of what came, at once
+//! (the extra round trip is taken before the next wait, not between an
+//! entry and its announcement). A worker marks its channel seen *before*
+//! its read, so an entry added between the read and the wait still wakes
+//! it. The task looks only at what some worker waits for: under load
 //! nobody is caught up, and it costs Redis nothing.
 //! While the task cannot read (Redis down, the shard's node paused), workers
 //! wake after their own `reader.block_ms` and read anyway: an announcement
 //! only saves waiting, it never carries an entry.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use protocol::{run_with_retries, Backoff, Keys, RedisConfig, RedisConnection, StreamId};
@@ -77,37 +80,59 @@ impl Drop for OwnReader {
 
 /// What a reader waits for on its shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Watched {
+pub enum Watched<'a> {
     /// New entries of the shard stream (a group on it).
     Events,
-    /// References routed to the shard's filtered destinations
-    /// ([`crate::routing`]), announced by the routing signal stream.
-    Routed,
+    /// References the routing stage added for this filtered destination
+    /// ([`crate::routing`]), named by the routing signal stream.
+    Routed(&'a str),
 }
 
-impl Watched {
-    const ALL: [Watched; 2] = [Watched::Events, Watched::Routed];
-
-    fn index(self) -> usize {
-        match self {
-            Watched::Events => 0,
-            Watched::Routed => 1,
-        }
-    }
-
-    fn stream(self, keys: &Keys, shard: u16) -> String {
-        match self {
-            Watched::Events => keys.events(shard),
-            Watched::Routed => keys.routing_signal(shard),
-        }
-    }
-}
-
-/// One shard's announcer, as its readers hold it.
+/// A watch channel, and whether a reader waits on it: the announcer looks
+/// only at what someone waits for.
 #[derive(Clone)]
+struct Watcher {
+    sender: Arc<watch::Sender<u64>>,
+    wanted: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    fn new() -> Self {
+        Self {
+            sender: Arc::new(watch::channel(0u64).0),
+            wanted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn is_wanted(&self) -> bool {
+        self.wanted.load(Ordering::SeqCst)
+    }
+
+    /// Wakes its readers. The wish is cleared before the bump: a reader
+    /// that wishes again after it has seen the bump (it marked it seen
+    /// before its next read) is not forgotten.
+    fn bump(&self) {
+        self.wanted.store(false, Ordering::SeqCst);
+        self.sender
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    fn wakeup(&self, demand: &Arc<Notify>) -> Wakeup {
+        Wakeup {
+            announcements: self.sender.subscribe(),
+            wanted: self.wanted.clone(),
+            demand: demand.clone(),
+        }
+    }
+}
+
+/// The routed destinations' watchers of one shard, by name.
+type RoutedWatchers = Arc<Mutex<HashMap<String, Watcher>>>;
+
+/// One shard's announcer, as its readers reach it.
 struct Shard {
-    announcements: [watch::Receiver<u64>; 2],
-    wanted: [Arc<AtomicBool>; 2],
+    events: Watcher,
+    routed: RoutedWatchers,
     demand: Arc<Notify>,
 }
 
@@ -142,45 +167,44 @@ impl Wakeups {
 
     /// Announcements of what `watched` on `shard`. The first call for a
     /// shard starts its announcer (within a Tokio runtime).
-    pub fn of(&self, shard: u16, watched: Watched) -> Wakeup {
-        let shard_state = self.shards[usize::from(shard)]
-            .get_or_init(|| {
-                let demand = Arc::new(Notify::new());
-                let mut receivers = Vec::new();
-                let mut channels = Vec::new();
-                for watched in Watched::ALL {
-                    let (sender, receiver) = watch::channel(0u64);
-                    let wanted = Arc::new(AtomicBool::new(false));
-                    receivers.push(receiver);
-                    channels.push(Channel {
-                        stream: watched.stream(&self.keys, shard),
-                        sender,
-                        wanted,
-                        last: None,
-                    });
-                }
-                let state = Shard {
-                    announcements: [receivers[0].clone(), receivers[1].clone()],
-                    wanted: [channels[0].wanted.clone(), channels[1].wanted.clone()],
-                    demand: demand.clone(),
-                };
-                tokio::spawn(announce(
-                    channels,
-                    self.redis.clone(),
-                    self.block,
-                    demand,
-                    self.shutdown.clone(),
-                ));
-                state
-            })
-            .clone();
-        let index = watched.index();
-        Wakeup {
-            announcements: shard_state.announcements[index].clone(),
-            wanted: shard_state.wanted[index].clone(),
-            demand: shard_state.demand,
+    pub fn of(&self, shard: u16, watched: Watched<'_>) -> Wakeup {
+        let state = self.shards[usize::from(shard)].get_or_init(|| {
+            let state = Shard {
+                events: Watcher::new(),
+                routed: Arc::default(),
+                demand: Arc::new(Notify::new()),
+            };
+            let announcer = Announcer {
+                events_stream: self.keys.events(shard),
+                signal_stream: self.keys.routing_signal(shard),
+                events: state.events.clone(),
+                routed: state.routed.clone(),
+                last_event: None,
+                last_signal: None,
+            };
+            tokio::spawn(announce(
+                announcer,
+                self.redis.clone(),
+                self.block,
+                state.demand.clone(),
+                self.shutdown.clone(),
+            ));
+            state
+        });
+        match watched {
+            Watched::Events => state.events.wakeup(&state.demand),
+            Watched::Routed(destination) => lock(&state.routed)
+                .entry(destination.to_owned())
+                .or_insert_with(Watcher::new)
+                .wakeup(&state.demand),
         }
     }
+}
+
+fn lock(routed: &RoutedWatchers) -> std::sync::MutexGuard<'_, HashMap<String, Watcher>> {
+    routed
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One worker's view of its shard's announcements of one kind.
@@ -198,6 +222,13 @@ impl Wakeup {
     /// that [`Self::wait`] after an empty read returns on anything newer.
     pub fn mark_seen(&mut self) {
         self.announcements.borrow_and_update();
+    }
+
+    /// Says ahead of [`Self::wait`] that this reader will wait: an
+    /// announcer blocked on other streams looks at this one too once it
+    /// next wakes, rather than only after its block time.
+    pub fn expect_to_wait(&self) {
+        self.wanted.store(true, Ordering::SeqCst);
     }
 
     /// Waits for an announcement since [`Self::mark_seen`], at most
@@ -219,53 +250,139 @@ impl Wakeup {
     }
 }
 
-/// The announcer's side of one watched stream.
-struct Channel {
-    stream: String,
-    sender: watch::Sender<u64>,
-    /// Whether a reader waits for it.
-    wanted: Arc<AtomicBool>,
-    /// The last entry announced or looked at.
-    last: Option<StreamId>,
+/// Signal entries read at once: each names the destinations of one batch.
+const SIGNALS_AT_ONCE: usize = 100;
+
+/// The announcer's side of one shard.
+struct Announcer {
+    events_stream: String,
+    signal_stream: String,
+    events: Watcher,
+    routed: RoutedWatchers,
+    /// The last shard entry announced or looked at.
+    last_event: Option<StreamId>,
+    /// The last signal entry announced or looked at.
+    last_signal: Option<StreamId>,
 }
 
-impl Channel {
-    /// Announces what came after `last`, now `seen`. The wish is cleared
-    /// before the bump: a reader that wishes again after it has seen the
-    /// bump (it marked it seen before its next read) is not forgotten.
-    fn announce(&mut self, seen: StreamId) {
-        self.last = Some(seen);
-        self.bump();
+impl Announcer {
+    fn routed_wanted(&self) -> bool {
+        lock(&self.routed).values().any(Watcher::is_wanted)
     }
 
-    fn bump(&self) {
-        self.wanted.store(false, Ordering::SeqCst);
-        self.sender
-            .send_modify(|count| *count = count.wrapping_add(1));
+    /// Wakes the readers of the destinations a signal entry names.
+    fn announce_signal(&mut self, entry: &redis::streams::StreamId) {
+        self.last_signal = entry.id.parse().ok().or(self.last_signal);
+        let names: String = entry.get(crate::routing::SIGNAL_FIELD).unwrap_or_default();
+        let routed = lock(&self.routed);
+        for name in names.split(',') {
+            if let Some(watcher) = routed.get(name) {
+                watcher.bump();
+            }
+        }
     }
 
-    fn is_wanted(&self) -> bool {
-        self.wanted.load(Ordering::SeqCst)
+    /// Wakes every reader (the announcer could not look: they read anyway).
+    fn wake_all(&mut self) {
+        self.last_event = None;
+        self.last_signal = None;
+        self.events.bump();
+        for watcher in lock(&self.routed).values() {
+            watcher.bump();
+        }
+    }
+
+    /// One look: whatever was added since the last look is announced at
+    /// once (a worker that has just read may have missed it); else one
+    /// `XREAD` blocks after the ends of the shard stream and, while the
+    /// shard has readers of references, the signal stream, and its reply is
+    /// announced without another round trip. The shard stream is always
+    /// watched, wanted or not: a reader may start waiting while the read
+    /// blocks, which would not see its wish, and every new entry is
+    /// announced (an end is never moved silently), so that reader, having
+    /// marked the channel seen before its read, still wakes.
+    async fn look(
+        &mut self,
+        connection: &mut RedisConnection,
+        block: Duration,
+    ) -> redis::RedisResult<()> {
+        let mut announced = false;
+        let tail = last_id(connection, &self.events_stream).await?;
+        if self.last_event.is_some_and(|seen| seen != tail) {
+            self.events.bump();
+            announced = true;
+        }
+        self.last_event = Some(tail);
+        let routed = !lock(&self.routed).is_empty();
+        match self.last_signal {
+            None if routed => {
+                self.last_signal = Some(last_id(connection, &self.signal_stream).await?);
+            }
+            Some(seen) if self.routed_wanted() => {
+                let newer: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(&self.signal_stream)
+                    .arg(format!("({seen}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(SIGNALS_AT_ONCE)
+                    .query_async(connection)
+                    .await?;
+                for entry in &newer.ids {
+                    self.announce_signal(entry);
+                    announced = true;
+                }
+            }
+            _ => {}
+        }
+        if announced {
+            return Ok(());
+        }
+        let mut streams = vec![(&self.events_stream, tail)];
+        if let (true, Some(seen)) = (routed, self.last_signal) {
+            streams.push((&self.signal_stream, seen));
+        }
+        let mut command = redis::cmd("XREAD");
+        command
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
+            .arg("STREAMS");
+        for (stream, _) in &streams {
+            command.arg(*stream);
+        }
+        for (_, after) in &streams {
+            command.arg(*after);
+        }
+        let reply: Option<StreamReadReply> = command.query_async(connection).await?;
+        for key in reply.map(|reply| reply.keys).unwrap_or_default() {
+            let Some(entry) = key.ids.first() else {
+                continue;
+            };
+            if key.key == self.events_stream {
+                self.last_event = entry.id.parse().ok().or(self.last_event);
+                self.events.bump();
+            } else {
+                self.announce_signal(entry);
+            }
+        }
+        Ok(())
     }
 }
 
-/// Announces new entries of the `channels`' streams (one shard's, so one
-/// connection and one `XREAD` serve them all) until `shutdown`, read over
-/// a connection of its own made from `redis`, blocking up to `block` at a
-/// time. It looks only while a reader waits (`demand`), and only at the
-/// streams someone waits for: a busy stream that nobody waits on would
+/// Announces new entries of one shard's streams until `shutdown`, read
+/// over a connection of its own made from `redis`, blocking up to `block`
+/// at a time. It looks only while a reader waits (`demand`), and only at
+/// the streams someone waits for: a busy stream that nobody waits on would
 /// otherwise answer every look at once.
 async fn announce(
-    mut channels: Vec<Channel>,
+    mut announcer: Announcer,
     redis: RedisConfig,
     block: Duration,
     demand: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let Some(first) = channels.first() else {
-        return;
-    };
-    let shard_stream = first.stream.clone();
+    let shard_stream = announcer.events_stream.clone();
     // Its own connection: a blocked XREAD holds up whatever else shares it.
     // Made here, so a shard whose node is down delays no other shard.
     let what = format!("Redis unreachable at {}", redis.redacted_url());
@@ -277,17 +394,16 @@ async fn announce(
     };
     let mut failures = 0u32;
     loop {
-        if !channels.iter().any(Channel::is_wanted) {
+        if !announcer.events.is_wanted() && !announcer.routed_wanted() {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = demand.notified() => {}
             }
             continue;
         }
-        let step = look(&mut connection, &mut channels, block);
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            result = step => result,
+            result = announcer.look(&mut connection, block) => result,
         };
         match result {
             Ok(()) => {
@@ -301,74 +417,16 @@ async fn announce(
                 if failures == 1 {
                     tracing::warn!(stream = %shard_stream, %error, "Cannot watch the shard for new entries; workers poll it meanwhile.");
                 }
-                // Where the streams end is learnt again: they may have been
-                // recreated. Whatever was added meanwhile, workers read
-                // once they wake.
-                for channel in &mut channels {
-                    channel.last = None;
-                }
                 if !Backoff::COMMANDS.wait(failures, &shutdown).await {
                     return;
                 }
-                for channel in &channels {
-                    channel.bump();
-                }
+                // Where the streams end is learnt again: they may have been
+                // recreated. Whatever was added meanwhile, workers read
+                // once they wake.
+                announcer.wake_all();
             }
         }
     }
-}
-
-/// One look at the wanted streams: entries added since the last look are
-/// announced at once (a worker that has just read may have missed them);
-/// else it blocks in `XREAD` after their ends, announcing on the reply
-/// without another round trip.
-async fn look(
-    connection: &mut RedisConnection,
-    channels: &mut [Channel],
-    block: Duration,
-) -> redis::RedisResult<()> {
-    let mut announced = false;
-    for channel in channels.iter_mut().filter(|c| c.is_wanted()) {
-        let tail = last_id(connection, &channel.stream).await?;
-        match channel.last {
-            Some(seen) if seen != tail => {
-                channel.announce(tail);
-                announced = true;
-            }
-            _ => channel.last = Some(tail),
-        }
-    }
-    if announced {
-        return Ok(());
-    }
-    let watched: Vec<usize> = (0..channels.len())
-        .filter(|&i| channels[i].is_wanted())
-        .collect();
-    if watched.is_empty() {
-        return Ok(());
-    }
-    let mut command = redis::cmd("XREAD");
-    command
-        .arg("COUNT")
-        .arg(1)
-        .arg("BLOCK")
-        .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
-        .arg("STREAMS");
-    for &i in &watched {
-        command.arg(&channels[i].stream);
-    }
-    for &i in &watched {
-        command.arg(channels[i].last.unwrap_or_default());
-    }
-    let reply: Option<StreamReadReply> = command.query_async(connection).await?;
-    for key in reply.map(|reply| reply.keys).unwrap_or_default() {
-        let Some(channel) = channels.iter_mut().find(|c| c.stream == key.key) else {
-            continue;
-        };
-        let first = key.ids.first().and_then(|entry| entry.id.parse().ok());
-        channel.announce(first.unwrap_or_else(|| channel.last.unwrap_or_default()));
-    }
-    Ok(())
 }
 
 /// The id of the stream's last entry (`0-0` when empty or missing).
