@@ -216,6 +216,12 @@ impl Endpoint {
         })
     }
 
+    /// The event types it takes (exact, or a prefix ending in `*`); empty:
+    /// every event.
+    pub fn event_types(&self) -> &[String] {
+        &self.settings.event_types
+    }
+
     /// Whether an event of `event_type` is of a type it subscribes to.
     pub fn subscribes_to(&self, event_type: Option<&str>) -> bool {
         self.settings.subscribes_to(event_type)
