@@ -199,12 +199,6 @@ impl GroupConsumer {
         self.shard
     }
 
-    /// Whether the group reads references ([`crate::routing`]); such a
-    /// reader never blocks in its reads (a script cannot).
-    pub fn is_routed(&self) -> bool {
-        self.routed
-    }
-
     /// Creates the group again after it went missing, at the cut recorded
     /// at the destination's creation ([`Catalog::restore_group`]).
     pub async fn restore_group(&self) -> Result<String, CatalogError> {
@@ -259,7 +253,8 @@ impl GroupConsumer {
     /// Reads up to `count` entries. With `block`, a read of new entries
     /// waits that long for some (only on a connection of its own); without,
     /// it returns none when nothing is new ([`crate::wakeup`] says when to
-    /// look again).
+    /// look again). A reader of references never blocks: its read is a
+    /// script, which cannot.
     pub async fn read(
         &self,
         from: &ReadFrom,
