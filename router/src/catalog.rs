@@ -337,26 +337,21 @@ impl Catalog {
         start: &str,
     ) -> Result<String, CatalogError> {
         let name = &definition.settings.name;
-        let mut script = redis::cmd("EVAL");
-        if definition.routed {
-            script
-                .arg(ROUTED_CUT)
-                .arg(3)
-                .arg(self.keys.events(shard))
-                .arg(self.keys.refs(shard, name))
-                .arg(self.keys.routing_marks(shard))
-                .arg(name)
-                .arg(start)
-                .arg(crate::routing::GROUP);
-        } else {
-            script
-                .arg(CUT)
-                .arg(1)
-                .arg(self.keys.events(shard))
-                .arg(name)
-                .arg(start);
+        let mut con = self.con.clone();
+        if !definition.routed {
+            return Ok(ensure_group(&mut con, &self.keys.events(shard), name, start).await?);
         }
-        Ok(script.query_async(&mut self.con.clone()).await?)
+        Ok(redis::cmd("EVAL")
+            .arg(ROUTED_CUT)
+            .arg(3)
+            .arg(self.keys.events(shard))
+            .arg(self.keys.refs(shard, name))
+            .arg(self.keys.routing_marks(shard))
+            .arg(name)
+            .arg(start)
+            .arg(crate::routing::GROUP)
+            .query_async(&mut con)
+            .await?)
     }
 
     /// Changes a ready destination's settings with `change`, retrying when
@@ -495,6 +490,25 @@ impl Catalog {
 /// Whether two settings are the same (secrets compared in clear).
 fn same_settings(a: &DestinationConfig, b: &DestinationConfig) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// Creates `group` on `stream` at `start` (`$`, `0` or an id), creating the
+/// stream if missing, and returns where the group stands: where it was
+/// created, or where it already was (nothing it still owes is skipped).
+pub async fn ensure_group(
+    con: &mut RedisConnection,
+    stream: &str,
+    group: &str,
+    start: &str,
+) -> redis::RedisResult<String> {
+    redis::cmd("EVAL")
+        .arg(CUT)
+        .arg(1)
+        .arg(stream)
+        .arg(group)
+        .arg(start)
+        .query_async(con)
+        .await
 }
 
 /// Deletes `destination`'s consumer group on every shard, so a deleted

@@ -124,17 +124,6 @@ end
 return added
 ";
 
-/// KEYS: the shard stream. ARGV: the routing group. Its last-delivered
-/// id, or false without such a group.
-const POSITION: &str = r"
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local info = {}
-  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-  if info['name'] == ARGV[1] then return info['last-delivered-id'] end
-end
-return false
-";
-
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
     #[error(transparent)]
@@ -188,40 +177,14 @@ impl Stage {
     }
 
     /// Takes over what an earlier owner left pending, creating the group
-    /// at the start of the stream if it is missing; returns the stage's
-    /// position (the last entry it has read).
+    /// at the start of the stream if it is missing (lost with Redis's data,
+    /// or by hand: everything retained is routed again, and what was routed
+    /// before is refused); returns the stage's position (the last entry it
+    /// has read).
     async fn prepare(&self) -> Result<StreamId, RoutingError> {
         let events = self.keys.events(self.shard());
-        let position: Option<String> = redis::cmd("EVAL")
-            .arg(POSITION)
-            .arg(1)
-            .arg(&events)
-            .arg(GROUP)
-            .query_async(&mut self.commands.clone())
-            .await?;
-        let position = match position {
-            Some(position) => position,
-            None => {
-                // Lost with Redis's data, or by hand: everything retained is
-                // routed again (what was routed before is refused).
-                let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(&events)
-                    .arg(GROUP)
-                    .arg("0")
-                    .arg("MKSTREAM")
-                    .query_async(&mut self.commands.clone())
-                    .await;
-                match created {
-                    Err(error) if error.code() != Some("BUSYGROUP") => return Err(error.into()),
-                    _ => tracing::warn!(
-                        shard = self.shard(),
-                        "Routing group was missing; created at the start of the stream."
-                    ),
-                }
-                "0-0".to_owned()
-            }
-        };
+        let position =
+            crate::catalog::ensure_group(&mut self.commands.clone(), &events, GROUP, "0").await?;
         self.consumer.claim_pending_of_others().await?;
         self.consumer.remove_idle_consumers().await?;
         Ok(position.parse().unwrap_or_default())
