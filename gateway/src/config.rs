@@ -12,6 +12,12 @@ use serde::Deserialize;
 /// The commented reference configuration, also the defaults.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/gateway.default.toml");
 
+/// The defaults: this service's own, then the `[traces]` section both
+/// services share.
+fn defaults_toml() -> String {
+    [DEFAULT_CONFIG, telemetry::traces::DEFAULTS].concat()
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -31,6 +37,8 @@ pub struct Config {
     pub workers: usize,
     /// `text` or `json` log lines.
     pub log_format: telemetry::LogFormat,
+    /// OpenTelemetry trace export (`OTEL_…` variables override it).
+    pub traces: telemetry::traces::TracesConfig,
     /// Redis connection and key layout.
     pub redis: RedisConfig,
     /// When to refuse events because destinations fall behind.
@@ -90,19 +98,24 @@ impl BacklogConfig {
 impl Config {
     /// Loads defaults, then `file` if given, then the environment, and validates.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
-        let config: Self = protocol::config::load_layered(DEFAULT_CONFIG, file, "GATEWAY_")
+        let mut config: Self = protocol::config::load_layered(&defaults_toml(), file, "GATEWAY_")
             .context("cannot load the gateway configuration")?;
+        config.traces = config
+            .traces
+            .with_env(|name| std::env::var(name).ok())
+            .map_err(anyhow::Error::msg)?;
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)
     }
 
     /// The embedded defaults alone; tests start from these.
     pub fn defaults() -> Self {
-        protocol::config::parse_defaults(DEFAULT_CONFIG)
+        protocol::config::parse_defaults(&defaults_toml())
     }
 
     pub fn validate(&self) -> Result<(), String> {
         self.redis.validate()?;
+        self.traces.validate()?;
         if self.max_batch_events == 0 {
             return Err("max_batch_events must be at least 1".into());
         }

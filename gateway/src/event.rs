@@ -164,6 +164,7 @@ fn validate(event: EventBody, idempotency_header: Option<&str>) -> Result<NewEve
             event_type: event.event_type,
             source: None,
             replay: None,
+            trace: None,
         },
     })
 }

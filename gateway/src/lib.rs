@@ -10,6 +10,7 @@
 //! - [`error`]: every failure and what it answers.
 //! - [`auth`]: API keys and their rate limits.
 //! - [`api`]: the shapes of bodies and answers.
+//! - [`trace`]: an ingest's spans and the trace context its events carry.
 //! - [`routes`]: HTTP handlers.
 //! - [`openapi`]: the OpenAPI document (`/openapi.json`).
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod lanes;
 pub mod openapi;
 pub mod routes;
 pub mod store;
+pub mod trace;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -140,7 +142,7 @@ async fn watch_backlog(store: Arc<EventStore>, every: Duration, shutdown: Cancel
 mod tests {
     /// The modules in the order of the layout above.
     const LAYERS: &[&str] = &[
-        "config", "event", "lanes", "store", "error", "auth", "api", "routes", "openapi",
+        "config", "event", "lanes", "store", "error", "auth", "api", "trace", "routes", "openapi",
     ];
 
     #[test]

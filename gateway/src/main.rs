@@ -60,7 +60,8 @@ async fn main() -> anyhow::Result<()> {
         telemetry::health::probe(&config.listen, "/readyz", HEALTH_TIMEOUT)?;
         return Ok(());
     }
-    telemetry::init_logging(config.log_format);
+    let _telemetry = telemetry::init(config.log_format, &config.traces, "event-gateway")
+        .map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = telemetry::shutdown_on_signal();

@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use tracing::Instrument;
 use metrics::{Counter, Histogram};
 use serde_json::json;
 
@@ -13,6 +14,7 @@ use crate::error::ApiError;
 use crate::event::{self, NewEvent};
 use crate::lanes::WorkerLanes;
 use crate::store::{Appended, EventStore};
+use crate::trace::{self, IngestTrace};
 
 pub struct AppState {
     pub store: std::sync::Arc<EventStore>,
@@ -44,6 +46,22 @@ impl AppState {
     }
 
     /// Rejects events naming destinations the router does not serve.
+    /// Stores the request's trace context with each of its events, and
+    /// names them on its span.
+    fn traced(&self, trace: &IngestTrace, events: &mut [NewEvent]) {
+        trace.events(
+            events.len(),
+            events
+                .iter()
+                .map(|e| protocol::shard_for(&e.entry.user_id, self.store.shards())),
+        );
+        if let Some(context) = &trace.context {
+            for event in events {
+                event.entry.trace = Some(context.clone());
+            }
+        }
+    }
+
     async fn check_destinations(&self, events: &[NewEvent]) -> Result<(), ApiError> {
         let mut wanted: Vec<String> = events
             .iter()
@@ -141,11 +159,16 @@ impl IngestMetrics {
     async fn observed(
         &self,
         route: &RouteMetrics,
+        trace: &IngestTrace,
         ingest: impl std::future::Future<Output = Result<Ingested, ApiError>>,
     ) -> Result<HttpResponse, ApiError> {
         let started = Instant::now();
-        let result = ingest.await;
+        let result = ingest.instrument(trace.span.clone()).await;
         route.duration.record(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(ingested) => trace.finish(ingested.response.status().as_u16(), "accepted"),
+            Err(error) => trace.finish(error.status_code().as_u16(), error.reason()),
+        }
         match &result {
             Ok(ingested) => {
                 route.accepted.increment(1);
@@ -244,10 +267,12 @@ pub(crate) async fn post_event(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let metrics = &state.metrics;
+    let trace = IngestTrace::start(&request, metrics.events.route);
     metrics
         .observed(
             &metrics.events,
-            ingest_event(&state, &lanes, &request, payload),
+            &trace,
+            ingest_event(&state, &lanes, &request, payload, &trace),
         )
         .await
 }
@@ -257,6 +282,7 @@ async fn ingest_event(
     lanes: &WorkerLanes,
     request: &HttpRequest,
     payload: web::Payload,
+    trace: &IngestTrace,
 ) -> Result<Ingested, ApiError> {
     let key = state.authenticate(request)?;
     let body = read_json_body(state, request, payload).await?;
@@ -268,12 +294,11 @@ async fn ingest_event(
     };
     let mut event = event::parse_event(&body, idempotency_key)?;
     attribute(key, std::slice::from_mut(&mut event))?;
+    state.traced(trace, std::slice::from_mut(&mut event));
     state
         .check_destinations(std::slice::from_ref(&event))
         .await?;
-    let appended = state
-        .store
-        .append(&event, lanes)
+    let appended = trace::redis_write(trace, state.store.append(&event, lanes))
         .await
         .map_err(|e| state.unavailable(e))?;
     let response = HttpResponse::Accepted().json(Accepted {
@@ -301,10 +326,12 @@ pub(crate) async fn post_batch(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let metrics = &state.metrics;
+    let trace = IngestTrace::start(&request, metrics.batch.route);
     metrics
         .observed(
             &metrics.batch,
-            ingest_batch(&state, &lanes, &request, payload),
+            &trace,
+            ingest_batch(&state, &lanes, &request, payload, &trace),
         )
         .await
 }
@@ -314,16 +341,16 @@ async fn ingest_batch(
     lanes: &WorkerLanes,
     request: &HttpRequest,
     payload: web::Payload,
+    trace: &IngestTrace,
 ) -> Result<Ingested, ApiError> {
     let key = state.authenticate(request)?;
     let body = read_json_body(state, request, payload).await?;
     let mut events = event::parse_batch(&body, state.max_batch_events)?;
     attribute(key, &mut events)?;
+    state.traced(trace, &mut events);
     state.metrics.batch_size.record(events.len() as f64);
     state.check_destinations(&events).await?;
-    let appended = state
-        .store
-        .append_all(&events, lanes)
+    let appended = trace::redis_write(trace, state.store.append_all(&events, lanes))
         .await
         .map_err(|e| state.unavailable(e))?;
     let response = HttpResponse::Accepted().json(BatchAccepted {

@@ -221,6 +221,11 @@ impl EventStore {
         command
     }
 
+    /// How many shard streams events are spread over.
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
     /// Writes `event` to its user's shard stream; returns once Redis has
     /// acknowledged the write.
     pub async fn append(

@@ -26,6 +26,11 @@ pub mod field {
     pub const REPLAY_EVENT_ID: &str = "replay_event_id";
     /// A replayed dead letter: Unix milliseconds of the replay.
     pub const REPLAYED_AT: &str = "replayed_at";
+    /// W3C `traceparent` of the span that accepted the event (or of the
+    /// client's, passed through), which the router's spans continue.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C `tracestate` that goes with it, when there is one.
+    pub const TRACESTATE: &str = "tracestate";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,6 +58,18 @@ pub struct EventEntry {
     /// Set when this entry replays a dead letter (written by the router's
     /// admin API, never by the gateway).
     pub replay: Option<Replay>,
+    /// The trace the event belongs to, when it was traced.
+    pub trace: Option<TraceContext>,
+}
+
+/// W3C trace context stored with an event: the spans the router makes for
+/// it join this trace (docs/decisions/0005-trace-context.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The `traceparent` header value.
+    pub parent: String,
+    /// The `tracestate` header value, when not empty.
+    pub state: Option<String>,
 }
 
 /// Where a replayed event came from.
@@ -108,6 +125,12 @@ impl EventEntry {
                 Cow::Owned(replay.replayed_at_ms.to_string()),
             ));
         }
+        if let Some(trace) = &self.trace {
+            fields.push((field::TRACEPARENT, Cow::Borrowed(trace.parent.as_str())));
+            if let Some(state) = &trace.state {
+                fields.push((field::TRACESTATE, Cow::Borrowed(state.as_str())));
+            }
+        }
         fields
     }
 
@@ -124,6 +147,7 @@ impl EventEntry {
             (None, None, None, None, None);
         let (mut source, mut event_type) = (None, None);
         let (mut replay_of, mut replay_event_id, mut replayed_at) = (None, None, None);
+        let (mut traceparent, mut tracestate) = (None, None);
         for (name, value) in pairs {
             match name.as_ref() {
                 field::USER => user = Some(value),
@@ -136,6 +160,8 @@ impl EventEntry {
                 field::REPLAY_OF => replay_of = Some(value),
                 field::REPLAY_EVENT_ID => replay_event_id = Some(value),
                 field::REPLAYED_AT => replayed_at = Some(value),
+                field::TRACEPARENT => traceparent = Some(value),
+                field::TRACESTATE => tracestate = Some(value),
                 _ => {}
             }
         }
@@ -172,6 +198,10 @@ impl EventEntry {
             event_type: event_type.map(Into::into),
             source: source.map(Into::into),
             replay,
+            trace: traceparent.map(|parent| TraceContext {
+                parent: parent.into(),
+                state: tracestate.map(Into::into),
+            }),
         })
     }
 
@@ -290,6 +320,10 @@ mod tests {
                 dead_letter_id: "9-1".into(),
                 event_id: "3-5-0".into(),
                 replayed_at_ms: 1_700_000_000_999,
+            }),
+            trace: Some(TraceContext {
+                parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                state: Some("vendor=1".into()),
             }),
         }
     }

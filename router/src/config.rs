@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 /// The commented reference configuration, also the defaults.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/router.default.toml");
 
+/// The defaults: this service's own, then the `[traces]` section both
+/// services share.
+fn defaults_toml() -> String {
+    [DEFAULT_CONFIG, telemetry::traces::DEFAULTS].concat()
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -21,6 +27,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// `text` or `json` log lines.
     pub log_format: telemetry::LogFormat,
+    /// OpenTelemetry trace export (`OTEL_…` variables override it).
+    pub traces: telemetry::traces::TracesConfig,
     /// The admin API, status page and metrics endpoint.
     pub admin: AdminConfig,
     /// Redis connection and key layout.
@@ -334,15 +342,19 @@ fn default_max_concurrency() -> usize {
 impl Config {
     /// Loads defaults, then `file` if given, then the environment, and validates.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
-        let config: Self = protocol::config::load_layered(DEFAULT_CONFIG, file, "ROUTER_")
+        let mut config: Self = protocol::config::load_layered(&defaults_toml(), file, "ROUTER_")
             .context("cannot load the router configuration")?;
+        config.traces = config
+            .traces
+            .with_env(|name| std::env::var(name).ok())
+            .map_err(anyhow::Error::msg)?;
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)
     }
 
     /// The embedded defaults alone; tests start from these.
     pub fn defaults() -> Self {
-        protocol::config::parse_defaults(DEFAULT_CONFIG)
+        protocol::config::parse_defaults(&defaults_toml())
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -351,6 +363,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         self.redis.validate()?;
+        self.traces.validate()?;
         if self.consumer_name.chars().any(char::is_whitespace) {
             return Err("consumer_name must not contain whitespace".into());
         }

@@ -38,6 +38,9 @@ pub struct Entry {
     pub content: EntryContent,
 }
 
+/// Nearly every entry is an event: boxing it would add an allocation per
+/// event to save a few hundred bytes on the rare others.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum EntryContent {
     Event(EventEntry),

@@ -308,6 +308,8 @@ impl DeadLetters {
         let now_ms = protocol::unix_millis();
         let mut pipe = redis::pipe();
         let mut queued = 0;
+        // Each replay's span, ended once the replays are appended.
+        let mut spans = Vec::new();
         for entry in entries {
             let Some(mut event) = entry.event() else {
                 report.unreplayable += 1;
@@ -319,6 +321,11 @@ impl DeadLetters {
                 .map(|replay| replay.event_id.clone())
                 .or_else(|| entry.field("event_id").map(str::to_owned))
                 .unwrap_or_else(|| entry.public_id());
+            spans.push(crate::trace::replay(
+                &mut event,
+                &first_event_id,
+                &self.destination,
+            ));
             event.destinations = Some(vec![self.destination.clone()]);
             event.replay = Some(Replay {
                 dead_letter_id: entry.id.to_string(),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use protocol::webhook::{signature_header, SigningSecret};
-use protocol::EventEntry;
+use protocol::{EventEntry, TraceContext};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -32,9 +32,12 @@ const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
 const WEBHOOK_ATTEMPT: HeaderName = HeaderName::from_static("webhook-attempt");
 const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+/// W3C trace context, when the event has one.
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// Headers of a request besides the configured ones: content type, the
-/// four above, and what the client adds (`accept`, `host`, `content-length`).
-const STANDARD_HEADERS: usize = 8;
+/// six above, and what the client adds (`accept`, `host`, `content-length`).
+const STANDARD_HEADERS: usize = 10;
 
 /// What one attempt tells us to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +244,7 @@ impl Endpoint {
         event_id: &str,
         body: &Bytes,
         attempt: u32,
+        trace: Option<&TraceContext>,
     ) -> (AttemptOutcome, Duration) {
         let started = Instant::now();
         if let Some(refused) = &self.refused {
@@ -250,7 +254,7 @@ impl Endpoint {
             };
             return (outcome, started.elapsed());
         }
-        let request = match self.request(event_id, body, attempt) {
+        let request = match self.request(event_id, body, attempt, trace) {
             Ok(request) => request,
             Err(error) => {
                 let outcome = AttemptOutcome::Dead {
@@ -290,6 +294,7 @@ impl Endpoint {
         event_id: &str,
         body: &Bytes,
         attempt: u32,
+        trace: Option<&TraceContext>,
     ) -> Result<reqwest::Request, String> {
         let header = |text: &str| {
             HeaderValue::from_str(text).map_err(|_| format!("{text:?} cannot be sent as a header"))
@@ -308,6 +313,13 @@ impl Endpoint {
         if !self.signing_secrets.is_empty() {
             let signature = signature_header(&self.signing_secrets, event_id, timestamp, body);
             headers.insert(WEBHOOK_SIGNATURE, header(&signature)?);
+        }
+        // W3C trace context: a destination that traces continues the trace.
+        if let Some(trace) = trace {
+            headers.insert(TRACEPARENT, header(&trace.parent)?);
+            if let Some(state) = &trace.state {
+                headers.insert(TRACESTATE, header(state)?);
+            }
         }
         *request.body_mut() = Some(body.clone().into());
         Ok(request)
@@ -533,11 +545,19 @@ mod tests {
         settings.signing_secrets = vec![secret.clone()];
         let endpoint = Endpoint::new(&settings, &policy).expect("client builds");
         let body = Bytes::from_static(b"{}");
-        let request = endpoint.request("3-5-0", &body, 4).expect("a valid id");
+        let trace = TraceContext {
+            parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            state: Some("vendor=1".into()),
+        };
+        let request = endpoint
+            .request("3-5-0", &body, 4, Some(&trace))
+            .expect("a valid id");
         let header = |name: &str| request.headers()[name].to_str().expect("text").to_owned();
         assert_eq!(header("content-type"), "application/json");
         assert_eq!(header("webhook-id"), "3-5-0");
         assert_eq!(header("webhook-attempt"), "4");
+        assert_eq!(header("traceparent"), trace.parent);
+        assert_eq!(header("tracestate"), "vendor=1");
         let timestamp: u64 = header("webhook-timestamp").parse().expect("seconds");
         assert!(timestamp.abs_diff(protocol::unix_millis() / 1000) <= 5);
         assert_eq!(
@@ -551,7 +571,7 @@ mod tests {
             Some(&b"{}"[..])
         );
         assert!(
-            endpoint.request("3-5-0\n", &body, 1).is_err(),
+            endpoint.request("3-5-0\n", &body, 1, None).is_err(),
             "an id no header can carry is refused"
         );
     }

@@ -70,11 +70,32 @@ pub struct Record<'a> {
     /// The event's type: the per-event view tells from it why a filtered
     /// destination did not get the event once the event itself is trimmed.
     pub event_type: Option<&'a str>,
+    /// The trace the event belongs to, so the per-event view names it
+    /// after the event is trimmed.
+    pub trace_id: Option<&'a str>,
     pub attempt: u32,
     pub status: Option<u16>,
     pub latency_ms: u64,
     pub outcome: Logged,
     pub error: Option<&'a str>,
+}
+
+impl<'a> Record<'a> {
+    /// A record of attempt `attempt` of `event`, without status, latency
+    /// or error.
+    pub fn of(event_id: &'a str, event: &'a EventEntry, attempt: u32, outcome: Logged) -> Self {
+        Self {
+            event_id,
+            user: &event.user_id,
+            event_type: event.event_type.as_deref(),
+            trace_id: crate::trace::trace_id(event),
+            attempt,
+            status: None,
+            latency_ms: 0,
+            outcome,
+            error: None,
+        }
+    }
 }
 
 /// Where one (shard, destination)'s records go; `None` when the log is off.
@@ -97,17 +118,18 @@ impl LogStream {
     /// The XADD of `record`.
     pub fn xadd(&self, record: &Record<'_>) -> redis::Cmd {
         // Sized once (a command grown argument by argument reallocated four
-        // times per delivery): 20 arguments at most; the names, numbers and
+        // times per delivery): 22 arguments at most; the names, numbers and
         // outcome fit in 128 bytes.
         let bytes = self.key.len()
             + record.event_id.len()
             + record.user.len()
             + record.event_type.map_or(0, str::len)
+            + record.trace_id.map_or(0, str::len)
             + record
                 .error
                 .map_or(0, |error| error.len().min(4 * ERROR_CHARS))
             + 128;
-        let mut xadd = redis::Cmd::with_capacity(22, bytes);
+        let mut xadd = redis::Cmd::with_capacity(24, bytes);
         xadd.arg("XADD")
             .arg(&self.key)
             .arg("MAXLEN")
@@ -129,6 +151,9 @@ impl LogStream {
             .arg(record.outcome.as_str());
         if let Some(status) = record.status {
             xadd.arg("status").arg(status);
+        }
+        if let Some(trace_id) = record.trace_id {
+            xadd.arg("trace").arg(trace_id);
         }
         if let Some(error) = record.error {
             let error: String = error.chars().take(ERROR_CHARS).collect();
@@ -187,6 +212,9 @@ pub struct EventLog {
     pub user_id: Option<String>,
     pub event_type: Option<String>,
     pub received_at_ms: Option<u64>,
+    /// The OpenTelemetry trace the event belongs to, when it was traced:
+    /// look it up in Jaeger, Tempo or any trace store.
+    pub trace_id: Option<String>,
     pub destinations: Vec<DestinationLog>,
 }
 
@@ -198,6 +226,7 @@ struct Recorded {
     /// The event's type as recorded (`Some(None)`: it had none); `None`
     /// when no record says (records written before types were recorded).
     event_type: Option<Option<String>>,
+    trace_id: Option<String>,
 }
 
 /// A destination as the reader needs it.
@@ -255,6 +284,10 @@ impl LogReader {
             user_id: entry.as_ref().map(|e| e.user_id.clone()),
             event_type: entry.as_ref().and_then(|e| e.event_type.clone()),
             received_at_ms: entry.as_ref().map(|e| e.received_at_ms),
+            trace_id: entry
+                .as_ref()
+                .and_then(crate::trace::trace_id)
+                .map(str::to_owned),
             destinations: Vec::with_capacity(subjects.len()),
         };
         let mut known = entry.is_some();
@@ -269,6 +302,9 @@ impl LogReader {
             }
             if event_type.is_none() {
                 event_type.clone_from(&found.event_type);
+            }
+            if log.trace_id.is_none() {
+                log.trace_id.clone_from(&found.trace_id);
             }
             known |= !found.attempts.is_empty();
             logs.push(found.attempts);
@@ -413,6 +449,9 @@ impl LogReader {
                     continue;
                 };
                 recorded.user = field("user").map(str::to_owned);
+                if let Some(trace_id) = field("trace") {
+                    recorded.trace_id = Some(trace_id.to_owned());
+                }
                 if let Some(event_type) = field("type") {
                     recorded.event_type =
                         Some((!event_type.is_empty()).then(|| event_type.to_owned()));

@@ -36,6 +36,7 @@ use crate::lease::LeaseGuard;
 use crate::progress::{Progress, Wait};
 use crate::retry::NextStep;
 use crate::stats::AttemptResult;
+use crate::trace::{self, AttemptTrace, Outcome};
 
 /// An entry in memory with the budget it holds.
 pub struct Held {
@@ -164,16 +165,7 @@ impl Job {
                     let consumer = &self.context.consumer;
                     let event_id = event_id(self.shard(), entry.id);
                     // A replay addressed to another destination is not news here.
-                    let record = event.replay.is_none().then(|| Record {
-                        event_id: &event_id,
-                        user: &event.user_id,
-                        event_type: event.event_type.as_deref(),
-                        attempt: 0,
-                        status: None,
-                        latency_ms: 0,
-                        outcome: Logged::Filtered,
-                        error: None,
-                    });
+                    let record = event.replay.is_none().then(|| Record::of(&event_id, event, 0, Logged::Filtered));
                     let end = self
                         .record(|| consumer.filtered(entry.id, record.as_ref()))
                         .await;
@@ -231,12 +223,16 @@ impl Job {
                 shard = self.shard(),
                 event_id = tracing::field::Empty,
                 user = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
             )
         });
         if let Some(request) = request {
             if !self.identified.swap(true, Ordering::Relaxed) {
                 span.record("event_id", request.event_id.as_str());
                 span.record("user", request.event.user_id.as_str());
+                if let Some(trace_id) = trace::trace_id(request.event) {
+                    span.record("trace_id", trace_id);
+                }
             }
         }
         span
@@ -327,8 +323,21 @@ impl Job {
         progress.job_progressed();
         let in_flight = stats.attempt_in_flight();
         let waiting = progress.enter(Wait::Sending);
+        let trace = AttemptTrace::start(
+            request.event,
+            &request.event_id,
+            &destination.name,
+            self.shard(),
+            attempt,
+        );
         let (outcome, latency) = endpoint
-            .attempt(&slot, &request.event_id, &request.body, attempt)
+            .attempt(
+                &slot,
+                &request.event_id,
+                &request.body,
+                attempt,
+                trace.header(request.event),
+            )
             .await;
         drop(waiting);
         drop(in_flight);
@@ -360,17 +369,19 @@ impl Job {
                     outcome = "delivered",
                     "Delivery attempt."
                 );
+                trace.finish(&Outcome {
+                    outcome: "delivered",
+                    status: Some(status),
+                    latency,
+                    error: None,
+                    retry_delay: None,
+                });
                 stats.attempted(AttemptResult::Delivered, latency);
                 let consumer = &self.context.consumer;
                 let record = Record {
-                    event_id: &request.event_id,
-                    user: &request.event.user_id,
-                    event_type: request.event.event_type.as_deref(),
-                    attempt,
                     status: Some(status),
                     latency_ms,
-                    outcome: Logged::Delivered,
-                    error: None,
+                    ..Record::of(&request.event_id, request.event, attempt, Logged::Delivered)
                 };
                 let end = self.record(|| consumer.delivered(entry, &record)).await;
                 stats.delivered(age_since(request.age_from_ms));
@@ -388,17 +399,20 @@ impl Job {
         };
         stats.failed(&error, status);
         let mut record = Record {
-            event_id: &request.event_id,
-            user: &request.event.user_id,
-            event_type: request.event.event_type.as_deref(),
-            attempt,
             status,
             latency_ms,
-            outcome: Logged::Retry,
             error: Some(&error),
+            ..Record::of(&request.event_id, request.event, attempt, Logged::Retry)
         };
         let NextStep::RetryAfter(delay) = next else {
             tracing::warn!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
+            trace.finish(&Outcome {
+                outcome: "dead",
+                status,
+                latency,
+                error: Some(&error),
+                retry_delay: None,
+            });
             stats.attempted(AttemptResult::Dead, latency);
             record.outcome = Logged::DeadLettered;
             let end = self
@@ -416,6 +430,13 @@ impl Job {
         // A retry due after the event expires waits only until then.
         let delay =
             time_left(request.age_from_ms, endpoint.max_age).map_or(delay, |left| delay.min(left));
+        trace.finish(&Outcome {
+            outcome: "retry",
+            status,
+            latency,
+            error: Some(&error),
+            retry_delay: Some(delay),
+        });
         stats.attempted(AttemptResult::Retry, latency);
         self.context.consumer.record_retry(&record).await;
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
@@ -433,14 +454,13 @@ impl Job {
         );
         tracing::warn!(parent: self.span(Some(request)), attempt, %error, outcome = "expired", "Dead-lettering an expired event.");
         let record = Record {
-            event_id: &request.event_id,
-            user: &request.event.user_id,
-            event_type: request.event.event_type.as_deref(),
-            attempt: attempt - 1,
-            status: None,
-            latency_ms: 0,
-            outcome: Logged::DeadLettered,
             error: Some(&error),
+            ..Record::of(
+                &request.event_id,
+                request.event,
+                attempt - 1,
+                Logged::DeadLettered,
+            )
         };
         self.dead_letter(
             entry,
@@ -468,6 +488,16 @@ impl Job {
             attempts,
             last_status,
             last_error,
+        };
+        let _span = match &entry.content {
+            EntryContent::Event(event) => trace::dead_letter(
+                event,
+                event_id,
+                &self.context.destination.name,
+                attempts,
+                last_error,
+            ),
+            _ => Span::none(),
         };
         let consumer = &self.context.consumer;
         let end = self

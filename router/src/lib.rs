@@ -11,6 +11,7 @@
 //! - [`coordinator`]: acquires, renews, hands over and releases leases; starts and stops workers.
 //! - [`retention`]: trims shard streams below what every destination still needs.
 //! - [`delivery`]: one HTTP attempt and what its answer means.
+//! - [`trace`]: the spans of attempts, dead-lettering and replays, in each event's trace.
 //! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`retry`]: the backoff policy.
 //! - [`worker`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
@@ -50,6 +51,7 @@ pub mod routing;
 pub mod stats;
 pub mod status_page;
 pub mod throttle;
+pub mod trace;
 pub mod wakeup;
 pub mod worker;
 

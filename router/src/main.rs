@@ -71,7 +71,10 @@ async fn main() -> anyhow::Result<()> {
     };
     match args.command.as_ref().unwrap_or(&Command::Run) {
         Command::Run => {
-            let config = load()?;
+            let config = router::Config::load(args.config.as_deref())?;
+            // Only the serving router exports traces; the subcommands log.
+            let _telemetry = telemetry::init(config.log_format, &config.traces, "event-router")
+                .map_err(anyhow::Error::msg)?;
             let admin = std::net::TcpListener::bind(&config.admin.listen).with_context(|| {
                 format!("cannot listen on {} (admin.listen)", config.admin.listen)
             })?;

@@ -487,6 +487,7 @@ mod tests {
                 event_type: event_type.map(str::to_owned),
                 source: None,
                 replay: None,
+                trace: None,
             }),
         }
     }

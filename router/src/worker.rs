@@ -694,6 +694,7 @@ mod tests {
             event_type: None,
             source: None,
             replay: None,
+            trace: None,
         })
     }
 

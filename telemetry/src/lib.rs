@@ -2,11 +2,13 @@
 //! Prometheus recorder (one place owns it, so a gateway and a router started
 //! in one process, as the tests do, share it), the shutdown signal, the
 //! loops every service runs until shutdown ([`lifecycle`]), and the
-//! container health check ([`health::probe`]).
+//! container health check ([`health::probe`]), and OpenTelemetry traces
+//! ([`traces`]).
 #![forbid(unsafe_code)]
 
 pub mod health;
 pub mod lifecycle;
+pub mod traces;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -28,24 +30,79 @@ pub enum LogFormat {
 }
 
 /// Installs the global log subscriber: `RUST_LOG` filters (default `info`).
+/// For a process that exports no traces.
 pub fn init_logging(format: LogFormat) {
+    install(format, None);
+}
+
+/// What [`init`] started; keep it until the process ends. Dropping it
+/// exports the spans still queued (for at most a few seconds).
+#[must_use = "dropping it stops trace export"]
+pub struct Telemetry {
+    _traces: Option<traces::Exporting>,
+}
+
+/// Installs the global log subscriber and, when `traces` names an
+/// endpoint, trace export with `default_service` as `service.name`.
+pub fn init(
+    format: LogFormat,
+    traces: &traces::TracesConfig,
+    default_service: &str,
+) -> Result<Telemetry, String> {
+    let started = traces::start(traces, default_service)?;
+    let (exporting, tracer) = match started {
+        Some((exporting, tracer)) => (Some(exporting), Some(tracer)),
+        None => (None, None),
+    };
+    install(format, tracer);
+    if let Some(active) = traces::active() {
+        tracing::debug!(?active, "Trace export is on.");
+    }
+    Ok(Telemetry {
+        _traces: exporting,
+    })
+}
+
+/// The log layer under `RUST_LOG`, and the OpenTelemetry layer, which sees
+/// only spans of the target [`traces::TARGET`], beside it.
+fn install(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::Tracer>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // Exported spans are not log lines.
+        .add_directive(
+            format!("{}=off", traces::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
             // Colour codes only for a terminal, not in log files.
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .init(),
-        LogFormat::Json => builder
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             // A delivery's event id, user, destination and shard are fields
             // of its span (`"span": {...}`), not repeated on every line.
             .with_current_span(true)
             .with_span_list(false)
-            .init(),
-    }
+            .with_filter(filter)
+            .boxed(),
+    };
+    let spans = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(traces::TARGET, tracing::Level::INFO),
+            )
+    });
+    tracing_subscriber::registry().with(logs).with(spans).init();
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C: the start of a graceful stop.
