@@ -216,6 +216,7 @@ async fn webhook(
             status: status.as_u16(),
             at_ms: protocol::unix_millis(),
             latency_ms,
+            traceparent: header("traceparent"),
         },
     );
     let mut response = HttpResponse::build(status);

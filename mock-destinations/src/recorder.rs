@@ -35,6 +35,9 @@ pub struct Received {
     pub at_ms: u64,
     /// Arrival minus the event's `receivedAt` at the gateway (ms).
     pub latency_ms: Option<u64>,
+    /// The request's W3C `traceparent`, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What one path received, with the order and duplicate checks.
@@ -249,6 +252,7 @@ mod tests {
             status,
             at_ms: 0,
             latency_ms: None,
+            traceparent: None,
         }
     }
 

@@ -6,6 +6,7 @@
 mod admin;
 mod hostile;
 mod load;
+mod otlp;
 mod redis_cluster;
 mod redis_server;
 mod router_process;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use admin::Metrics;
 pub use hostile::{spawn_hostile_server, Misbehaviour};
 pub use load::{Accepted, HastyLoad, Load, Verdict};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 use mock_destinations::{PathSummary, Recorder};
 use protocol::Keys;
 pub use redis_cluster::{ClusterNode, RedisCluster};

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::Resource;
 
 use super::config::Export;
 
@@ -92,7 +93,7 @@ pub(crate) struct BoundedExport {
 impl BoundedExport {
     /// Starts the export thread. `build` makes the exporter inside the
     /// thread's runtime (the gRPC one needs a runtime to exist).
-    pub(crate) fn start<E, B>(settings: &Export, build: B) -> Result<Self, String>
+    pub(crate) fn start<E, B>(settings: &Export, resource: Resource, build: B) -> Result<Self, String>
     where
         E: SpanExporter + 'static,
         B: FnOnce() -> Result<E, String> + Send + 'static,
@@ -122,7 +123,10 @@ impl BoundedExport {
                     }
                 };
                 let exporter = match runtime.block_on(async { build() }) {
-                    Ok(exporter) => exporter,
+                    Ok(mut exporter) => {
+                        exporter.set_resource(&resource);
+                        exporter
+                    }
                     Err(error) => {
                         let _ = built.send(Err(error));
                         return;
@@ -142,16 +146,30 @@ impl BoundedExport {
         })
     }
 
-    /// Sends `message` and waits (at most `within`) for the thread's answer.
-    fn ask(&self, message: impl FnOnce(mpsc::Sender<()>) -> Message, within: Duration) -> OTelSdkResult {
+    /// Sends `message` and waits (at most `within`, in all) for the
+    /// thread's answer. A full queue is waited on, never blocked on: the
+    /// thread may be stuck in a slow export.
+    fn ask(
+        &self,
+        message: impl FnOnce(mpsc::Sender<()>) -> Message,
+        within: Duration,
+    ) -> OTelSdkResult {
+        let deadline = Instant::now() + within;
         let (answer, answered) = mpsc::channel();
-        // The queue has room within one export's timeout: the thread takes
-        // from it whenever it is not exporting.
-        self.queue
-            .send(message(answer))
-            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        let mut message = message(answer);
+        loop {
+            match self.queue.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(again)) if Instant::now() < deadline => {
+                    message = again;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(TrySendError::Full(_)) => return Err(OTelSdkError::Timeout(within)),
+                Err(TrySendError::Disconnected(_)) => return Err(OTelSdkError::AlreadyShutdown),
+            }
+        }
         answered
-            .recv_timeout(within)
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .map_err(|_| OTelSdkError::Timeout(within))
     }
 }
@@ -274,7 +292,9 @@ impl Worker {
         }
         let spans = batch.len();
         let sent = std::mem::replace(batch, Vec::with_capacity(self.batch_size));
-        let result = runtime.block_on(tokio::time::timeout(self.timeout, exporter.export(sent)));
+        let timeout = self.timeout;
+        let result =
+            runtime.block_on(async { tokio::time::timeout(timeout, exporter.export(sent)).await });
         let error = match result {
             Ok(Ok(())) => {
                 metrics::counter!("telemetry_spans_exported_total").increment(spans as u64);

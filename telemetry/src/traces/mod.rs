@@ -78,10 +78,20 @@ pub(crate) fn start(
     }
     let (sampler, follows_parent) = config.sampler()?;
     let settings = config.export();
+    let service = if config.service_name.is_empty() {
+        default_service.to_owned()
+    } else {
+        config.service_name.clone()
+    };
+    let resource = Resource::builder_empty()
+        .with_attributes(config.attributes()?)
+        .with_service_name(service.clone())
+        .build();
+    // The exporter is given the resource where it is built.
     let processor = match settings.protocol {
         Protocol::HttpProtobuf => {
             let (url, timeout) = (settings.url.clone(), settings.timeout);
-            export::BoundedExport::start(&settings, move || {
+            export::BoundedExport::start(&settings, resource.clone(), move || {
                 let client = reqwest::Client::builder()
                     .timeout(timeout)
                     .build()
@@ -97,7 +107,7 @@ pub(crate) fn start(
         }
         Protocol::Grpc => {
             let (url, timeout) = (settings.url.clone(), settings.timeout);
-            export::BoundedExport::start(&settings, move || {
+            export::BoundedExport::start(&settings, resource.clone(), move || {
                 opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
                     .with_endpoint(url)
@@ -107,15 +117,6 @@ pub(crate) fn start(
             })?
         }
     };
-    let service = if config.service_name.is_empty() {
-        default_service.to_owned()
-    } else {
-        config.service_name.clone()
-    };
-    let resource = Resource::builder_empty()
-        .with_attributes(config.attributes()?)
-        .with_service_name(service.clone())
-        .build();
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(sampler)

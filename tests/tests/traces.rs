@@ -1,0 +1,218 @@
+//! OpenTelemetry traces, received by a real OTLP receiver: a client's
+//! trace runs through ingest, the Redis write and every delivery attempt,
+//! and on to the destination; an exporter that is down or hangs never
+//! holds up ingest or delivery.
+//!
+//! Trace export is process-wide (one tracer provider, one subscriber), so
+//! each test here needs a process of its own: the suite runs under
+//! cargo-nextest, which gives it one.
+
+use std::time::Duration;
+
+use e2e_tests::{post_event, OtlpReceiver, ReceivedSpan, TestDestination, TestSystem};
+use serde_json::json;
+use telemetry::traces::{Protocol, TracesConfig};
+use telemetry::{LogFormat, Telemetry};
+
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+/// The reference defaults, exporting to `endpoint` with quick batches.
+fn exporting_to(endpoint: &str, protocol: Protocol) -> TracesConfig {
+    let mut config: TracesConfig = toml::from_str::<toml::Table>(telemetry::traces::DEFAULTS)
+        .expect("the defaults parse")["traces"]
+        .clone()
+        .try_into()
+        .expect("the defaults are a traces config");
+    config.endpoint = endpoint.to_owned();
+    config.protocol = protocol;
+    config.flush_interval_ms = 100;
+    config
+}
+
+fn start_export(config: &TracesConfig) -> Telemetry {
+    telemetry::init(LogFormat::Text, config, "event-delivery").expect("trace export starts")
+}
+
+async fn a_clients_trace_runs_through_ingest_and_every_attempt(protocol: Protocol) {
+    let receiver = OtlpReceiver::start(protocol);
+    let _telemetry = start_export(&exporting_to(&receiver.endpoint, protocol));
+    // The first attempt of each event gets 503, the second 200.
+    let system = TestSystem::start(vec![
+        TestDestination::new("flaky", "/flaky/1").retry(50, 200, 5)
+    ])
+    .await;
+    let answer = system
+        .http
+        .post(format!("{}/v1/events", system.gateway_url))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .header("tracestate", "client=1")
+        .json(&json!({"userId": "u1", "payload": {"n": 1}}))
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(answer.status(), 202);
+    let answer: serde_json::Value = answer.json().await.expect("JSON");
+    let event_id = answer["id"].as_str().expect("an id").to_owned();
+    system
+        .wait_delivered("flaky", 1, Duration::from_secs(20))
+        .await;
+
+    // Two attempts, then a delivery: four spans of ours in the client's trace.
+    let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
+        spans.iter().filter(|s| s.trace_id == CLIENT_TRACE).count() >= 4
+    })
+    .await;
+    let in_trace: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.trace_id == CLIENT_TRACE).collect();
+    let named = |name: &str| -> Vec<&ReceivedSpan> {
+        in_trace.iter().copied().filter(|s| s.name == name).collect()
+    };
+    let ingest = named("POST /v1/events");
+    assert_eq!(ingest.len(), 1, "one ingest span in {in_trace:#?}");
+    let ingest = ingest[0];
+    assert_eq!(ingest.parent_span_id, CLIENT_SPAN, "the client's span is its parent");
+    assert_eq!(ingest.service, "event-delivery");
+    assert_eq!(ingest.attribute("events"), Some("1"));
+    assert_eq!(ingest.attribute("outcome"), Some("accepted"));
+    assert_eq!(ingest.attribute("http.response.status_code"), Some("202"));
+    assert!(ingest.attribute("shard").is_some(), "{ingest:?}");
+    let write = named("XADD");
+    assert_eq!(write.len(), 1, "one Redis write in {in_trace:#?}");
+    assert_eq!(write[0].parent_span_id, ingest.span_id);
+    assert_eq!(write[0].attribute("db.system.name"), Some("redis"));
+
+    let mut attempts = named("POST flaky");
+    attempts.sort_by_key(|s| s.attribute("attempt").map(str::to_owned));
+    assert_eq!(attempts.len(), 2, "two attempts in {in_trace:#?}");
+    for (number, (attempt, outcome, status)) in
+        [(1, "retry", "503"), (2, "delivered", "200")].into_iter().enumerate()
+    {
+        let span = attempts[number];
+        assert_eq!(span.parent_span_id, ingest.span_id, "{span:?}");
+        assert_eq!(span.attribute("attempt"), Some(attempt.to_string().as_str()));
+        assert_eq!(span.attribute("outcome"), Some(outcome));
+        assert_eq!(span.attribute("http.response.status_code"), Some(status));
+        assert_eq!(span.attribute("destination"), Some("flaky"));
+        assert_eq!(span.attribute("messaging.message.id"), Some(event_id.as_str()));
+        assert!(span.attribute("latency_ms").is_some(), "{span:?}");
+    }
+    assert!(
+        attempts[0].attribute("retry_delay_ms").is_some(),
+        "the failed attempt names its retry delay: {:?}",
+        attempts[0]
+    );
+
+    // Each request carried its own attempt span's context, in the client's trace.
+    let received = system.received("flaky");
+    let mut carried: Vec<(u32, String)> = received
+        .events
+        .iter()
+        .map(|r| (r.attempt, r.traceparent.clone().expect("a traceparent")))
+        .collect();
+    carried.sort();
+    assert_eq!(carried.len(), 2);
+    for ((_, traceparent), span) in carried.iter().zip(&attempts) {
+        assert_eq!(
+            traceparent,
+            &format!("00-{CLIENT_TRACE}-{}-01", span.span_id),
+            "the destination can continue the attempt's span"
+        );
+    }
+
+    // The event view names the trace.
+    let view = system.admin_get(&format!("/admin/events/{event_id}")).await;
+    assert_eq!(view["trace_id"], CLIENT_TRACE, "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_trace_runs_through_ingest_and_every_attempt_over_http() {
+    a_clients_trace_runs_through_ingest_and_every_attempt(Protocol::HttpProtobuf).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_trace_runs_through_ingest_and_every_attempt_over_grpc() {
+    a_clients_trace_runs_through_ingest_and_every_attempt(Protocol::Grpc).await;
+}
+
+/// An exporter whose endpoint refuses connections: every event is still
+/// accepted and delivered, and the spans it could not send are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_exporter_holds_up_nothing_and_its_drops_are_counted() {
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", listener.local_addr().expect("address"))
+        // Dropped here: the port refuses connections.
+    };
+    let _telemetry = start_export(&exporting_to(&refused, Protocol::HttpProtobuf));
+    let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
+    for n in 0..50 {
+        post_event(&system.http, &system.gateway_url, &format!("u{n}"), json!({"n": n})).await;
+    }
+    system
+        .wait_delivered("crm", 50, Duration::from_secs(20))
+        .await;
+    let dropped = wait_for_metric(&system, "export_failed").await;
+    assert!(dropped > 0.0);
+}
+
+/// An exporter that accepts connections and never answers: ingest and
+/// delivery go on while its queue overflows, and the overflow is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_exporter_holds_up_nothing_and_a_full_queue_drops() {
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", hanging.local_addr().expect("address"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hanging.accept().await {
+            // Read nothing, answer nothing.
+            held.push(socket);
+        }
+    });
+    let mut config = exporting_to(&endpoint, Protocol::HttpProtobuf);
+    config.queue_size = 16;
+    config.batch_size = 8;
+    config.export_timeout_ms = 60_000;
+    let _telemetry = start_export(&config);
+    let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
+    for n in 0..100 {
+        post_event(&system.http, &system.gateway_url, &format!("u{n}"), json!({"n": n})).await;
+    }
+    // Well within the one export the exporter is stuck in.
+    system
+        .wait_delivered("crm", 100, Duration::from_secs(20))
+        .await;
+    let dropped = wait_for_metric(&system, "queue_full").await;
+    assert!(dropped > 0.0);
+}
+
+async fn wait_for_spans(
+    receiver: &OtlpReceiver,
+    timeout: Duration,
+    enough: impl Fn(&[ReceivedSpan]) -> bool,
+) -> Vec<ReceivedSpan> {
+    e2e_tests::wait_for("the spans to arrive", timeout, || {
+        let spans = receiver.spans();
+        let done = enough(&spans);
+        async move { done }
+    })
+    .await;
+    receiver.spans()
+}
+
+/// `telemetry_spans_dropped_total{reason}` once it is above 0.
+async fn wait_for_metric(system: &TestSystem, reason: &str) -> f64 {
+    e2e_tests::wait_for("dropped spans to be counted", Duration::from_secs(20), || async {
+        system
+            .router_metrics()
+            .await
+            .value("telemetry_spans_dropped_total", &[("reason", reason)])
+            > 0.0
+    })
+    .await;
+    system
+        .router_metrics()
+        .await
+        .value("telemetry_spans_dropped_total", &[("reason", reason)])
+}
