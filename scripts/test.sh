@@ -34,7 +34,12 @@ if cargo nextest --version >/dev/null 2>&1; then
   EVD_TEST_REDIS=cluster EVD_TEST_READERS=shared cargo nextest run "${cluster_suite[@]}" --locked --no-fail-fast \
     -E 'not test(/^redis_/)'
 else
-  cargo test --workspace --locked --no-fail-fast
+  # Trace export is process-wide: each test of tests/traces.rs (otlp_*) needs a
+  # process of its own, as nextest gives every test.
+  cargo test --workspace --locked --no-fail-fast -- --skip otlp_
+  for t in $(cargo test -p e2e-tests --test traces --locked -- --list 2>/dev/null | sed -n 's/: test$//p'); do
+    cargo test -p e2e-tests --test traces --locked -- --exact "$t"
+  done
   EVD_TEST_REDIS=cluster EVD_TEST_READERS=shared cargo test "${cluster_suite[@]}" --locked --no-fail-fast \
     -- --skip redis_
 fi

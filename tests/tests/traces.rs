@@ -125,19 +125,19 @@ async fn a_clients_trace_runs_through_ingest_and_every_attempt(protocol: Protoco
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clients_trace_runs_through_ingest_and_every_attempt_over_http() {
+async fn otlp_carries_a_clients_trace_through_ingest_and_every_attempt_over_http() {
     a_clients_trace_runs_through_ingest_and_every_attempt(Protocol::HttpProtobuf).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clients_trace_runs_through_ingest_and_every_attempt_over_grpc() {
+async fn otlp_carries_a_clients_trace_through_ingest_and_every_attempt_over_grpc() {
     a_clients_trace_runs_through_ingest_and_every_attempt(Protocol::Grpc).await;
 }
 
 /// An exporter whose endpoint refuses connections: every event is still
 /// accepted and delivered, and the spans it could not send are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_exporter_holds_up_nothing_and_its_drops_are_counted() {
+async fn otlp_exporter_that_is_dead_holds_up_nothing_and_its_drops_are_counted() {
     let refused = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", listener.local_addr().expect("address"))
@@ -158,7 +158,7 @@ async fn a_dead_exporter_holds_up_nothing_and_its_drops_are_counted() {
 /// An exporter that accepts connections and never answers: ingest and
 /// delivery go on while its queue overflows, and the overflow is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hanging_exporter_holds_up_nothing_and_a_full_queue_drops() {
+async fn otlp_exporter_that_hangs_holds_up_nothing_and_a_full_queue_drops() {
     let hanging = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -185,6 +185,149 @@ async fn a_hanging_exporter_holds_up_nothing_and_a_full_queue_drops() {
         .await;
     let dropped = wait_for_metric(&system, "queue_full").await;
     assert!(dropped > 0.0);
+}
+
+/// A batch's `traceparent` applies to every event of the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_applies_a_batchs_traceparent_to_every_event() {
+    let receiver = OtlpReceiver::start(Protocol::HttpProtobuf);
+    let _telemetry = start_export(&exporting_to(&receiver.endpoint, Protocol::HttpProtobuf));
+    let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
+    let answer = system
+        .http
+        .post(format!("{}/v1/batch", system.gateway_url))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .json(&json!({"events": [
+            {"userId": "a", "payload": {"n": 1}},
+            {"userId": "b", "payload": {"n": 2}},
+            {"userId": "c", "payload": {"n": 3}},
+        ]}))
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(answer.status(), 202);
+    system.wait_delivered("crm", 3, Duration::from_secs(20)).await;
+    let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
+        spans.iter().filter(|s| s.name == "POST crm").count() >= 3
+    })
+    .await;
+    let ingest = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/batch")
+        .expect("the batch's ingest span");
+    assert_eq!(ingest.trace_id, CLIENT_TRACE);
+    assert_eq!(ingest.attribute("events"), Some("3"));
+    for attempt in spans.iter().filter(|s| s.name == "POST crm") {
+        assert_eq!(attempt.trace_id, CLIENT_TRACE, "{attempt:?}");
+        assert_eq!(attempt.parent_span_id, ingest.span_id, "{attempt:?}");
+    }
+}
+
+/// Sampling follows the parent: a client's sampled trace is exported
+/// whatever the ratio; a root trace the ratio (here 0) leaves out is
+/// exported by no service, yet the destination still gets its context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_sampling_follows_the_parent_and_the_ratio() {
+    let receiver = OtlpReceiver::start(Protocol::HttpProtobuf);
+    let mut config = exporting_to(&receiver.endpoint, Protocol::HttpProtobuf);
+    config.sampler = "parentbased_traceidratio".into();
+    config.sampler_arg = 0.0;
+    let _telemetry = start_export(&config);
+    let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
+    let unsampled = post_event(&system.http, &system.gateway_url, "root", json!({})).await;
+    let answer = system
+        .http
+        .post(format!("{}/v1/events", system.gateway_url))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .json(&json!({"userId": "child", "payload": {}}))
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(answer.status(), 202);
+    system.wait_delivered("crm", 2, Duration::from_secs(20)).await;
+    let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
+        spans.iter().any(|s| s.name == "POST crm")
+    })
+    .await;
+    assert!(
+        spans.iter().all(|s| s.trace_id == CLIENT_TRACE),
+        "only the client's sampled trace is exported: {spans:#?}"
+    );
+    let received = system.received("crm");
+    let root = received
+        .events
+        .iter()
+        .find(|r| r.id == unsampled)
+        .expect("the root event arrived");
+    let traceparent = root.traceparent.as_deref().expect("a traceparent");
+    assert!(
+        traceparent.ends_with("-00") && !traceparent.contains(CLIENT_TRACE),
+        "the unsampled trace's own context, flagged not sampled: {traceparent}"
+    );
+}
+
+/// Dead-lettering and replay are spans of the event's trace; the replay's
+/// attempt is the replay span's child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_follows_a_dead_letter_and_its_replay_in_the_events_trace() {
+    let receiver = OtlpReceiver::start(Protocol::HttpProtobuf);
+    let _telemetry = start_export(&exporting_to(&receiver.endpoint, Protocol::HttpProtobuf));
+    let system = TestSystem::start(vec![
+        TestDestination::new("crm", "/outage/crm").retry(20, 20, 1)
+    ])
+    .await;
+    system.recorder.set_outage("/outage/crm", true);
+    let answer = system
+        .http
+        .post(format!("{}/v1/events", system.gateway_url))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .json(&json!({"userId": "u1", "payload": {}}))
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(answer.status(), 202);
+    let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
+        spans.iter().any(|s| s.name == "dead-letter crm")
+    })
+    .await;
+    let ingest = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/events")
+        .expect("the ingest span");
+    let dead = spans
+        .iter()
+        .find(|s| s.name == "dead-letter crm")
+        .expect("the dead-letter span");
+    assert_eq!(dead.trace_id, CLIENT_TRACE);
+    assert_eq!(dead.parent_span_id, ingest.span_id);
+    system.recorder.set_outage("/outage/crm", false);
+    let (status, report) = system
+        .admin_call(
+            reqwest::Method::POST,
+            "/admin/destinations/crm/dead-letters/replay",
+            None,
+        )
+        .await;
+    assert_eq!((status, report["replayed"].clone()), (200, json!(1)), "{report}");
+    system.wait_delivered("crm", 1, Duration::from_secs(20)).await;
+    let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
+        spans
+            .iter()
+            .any(|s| s.name == "POST crm" && s.attribute("outcome") == Some("delivered"))
+    })
+    .await;
+    let replay = spans
+        .iter()
+        .find(|s| s.name == "replay crm")
+        .expect("the replay span");
+    assert_eq!(replay.trace_id, CLIENT_TRACE);
+    assert_eq!(replay.parent_span_id, ingest.span_id);
+    let delivered = spans
+        .iter()
+        .find(|s| s.name == "POST crm" && s.attribute("outcome") == Some("delivered"))
+        .expect("the replay's attempt");
+    assert_eq!(delivered.trace_id, CLIENT_TRACE);
+    assert_eq!(delivered.parent_span_id, replay.span_id);
 }
 
 async fn wait_for_spans(
