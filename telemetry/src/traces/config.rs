@@ -168,12 +168,15 @@ impl TracesConfig {
         }
         if self.enabled() {
             let url = self.url();
-            let rest = url
-                .strip_prefix("http://")
-                .or_else(|| url.strip_prefix("https://"))
-                .ok_or_else(|| {
-                    format!("the traces endpoint `{url}` must start with http:// or https://")
-                })?;
+            if url.starts_with("https://") {
+                return Err(format!(
+                    "the traces endpoint `{url}`: https is not supported; export over http:// \
+                     to an OpenTelemetry Collector beside the service, which can forward over TLS"
+                ));
+            }
+            let rest = url.strip_prefix("http://").ok_or_else(|| {
+                format!("the traces endpoint `{url}` must start with http://")
+            })?;
             if rest.is_empty() || rest.starts_with('/') {
                 return Err(format!("the traces endpoint `{url}` names no host"));
             }
@@ -345,5 +348,7 @@ mod tests {
         let mut config = defaults();
         config.endpoint = "collector:4318".into();
         assert!(config.validate().expect_err("scheme").contains("http://"));
+        config.endpoint = "https://collector:4318".into();
+        assert!(config.validate().expect_err("tls").contains("Collector"));
     }
 }
