@@ -38,6 +38,9 @@ pub enum Phase {
     /// and to 16 that take everything.
     Destinations,
     EndToEnd,
+    /// Trace export off, on at 100 % and on at 1 %, in alternating rounds
+    /// (only when asked for: `--only traces`).
+    Traces,
 }
 
 /// The destinations phase's layouts, in the order of each round.
@@ -330,6 +333,11 @@ impl Bench {
         std::fs::create_dir_all(&data)?;
         let redis = Redis::start(&self.binaries, &data).await?;
         let redis_version = redis.version().await?;
+        if only == Some(Phase::Traces) {
+            redis.set_fsync("always").await?;
+            self.traces(&redis).await?;
+            return Ok(None);
+        }
 
         let (mut gateway, gateway_url) =
             system::start_gateway(&self.binaries, &redis, &self.http, &self.work_dir).await?;
@@ -764,6 +772,83 @@ impl Bench {
 
     /// Offers `rate` events/s for `duration` to the gateway, waits until
     /// every destination got everything, and measures send → arrival.
+    /// Trace export's cost per event: rounds of export off, on at 100 %
+    /// and on at 1 % (parent-based ratio), each with a gateway and a
+    /// router of its own exporting to the no-op server (which answers
+    /// every export 202), under the same paced single events to one
+    /// destination. With `--bin-dir` of an older build, "off" is the
+    /// build before (it ignores the variables).
+    async fn traces(&self, redis: &Redis) -> anyhow::Result<()> {
+        let (_otlp, otlp_url) = system::start_noop(&self.binaries, &self.http, &self.work_dir).await?;
+        let settings: [(&str, Vec<(&str, &str)>); 3] = [
+            ("off", vec![]),
+            (
+                "on, 100 %",
+                vec![("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_url.as_str())],
+            ),
+            (
+                "on, 1 %",
+                vec![
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_url.as_str()),
+                    ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                    ("OTEL_TRACES_SAMPLER_ARG", "0.01"),
+                ],
+            ),
+        ];
+        let destination = system::Route {
+            name: "t".to_owned(),
+            url: format!("{}/e2e/t", self.sink_url),
+            event_type: None,
+        };
+        for round in 1..=self.plan.destinations_rounds {
+            for (index, (setting, env)) in settings.iter().enumerate() {
+                redis.reset().await?;
+                let label = format!("traces{round}-{index}");
+                let (gateway, gateway_url) = system::start_gateway_with(
+                    &self.binaries,
+                    redis,
+                    &self.http,
+                    &self.work_dir,
+                    env,
+                )
+                .await?;
+                let mut router = system::start_router_with(
+                    &self.binaries,
+                    redis,
+                    std::slice::from_ref(&destination),
+                    &self.work_dir,
+                    &label,
+                    env,
+                )?;
+                self.paced(&gateway_url, "warmup", 200.0, Duration::from_secs(1), &["t"], &mut router)
+                    .await?;
+                let (gateway_before, router_before) = (gateway.cpu_time()?, router.cpu_time()?);
+                let row = self
+                    .paced(&gateway_url, &label, self.plan.e2e_rate, self.plan.e2e_for, &["t"], &mut router)
+                    .await?;
+                let events = row.achieved * self.plan.e2e_for.as_secs_f64();
+                let per_event = |before: Duration, after: Duration| {
+                    (after - before).as_secs_f64() * 1e6 / events
+                };
+                eprintln!(
+                    "  round {round}, export {setting}: {:.0} events/s; CPU per event: gateway {:.1} µs, \
+                     router {:.1} µs; p50 {:.2} ms, p99 {:.2} ms; {}",
+                    row.achieved,
+                    per_event(gateway_before, gateway.cpu_time()?),
+                    per_event(router_before, router.cpu_time()?),
+                    row.p50_ms,
+                    row.p99_ms,
+                    row.verdicts
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
     async fn paced(
         &self,
         gateway_url: &str,

@@ -266,9 +266,21 @@ pub async fn start_gateway(
     http: &reqwest::Client,
     dir: &Path,
 ) -> anyhow::Result<(Process, String)> {
+    start_gateway_with(binaries, redis, http, dir, &[]).await
+}
+
+/// As [`start_gateway`], with more environment variables.
+pub async fn start_gateway_with(
+    binaries: &Binaries,
+    redis: &Redis,
+    http: &reqwest::Client,
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Process, String)> {
     let port = free_port()?;
     let mut command = Command::new(&binaries.gateway);
     command
+        .envs(env.iter().copied())
         .env("GATEWAY_REDIS__URL", &redis.url)
         .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
         .env(
@@ -325,6 +337,18 @@ pub fn start_router(
     dir: &Path,
     label: &str,
 ) -> anyhow::Result<Process> {
+    start_router_with(binaries, redis, destinations, dir, label, &[])
+}
+
+/// As [`start_router`], with more environment variables.
+pub fn start_router_with(
+    binaries: &Binaries,
+    redis: &Redis,
+    destinations: &[Route],
+    dir: &Path,
+    label: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Process> {
     // The admin listener is not used here, but stays locked as in production.
     let admin_token = protocol::secret::generate_token("evd_admin_");
     let mut config = format!(
@@ -353,7 +377,8 @@ pub fn start_router(
         .arg("--config")
         .arg(&config_path)
         .env("ROUTER_CONSUMER_NAME", format!("bench-{label}"))
-        .env("ROUTER_ADMIN__LISTEN", "127.0.0.1:0");
+        .env("ROUTER_ADMIN__LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied());
     Process::spawn("router", command, &dir.join(format!("router-{label}.log")))
 }
 

@@ -252,7 +252,11 @@ async fn read_json_body(
     post,
     path = "/v1/events",
     request_body(content = crate::api::EventDoc, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "Overrides messageId as the key a repeat is recognised by (1-128 bytes)")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Overrides messageId as the key a repeat is recognised by (1-128 bytes)"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the event's spans join this trace (an invalid one is ignored)"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state that goes with traceparent"),
+    ),
     responses(
         (status = 202, description = "Stored; delivery follows", body = crate::api::Accepted),
         (status = 400, description = "Invalid event or limit exceeded (the message names it)", body = crate::error::ErrorBody),
@@ -312,6 +316,10 @@ async fn ingest_event(
     post,
     path = "/v1/batch",
     request_body(content = crate::api::BatchDoc, content_type = "application/json"),
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context, applied to every event of the batch (an invalid one is ignored)"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state that goes with traceparent"),
+    ),
     responses(
         (status = 202, description = "All stored, in order; delivery follows", body = crate::api::BatchAccepted),
         (status = 400, description = "An invalid event (named by index) or limit exceeded; nothing stored", body = crate::error::ErrorBody),

@@ -315,10 +315,16 @@ impl Endpoint {
             headers.insert(WEBHOOK_SIGNATURE, header(&signature)?);
         }
         // W3C trace context: a destination that traces continues the trace.
+        // Best effort: a value no header can carry is left out, never a
+        // reason to fail the delivery.
         if let Some(trace) = trace {
-            headers.insert(TRACEPARENT, header(&trace.parent)?);
-            if let Some(state) = &trace.state {
-                headers.insert(TRACESTATE, header(state)?);
+            let parent = HeaderValue::from_str(&trace.parent);
+            let state = trace.state.as_deref().map(HeaderValue::from_str);
+            if let Ok(parent) = parent {
+                headers.insert(TRACEPARENT, parent);
+                if let Some(Ok(state)) = state {
+                    headers.insert(TRACESTATE, state);
+                }
             }
         }
         *request.body_mut() = Some(body.clone().into());
@@ -574,6 +580,14 @@ mod tests {
             endpoint.request("3-5-0\n", &body, 1, None).is_err(),
             "an id no header can carry is refused"
         );
+        let unsendable = TraceContext {
+            parent: "00-bad\n".into(),
+            state: None,
+        };
+        let request = endpoint
+            .request("3-5-0", &body, 1, Some(&unsendable))
+            .expect("trace context is best effort, never a reason to fail");
+        assert!(!request.headers().contains_key("traceparent"));
     }
 
     #[test]
