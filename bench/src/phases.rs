@@ -779,7 +779,8 @@ impl Bench {
     /// destination. With `--bin-dir` of an older build, "off" is the
     /// build before (it ignores the variables).
     async fn traces(&self, redis: &Redis) -> anyhow::Result<()> {
-        let (_otlp, otlp_url) = system::start_noop(&self.binaries, &self.http, &self.work_dir).await?;
+        let (_otlp, otlp_url) =
+            system::start_noop(&self.binaries, &self.http, &self.work_dir).await?;
         let settings: [(&str, Vec<(&str, &str)>); 3] = [
             ("off", vec![]),
             (
@@ -820,11 +821,25 @@ impl Bench {
                     &label,
                     env,
                 )?;
-                self.paced(&gateway_url, "warmup", 200.0, Duration::from_secs(1), &["t"], &mut router)
-                    .await?;
+                self.paced(
+                    &gateway_url,
+                    "warmup",
+                    200.0,
+                    Duration::from_secs(1),
+                    &["t"],
+                    &mut router,
+                )
+                .await?;
                 let (gateway_before, router_before) = (gateway.cpu_time()?, router.cpu_time()?);
                 let row = self
-                    .paced(&gateway_url, &label, self.plan.e2e_rate, self.plan.e2e_for, &["t"], &mut router)
+                    .paced(
+                        &gateway_url,
+                        &label,
+                        self.plan.e2e_rate,
+                        self.plan.e2e_for,
+                        &["t"],
+                        &mut router,
+                    )
                     .await?;
                 let events = row.achieved * self.plan.e2e_for.as_secs_f64();
                 let per_event = |before: Duration, after: Duration| {

@@ -4,9 +4,9 @@ use std::time::Instant;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use tracing::Instrument;
 use metrics::{Counter, Histogram};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::api::{Accepted, BatchAccepted};
 use crate::auth::{ApiKey, Authenticator};
@@ -45,7 +45,6 @@ impl AppState {
         }
     }
 
-    /// Rejects events naming destinations the router does not serve.
     /// Stores the request's trace context with each of its events, and
     /// names them on its span.
     fn traced(&self, trace: &IngestTrace, events: &mut [NewEvent]) {
@@ -62,6 +61,7 @@ impl AppState {
         }
     }
 
+    /// Rejects events naming destinations the router does not serve.
     async fn check_destinations(&self, events: &[NewEvent]) -> Result<(), ApiError> {
         let mut wanted: Vec<String> = events
             .iter()

@@ -165,7 +165,10 @@ impl Job {
                     let consumer = &self.context.consumer;
                     let event_id = event_id(self.shard(), entry.id);
                     // A replay addressed to another destination is not news here.
-                    let record = event.replay.is_none().then(|| Record::of(&event_id, event, 0, Logged::Filtered));
+                    let record = event
+                        .replay
+                        .is_none()
+                        .then(|| Record::of(&event_id, event, 0, Logged::Filtered));
                     let end = self
                         .record(|| consumer.filtered(entry.id, record.as_ref()))
                         .await;

@@ -32,9 +32,8 @@ pub(crate) fn trace_id(event: &EventEntry) -> Option<&str> {
 
 /// Whether spans under this event's trace are exported.
 fn exported(event: &EventEntry) -> bool {
-    traces::active().is_some_and(|active| {
-        active.exports_under(event.trace.as_ref().map(|t| t.parent.as_str()))
-    })
+    traces::active()
+        .is_some_and(|active| active.exports_under(event.trace.as_ref().map(|t| t.parent.as_str())))
 }
 
 /// Makes `span` a child of the event's trace and returns its context.
@@ -59,7 +58,13 @@ pub(crate) struct Outcome<'a> {
 impl AttemptTrace {
     /// Starts the span of attempt number `attempt` of `event_id` at
     /// `destination`; call just before the request goes out.
-    pub fn start(event: &EventEntry, event_id: &str, destination: &str, shard: u16, attempt: u32) -> Self {
+    pub fn start(
+        event: &EventEntry,
+        event_id: &str,
+        destination: &str,
+        shard: u16,
+        attempt: u32,
+    ) -> Self {
         if !exported(event) {
             return Self {
                 span: Span::none(),
@@ -123,7 +128,13 @@ impl AttemptTrace {
 
 /// A span for dead-lettering `event_id` at `destination`, ended when the
 /// returned span drops.
-pub(crate) fn dead_letter(event: &EventEntry, event_id: &str, destination: &str, attempts: u32, reason: &str) -> Span {
+pub(crate) fn dead_letter(
+    event: &EventEntry,
+    event_id: &str,
+    destination: &str,
+    attempts: u32,
+    reason: &str,
+) -> Span {
     if !exported(event) {
         return Span::none();
     }

@@ -58,9 +58,7 @@ pub fn init(
     if let Some(active) = traces::active() {
         tracing::debug!(?active, "Trace export is on.");
     }
-    Ok(Telemetry {
-        _traces: exporting,
-    })
+    Ok(Telemetry { _traces: exporting })
 }
 
 /// The log layer under `RUST_LOG`, and the OpenTelemetry layer, which sees

@@ -63,14 +63,24 @@ async fn a_clients_trace_runs_through_ingest_and_every_attempt(protocol: Protoco
         spans.iter().filter(|s| s.trace_id == CLIENT_TRACE).count() >= 4
     })
     .await;
-    let in_trace: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.trace_id == CLIENT_TRACE).collect();
+    let in_trace: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.trace_id == CLIENT_TRACE)
+        .collect();
     let named = |name: &str| -> Vec<&ReceivedSpan> {
-        in_trace.iter().copied().filter(|s| s.name == name).collect()
+        in_trace
+            .iter()
+            .copied()
+            .filter(|s| s.name == name)
+            .collect()
     };
     let ingest = named("POST /v1/events");
     assert_eq!(ingest.len(), 1, "one ingest span in {in_trace:#?}");
     let ingest = ingest[0];
-    assert_eq!(ingest.parent_span_id, CLIENT_SPAN, "the client's span is its parent");
+    assert_eq!(
+        ingest.parent_span_id, CLIENT_SPAN,
+        "the client's span is its parent"
+    );
     assert_eq!(ingest.service, "event-delivery");
     assert_eq!(ingest.attribute("events"), Some("1"));
     assert_eq!(ingest.attribute("outcome"), Some("accepted"));
@@ -84,16 +94,23 @@ async fn a_clients_trace_runs_through_ingest_and_every_attempt(protocol: Protoco
     let mut attempts = named("POST flaky");
     attempts.sort_by_key(|s| s.attribute("attempt").map(str::to_owned));
     assert_eq!(attempts.len(), 2, "two attempts in {in_trace:#?}");
-    for (number, (attempt, outcome, status)) in
-        [(1, "retry", "503"), (2, "delivered", "200")].into_iter().enumerate()
+    for (number, (attempt, outcome, status)) in [(1, "retry", "503"), (2, "delivered", "200")]
+        .into_iter()
+        .enumerate()
     {
         let span = attempts[number];
         assert_eq!(span.parent_span_id, ingest.span_id, "{span:?}");
-        assert_eq!(span.attribute("attempt"), Some(attempt.to_string().as_str()));
+        assert_eq!(
+            span.attribute("attempt"),
+            Some(attempt.to_string().as_str())
+        );
         assert_eq!(span.attribute("outcome"), Some(outcome));
         assert_eq!(span.attribute("http.response.status_code"), Some(status));
         assert_eq!(span.attribute("destination"), Some("flaky"));
-        assert_eq!(span.attribute("messaging.message.id"), Some(event_id.as_str()));
+        assert_eq!(
+            span.attribute("messaging.message.id"),
+            Some(event_id.as_str())
+        );
         assert!(span.attribute("latency_ms").is_some(), "{span:?}");
     }
     assert!(
@@ -146,7 +163,13 @@ async fn otlp_exporter_that_is_dead_holds_up_nothing_and_its_drops_are_counted()
     let _telemetry = start_export(&exporting_to(&refused, Protocol::HttpProtobuf));
     let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
     for n in 0..50 {
-        post_event(&system.http, &system.gateway_url, &format!("u{n}"), json!({"n": n})).await;
+        post_event(
+            &system.http,
+            &system.gateway_url,
+            &format!("u{n}"),
+            json!({"n": n}),
+        )
+        .await;
     }
     system
         .wait_delivered("crm", 50, Duration::from_secs(20))
@@ -177,7 +200,13 @@ async fn otlp_exporter_that_hangs_holds_up_nothing_and_a_full_queue_drops() {
     let _telemetry = start_export(&config);
     let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
     for n in 0..100 {
-        post_event(&system.http, &system.gateway_url, &format!("u{n}"), json!({"n": n})).await;
+        post_event(
+            &system.http,
+            &system.gateway_url,
+            &format!("u{n}"),
+            json!({"n": n}),
+        )
+        .await;
     }
     // Well within the one export the exporter is stuck in.
     system
@@ -206,7 +235,9 @@ async fn otlp_applies_a_batchs_traceparent_to_every_event() {
         .await
         .expect("gateway answers");
     assert_eq!(answer.status(), 202);
-    system.wait_delivered("crm", 3, Duration::from_secs(20)).await;
+    system
+        .wait_delivered("crm", 3, Duration::from_secs(20))
+        .await;
     let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
         spans.iter().filter(|s| s.name == "POST crm").count() >= 3
     })
@@ -244,7 +275,9 @@ async fn otlp_sampling_follows_the_parent_and_the_ratio() {
         .await
         .expect("gateway answers");
     assert_eq!(answer.status(), 202);
-    system.wait_delivered("crm", 2, Duration::from_secs(20)).await;
+    system
+        .wait_delivered("crm", 2, Duration::from_secs(20))
+        .await;
     let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
         spans.iter().any(|s| s.name == "POST crm")
     })
@@ -308,8 +341,14 @@ async fn otlp_follows_a_dead_letter_and_its_replay_in_the_events_trace() {
             None,
         )
         .await;
-    assert_eq!((status, report["replayed"].clone()), (200, json!(1)), "{report}");
-    system.wait_delivered("crm", 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        (status, report["replayed"].clone()),
+        (200, json!(1)),
+        "{report}"
+    );
+    system
+        .wait_delivered("crm", 1, Duration::from_secs(20))
+        .await;
     let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
         spans
             .iter()
@@ -346,13 +385,17 @@ async fn wait_for_spans(
 
 /// `telemetry_spans_dropped_total{reason}` once it is above 0.
 async fn wait_for_metric(system: &TestSystem, reason: &str) -> f64 {
-    e2e_tests::wait_for("dropped spans to be counted", Duration::from_secs(20), || async {
-        system
-            .router_metrics()
-            .await
-            .value("telemetry_spans_dropped_total", &[("reason", reason)])
-            > 0.0
-    })
+    e2e_tests::wait_for(
+        "dropped spans to be counted",
+        Duration::from_secs(20),
+        || async {
+            system
+                .router_metrics()
+                .await
+                .value("telemetry_spans_dropped_total", &[("reason", reason)])
+                > 0.0
+        },
+    )
     .await;
     system
         .router_metrics()

@@ -164,7 +164,9 @@ impl TracesConfig {
             );
         }
         if self.flush_interval_ms == 0 || self.export_timeout_ms == 0 {
-            return Err("traces.flush_interval_ms and traces.export_timeout_ms must be positive".into());
+            return Err(
+                "traces.flush_interval_ms and traces.export_timeout_ms must be positive".into(),
+            );
         }
         if self.enabled() {
             let url = self.url();
@@ -174,9 +176,9 @@ impl TracesConfig {
                      to an OpenTelemetry Collector beside the service, which can forward over TLS"
                 ));
             }
-            let rest = url.strip_prefix("http://").ok_or_else(|| {
-                format!("the traces endpoint `{url}` must start with http://")
-            })?;
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| format!("the traces endpoint `{url}` must start with http://"))?;
             if rest.is_empty() || rest.starts_with('/') {
                 return Err(format!("the traces endpoint `{url}` names no host"));
             }
@@ -221,7 +223,11 @@ impl TracesConfig {
                 ))
             }
         };
-        let root = match self.sampler.strip_prefix("parentbased_").unwrap_or(&self.sampler) {
+        let root = match self
+            .sampler
+            .strip_prefix("parentbased_")
+            .unwrap_or(&self.sampler)
+        {
             "always_on" => Sampler::AlwaysOn,
             "always_off" => Sampler::AlwaysOff,
             "traceidratio" => Sampler::TraceIdRatioBased(ratio()?),
@@ -246,9 +252,10 @@ impl TracesConfig {
             .map(str::trim)
             .filter(|pair| !pair.is_empty())
             .map(|pair| match pair.split_once('=') {
-                Some((key, value)) if !key.trim().is_empty() => {
-                    Ok(KeyValue::new(key.trim().to_owned(), value.trim().to_owned()))
-                }
+                Some((key, value)) if !key.trim().is_empty() => Ok(KeyValue::new(
+                    key.trim().to_owned(),
+                    value.trim().to_owned(),
+                )),
                 _ => Err(format!(
                     "traces.resource_attributes: `{pair}` is not key=value"
                 )),
@@ -331,7 +338,10 @@ mod tests {
         let error = defaults()
             .with_env(env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]))
             .expect_err("unsupported");
-        assert!(error.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && error.contains("grpc"), "{error}");
+        assert!(
+            error.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && error.contains("grpc"),
+            "{error}"
+        );
         let error = defaults()
             .with_env(env(&[("OTEL_TRACES_SAMPLER_ARG", "half")]))
             .expect_err("not a number");
@@ -339,9 +349,15 @@ mod tests {
         let mut config = defaults();
         config.sampler = "traceidratio".into();
         config.sampler_arg = 1.5;
-        assert!(config.validate().expect_err("ratio").contains("sampler_arg"));
+        assert!(config
+            .validate()
+            .expect_err("ratio")
+            .contains("sampler_arg"));
         config.sampler = "sometimes".into();
-        assert!(config.validate().expect_err("sampler").contains("sometimes"));
+        assert!(config
+            .validate()
+            .expect_err("sampler")
+            .contains("sometimes"));
         let mut config = defaults();
         config.resource_attributes = "team=core,oops".into();
         assert!(config.validate().expect_err("pair").contains("oops"));

@@ -93,7 +93,11 @@ pub(crate) struct BoundedExport {
 impl BoundedExport {
     /// Starts the export thread. `build` makes the exporter inside the
     /// thread's runtime (the gRPC one needs a runtime to exist).
-    pub(crate) fn start<E, B>(settings: &Export, resource: Resource, build: B) -> Result<Self, String>
+    pub(crate) fn start<E, B>(
+        settings: &Export,
+        resource: Resource,
+        build: B,
+    ) -> Result<Self, String>
     where
         E: SpanExporter + 'static,
         B: FnOnce() -> Result<E, String> + Send + 'static,
@@ -247,7 +251,8 @@ impl Worker {
             };
             let full = self.drops.queue_full.swap(0, Ordering::Relaxed);
             if full > 0 {
-                self.warning.log(Dropped::QueueFull, full, &"the export queue is full");
+                self.warning
+                    .log(Dropped::QueueFull, full, &"the export queue is full");
             }
             if let Some(answer) = stop {
                 let _ = exporter.shutdown_with_timeout(self.timeout);
@@ -304,6 +309,7 @@ impl Worker {
             Err(_) => format!("the export took longer than {:?}", self.timeout),
         };
         Drops::count(Dropped::ExportFailed, spans);
-        self.warning.log(Dropped::ExportFailed, spans as u64, &error);
+        self.warning
+            .log(Dropped::ExportFailed, spans as u64, &error);
     }
 }
