@@ -163,7 +163,7 @@ impl IngestMetrics {
         ingest: impl std::future::Future<Output = Result<Ingested, ApiError>>,
     ) -> Result<HttpResponse, ApiError> {
         let started = Instant::now();
-        let result = ingest.instrument(trace.span.clone()).await;
+        let result = ingest.instrument(trace.current()).await;
         route.duration.record(started.elapsed().as_secs_f64());
         match &result {
             Ok(ingested) => trace.finish(ingested.response.status().as_u16(), "accepted"),

@@ -15,8 +15,11 @@ use tracing::{Instrument, Span};
 /// One request's trace: its span (disabled when not exported) and the
 /// context its events carry.
 pub struct IngestTrace {
-    pub span: Span,
+    span: Span,
     pub context: Option<TraceContext>,
+    /// Whether the span will be exported: a span the sampler left out
+    /// gets no child and no attributes, which cost as much as it does.
+    sampled: bool,
 }
 
 impl IngestTrace {
@@ -30,6 +33,7 @@ impl IngestTrace {
             return Self {
                 span: Span::none(),
                 context: client,
+                sampled: false,
             };
         }
         let span = tracing::info_span!(
@@ -51,11 +55,30 @@ impl IngestTrace {
         let context = traces::context_of(&span)
             .map(|(parent, state)| TraceContext { parent, state })
             .or(client);
-        Self { span, context }
+        let sampled = context
+            .as_ref()
+            .is_some_and(|context| traces::sampled(&context.parent));
+        Self {
+            span,
+            context,
+            sampled,
+        }
+    }
+
+    /// The span to run the request in: none when it is not exported.
+    pub fn current(&self) -> Span {
+        if self.sampled {
+            self.span.clone()
+        } else {
+            Span::none()
+        }
     }
 
     /// Records what the request stored, or why it stored nothing.
     pub fn finish(&self, status: u16, outcome: &str) {
+        if !self.sampled {
+            return;
+        }
         self.span.record("http.response.status_code", status);
         self.span.record("outcome", outcome);
         if status >= 500 {
@@ -65,7 +88,7 @@ impl IngestTrace {
 
     /// Records the events a request carries and the shards they go to.
     pub fn events(&self, count: usize, shards: impl Iterator<Item = u16>) {
-        if self.span.is_disabled() {
+        if !self.sampled {
             return;
         }
         let mut shards: Vec<u16> = shards.collect();
@@ -79,7 +102,7 @@ impl IngestTrace {
 
 /// Runs the Redis write of a traced request under a span of its own.
 pub async fn redis_write<F: Future>(trace: &IngestTrace, write: F) -> F::Output {
-    if trace.span.is_disabled() {
+    if !trace.sampled {
         return write.await;
     }
     let span = tracing::info_span!(

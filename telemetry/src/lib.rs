@@ -95,6 +95,15 @@ fn install(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::Tracer>) 
     let spans = tracer.map(|tracer| {
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
+            // Attributes nobody reads in a delivery trace, each a cost per
+            // span: source location, thread, target, busy and idle time;
+            // and no OpenTelemetry context switch per poll (parents are
+            // set explicitly).
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target(traces::TARGET, tracing::Level::INFO),

@@ -130,9 +130,8 @@ pub(crate) fn start(
     Ok(Some((Exporting { provider }, tracer)))
 }
 
-/// Whether a valid `traceparent`'s flags say sampled. An invalid one
-/// counts as absent, which [`parent`] also treats as no parent.
-fn sampled(traceparent: &str) -> bool {
+/// Whether a valid `traceparent`'s flags say sampled.
+pub fn sampled(traceparent: &str) -> bool {
     traceparent
         .get(53..55)
         .and_then(|flags| u8::from_str_radix(flags, 16).ok())
