@@ -162,6 +162,10 @@ async fn otlp_exporter_that_is_dead_holds_up_nothing_and_its_drops_are_counted()
     };
     let _telemetry = start_export(&exporting_to(&refused, Protocol::HttpProtobuf));
     let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
+    let in_time = watchdog(
+        Duration::from_secs(60),
+        "ingesting and delivering 50 events",
+    );
     for n in 0..50 {
         post_event(
             &system.http,
@@ -174,6 +178,7 @@ async fn otlp_exporter_that_is_dead_holds_up_nothing_and_its_drops_are_counted()
     system
         .wait_delivered("crm", 50, Duration::from_secs(20))
         .await;
+    drop(in_time);
     let dropped = wait_for_metric(&system, "export_failed").await;
     assert!(dropped > 0.0);
 }
@@ -199,6 +204,10 @@ async fn otlp_exporter_that_hangs_holds_up_nothing_and_a_full_queue_drops() {
     config.export_timeout_ms = 60_000;
     let _telemetry = start_export(&config);
     let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
+    let in_time = watchdog(
+        Duration::from_secs(60),
+        "ingesting and delivering 100 events",
+    );
     for n in 0..100 {
         post_event(
             &system.http,
@@ -212,6 +221,7 @@ async fn otlp_exporter_that_hangs_holds_up_nothing_and_a_full_queue_drops() {
     system
         .wait_delivered("crm", 100, Duration::from_secs(20))
         .await;
+    drop(in_time);
     let dropped = wait_for_metric(&system, "queue_full").await;
     assert!(dropped > 0.0);
 }
@@ -367,6 +377,22 @@ async fn otlp_follows_a_dead_letter_and_its_replay_in_the_events_trace() {
         .expect("the replay's attempt");
     assert_eq!(delivered.trace_id, CLIENT_TRACE);
     assert_eq!(delivered.parent_span_id, replay.span_id);
+}
+
+/// Aborts the test's process, failing it, unless dropped within `limit`:
+/// a span export that waits could stop the test's own runtime, whose
+/// timers would then never fire.
+struct Watchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+fn watchdog(limit: Duration, what: &'static str) -> Watchdog {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+            eprintln!("{what} took longer than {limit:?}: something waits for the exporter");
+            std::process::abort();
+        }
+    });
+    Watchdog(done)
 }
 
 async fn wait_for_spans(
