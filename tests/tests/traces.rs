@@ -42,17 +42,12 @@ async fn a_clients_trace_runs_through_ingest_and_every_attempt(protocol: Protoco
         TestDestination::new("flaky", "/flaky/1").retry(50, 200, 5)
     ])
     .await;
-    let answer = system
-        .http
-        .post(format!("{}/v1/events", system.gateway_url))
-        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
-        .header("tracestate", "client=1")
-        .json(&json!({"userId": "u1", "payload": {"n": 1}}))
-        .send()
-        .await
-        .expect("gateway answers");
-    assert_eq!(answer.status(), 202);
-    let answer: serde_json::Value = answer.json().await.expect("JSON");
+    let answer = post_traced(
+        &system,
+        "/v1/events",
+        json!({"userId": "u1", "payload": {"n": 1}}),
+    )
+    .await;
     let event_id = answer["id"].as_str().expect("an id").to_owned();
     system
         .wait_delivered("flaky", 1, Duration::from_secs(20))
@@ -160,27 +155,8 @@ async fn otlp_exporter_that_is_dead_holds_up_nothing_and_its_drops_are_counted()
         format!("http://{}", listener.local_addr().expect("address"))
         // Dropped here: the port refuses connections.
     };
-    let _telemetry = start_export(&exporting_to(&refused, Protocol::HttpProtobuf));
-    let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
-    let in_time = watchdog(
-        Duration::from_secs(60),
-        "ingesting and delivering 50 events",
-    );
-    for n in 0..50 {
-        post_event(
-            &system.http,
-            &system.gateway_url,
-            &format!("u{n}"),
-            json!({"n": n}),
-        )
-        .await;
-    }
-    system
-        .wait_delivered("crm", 50, Duration::from_secs(20))
-        .await;
-    drop(in_time);
-    let dropped = wait_for_metric(&system, "export_failed").await;
-    assert!(dropped > 0.0);
+    let config = exporting_to(&refused, Protocol::HttpProtobuf);
+    goes_on_and_counts_the_drops(&config, 50, "export_failed").await;
 }
 
 /// An exporter that accepts connections and never answers: ingest and
@@ -201,14 +177,18 @@ async fn otlp_exporter_that_hangs_holds_up_nothing_and_a_full_queue_drops() {
     let mut config = exporting_to(&endpoint, Protocol::HttpProtobuf);
     config.queue_size = 16;
     config.batch_size = 8;
+    // Far longer than the test: the one export stays stuck.
     config.export_timeout_ms = 60_000;
-    let _telemetry = start_export(&config);
+    goes_on_and_counts_the_drops(&config, 100, "queue_full").await;
+}
+
+/// With export as `config` says, `events` events from as many users are
+/// accepted and delivered, and spans are counted as dropped for `reason`.
+async fn goes_on_and_counts_the_drops(config: &TracesConfig, events: usize, reason: &str) {
+    let _telemetry = start_export(config);
     let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
-    let in_time = watchdog(
-        Duration::from_secs(60),
-        "ingesting and delivering 100 events",
-    );
-    for n in 0..100 {
+    let in_time = watchdog(Duration::from_secs(60), "ingesting and delivering");
+    for n in 0..events {
         post_event(
             &system.http,
             &system.gateway_url,
@@ -217,12 +197,11 @@ async fn otlp_exporter_that_hangs_holds_up_nothing_and_a_full_queue_drops() {
         )
         .await;
     }
-    // Well within the one export the exporter is stuck in.
     system
-        .wait_delivered("crm", 100, Duration::from_secs(20))
+        .wait_delivered("crm", events, Duration::from_secs(20))
         .await;
     drop(in_time);
-    let dropped = wait_for_metric(&system, "queue_full").await;
+    let dropped = wait_for_metric(&system, reason).await;
     assert!(dropped > 0.0);
 }
 
@@ -232,19 +211,16 @@ async fn otlp_applies_a_batchs_traceparent_to_every_event() {
     let receiver = OtlpReceiver::start(Protocol::HttpProtobuf);
     let _telemetry = start_export(&exporting_to(&receiver.endpoint, Protocol::HttpProtobuf));
     let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
-    let answer = system
-        .http
-        .post(format!("{}/v1/batch", system.gateway_url))
-        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
-        .json(&json!({"events": [
+    post_traced(
+        &system,
+        "/v1/batch",
+        json!({"events": [
             {"userId": "a", "payload": {"n": 1}},
             {"userId": "b", "payload": {"n": 2}},
             {"userId": "c", "payload": {"n": 3}},
-        ]}))
-        .send()
-        .await
-        .expect("gateway answers");
-    assert_eq!(answer.status(), 202);
+        ]}),
+    )
+    .await;
     system
         .wait_delivered("crm", 3, Duration::from_secs(20))
         .await;
@@ -276,15 +252,12 @@ async fn otlp_sampling_follows_the_parent_and_the_ratio() {
     let _telemetry = start_export(&config);
     let system = TestSystem::start(vec![TestDestination::new("crm", "/ok")]).await;
     let unsampled = post_event(&system.http, &system.gateway_url, "root", json!({})).await;
-    let answer = system
-        .http
-        .post(format!("{}/v1/events", system.gateway_url))
-        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
-        .json(&json!({"userId": "child", "payload": {}}))
-        .send()
-        .await
-        .expect("gateway answers");
-    assert_eq!(answer.status(), 202);
+    post_traced(
+        &system,
+        "/v1/events",
+        json!({"userId": "child", "payload": {}}),
+    )
+    .await;
     system
         .wait_delivered("crm", 2, Duration::from_secs(20))
         .await;
@@ -320,15 +293,12 @@ async fn otlp_follows_a_dead_letter_and_its_replay_in_the_events_trace() {
     ])
     .await;
     system.recorder.set_outage("/outage/crm", true);
-    let answer = system
-        .http
-        .post(format!("{}/v1/events", system.gateway_url))
-        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
-        .json(&json!({"userId": "u1", "payload": {}}))
-        .send()
-        .await
-        .expect("gateway answers");
-    assert_eq!(answer.status(), 202);
+    post_traced(
+        &system,
+        "/v1/events",
+        json!({"userId": "u1", "payload": {}}),
+    )
+    .await;
     let spans = wait_for_spans(&receiver, Duration::from_secs(20), |spans| {
         spans.iter().any(|s| s.name == "dead-letter crm")
     })
@@ -393,6 +363,26 @@ fn watchdog(limit: Duration, what: &'static str) -> Watchdog {
         }
     });
     Watchdog(done)
+}
+
+/// Posts `body` to the gateway's `path` with the client's trace context;
+/// returns the 202's body.
+async fn post_traced(
+    system: &TestSystem,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let answer = system
+        .http
+        .post(format!("{}{path}", system.gateway_url))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .header("tracestate", "client=1")
+        .json(&body)
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(answer.status(), 202);
+    answer.json().await.expect("JSON")
 }
 
 async fn wait_for_spans(
