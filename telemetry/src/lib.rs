@@ -56,7 +56,7 @@ pub fn init(
     };
     install(format, tracer);
     if let Some(active) = traces::active() {
-        tracing::debug!(?active, "Trace export is on.");
+        tracing::info!(endpoint = %active.url, protocol = ?active.protocol, sampler = %active.sampler, "Exporting traces.");
     }
     Ok(Telemetry { _traces: exporting })
 }

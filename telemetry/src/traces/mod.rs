@@ -36,6 +36,10 @@ pub struct Active {
     /// The sampler follows a parent's decision: under a sampled-out parent
     /// no span would be exported, so none need be made.
     follows_parent: bool,
+    /// Where spans go, for the start-up log line.
+    pub url: String,
+    pub protocol: Protocol,
+    pub sampler: String,
 }
 
 static ACTIVE: OnceLock<Active> = OnceLock::new();
@@ -123,10 +127,15 @@ pub(crate) fn start(
         .with_resource(resource)
         .build();
     let tracer = provider.tracer(service);
+    let active = Active {
+        follows_parent,
+        url: settings.url.clone(),
+        protocol: settings.protocol,
+        sampler: format!("{} ({})", config.sampler, config.sampler_arg),
+    };
     ACTIVE
-        .set(Active { follows_parent })
+        .set(active)
         .map_err(|_| "trace export is already started in this process".to_owned())?;
-    tracing::info!(endpoint = %settings.url, protocol = ?settings.protocol, sampler = %config.sampler, "Exporting traces.");
     Ok(Some((Exporting { provider }, tracer)))
 }
 
