@@ -218,7 +218,7 @@ impl TracesConfig {
                 Ok(self.sampler_arg)
             } else {
                 Err(format!(
-                    "traces.sampler_arg must be between 0 and 1, not {}",
+                    "traces.sampler_arg (OTEL_TRACES_SAMPLER_ARG) must be between 0 and 1, not {}",
                     self.sampler_arg
                 ))
             }
@@ -233,8 +233,8 @@ impl TracesConfig {
             "traceidratio" => Sampler::TraceIdRatioBased(ratio()?),
             other => {
                 return Err(format!(
-                    "unknown traces sampler `{other}`: use always_on, always_off, traceidratio, \
-                     or one of them prefixed with parentbased_"
+                    "traces.sampler (OTEL_TRACES_SAMPLER) `{other}` is unknown: use always_on, \
+                     always_off, traceidratio, or one of them prefixed with parentbased_"
                 ))
             }
         };
