@@ -27,6 +27,15 @@ ensure_docker_compose() {
   command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose docker-compose
 }
 
+# rustfmt and clippy, which the test command runs first; rustup adds them
+# when the toolchain came without them.
+ensure_rust_lints() {
+  if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    echo "rustfmt or clippy is missing; adding them with rustup." >&2
+    rustup component add rustfmt clippy
+  fi
+}
+
 # The Redis TLS test makes its throwaway CA and certificate with openssl.
 ensure_openssl() {
   command -v openssl >/dev/null 2>&1 || apt_install openssl openssl

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs redis-server,
-# openssl, Chromium, the Python test tools, docker-compose, and nightly Rust
+# openssl, rustfmt and clippy, Chromium, the Python test tools, docker-compose, and nightly Rust
 # with cargo-fuzz when missing, checks the container files, builds the
 # binaries the crash tests start, compiles the testcontainers variant of the
 # harness, runs every test, then the end-to-end suite again on a Redis
@@ -13,8 +13,13 @@ source scripts/ensure-tools.sh
 ensure_redis_server
 ensure_openssl
 ensure_python_tools
+ensure_rust_lints
 
 scripts/check-containers.sh
+
+# Formatting and lints first: a warning fails the run.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The crash-recovery tests run the router as a child process.
 cargo build --workspace --bins --locked
