@@ -6,6 +6,7 @@
 //! Modules import only modules listed above them (a test checks it):
 //! - [`config`]: settings and their defaults.
 //! - [`event`]: request bodies → validated events.
+//! - [`lanes`]: which connection a shard's write takes.
 //! - [`store`]: the shard streams (XADD, idempotency script).
 //! - [`error`]: every failure and what it answers.
 //! - [`auth`]: API keys and their rate limits.
@@ -144,6 +145,15 @@ mod tests {
     const LAYERS: &[&str] = &[
         "config", "event", "lanes", "store", "error", "auth", "api", "trace", "routes", "openapi",
     ];
+
+    #[test]
+    fn the_layout_names_every_module() {
+        assert_eq!(
+            protocol::undocumented_modules(include_str!("lib.rs")),
+            Vec::<String>::new(),
+            "add each module to the crate doc's Layout list"
+        );
+    }
 
     #[test]
     fn modules_import_only_modules_listed_above_them() {

@@ -10,7 +10,10 @@
 //! - [`lease`]: exclusive (shard, destination) ownership and how it is split among routers.
 //! - [`coordinator`]: acquires, renews, hands over and releases leases; starts and stops workers.
 //! - [`retention`]: trims shard streams below what every destination still needs.
+//! - [`destination_api`]: the admin API's destination bodies (create, merge-patch, masked read).
 //! - [`delivery`]: one HTTP attempt and what its answer means.
+//! - [`breaker`]: the circuit breaker per destination and its probes.
+//! - [`throttle`]: the rate limit, and the holds a 429 asks for.
 //! - [`trace`]: the spans of attempts, dead-lettering and replays, in each event's trace.
 //! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`retry`]: the backoff policy.
@@ -20,6 +23,9 @@
 //! - [`budget`]: how many entries and bytes a worker holds in memory.
 //! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.
 //! - [`job`]: one entry to its terminal outcome (fetch, prepare, attempt, record).
+//! - [`acks`]: acknowledgements written by group commit, with their log records.
+//! - [`delivery_log`]: what happened to each event at each destination: written per attempt, read per event or user.
+//! - [`progress`]: what each worker waits on, and when it last got anywhere (the stall check).
 //! - [`stats`]: this router's counters per destination (metrics and admin API).
 //! - [`overview`]: measures every destination (lag, pending, dead letters, owners) and applies pauses.
 //! - [`dead_letters`]: listing, replaying and deleting dead letters.
@@ -518,4 +524,16 @@ async fn connect(
         }
     };
     Ok(run_with_retries(&what, Backoff::STARTUP, shutdown, |_| true, connect).await?)
+}
+
+#[cfg(test)]
+mod layout_tests {
+    #[test]
+    fn the_layout_names_every_module() {
+        assert_eq!(
+            protocol::undocumented_modules(include_str!("lib.rs")),
+            Vec::<String>::new(),
+            "add each module to the crate doc's Layout list"
+        );
+    }
 }

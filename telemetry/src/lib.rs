@@ -1,9 +1,11 @@
 //! Process set-up shared by the binaries: the log format, the process's
 //! Prometheus recorder (one place owns it, so a gateway and a router started
-//! in one process, as the tests do, share it), the shutdown signal, the
-//! loops every service runs until shutdown ([`lifecycle`]), and the
-//! container health check ([`health::probe`]), and OpenTelemetry traces
-//! ([`traces`]).
+//! in one process, as the tests do, share it) and the shutdown signal.
+//!
+//! # Layout
+//! - [`lifecycle`]: the loops every service runs until shutdown (ticking, serving HTTP).
+//! - [`health`]: the container health check ([`health::probe`]).
+//! - [`traces`]: OpenTelemetry trace export and W3C trace context.
 #![forbid(unsafe_code)]
 
 pub mod health;
@@ -169,4 +171,16 @@ pub fn metrics() -> &'static PrometheusHandle {
             .expect("spawning the metrics upkeep thread succeeds");
         handle
     })
+}
+
+#[cfg(test)]
+mod layout_tests {
+    #[test]
+    fn the_layout_names_every_module() {
+        assert_eq!(
+            protocol::undocumented_modules(include_str!("lib.rs")),
+            Vec::<String>::new(),
+            "add each module to the crate doc's Layout list"
+        );
+    }
 }
