@@ -117,6 +117,72 @@ pub struct Coordinator<W> {
     renewal_errors: Vec<redis::RedisError>,
     /// Acquisitions that failed since the last tick (logged once per tick).
     acquisition_errors: Vec<(LeaseId, redis::RedisError)>,
+    /// Leases gained, released or being handed over since the last tick
+    /// (logged as one line per tick).
+    changes: Changes,
+}
+
+/// Lease changes since they were last logged: one line says them all
+/// (each pair's own line is at debug).
+#[derive(Default)]
+struct Changes {
+    gained: Vec<LeaseId>,
+    released: Vec<LeaseId>,
+    handing_over: Vec<LeaseId>,
+}
+
+impl Changes {
+    /// Logs the changes, if any, with how many leases remain held.
+    fn report(&mut self, held: usize, instance: &str) {
+        if self.gained.is_empty() && self.released.is_empty() && self.handing_over.is_empty() {
+            return;
+        }
+        tracing::info!(
+            gained = %summary(&self.gained),
+            released = %summary(&self.released),
+            handing_over = %summary(&self.handing_over),
+            held,
+            instance,
+            "Leases changed."
+        );
+        *self = Self::default();
+    }
+}
+
+/// `crm: shards 0-3, 7; billing: shard 2`, or `none`.
+fn summary(leases: &[LeaseId]) -> String {
+    if leases.is_empty() {
+        return "none".to_owned();
+    }
+    let mut by_destination: BTreeMap<&str, Vec<u16>> = BTreeMap::new();
+    for lease in leases {
+        by_destination
+            .entry(&lease.destination)
+            .or_default()
+            .push(lease.shard);
+    }
+    let mut parts = Vec::with_capacity(by_destination.len());
+    for (destination, mut shards) in by_destination {
+        shards.sort_unstable();
+        shards.dedup();
+        let mut ranges: Vec<String> = Vec::new();
+        let mut start = 0;
+        while start < shards.len() {
+            let mut end = start;
+            while end + 1 < shards.len() && shards[end + 1] == shards[end] + 1 {
+                end += 1;
+            }
+            ranges.push(if end == start {
+                shards[start].to_string()
+            } else {
+                format!("{}-{}", shards[start], shards[end])
+            });
+            start = end + 1;
+        }
+        let noun = if shards.len() == 1 { "shard" } else { "shards" };
+        parts.push(format!("{destination}: {noun} {}", ranges.join(", ")));
+    }
+    parts.join("; ")
 }
 
 impl<W: StartWorker> Coordinator<W> {
@@ -132,6 +198,7 @@ impl<W: StartWorker> Coordinator<W> {
             heartbeat_sent: false,
             renewal_errors: Vec::new(),
             acquisition_errors: Vec::new(),
+            changes: Changes::default(),
         }
     }
 
@@ -147,7 +214,14 @@ impl<W: StartWorker> Coordinator<W> {
                     }
                     self.tick();
                 }
-                Some(answer) = self.awaited.next() => self.answered(answer),
+                Some(answer) = self.awaited.next() => {
+                    self.answered(answer);
+                    // Everything sent is answered: say what changed now
+                    // rather than at the next tick.
+                    if self.awaited.is_empty() {
+                        self.changes.report(self.held.len(), self.leases.instance());
+                    }
+                }
             }
         }
         self.stop_all().await;
@@ -157,6 +231,7 @@ impl<W: StartWorker> Coordinator<W> {
     /// lapsed leases and releases those handed over. Waits for nothing.
     fn tick(&mut self) {
         self.report_errors();
+        self.changes.report(self.held.len(), self.leases.instance());
         let renewing: Vec<LeaseId> = self
             .held
             .iter()
@@ -251,7 +326,10 @@ impl<W: StartWorker> Coordinator<W> {
             Answer::Released { lease, result } => {
                 self.busy.remove(&lease);
                 match result {
-                    Ok(()) => tracing::info!(%lease, "Lease released."),
+                    Ok(()) => {
+                        tracing::debug!(%lease, "Lease released.");
+                        self.changes.released.push(lease);
+                    }
                     // It expires by itself; the next owner waits for that.
                     Err(error) => tracing::warn!(%lease, %error, "Cannot release lease."),
                 }
@@ -334,7 +412,8 @@ impl<W: StartWorker> Coordinator<W> {
                 continue;
             }
             if share.binary_search(lease).is_err() {
-                tracing::info!(%lease, routers = members.len(), "Handing lease over to another router.");
+                tracing::debug!(%lease, routers = members.len(), "Handing lease over to another router.");
+                self.changes.handing_over.push(lease.clone());
             } else if held.generation != self.workers.generation(&lease.destination) {
                 // Deleted and created again: the old worker's state is of its old groups.
                 tracing::info!(%lease, "Destination created anew; restarting its worker.");
@@ -362,7 +441,8 @@ impl<W: StartWorker> Coordinator<W> {
         let stop = CancellationToken::new();
         let generation = self.workers.generation(&lease.destination);
         let worker = self.workers.start(&lease, validity.guard(), stop.clone());
-        tracing::info!(%lease, instance = self.leases.instance(), "Lease gained.");
+        tracing::debug!(%lease, instance = self.leases.instance(), "Lease gained.");
+        self.changes.gained.push(lease.clone());
         self.held.insert(
             lease,
             Held {
@@ -403,8 +483,35 @@ impl<W: StartWorker> Coordinator<W> {
                 self.answered(Answer::Released { lease, result });
             }
         }
+        self.changes.report(0, self.leases.instance());
         if let Err(error) = self.leases.leave().await {
             tracing::warn!(%error, "Cannot withdraw from router membership; it expires by itself.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(destination: &str, shard: u16) -> LeaseId {
+        LeaseId {
+            shard,
+            destination: destination.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_summary_names_each_destinations_shards_as_ranges() {
+        let leases = [
+            lease("crm", 3),
+            lease("billing", 2),
+            lease("crm", 0),
+            lease("crm", 1),
+            lease("crm", 2),
+            lease("crm", 7),
+        ];
+        assert_eq!(summary(&leases), "billing: shard 2; crm: shards 0-3, 7");
+        assert_eq!(summary(&[]), "none");
     }
 }
