@@ -31,9 +31,10 @@
 //! master, paused.)
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use protocol::sync::lock;
 use protocol::{Backoff, Keys, RedisConfig, RedisConnection};
 use tokio_util::sync::CancellationToken;
 
@@ -292,13 +293,6 @@ fn pick_lane(loads: impl Iterator<Item = usize> + Clone, bytes: usize) -> usize 
     lanes
         .min_by_key(|&(_, load)| load)
         .map_or(0, |(index, _)| index)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain assignments only: consistent after a panic elsewhere.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

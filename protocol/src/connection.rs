@@ -169,7 +169,7 @@ impl HealingCluster {
 
     fn lock(&self) -> MutexGuard<'_, Health> {
         // Plain assignments only: consistent after a panic elsewhere.
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner.state)
     }
 }
 

@@ -13,6 +13,7 @@
 //!   persistence settings).
 //! - [`config`]: the `[redis]` section both services share, and layered loading.
 //! - [`retry`]: the pause between tries of a failing Redis call, and the one retry loop.
+//! - [`sync`]: locks that outlive a panic (the one poison-tolerant lock helper).
 //!
 //! [`undocumented_modules`] keeps each crate's Layout list complete.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod retry;
 pub mod secret;
 pub mod shard;
 pub mod slot_owner;
+pub mod sync;
 pub mod webhook;
 
 pub use config::RedisConfig;

@@ -158,10 +158,7 @@ impl AdminState {
     }
 
     pub fn overview(&self) -> Overview {
-        self.overview
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        protocol::sync::lock(&self.overview).clone()
     }
 
     /// Pauses or resumes a destination on every router: recorded in Redis

@@ -252,7 +252,7 @@ impl Breaker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        protocol::sync::lock(&self.inner)
     }
 
     /// Applies changed settings; turning it off closes it.

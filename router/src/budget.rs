@@ -148,7 +148,7 @@ impl Budget {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is two counters, consistent after every statement.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        protocol::sync::lock(&self.state)
     }
 }
 

@@ -355,10 +355,7 @@ impl Destination {
 
     /// The settings the next attempt uses.
     pub fn endpoint(&self) -> Arc<Endpoint> {
-        self.endpoint
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        protocol::sync::read(&self.endpoint).clone()
     }
 
     /// Applies changed settings: attempts from now on use them; those in
@@ -370,7 +367,7 @@ impl Destination {
         policy: &Policy,
     ) -> Result<(), reqwest::Error> {
         let endpoint = Arc::new(Endpoint::new(config, policy)?);
-        *self.endpoint.write().unwrap_or_else(|p| p.into_inner()) = endpoint;
+        *protocol::sync::write(&self.endpoint) = endpoint;
         self.breaker.configure(config.breaker);
         self.throttle.set_rate(config.rate_limit_per_sec);
         let wanted = config.max_concurrency;

@@ -434,11 +434,11 @@ pub async fn run(
         match observer.measure().await {
             Ok(overview) => {
                 export(&overview);
-                *latest.lock().unwrap_or_else(|p| p.into_inner()) = overview;
+                *protocol::sync::lock(&latest) = overview;
             }
             Err(error) => {
                 tracing::debug!(%error, "Cannot measure destinations; will retry.");
-                observer.refresh_workers(&mut latest.lock().unwrap_or_else(|p| p.into_inner()));
+                observer.refresh_workers(&mut protocol::sync::lock(&latest));
             }
         }
     }

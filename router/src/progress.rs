@@ -272,7 +272,7 @@ impl Progress {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // Counters and instants only: consistent after a panic elsewhere.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        protocol::sync::lock(&self.state)
     }
 }
 
@@ -397,7 +397,7 @@ impl Workers {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u16, Arc<Progress>>> {
         // Inserts and removals only: consistent after a panic elsewhere.
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+        protocol::sync::lock(&self.running)
     }
 }
 

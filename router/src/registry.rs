@@ -52,7 +52,7 @@ impl Registry {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Snapshot> {
-        self.current.read().unwrap_or_else(|p| p.into_inner())
+        protocol::sync::read(&self.current)
     }
 
     /// The settings this router delivers with. A definition made through
@@ -175,7 +175,7 @@ impl Registry {
 
     /// Applies the catalog at `revision`.
     pub fn apply(&self, revision: u64, definitions: BTreeMap<String, Definition>) {
-        let mut snapshot = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut snapshot = protocol::sync::write(&self.current);
         if revision < snapshot.revision {
             return; // an older read finishing late
         }

@@ -148,7 +148,7 @@ impl DestinationStats {
             status,
             at_ms: protocol::unix_millis(),
         };
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+        *protocol::sync::lock(&self.last_error) = Some(error);
     }
 
     /// Counts an attempt in flight until the returned guard drops.
@@ -184,11 +184,7 @@ impl DestinationStats {
             users_in_backoff: self.users_in_backoff.load(Ordering::Relaxed),
             parked_users: self.parked_users.load(Ordering::Relaxed),
             parked_events: self.parked_events.load(Ordering::Relaxed),
-            last_error: self
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            last_error: protocol::sync::lock(&self.last_error).clone(),
         }
     }
 }

@@ -49,7 +49,7 @@ impl Throttle {
     }
 
     pub fn set_rate(&self, rate_per_sec: Option<u32>) {
-        *self.rate_per_sec.lock().unwrap_or_else(|p| p.into_inner()) = rate_per_sec;
+        *protocol::sync::lock(&self.rate_per_sec) = rate_per_sec;
     }
 
     /// A worker of the destination started (+1) or ended (-1) here.
@@ -60,13 +60,13 @@ impl Throttle {
 
     /// Holds every attempt until `duration` from now.
     pub fn hold_for(&self, duration: Duration) {
-        let mut schedule = self.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        let mut schedule = protocol::sync::lock(&self.schedule);
         schedule.held_until = schedule.held_until.max(Instant::now() + duration);
     }
 
     /// The spacing between this router's attempts, if limited.
     fn spacing(&self) -> Option<Duration> {
-        let rate = (*self.rate_per_sec.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let rate = (*protocol::sync::lock(&self.rate_per_sec))?;
         let held = self.shards_held.load(Ordering::SeqCst).max(1);
         // rate × held / shards attempts per second.
         Some(Duration::from_secs_f64(
@@ -78,7 +78,7 @@ impl Throttle {
     /// back only by time passing, which is harmless).
     pub async fn wait_turn(&self, shutdown: &CancellationToken) -> bool {
         let start = {
-            let mut schedule = self.schedule.lock().unwrap_or_else(|p| p.into_inner());
+            let mut schedule = protocol::sync::lock(&self.schedule);
             let now = Instant::now();
             let mut start = now.max(schedule.held_until);
             if let Some(spacing) = self.spacing() {

@@ -202,9 +202,7 @@ impl Wakeups {
 }
 
 fn lock(routed: &RoutedWatchers) -> std::sync::MutexGuard<'_, HashMap<String, Watcher>> {
-    routed
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    protocol::sync::lock(routed)
 }
 
 /// One worker's view of its shard's announcements of one kind.
