@@ -21,6 +21,14 @@
 //! | `<prefix>:{catalog}:revision` | string | a counter raised by every change of a definition |
 //! | `<prefix>:meta:routers` | sorted set | live router instances, scored by when their heartbeat expires |
 //! | `<prefix>:meta:paused` | set | destinations whose delivery is paused (admin API) |
+/// The routing stage's consumer group on every shard stream, and the
+/// destination part of its lease. Not a valid destination name, so it
+/// never collides with one.
+pub const ROUTING_GROUP: &str = "~routing";
+
+/// The field of a routing signal entry that names, comma-separated, the
+/// destinations that got references (only their readers are woken).
+pub const ROUTING_SIGNAL_FIELD: &str = "d";
 
 /// Builds key names under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,13 +15,14 @@
 //! - [`retry`]: the pause between tries of a failing Redis call, and the one retry loop.
 //! - [`sync`]: locks that outlive a panic (the one poison-tolerant lock helper).
 //!
-//! [`undocumented_modules`] keeps each crate's Layout list complete.
+//! - [`layout`]: the checks that keep each crate's Layout list complete and its imports layered.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod connection;
 pub mod entry;
 pub mod keys;
+pub mod layout;
 pub mod meta;
 pub mod retry;
 pub mod secret;
@@ -37,39 +38,3 @@ pub use keys::Keys;
 pub use meta::{check_persistence, ensure_shard_count, info_field, MetaError};
 pub use retry::{run_with_retries, Backoff};
 pub use shard::shard_for;
-
-/// The modules a crate root (`lib.rs` text) declares but its doc's layout
-/// list does not name as ``[`module`]``: each crate's layout test asserts
-/// there are none, so the list a newcomer reads stays complete.
-pub fn undocumented_modules(lib_rs: &str) -> Vec<String> {
-    let documented: String = lib_rs
-        .lines()
-        .filter(|line| line.starts_with("//!"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    lib_rs
-        .lines()
-        .filter_map(|line| {
-            let line = line.trim();
-            let rest = line
-                .strip_prefix("pub mod ")
-                .or_else(|| line.strip_prefix("mod "))?;
-            rest.strip_suffix(';')
-        })
-        .filter(|module| !documented.contains(&format!("[`{module}`]")))
-        .map(str::to_owned)
-        .collect()
-}
-
-#[cfg(test)]
-mod layout_tests {
-    #[test]
-    fn the_layout_names_every_module() {
-        assert_eq!(
-            super::undocumented_modules(include_str!("lib.rs")),
-            Vec::<String>::new()
-        );
-        let probe = "//! - [`a`]: one.\npub mod a;\nmod b;\n";
-        assert_eq!(super::undocumented_modules(probe), vec!["b".to_owned()]);
-    }
-}

@@ -349,7 +349,7 @@ impl Catalog {
             .arg(self.keys.routing_marks(shard))
             .arg(name)
             .arg(start)
-            .arg(crate::routing::GROUP)
+            .arg(protocol::keys::ROUTING_GROUP)
             .query_async(&mut con)
             .await?)
     }

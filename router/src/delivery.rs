@@ -527,7 +527,7 @@ mod tests {
 
     #[test]
     fn a_stale_read_of_the_paused_set_does_not_undo_a_newer_request() {
-        let config = crate::Config::defaults();
+        let config = crate::config::Config::defaults();
         let policy = Policy::new(&config.outbound).expect("default policy");
         let destination =
             Destination::new(&config.destinations[0], &policy, 16).expect("client builds");
@@ -541,7 +541,7 @@ mod tests {
 
     #[test]
     fn an_attempt_carries_the_standard_webhook_headers() {
-        let config = crate::Config::defaults();
+        let config = crate::config::Config::defaults();
         let policy = Policy::new(&config.outbound).expect("default policy");
         let mut settings = config.destinations[0].clone();
         let secret: SigningSecret = SigningSecret::generate().try_into().expect("a secret");

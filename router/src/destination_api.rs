@@ -314,7 +314,7 @@ mod tests {
     }
 
     fn lease() -> LeaseConfig {
-        crate::Config::defaults().lease
+        crate::config::Config::defaults().lease
     }
 
     fn created(body: &str) -> Result<(DestinationConfig, Start), String> {

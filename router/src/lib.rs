@@ -3,33 +3,36 @@
 //! dead-lettering what cannot be delivered, per user in order.
 //!
 //! # Layout
+//! Modules import only modules listed above them (a test checks it), from
+//! the settings up to the admin listener:
+//! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`config`]: settings and their defaults.
-//! - [`catalog`]: the destinations' definitions in Redis, the one source of truth.
-//! - [`registry`]: the destinations this router delivers to, following the catalog.
-//! - [`consumer`]: one destination's consumer group on one shard (XREADGROUP, XACK, dead letters).
-//! - [`lease`]: exclusive (shard, destination) ownership and how it is split among routers.
-//! - [`coordinator`]: acquires, renews, hands over and releases leases; starts and stops workers.
-//! - [`retention`]: trims shard streams below what every destination still needs.
-//! - [`destination_api`]: the admin API's destination bodies (create, merge-patch, masked read).
-//! - [`delivery`]: one HTTP attempt and what its answer means.
+//! - [`retry`]: the backoff policy.
+//! - [`stats`]: this router's counters per destination (metrics and admin API).
+//! - [`progress`]: what each worker waits on, and when it last got anywhere (the stall check).
 //! - [`breaker`]: the circuit breaker per destination and its probes.
 //! - [`throttle`]: the rate limit, and the holds a 429 asks for.
 //! - [`trace`]: the spans of attempts, dead-lettering and replays, in each event's trace.
-//! - [`outbound`]: where deliveries may connect (the SSRF guard).
-//! - [`retry`]: the backoff policy.
-//! - [`worker`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
-//! - [`routing`]: the routing stage: one read per shard stream, references for destinations with `event_types`.
-//! - [`wakeup`]: whether a reader blocks in its own reads, or shares one blocking read per shard that wakes it.
+//! - [`delivery`]: one HTTP attempt and what its answer means; the destination at runtime.
+//! - [`delivery_log`]: what happened to each event at each destination: written per attempt, read per event or user.
+//! - [`acks`]: acknowledgements written by group commit, with their log records.
+//! - [`catalog`]: the destinations' definitions in Redis, the one source of truth.
+//! - [`lease`]: exclusive (shard, destination) ownership and how it is split among routers.
+//! - [`registry`]: the destinations this router delivers to, following the catalog.
 //! - [`budget`]: how many entries and bytes a worker holds in memory.
 //! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.
+//! - [`consumer`]: one destination's consumer group on one shard (XREADGROUP, XACK, dead letters).
 //! - [`job`]: one entry to its terminal outcome (fetch, prepare, attempt, record).
-//! - [`acks`]: acknowledgements written by group commit, with their log records.
-//! - [`delivery_log`]: what happened to each event at each destination: written per attempt, read per event or user.
-//! - [`progress`]: what each worker waits on, and when it last got anywhere (the stall check).
-//! - [`stats`]: this router's counters per destination (metrics and admin API).
+//! - [`wakeup`]: whether a reader blocks in its own reads, or shares one blocking read per shard that wakes it.
+//! - [`worker`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
+//! - [`routing`]: the routing stage: one read per shard stream, references for destinations with `event_types`.
+//! - [`retention`]: trims shard streams below what every destination still needs.
+//! - [`coordinator`]: acquires, renews, hands over and releases leases; starts and stops workers.
 //! - [`overview`]: measures every destination (lag, pending, dead letters, owners) and applies pauses.
 //! - [`dead_letters`]: listing, replaying and deleting dead letters.
-//! - [`admin`]: the admin listener: API, [`status_page`] and `/metrics`.
+//! - [`destination_api`]: the admin API's destination bodies (create, merge-patch, masked read).
+//! - [`status_page`]: the server-rendered status page.
+//! - [`admin`]: the admin listener: API, status page and `/metrics`.
 #![forbid(unsafe_code)]
 
 pub mod acks;
@@ -531,9 +534,18 @@ mod layout_tests {
     #[test]
     fn the_layout_names_every_module() {
         assert_eq!(
-            protocol::undocumented_modules(include_str!("lib.rs")),
+            protocol::layout::undocumented_modules(include_str!("lib.rs")),
             Vec::<String>::new(),
             "add each module to the crate doc's Layout list"
+        );
+    }
+
+    #[test]
+    fn modules_import_only_modules_listed_above_them() {
+        assert_eq!(
+            protocol::layout::upward_imports_of_crate(env!("CARGO_MANIFEST_DIR")),
+            Vec::<(String, String)>::new(),
+            "(module, what it imports from below it in the Layout list)"
         );
     }
 }

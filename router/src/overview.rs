@@ -23,7 +23,6 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::delivery::Destination;
 use crate::progress::{Change, WorkerState, WorkerView};
 use crate::registry::{Known, Registry};
-use crate::routing;
 use crate::stats::Counts;
 
 /// Everything the admin API says about one destination.
@@ -167,7 +166,9 @@ impl Observer {
             .collect();
         for shard in 0..self.shards {
             let mut groups = self.groups(shard).await?;
-            let routing_lag = groups.get(routing::GROUP).map(|group| group.lag);
+            let routing_lag = groups
+                .get(protocol::keys::ROUTING_GROUP)
+                .map(|group| group.lag);
             let names = views
                 .iter()
                 .zip(&routed)

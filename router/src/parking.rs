@@ -19,6 +19,8 @@ use std::collections::{HashMap, VecDeque};
 
 use protocol::StreamId;
 
+use crate::stats::ParkedCount;
+
 /// What to do with an admitted entry.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission<E> {
@@ -39,13 +41,6 @@ pub enum Next<E> {
     Fetch(StreamId),
     /// Nothing left; the user is forgotten.
     Idle,
-}
-
-/// How much is parked, for the admin API and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ParkedCount {
-    pub users: usize,
-    pub events: usize,
 }
 
 struct UserQueue<E> {

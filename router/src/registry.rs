@@ -15,13 +15,26 @@ use crate::config::DestinationConfig;
 use crate::delivery::Destination;
 use crate::lease::LeaseId;
 use crate::outbound::Policy;
-use crate::routing;
 
 /// A destination and the definition it was built from.
 #[derive(Clone)]
 pub struct Known {
     pub destination: Arc<Destination>,
     pub definition: Arc<Definition>,
+}
+/// The defined destinations, by how they read.
+#[derive(Debug, Clone, Default)]
+pub struct Readers {
+    /// Groups on the shard streams.
+    pub direct: Vec<String>,
+    /// Groups on their reference streams ([`crate::routing`]).
+    pub routed: Vec<String>,
+}
+
+impl Readers {
+    pub fn all(&self) -> impl Iterator<Item = &String> {
+        self.direct.iter().chain(&self.routed)
+    }
 }
 
 #[derive(Default)]
@@ -105,7 +118,7 @@ impl Registry {
     /// again between two reads does not deliver from its old group's state.
     pub fn generation(&self, name: &str) -> Option<u64> {
         let snapshot = self.read();
-        if name == routing::GROUP {
+        if name == protocol::keys::ROUTING_GROUP {
             // The routing stage runs while some destination is routed.
             return Self::routes(&snapshot).then_some(0);
         }
@@ -121,8 +134,8 @@ impl Registry {
     }
 
     /// The ready destinations' names, by how they read.
-    pub fn readers(&self) -> crate::retention::Readers {
-        let mut readers = crate::retention::Readers::default();
+    pub fn readers(&self) -> Readers {
+        let mut readers = Readers::default();
         for (name, known) in &self.read().known {
             if known.definition.routed {
                 readers.routed.push(name.clone());
@@ -143,11 +156,11 @@ impl Registry {
     }
 
     /// Every (shard, destination) pair to deliver, sorted, with the pair of
-    /// each shard's routing stage ([`routing::GROUP`]) while some
+    /// each shard's routing stage ([`protocol::keys::ROUTING_GROUP`]) while some
     /// destination is routed.
     pub fn pairs(&self) -> Vec<LeaseId> {
         let snapshot = self.read();
-        let routing = Self::routes(&snapshot).then_some(routing::GROUP.to_owned());
+        let routing = Self::routes(&snapshot).then_some(protocol::keys::ROUTING_GROUP.to_owned());
         let mut pairs: Vec<LeaseId> = (0..self.shards)
             .flat_map(|shard| {
                 snapshot

@@ -18,7 +18,7 @@ use protocol::RedisConnection;
 use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::Registry;
+use crate::registry::{Readers, Registry};
 
 /// How long a group of no known destination may exist before it is
 /// reported: a destination being created, or created on another router a
@@ -110,21 +110,6 @@ pub struct Trimmed {
     pub unknown_groups: Vec<String>,
 }
 
-/// The defined destinations, by how they read.
-#[derive(Debug, Clone, Default)]
-pub struct Readers {
-    /// Groups on the shard streams.
-    pub direct: Vec<String>,
-    /// Groups on their reference streams ([`crate::routing`]).
-    pub routed: Vec<String>,
-}
-
-impl Readers {
-    fn all(&self) -> impl Iterator<Item = &String> {
-        self.direct.iter().chain(&self.routed)
-    }
-}
-
 /// Trims the stream of `shard` as far as every group allows, and the
 /// routed destinations' reference streams as far as their groups allow.
 pub async fn trim(
@@ -143,7 +128,7 @@ pub async fn trim(
         script.arg(keys.refs(shard, name));
     }
     let (removed, unknown_groups): (i64, Vec<String>) = script
-        .arg(crate::routing::GROUP)
+        .arg(protocol::keys::ROUTING_GROUP)
         .arg(readers.direct.len())
         .arg(&readers.direct)
         .arg(&readers.routed)

@@ -44,9 +44,8 @@ use crate::wakeup::Wakeup;
 use crate::worker::WorkerSettings;
 
 /// The routing stage's consumer group on every shard stream, and the
-/// destination part of its lease. Not a valid destination name, so it
-/// never collides with one.
-pub const GROUP: &str = "~routing";
+/// destination part of its lease.
+pub const GROUP: &str = protocol::keys::ROUTING_GROUP;
 
 /// Entries read and routed at a time (and per catch-up chunk).
 const BATCH: usize = 500;
@@ -56,7 +55,7 @@ const SIGNAL_CAP: u32 = 100;
 
 /// The field of a signal entry naming, comma-separated, the destinations
 /// that got references ([`crate::wakeup`] wakes only their readers).
-pub const SIGNAL_FIELD: &str = "d";
+pub const SIGNAL_FIELD: &str = protocol::keys::ROUTING_SIGNAL_FIELD;
 
 /// Routes one batch. KEYS: shard stream, routing marks, routing signal,
 /// then one reference stream per destination in ARGV. ARGV: the routing
@@ -460,7 +459,7 @@ mod tests {
     use crate::outbound::Policy;
 
     fn route(name: &str, event_types: &[&str], cut: u64) -> Route {
-        let config = crate::Config::defaults();
+        let config = crate::config::Config::defaults();
         let policy = Policy::new(&config.outbound).expect("default policy");
         let mut settings = config.destinations[0].clone();
         settings.name = name.to_owned();

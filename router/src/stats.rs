@@ -8,7 +8,12 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 
-use crate::parking::ParkedCount;
+/// How much is parked ([`crate::parking`]), for the admin API and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParkedCount {
+    pub users: usize,
+    pub events: usize,
+}
 
 /// The latest failed attempt.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]

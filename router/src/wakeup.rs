@@ -271,7 +271,9 @@ impl Announcer {
     /// Wakes the readers of the destinations a signal entry names.
     fn announce_signal(&mut self, entry: &redis::streams::StreamId) {
         self.last_signal = entry.id.parse().ok().or(self.last_signal);
-        let names: String = entry.get(crate::routing::SIGNAL_FIELD).unwrap_or_default();
+        let names: String = entry
+            .get(protocol::keys::ROUTING_SIGNAL_FIELD)
+            .unwrap_or_default();
         let routed = lock(&self.routed);
         for name in names.split(',') {
             if let Some(watcher) = routed.get(name) {

@@ -34,8 +34,9 @@ use crate::consumer::{ConsumerError, EntryContent, GroupConsumer, ReadFrom};
 use crate::delivery::Destination;
 use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::lease::LeaseGuard;
-use crate::parking::{Admission, Next, ParkedCount, UserQueues};
+use crate::parking::{Admission, Next, UserQueues};
 use crate::progress::{Progress, Wait};
+use crate::stats::ParkedCount;
 use crate::wakeup::Wakeup;
 
 /// How soon a paused destination's reader looks again for expired entries

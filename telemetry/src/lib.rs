@@ -178,7 +178,7 @@ mod layout_tests {
     #[test]
     fn the_layout_names_every_module() {
         assert_eq!(
-            protocol::undocumented_modules(include_str!("lib.rs")),
+            protocol::layout::undocumented_modules(include_str!("lib.rs")),
             Vec::<String>::new(),
             "add each module to the crate doc's Layout list"
         );
