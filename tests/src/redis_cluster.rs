@@ -317,10 +317,11 @@ impl RedisCluster {
             let Some(info) = ask_node::<String>(&node.url(), command).await else {
                 continue;
             };
+            // A reply this cannot read fails the test rather than count 0.
             let field = |name| {
                 protocol::info_field(&info, name)
                     .and_then(|value| value.parse::<usize>().ok())
-                    .unwrap_or(0)
+                    .unwrap_or_else(|| panic!("INFO clients has no readable {name}: {info}"))
             };
             clients.connected += field("connected_clients");
             clients.blocked += field("blocked_clients");
