@@ -3,66 +3,23 @@
 //! dead-lettering what cannot be delivered, per user in order.
 //!
 //! # Layout
-//! Modules import only modules listed above them (a test checks it), from
-//! the settings up to the admin listener:
+//! Folders by role, each with a Layout list of its own. A module imports
+//! only from its own folder or from those listed above it (a test checks
+//! both levels), from the settings up to the admin listener:
 //! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`config`]: settings and their defaults.
-//! - [`retry`]: the backoff policy.
-//! - [`stats`]: this router's counters per destination (metrics and admin API).
-//! - [`progress`]: what each worker waits on, and when it last got anywhere (the stall check).
-//! - [`breaker`]: the circuit breaker per destination and its probes.
-//! - [`throttle`]: the rate limit, and the holds a 429 asks for.
-//! - [`trace`]: the spans of attempts, dead-lettering and replays, in each event's trace.
-//! - [`delivery`]: one HTTP attempt and what its answer means; the destination at runtime.
-//! - [`delivery_log`]: what happened to each event at each destination: written per attempt, read per event or user.
-//! - [`acks`]: acknowledgements written by group commit, with their log records.
-//! - [`catalog`]: the destinations' definitions in Redis, the one source of truth.
-//! - [`lease`]: exclusive (shard, destination) ownership and how it is split among routers.
-//! - [`registry`]: the destinations this router delivers to, following the catalog.
-//! - [`budget`]: how many entries and bytes a worker holds in memory.
-//! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.
-//! - [`consumer`]: one destination's consumer group on one shard (XREADGROUP, XACK, dead letters).
-//! - [`job`]: one entry to its terminal outcome (fetch, prepare, attempt, record).
-//! - [`wakeup`]: whether a reader blocks in its own reads, or shares one blocking read per shard that wakes it.
-//! - [`worker`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
-//! - [`routing`]: the routing stage: one read per shard stream, references for destinations with `event_types`.
-//! - [`retention`]: trims shard streams below what every destination still needs.
-//! - [`coordinator`]: acquires, renews, hands over and releases leases; starts and stops workers.
-//! - [`overview`]: measures every destination (lag, pending, dead letters, owners) and applies pauses.
-//! - [`dead_letters`]: listing, replaying and deleting dead letters.
-//! - [`destination_api`]: the admin API's destination bodies (create, merge-patch, masked read).
-//! - [`status_page`]: the server-rendered status page.
-//! - [`admin`]: the admin listener: API, status page and `/metrics`.
+//! - [`destination`]: a destination at runtime: one HTTP attempt, retry, breaker, throttle, stats, traces.
+//! - [`control`]: the catalog, leases, the registry, the coordinator and trimming.
+//! - [`worker`]: the routing stage and the per (shard, destination) reader, dispatcher and jobs.
+//! - [`admin`]: the admin listener: API, status page, `/metrics`, and the overview they show.
 #![forbid(unsafe_code)]
 
-pub mod acks;
-pub mod admin;
-pub mod breaker;
-pub mod budget;
-pub mod catalog;
+pub(crate) mod admin;
 pub mod config;
-pub mod consumer;
-pub mod coordinator;
-pub mod dead_letters;
-pub mod delivery;
-pub mod delivery_log;
-pub mod destination_api;
-pub mod job;
-pub mod lease;
-pub mod outbound;
-pub mod overview;
-pub mod parking;
-pub mod progress;
-pub mod registry;
-pub mod retention;
-pub mod retry;
-pub mod routing;
-pub mod stats;
-pub mod status_page;
-pub mod throttle;
-pub mod trace;
-pub mod wakeup;
-pub mod worker;
+pub(crate) mod control;
+pub(crate) mod destination;
+pub(crate) mod outbound;
+pub(crate) mod worker;
 
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -74,16 +31,17 @@ use protocol::{run_with_retries, Backoff, Keys, RedisConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use admin::AdminState;
-use catalog::{Applied, Catalog, CatalogError};
+pub use admin::destinations::DestinationDoc;
+use admin::overview::{Observer, Overview, SharedOverview};
+use admin::routes::AdminState;
 pub use config::Config;
-use consumer::{Connections, GroupConsumer};
-use coordinator::{Coordinator, StartWorker};
-use lease::{LeaseGuard, LeaseId, LeaseStore};
-use overview::{Observer, Overview, SharedOverview};
-use registry::Registry;
-use wakeup::{OwnReaders, Wakeups, Watched};
-use worker::WorkerSettings;
+use control::catalog::{Applied, Catalog, CatalogError};
+use control::coordinator::{Coordinator, StartWorker};
+use control::lease::{LeaseGuard, LeaseId, LeaseStore};
+use control::registry::Registry;
+use worker::consumer::{Connections, GroupConsumer};
+use worker::pair::WorkerSettings;
+use worker::wakeup::{OwnReaders, Wakeups, Watched};
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
 /// in-flight attempts finish within the grace period, releases its leases
@@ -229,7 +187,7 @@ pub async fn run(
         destinations: Vec::new(),
     });
     let overview: SharedOverview = Arc::new(Mutex::new(first));
-    let observing = tokio::spawn(overview::run(
+    let observing = tokio::spawn(admin::overview::run(
         observer,
         overview.clone(),
         config.admin.overview_interval(),
@@ -245,7 +203,7 @@ pub async fn run(
         lease: config.lease,
         log_scan_limit: config.delivery_log.cap_per_shard(config.redis.shards),
         overview,
-        access: admin::Access::new(&config.admin),
+        access: admin::routes::Access::new(&config.admin),
     };
     if !config.admin.require_token {
         tracing::warn!(
@@ -253,9 +211,13 @@ pub async fn run(
              the admin listener can replay, delete and pause. Use this for local demos only."
         );
     }
-    let admin_server = tokio::spawn(admin::serve(admin_state, admin_listener, shutdown.clone()));
+    let admin_server = tokio::spawn(admin::routes::serve(
+        admin_state,
+        admin_listener,
+        shutdown.clone(),
+    ));
 
-    let trimmer = tokio::spawn(retention::run(
+    let trimmer = tokio::spawn(control::retention::run(
         command_connections[command_connections.len() - 1].clone(),
         keys,
         config.redis.shards,
@@ -311,7 +273,7 @@ impl StartWorker for Workers {
     }
 
     fn start(&self, lease: &LeaseId, guard: LeaseGuard, stop: CancellationToken) -> JoinHandle<()> {
-        if lease.destination == routing::GROUP {
+        if lease.destination == worker::routing::GROUP {
             return self.start_routing(lease.shard, guard, stop);
         }
         let redis = self.redis.clone();
@@ -355,7 +317,7 @@ impl StartWorker for Workers {
                 return;
             };
             let log = delivery_log.enabled.then(|| {
-                delivery_log::LogStream::new(
+                worker::delivery_log::LogStream::new(
                     keys.delivery_log(shard, &destination.name),
                     delivery_log.cap_per_shard(redis.shards),
                 )
@@ -369,7 +331,7 @@ impl StartWorker for Workers {
                 catalog,
                 log,
             );
-            worker::run(consumer, destination, wakeup, settings, guard, stop).await;
+            worker::pair::run(consumer, destination, wakeup, settings, guard, stop).await;
             // The connection of its own is given back with the worker.
             drop(own);
         })
@@ -404,7 +366,7 @@ impl Workers {
             let consumer = GroupConsumer::new(
                 &keys,
                 shard,
-                (routing::GROUP, false),
+                (worker::routing::GROUP, false),
                 &consumer_name,
                 Connections {
                     reads,
@@ -413,14 +375,14 @@ impl Workers {
                 catalog,
                 None,
             );
-            let stage = routing::Stage {
+            let stage = worker::routing::Stage {
                 consumer,
                 commands,
                 keys,
                 registry,
                 wakeup,
             };
-            routing::run(stage, settings, guard, stop).await;
+            worker::routing::run(stage, settings, guard, stop).await;
         })
     }
 }

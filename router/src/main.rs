@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
                 DestinationsCommand::List => {
                     let (_, definitions) = catalog.load().await?;
                     for definition in definitions.values() {
-                        let shown = router::destination_api::DestinationDoc::new(definition, None);
+                        let shown = router::DestinationDoc::new(definition, None);
                         println!("{}", serde_json::to_string(&shown)?);
                     }
                 }

@@ -860,7 +860,7 @@ impl TestSystem {
             .iter()
             .any(|d| !d.settings.event_types.is_empty())
         {
-            holders.extend(self.lease_holders_of(router::routing::GROUP).await);
+            holders.extend(self.lease_holders_of(protocol::keys::ROUTING_GROUP).await);
         }
         holders
     }

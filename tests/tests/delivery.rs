@@ -45,7 +45,7 @@ async fn every_event_reaches_every_destination_once_in_per_user_order() {
         .await;
     }
     // Outcomes that finish while an acknowledgement is being written go
-    // together in the next one (router/src/acks.rs).
+    // together in the next one (router/src/worker/acks.rs).
     let xacks = system.command_calls("xack").await;
     let deliveries = u64::try_from(3 * total).expect("fits");
     eprintln!("{xacks} XACK commands for {deliveries} deliveries");

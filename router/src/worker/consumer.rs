@@ -16,9 +16,9 @@ use protocol::RedisConnection;
 use protocol::{EventEntry, Keys, Replay, StreamId};
 use redis::Value;
 
-use crate::acks::{AckError, AckWriter};
-use crate::catalog::{Catalog, CatalogError};
-use crate::delivery_log::{LogStream, Record};
+use crate::control::catalog::{Catalog, CatalogError};
+use crate::worker::acks::{AckError, AckWriter};
+use crate::worker::delivery_log::{LogStream, Record};
 
 /// Where the next read starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +124,7 @@ return {{KEYS[1], entries}}
 ";
 
 /// One destination's consumer group on one shard: on the shard stream, or,
-/// for a destination with `event_types` ([`crate::routing`]), on its
+/// for a destination with `event_types` ([`crate::worker::routing`]), on its
 /// reference stream, whose entries carry the ids of the shard stream's.
 pub struct GroupConsumer {
     shard: u16,
@@ -156,7 +156,7 @@ pub struct GroupConsumer {
 pub struct Connections {
     /// For group reads: the reader's own, when it blocks in its reads, or
     /// one shared by the shard's readers, which never block (new entries
-    /// are announced by [`crate::wakeup`]). A client that sent a read again
+    /// are announced by [`crate::worker::wakeup`]). A client that sent a read again
     /// after losing its reply would skip the entries the lost reply moved
     /// into our pending list, so this connection never retries by itself:
     /// one to the shard's master on a cluster, a plain one on a single Redis.
@@ -255,7 +255,7 @@ impl GroupConsumer {
 
     /// Reads up to `count` entries. With `block`, a read of new entries
     /// waits that long for some (only on a connection of its own); without,
-    /// it returns none when nothing is new ([`crate::wakeup`] says when to
+    /// it returns none when nothing is new ([`crate::worker::wakeup`] says when to
     /// look again). A reader of references never blocks: its read is a
     /// script, which cannot.
     pub async fn read(

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LeaseConfig;
-use crate::lease::{assign, LeaseGuard, LeaseId, LeaseStore, LeaseValidity};
+use crate::control::lease::{assign, LeaseGuard, LeaseId, LeaseStore, LeaseValidity};
 
 /// The pairs to deliver, and how to start the delivery worker of one.
 pub trait StartWorker {

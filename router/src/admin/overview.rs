@@ -18,12 +18,12 @@ use serde::Serialize;
 use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{BreakerState, BreakerView};
-use crate::catalog::{Catalog, CatalogError};
-use crate::delivery::Destination;
-use crate::progress::{Change, WorkerState, WorkerView};
-use crate::registry::{Known, Registry};
-use crate::stats::Counts;
+use crate::control::catalog::{Catalog, CatalogError};
+use crate::control::registry::{Known, Registry};
+use crate::destination::breaker::{BreakerState, BreakerView};
+use crate::destination::delivery::Destination;
+use crate::destination::progress::{Change, WorkerState, WorkerView};
+use crate::destination::stats::Counts;
 
 /// Everything the admin API says about one destination.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]

@@ -1,10 +1,10 @@
 //! The routing stage (decision 0004): per shard, one task reads the shard
 //! stream once, in its own consumer group ([`GROUP`]), and adds to the
 //! reference stream of each filtered destination (one with `event_types`
-//! at its creation, [`crate::catalog::Definition::routed`]) a reference to
+//! at its creation, [`crate::control::catalog::Definition::routed`]) a reference to
 //! every entry that destination takes: an entry with the event's own id
 //! and no payload. Each filtered destination reads its reference stream in
-//! a consumer group of its own ([`crate::consumer`] answers each reference
+//! a consumer group of its own ([`crate::worker::consumer`] answers each reference
 //! with its event), so an event costs a destination that does not want it
 //! nothing but one rule check here.
 //!
@@ -17,13 +17,13 @@
 //!   dealt like any (shard, destination) pair; every read and every routing
 //!   starts only if it ends within the lease.
 //! - **Creation cut.** A destination's creation records its cut and a
-//!   routing mark at it ([`crate::catalog`]). While it has a mark, the
+//!   routing mark at it ([`crate::control::catalog`]). While it has a mark, the
 //!   stage routes it only by catching it up, before each batch: it reads
 //!   the entries between the mark and its own position again, adds the
 //!   destination's references and moves the mark, in one script per chunk,
 //!   and drops the mark once caught up; from then on the destination is
 //!   routed with every batch. Trimming
-//!   keeps everything above a mark ([`crate::retention`]).
+//!   keeps everything above a mark ([`crate::control::retention`]).
 //! - **Changes.** The rule (event types, per-event `destinations`, cut) is
 //!   the destination's as this router knows it when the batch is routed:
 //!   a PATCH of `event_types` applies from the next batch routed after the
@@ -37,11 +37,11 @@ use std::sync::Arc;
 use protocol::{Backoff, Keys, RedisConnection, StreamId};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::{ConsumerError, Entry, EntryContent, GroupConsumer, ReadFrom};
-use crate::lease::LeaseGuard;
-use crate::registry::Registry;
-use crate::wakeup::Wakeup;
-use crate::worker::WorkerSettings;
+use crate::control::lease::LeaseGuard;
+use crate::control::registry::Registry;
+use crate::worker::consumer::{ConsumerError, Entry, EntryContent, GroupConsumer, ReadFrom};
+use crate::worker::pair::WorkerSettings;
+use crate::worker::wakeup::Wakeup;
 
 /// The routing stage's consumer group on every shard stream, and the
 /// destination part of its lease.
@@ -53,10 +53,6 @@ const BATCH: usize = 500;
 /// Signal entries kept (approximately): readers need only the newest.
 const SIGNAL_CAP: u32 = 100;
 
-/// The field of a signal entry naming, comma-separated, the destinations
-/// that got references ([`crate::wakeup`] wakes only their readers).
-pub const SIGNAL_FIELD: &str = protocol::keys::ROUTING_SIGNAL_FIELD;
-
 /// Routes one batch. KEYS: shard stream, routing marks, routing signal,
 /// then one reference stream per destination in ARGV. ARGV: the routing
 /// group, the signal stream's cap, the number of entries to acknowledge,
@@ -65,7 +61,8 @@ pub const SIGNAL_FIELD: &str = protocol::keys::ROUTING_SIGNAL_FIELD;
 /// (being caught up) or whose reference stream is gone (deleted) gets
 /// nothing. One signal entry names the destinations that got references,
 /// so only their readers wake (it is written, naming none, after a batch
-/// that added nothing too). Returns how many references were added.
+/// that added nothing too), its field `protocol::keys::ROUTING_SIGNAL_FIELD`.
+/// Returns how many references were added.
 const ROUTE: &str = r"
 local acks = tonumber(ARGV[3])
 local i = 4 + acks
@@ -137,7 +134,7 @@ struct Route {
     refs: String,
     /// Entries at or below it are before its creation.
     cut: StreamId,
-    destination: Arc<crate::delivery::Destination>,
+    destination: Arc<crate::destination::delivery::Destination>,
 }
 
 /// The routing stage of one shard.
@@ -183,7 +180,8 @@ impl Stage {
     async fn prepare(&self) -> Result<StreamId, RoutingError> {
         let events = self.keys.events(self.shard());
         let position =
-            crate::catalog::ensure_group(&mut self.commands.clone(), &events, GROUP, "0").await?;
+            crate::control::catalog::ensure_group(&mut self.commands.clone(), &events, GROUP, "0")
+                .await?;
         self.consumer.claim_pending_of_others().await?;
         self.consumer.remove_idle_consumers().await?;
         Ok(position.parse().unwrap_or_default())
@@ -455,8 +453,14 @@ mod tests {
     use protocol::EventEntry;
 
     use super::*;
-    use crate::delivery::Destination;
+    use crate::destination::delivery::Destination;
     use crate::outbound::Policy;
+
+    #[test]
+    fn the_route_script_writes_the_signal_field_the_wakeups_read() {
+        let field = format!("'*', '{}',", protocol::keys::ROUTING_SIGNAL_FIELD);
+        assert!(ROUTE.contains(&field), "ROUTE must write {field}");
+    }
 
     fn route(name: &str, event_types: &[&str], cut: u64) -> Route {
         let config = crate::config::Config::defaults();

@@ -84,7 +84,7 @@ pub enum Watched<'a> {
     /// New entries of the shard stream (a group on it).
     Events,
     /// References the routing stage added for this filtered destination
-    /// ([`crate::routing`]), named by the routing signal stream.
+    /// ([`crate::worker::routing`]), named by the routing signal stream.
     Routed(&'a str),
 }
 

@@ -41,16 +41,16 @@ use tokio_util::sync::CancellationToken;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::admin::dead_letters::{DeadLetterError, DeadLetters, Page, ReplayReport, Selection};
+use crate::admin::destinations::{self, DestinationChangeDoc, DestinationDoc, NewDestinationDoc};
+use crate::admin::overview::{DestinationView, Overview, SharedOverview};
+use crate::admin::status_page;
 use crate::config::LeaseConfig;
-use crate::dead_letters::{DeadLetterError, DeadLetters, Page, ReplayReport, Selection};
-use crate::delivery::Destination;
-use crate::delivery_log::{EventLog, LogError, LogReader, Subject};
-use crate::destination_api::{self, DestinationChangeDoc, DestinationDoc, NewDestinationDoc};
+use crate::control::catalog::{Catalog, CatalogError};
+use crate::control::registry::Registry;
+use crate::destination::delivery::Destination;
 use crate::outbound::Policy;
-use crate::overview::{DestinationView, Overview, SharedOverview};
-use crate::registry::Registry;
-use crate::status_page;
+use crate::worker::delivery_log::{EventLog, LogError, LogReader, Subject};
 use protocol::config::is_valid_name;
 
 /// Most dead letters one list request returns.
@@ -553,7 +553,7 @@ async fn create(
     state: web::Data<AdminState>,
     body: web::Bytes,
 ) -> Result<HttpResponse, AdminError> {
-    let (settings, start) = destination_api::parse_create(&body, &state.policy, &state.lease)
+    let (settings, start) = destinations::parse_create(&body, &state.policy, &state.lease)
         .map_err(AdminError::Invalid)?;
     let definition = state.catalog.create(settings, start).await?;
     state.follow_catalog().await;
@@ -583,7 +583,7 @@ async fn change(
     let result = state
         .catalog
         .update(&name, |settings| {
-            match destination_api::apply_change(settings, &body, &state.policy, &state.lease) {
+            match destinations::apply_change(settings, &body, &state.policy, &state.lease) {
                 Ok(changed) => *settings = changed,
                 Err(message) => invalid = Some(message),
             }

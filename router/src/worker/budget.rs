@@ -65,6 +65,7 @@ impl Budget {
     }
 
     /// What is held now.
+    #[cfg(test)]
     pub fn held(&self) -> Amount {
         self.lock().held
     }

@@ -104,6 +104,7 @@ pub struct Pass<'a> {
 }
 
 impl Pass<'_> {
+    #[cfg(test)]
     pub fn kind(&self) -> PassKind {
         self.kind
     }

@@ -18,7 +18,7 @@ use protocol::RedisConnection;
 use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::{Readers, Registry};
+use crate::control::registry::{Readers, Registry};
 
 /// How long a group of no known destination may exist before it is
 /// reported: a destination being created, or created on another router a

@@ -8,7 +8,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 
-/// How much is parked ([`crate::parking`]), for the admin API and metrics.
+/// How much is parked ([`crate::worker::parking`]), for the admin API and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ParkedCount {
     pub users: usize,
@@ -127,7 +127,7 @@ impl DestinationStats {
         self.filtered_many(1);
     }
 
-    /// `count` entries were not routed to this destination ([`crate::routing`]).
+    /// `count` entries were not routed to this destination ([`crate::worker::routing`]).
     pub fn filtered_many(&self, count: u64) {
         self.filtered.fetch_add(count, Ordering::Relaxed);
         self.metrics.filtered.increment(count);

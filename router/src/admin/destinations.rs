@@ -1,6 +1,6 @@
 //! The bodies of the admin API's destination routes: what a create or a
 //! change may say, and what a read shows (secrets masked). Pure: the
-//! handlers in [`crate::admin`] do the I/O.
+//! handlers in [`crate::admin::routes`] do the I/O.
 
 use std::collections::BTreeMap;
 
@@ -8,10 +8,10 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use crate::catalog::{Definition, Start};
+use crate::admin::overview::DestinationView;
 use crate::config::{BreakerConfig, DestinationConfig, LeaseConfig, RetryConfig};
+use crate::control::catalog::{Definition, Start};
 use crate::outbound::Policy;
-use crate::overview::DestinationView;
 
 /// Fields a change may set; `name` is fixed at creation.
 const CHANGEABLE: [&str; 10] = [

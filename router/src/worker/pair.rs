@@ -1,8 +1,8 @@
 //! The delivery loop of one destination on one shard.
 //!
 //! A reader task fetches entries within the worker's memory budget (entries
-//! and bytes, [`crate::budget`]); the dispatcher admits them into per-user
-//! queues ([`crate::parking`]) and runs one job ([`crate::job`]) per user at
+//! and bytes, [`crate::worker::budget`]); the dispatcher admits them into per-user
+//! queues ([`crate::worker::parking`]) and runs one job ([`crate::worker::job`]) per user at
 //! a time: a user's next event starts only after the previous one's
 //! terminal outcome is recorded. Jobs of different users run concurrently,
 //! polled by the dispatcher itself (a task per job cost a spawn, a
@@ -12,7 +12,7 @@
 //! for everyone else.
 //!
 //! Every read and every attempt starts only if it ends while this router
-//! still surely holds the (shard, destination) lease; see [`crate::lease`].
+//! still surely holds the (shard, destination) lease; see [`crate::control::lease`].
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -28,16 +28,16 @@ use protocol::{Backoff, EventEntry, StreamId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::{Amount, Budget};
-use crate::catalog::CatalogError;
-use crate::consumer::{ConsumerError, EntryContent, GroupConsumer, ReadFrom};
-use crate::delivery::Destination;
-use crate::job::{self, Blocked, Held, JobContext, JobEnd, Source};
-use crate::lease::LeaseGuard;
-use crate::parking::{Admission, Next, UserQueues};
-use crate::progress::{Progress, Wait};
-use crate::stats::ParkedCount;
-use crate::wakeup::Wakeup;
+use crate::control::catalog::CatalogError;
+use crate::control::lease::LeaseGuard;
+use crate::destination::delivery::Destination;
+use crate::destination::progress::{Progress, Wait};
+use crate::destination::stats::ParkedCount;
+use crate::worker::budget::{Amount, Budget};
+use crate::worker::consumer::{ConsumerError, EntryContent, GroupConsumer, ReadFrom};
+use crate::worker::job::{self, Blocked, Held, JobContext, JobEnd, Source};
+use crate::worker::parking::{Admission, Next, UserQueues};
+use crate::worker::wakeup::Wakeup;
 
 /// How soon a paused destination's reader looks again for expired entries
 /// after the look failed.
@@ -599,7 +599,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::consumer::Entry;
+    use crate::worker::consumer::Entry;
 
     /// What a stand-in job did, at what (paused) time since the start.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,13 +14,13 @@ use serde_json::value::RawValue;
 use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::Breaker;
 use crate::config::DestinationConfig;
+use crate::destination::breaker::Breaker;
+use crate::destination::progress::Workers;
+use crate::destination::retry::RetryPolicy;
+use crate::destination::stats::DestinationStats;
+use crate::destination::throttle::Throttle;
 use crate::outbound::{refusal_of, Policy};
-use crate::progress::Workers;
-use crate::retry::RetryPolicy;
-use crate::stats::DestinationStats;
-use crate::throttle::Throttle;
 
 /// How much of an error response body is kept for the dead-letter record.
 const ERROR_BODY_BYTES: usize = 512;
@@ -143,7 +143,7 @@ pub struct Destination {
     /// Its rate limit and the pauses its 429s ask for.
     pub throttle: Throttle,
     /// Whether delivery is paused (set by the admin API, shared by all
-    /// routers through Redis; see [`crate::overview`]).
+    /// routers through Redis; see [`crate::admin::overview`]).
     paused: watch::Sender<bool>,
     /// Counts pauses and resumes requested on this router, so a read of
     /// the paused set that started before one cannot undo it.

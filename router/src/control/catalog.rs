@@ -113,7 +113,7 @@ pub struct Definition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_id: Option<String>,
     /// Whether it reads references written by the routing stage
-    /// ([`crate::routing`]) instead of a group on the shard streams:
+    /// ([`crate::worker::routing`]) instead of a group on the shard streams:
     /// decided at its creation, by whether it had `event_types` then
     /// (decision 0004). A later change of its `event_types` changes what
     /// it gets, not how it reads.
@@ -526,7 +526,7 @@ async fn destroy_groups(
     let mut removed = 0;
     for shard in 0..shards {
         // A routed destination's mark first, so the routing stage adds no
-        // reference after its stream is gone ([`crate::routing`]).
+        // reference after its stream is gone ([`crate::worker::routing`]).
         let _: i64 = redis::cmd("HDEL")
             .arg(keys.routing_marks(shard))
             .arg(destination)

@@ -18,7 +18,7 @@
 //! Legitimate waits never make a stall: a paused destination, an open
 //! circuit, the rate limit or a concurrency slot (the gates), a retry
 //! delay, and an attempt in flight (each ends by its own timeout).
-//! [`crate::overview`] checks every worker each interval, shows the result
+//! [`crate::admin::overview`] checks every worker each interval, shows the result
 //! in the admin API and on the status page, sets `router_stalled_workers`
 //! and logs a warning naming the waits when a worker becomes stalled.
 
@@ -42,7 +42,7 @@ pub enum Wait {
     Budget,
     /// The dispatcher taking a batch (busy with its jobs).
     HandOver,
-    /// Caught up: new entries to be announced ([`crate::wakeup`]), at most
+    /// Caught up: new entries to be announced ([`crate::worker::wakeup`]), at most
     /// `reader.block_ms`.
     NewEntries,
     // The jobs'.

@@ -321,7 +321,7 @@ impl DeadLetters {
                 .map(|replay| replay.event_id.clone())
                 .or_else(|| entry.field("event_id").map(str::to_owned))
                 .unwrap_or_else(|| entry.public_id());
-            spans.push(crate::trace::replay(
+            spans.push(crate::destination::trace::replay(
                 &mut event,
                 &first_event_id,
                 &self.destination,

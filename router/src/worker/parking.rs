@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 
 use protocol::StreamId;
 
-use crate::stats::ParkedCount;
+use crate::destination::stats::ParkedCount;
 
 /// What to do with an admitted entry.
 #[derive(Debug, PartialEq, Eq)]

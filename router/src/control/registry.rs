@@ -1,5 +1,5 @@
 //! The destinations this router delivers to, kept in step with the
-//! catalog in Redis ([`crate::catalog`]).
+//! catalog in Redis ([`crate::control::catalog`]).
 //!
 //! Every overview interval the router reads the catalog's revision; when it
 //! changed, it reads the definitions and applies them here: a new ready
@@ -10,10 +10,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use crate::catalog::{Catalog, CatalogError, Definition};
 use crate::config::DestinationConfig;
-use crate::delivery::Destination;
-use crate::lease::LeaseId;
+use crate::control::catalog::{Catalog, CatalogError, Definition};
+use crate::control::lease::LeaseId;
+use crate::destination::delivery::Destination;
 use crate::outbound::Policy;
 
 /// A destination and the definition it was built from.
@@ -27,7 +27,7 @@ pub struct Known {
 pub struct Readers {
     /// Groups on the shard streams.
     pub direct: Vec<String>,
-    /// Groups on their reference streams ([`crate::routing`]).
+    /// Groups on their reference streams ([`crate::worker::routing`]).
     pub routed: Vec<String>,
 }
 

@@ -27,16 +27,16 @@ use tokio::sync::{mpsc, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
-use crate::breaker::{Counted, Pass, Verdict};
-use crate::budget::{Budget, Charge};
-use crate::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
-use crate::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
-use crate::delivery_log::{Logged, Record};
-use crate::lease::LeaseGuard;
-use crate::progress::{Progress, Wait};
-use crate::retry::NextStep;
-use crate::stats::AttemptResult;
-use crate::trace::{self, AttemptTrace, Outcome};
+use crate::control::lease::LeaseGuard;
+use crate::destination::breaker::{Counted, Pass, Verdict};
+use crate::destination::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
+use crate::destination::progress::{Progress, Wait};
+use crate::destination::retry::NextStep;
+use crate::destination::stats::AttemptResult;
+use crate::destination::trace::{self, AttemptTrace, Outcome};
+use crate::worker::budget::{Budget, Charge};
+use crate::worker::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
+use crate::worker::delivery_log::{Logged, Record};
 
 /// An entry in memory with the budget it holds.
 pub struct Held {

@@ -22,7 +22,7 @@ use protocol::{EventEntry, EventId, Keys, RedisConnection, StreamId};
 use redis::Value;
 use serde::Serialize;
 
-use crate::delivery::Endpoint;
+use crate::destination::delivery::Endpoint;
 
 /// Most characters of an error kept in a record.
 const ERROR_CHARS: usize = 300;
@@ -88,7 +88,7 @@ impl<'a> Record<'a> {
             event_id,
             user: &event.user_id,
             event_type: event.event_type.as_deref(),
-            trace_id: crate::trace::trace_id(event),
+            trace_id: crate::destination::trace::trace_id(event),
             attempt,
             status: None,
             latency_ms: 0,
@@ -236,7 +236,7 @@ pub struct Subject<'a> {
     pub endpoint: &'a Endpoint,
     /// Per shard, the stream id after which its events begin.
     pub cuts: &'a [String],
-    /// Whether its group reads references ([`crate::routing`]).
+    /// Whether its group reads references ([`crate::worker::routing`]).
     pub routed: bool,
 }
 
@@ -286,7 +286,7 @@ impl LogReader {
             received_at_ms: entry.as_ref().map(|e| e.received_at_ms),
             trace_id: entry
                 .as_ref()
-                .and_then(crate::trace::trace_id)
+                .and_then(crate::destination::trace::trace_id)
                 .map(str::to_owned),
             destinations: Vec::with_capacity(subjects.len()),
         };

@@ -6,8 +6,8 @@ use std::fmt::Write;
 
 use serde::Deserialize;
 
-use crate::breaker::BreakerState;
-use crate::overview::{DestinationView, Overview};
+use crate::admin::overview::{DestinationView, Overview};
+use crate::destination::breaker::BreakerState;
 
 /// Seconds between reloads.
 const REFRESH_SECS: u32 = 2;
@@ -184,7 +184,7 @@ fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{Counts, LastError};
+    use crate::destination::stats::{Counts, LastError};
 
     #[test]
     fn page_shows_each_number_and_escapes_errors() {
@@ -201,7 +201,7 @@ mod tests {
                 revision: 11,
                 created_at_ms: 0,
                 paused: true,
-                breaker: crate::breaker::BreakerView {
+                breaker: crate::destination::breaker::BreakerView {
                     state: BreakerState::Open,
                     since_ms: 0,
                 },
@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn a_stalled_worker_shows_in_the_state() {
-        use crate::progress::{WorkerState, WorkerView};
+        use crate::destination::progress::{WorkerState, WorkerView};
         let worker = |state| WorkerView {
             shard: 0,
             started_at_ms: 0,
@@ -267,7 +267,7 @@ mod tests {
                 revision: 1,
                 created_at_ms: 0,
                 paused: false,
-                breaker: crate::breaker::BreakerView {
+                breaker: crate::destination::breaker::BreakerView {
                     state: BreakerState::Closed,
                     since_ms: 0,
                 },
