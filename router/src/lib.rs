@@ -37,6 +37,7 @@ use admin::routes::AdminState;
 pub use config::Config;
 use control::catalog::{Applied, Catalog, CatalogError};
 use control::coordinator::{Coordinator, StartWorker};
+use control::follower::Follower;
 use control::lease::{LeaseGuard, LeaseId, LeaseStore};
 use control::registry::Registry;
 use worker::consumer::{Connections, GroupConsumer};
@@ -165,19 +166,25 @@ pub async fn run(
         instance.clone(),
         config.lease.ttl(),
     );
+    let mut follower = Follower::new(
+        admin_connection.clone(),
+        keys.clone(),
+        registry.clone(),
+        catalog.clone(),
+    );
+    // Before any worker starts, so a paused destination sends nothing.
+    if let Err(error) = follower.apply_paused().await {
+        tracing::warn!(%error, "Cannot read paused destinations yet; will retry.");
+    }
+    let following = tokio::spawn(follower.run(config.admin.overview_interval(), shutdown.clone()));
     let mut observer = Observer::new(
         admin_connection.clone(),
         keys.clone(),
         config.redis.shards,
         instance.clone(),
         registry.clone(),
-        catalog.clone(),
         config.admin.stall_after(),
     );
-    // Before any worker starts, so a paused destination sends nothing.
-    if let Err(error) = observer.apply_paused().await {
-        tracing::warn!(%error, "Cannot read paused destinations yet; will retry.");
-    }
     let first = observer.measure().await.unwrap_or_else(|_| Overview {
         sequence: 0,
         measured_at_ms: 0,
@@ -241,6 +248,7 @@ pub async fn run(
         .await;
     let _ = trimmer.await;
     let _ = observing.await;
+    let _ = following.await;
     if let Ok(Err(error)) = admin_server.await {
         tracing::warn!(%error, "Admin server failed.");
     }

@@ -1,13 +1,11 @@
 //! The state of every destination, measured every interval: what Redis
 //! says (lag, pending, dead letters, lease owners, paused) and what this
 //! router counted. The admin API and the status page show the same
-//! snapshot; the Prometheus gauges are set from it.
-//!
-//! Each tick first follows the catalog (a destination created, changed or
-//! deleted on any router reaches every router within one interval), then
-//! applies the paused set in Redis (likewise for a pause).
+//! snapshot; the Prometheus gauges are set from it. Each tick also checks
+//! every worker for a stall. (Following the catalog and the paused set is
+//! [`crate::control::follower`]'s, in a task of its own.)
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +16,6 @@ use serde::Serialize;
 use telemetry::lifecycle::Ticks;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::catalog::{Catalog, CatalogError};
 use crate::control::registry::{Known, Registry};
 use crate::destination::breaker::{BreakerState, BreakerView};
 use crate::destination::delivery::Destination;
@@ -84,7 +81,6 @@ pub struct Observer {
     shards: u16,
     instance: String,
     registry: Arc<Registry>,
-    catalog: Catalog,
     /// When the last measurement was taken and each destination's
     /// delivered count then, for rates.
     previous: Option<(Instant, HashMap<String, u64>)>,
@@ -100,7 +96,6 @@ impl Observer {
         shards: u16,
         instance: String,
         registry: Arc<Registry>,
-        catalog: Catalog,
         stall_after: Duration,
     ) -> Self {
         Self {
@@ -110,29 +105,9 @@ impl Observer {
             shards,
             instance,
             registry,
-            catalog,
             previous: None,
             sequence: 0,
         }
-    }
-
-    /// Applies the catalog if it changed.
-    pub async fn follow_catalog(&self) -> Result<bool, CatalogError> {
-        self.registry.follow(&self.catalog).await
-    }
-
-    /// Reads which destinations are paused and applies it to this router.
-    pub async fn apply_paused(&mut self) -> redis::RedisResult<()> {
-        let destinations = self.registry.destinations();
-        let tokens: Vec<u64> = destinations.iter().map(|d| d.pause_token()).collect();
-        let paused: HashSet<String> = redis::cmd("SMEMBERS")
-            .arg(self.keys.paused())
-            .query_async(&mut self.con)
-            .await?;
-        for (destination, token) in destinations.iter().zip(tokens) {
-            destination.apply_paused(paused.contains(&destination.name), token);
-        }
-        Ok(())
     }
 
     /// Takes a new measurement.
@@ -425,12 +400,6 @@ pub async fn run(
 ) {
     let mut ticks = Ticks::new(every);
     while ticks.next(&shutdown).await {
-        if let Err(error) = observer.follow_catalog().await {
-            tracing::warn!(%error, "Cannot read the destinations' definitions; will retry.");
-        }
-        if let Err(error) = observer.apply_paused().await {
-            tracing::debug!(%error, "Cannot read paused destinations; will retry.");
-        }
         observer.check_stalls();
         match observer.measure().await {
             Ok(overview) => {
