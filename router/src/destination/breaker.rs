@@ -53,6 +53,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BreakerConfig;
+use crate::destination::outcome::AttemptOutcome;
 
 /// Seconds kept in the failure window's ring of one-second buckets.
 const MAX_WINDOW_SECS: usize = 600;
@@ -91,6 +92,20 @@ pub enum Verdict {
     Failed,
     /// Never finished (shutdown, lease lost): says nothing.
     Unknown,
+}
+
+impl From<&AttemptOutcome> for Verdict {
+    fn from(outcome: &AttemptOutcome) -> Self {
+        match outcome {
+            AttemptOutcome::Delivered { .. }
+            | AttemptOutcome::Dead {
+                status: Some(_), ..
+            } => Verdict::Answered,
+            AttemptOutcome::Retry { .. } => Verdict::Failed,
+            // Refused by the outbound policy: nothing was sent.
+            AttemptOutcome::Dead { status: None, .. } => Verdict::Unknown,
+        }
+    }
 }
 
 /// Leave from the breaker for one attempt. Its verdict goes back through

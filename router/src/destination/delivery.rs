@@ -15,7 +15,8 @@ use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DestinationConfig;
-use crate::destination::breaker::Breaker;
+use crate::destination::breaker::{Breaker, Pass};
+use crate::destination::outcome::AttemptOutcome;
 use crate::destination::progress::Workers;
 use crate::destination::retry::RetryPolicy;
 use crate::destination::stats::DestinationStats;
@@ -38,21 +39,6 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// Headers of a request besides the configured ones: content type, the
 /// six above, and what the client adds (`accept`, `host`, `content-length`).
 const STANDARD_HEADERS: usize = 10;
-
-/// What one attempt tells us to do next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttemptOutcome {
-    /// 2xx: done.
-    Delivered { status: u16 },
-    /// 408, 429, 5xx, timeout or connection error: try again later.
-    Retry {
-        status: Option<u16>,
-        error: String,
-        retry_after: Option<Duration>,
-    },
-    /// Any other answer: retrying cannot help.
-    Dead { status: Option<u16>, error: String },
-}
 
 /// How a destination's HTTP status is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,6 +318,14 @@ impl Endpoint {
     }
 }
 
+/// Leave to make an attempt.
+pub struct Gates<'a> {
+    pub slot: SemaphorePermit<'a>,
+    pub pass: Pass<'a>,
+    /// How long getting it took (not retry time).
+    pub waited: Duration,
+}
+
 impl Destination {
     /// A destination of a deployment with `shards` shards.
     pub fn new(
@@ -439,8 +433,41 @@ impl Destination {
         }
     }
 
+    /// Waits until this destination takes attempt number `attempt`: not paused,
+    /// its circuit letting this one through, a concurrency slot free, and its
+    /// rate limit giving a turn. Events waiting for an open circuit hold no
+    /// slot, so every one of them is a candidate for its probe; the circuit is
+    /// asked again once the slot is held, so no attempt let through before it
+    /// opened goes out after. `None` at shutdown.
+    pub async fn pass_gates(
+        &self,
+        attempt: u32,
+        shutdown: &CancellationToken,
+    ) -> Option<Gates<'_>> {
+        let arrived = Instant::now();
+        let (slot, pass) = loop {
+            // A paused destination starts no attempt; the entry stays pending.
+            if !self.wait_until_resumed(shutdown).await {
+                return None;
+            }
+            let pass = self.breaker.admit(attempt, shutdown).await?;
+            let slot = self.slot().await;
+            if pass.still_valid() {
+                break (slot, pass);
+            }
+        };
+        if !self.throttle.wait_turn(shutdown).await {
+            return None;
+        }
+        Some(Gates {
+            slot,
+            pass,
+            waited: arrived.elapsed(),
+        })
+    }
+
     /// Waits for a free concurrency slot; an attempt holds one throughout.
-    pub async fn slot(&self) -> SemaphorePermit<'_> {
+    async fn slot(&self) -> SemaphorePermit<'_> {
         self.in_flight
             .acquire()
             .await

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! Modules import only modules listed above them (a test checks it):
+//! - [`outcome`]: what an attempt's answer says, and what became of the event.
 //! - [`retry`]: the backoff policy.
 //! - [`stats`]: this router's counters per destination (metrics and admin API).
 //! - [`progress`]: what each worker waits on, and when it last got anywhere (the stall check).
@@ -14,6 +15,7 @@
 
 pub(crate) mod breaker;
 pub(crate) mod delivery;
+pub(crate) mod outcome;
 pub(crate) mod progress;
 pub(crate) mod retry;
 pub(crate) mod stats;

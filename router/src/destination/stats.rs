@@ -8,6 +8,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 
+use crate::destination::outcome::Fate;
+
 /// How much is parked ([`crate::worker::parking`]), for the admin API and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ParkedCount {
@@ -69,14 +71,6 @@ struct Metrics {
     parked_events: Gauge,
 }
 
-/// How an attempt ended, for the attempt latency histogram.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptResult {
-    Delivered,
-    Retry,
-    Dead,
-}
-
 impl DestinationStats {
     pub fn new(destination: &str) -> Self {
         let name = destination.to_owned();
@@ -134,15 +128,15 @@ impl DestinationStats {
     }
 
     /// One attempt finished after `latency`.
-    pub fn attempted(&self, result: AttemptResult, latency: Duration) {
-        let histogram = match result {
-            AttemptResult::Delivered => &self.metrics.attempt_delivered,
-            AttemptResult::Retry => {
+    pub fn attempted(&self, fate: Fate, latency: Duration) {
+        let histogram = match fate {
+            Fate::Delivered => &self.metrics.attempt_delivered,
+            Fate::Retry => {
                 self.retried.fetch_add(1, Ordering::Relaxed);
                 self.metrics.retried.increment(1);
                 &self.metrics.attempt_retry
             }
-            AttemptResult::Dead => &self.metrics.attempt_dead,
+            Fate::Dead => &self.metrics.attempt_dead,
         };
         histogram.record(latency.as_secs_f64());
     }
@@ -235,7 +229,7 @@ mod tests {
     #[test]
     fn retries_count_and_failures_are_remembered() {
         let stats = DestinationStats::new("crm");
-        stats.attempted(AttemptResult::Retry, Duration::from_millis(5));
+        stats.attempted(Fate::Retry, Duration::from_millis(5));
         stats.failed("HTTP 503", Some(503));
         stats.delivered(Duration::from_millis(20));
         let counts = stats.counts();

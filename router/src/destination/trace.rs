@@ -12,6 +12,8 @@ use protocol::{EventEntry, TraceContext};
 use telemetry::traces;
 use tracing::Span;
 
+use crate::destination::outcome::Fate;
+
 /// The span of one attempt (disabled when not exported) and the context
 /// its request carries.
 pub(crate) struct AttemptTrace {
@@ -46,8 +48,7 @@ fn join(span: &Span, event: &EventEntry) -> Option<TraceContext> {
 
 /// What an attempt came to, for its span.
 pub(crate) struct Outcome<'a> {
-    /// `delivered`, `retry` or `dead`.
-    pub outcome: &'static str,
+    pub fate: Fate,
     pub status: Option<u16>,
     pub latency: Duration,
     pub error: Option<&'a str>,
@@ -107,7 +108,7 @@ impl AttemptTrace {
         if span.is_disabled() {
             return;
         }
-        span.record("outcome", outcome.outcome);
+        span.record("outcome", outcome.fate.as_str());
         span.record("latency_ms", outcome.latency.as_millis() as u64);
         if let Some(status) = outcome.status {
             span.record("http.response.status_code", status);

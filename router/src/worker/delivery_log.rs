@@ -23,13 +23,14 @@ use redis::Value;
 use serde::Serialize;
 
 use crate::destination::delivery::Endpoint;
+use crate::destination::outcome::Fate;
 
 /// Most characters of an error kept in a record.
 const ERROR_CHARS: usize = 300;
 /// Log entries read per round trip while scanning.
 const SCAN_PAGE: usize = 500;
 
-/// How an attempt ended, as the log records it.
+/// How an attempt ended, as the log records it: its [`Fate`], or filtered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Logged {
@@ -40,6 +41,16 @@ pub enum Logged {
     DeadLettered,
     /// Not for this destination; acknowledged without an attempt.
     Filtered,
+}
+
+impl From<Fate> for Logged {
+    fn from(fate: Fate) -> Self {
+        match fate {
+            Fate::Delivered => Logged::Delivered,
+            Fate::Retry => Logged::Retry,
+            Fate::Dead => Logged::DeadLettered,
+        }
+    }
 }
 
 impl Logged {

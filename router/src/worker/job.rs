@@ -23,16 +23,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use protocol::{Backoff, EventEntry, EventId, StreamId};
-use tokio::sync::{mpsc, SemaphorePermit};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
 use crate::control::lease::LeaseGuard;
-use crate::destination::breaker::{Counted, Pass, Verdict};
-use crate::destination::delivery::{request_body, AttemptOutcome, Destination, Endpoint};
+use crate::destination::breaker::{Counted, Verdict};
+use crate::destination::delivery::{request_body, Destination, Endpoint, Gates};
+use crate::destination::outcome::{AttemptOutcome, Fate};
 use crate::destination::progress::{Progress, Wait};
 use crate::destination::retry::NextStep;
-use crate::destination::stats::AttemptResult;
 use crate::destination::trace::{self, AttemptTrace, Outcome};
 use crate::worker::budget::{Budget, Charge};
 use crate::worker::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
@@ -104,6 +104,28 @@ struct Request<'a> {
     body: Bytes,
     /// When the event's age starts: its acceptance, or for a replay the replay.
     age_from_ms: u64,
+}
+
+/// An attempt that was sent, besides what it was answered.
+struct Sent {
+    latency: Duration,
+    /// The settings it was sent under.
+    endpoint: Arc<Endpoint>,
+    trace: AttemptTrace,
+    /// Since the event's first attempt (retry time and time at the gates).
+    since_first_attempt: Duration,
+}
+
+impl Sent {
+    fn latency_ms(&self) -> u64 {
+        u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A failed attempt's answer.
+struct Failure {
+    status: Option<u16>,
+    error: String,
 }
 
 /// What to do after an attempt.
@@ -273,7 +295,8 @@ impl Job {
         }
     }
 
-    /// One attempt and what follows from its outcome.
+    /// One attempt and what follows from its outcome: wait at the gates
+    /// (or expire there), send, then handle the answer.
     /// `prepared_with` is the settings the request was prepared under.
     async fn attempt(
         &mut self,
@@ -282,32 +305,83 @@ impl Job {
         attempt: u32,
         prepared_with: &Endpoint,
     ) -> Step {
-        let destination = &self.context.destination;
-        let stats = &destination.stats;
-        let max_age = prepared_with.max_age;
-        if expired(request.age_from_ms, max_age) {
-            return Step::Done(self.expire(entry, request, attempt).await);
-        }
-        let progress = &self.context.progress;
-        let waiting = progress.enter(Wait::Gates);
-        // The event's age keeps counting while it waits for a paused
-        // destination, an open circuit or the rate limit.
-        let expiry = time_left(request.age_from_ms, max_age).map(|left| Instant::now() + left);
-        let at_gates = tokio::select! {
-            gates = pass_gates(destination, attempt, &self.context.shutdown) => {
-                gates.map_or(AtGates::Shutdown, AtGates::Passed)
-            }
-            () = sleep_until(expiry) => AtGates::Expired,
-        };
-        drop(waiting);
-        let Gates { slot, pass, waited } = match at_gates {
+        // Its own handle, so the gates it lends outlive no borrow of the job.
+        let destination = Arc::clone(&self.context.destination);
+        let gates = match self
+            .pass_gates(&destination, request, attempt, prepared_with)
+            .await
+        {
             AtGates::Passed(gates) => gates,
             AtGates::Expired => return Step::Done(self.expire(entry, request, attempt).await),
             AtGates::Shutdown => return Step::Done(JobEnd::Abandoned),
         };
-        if self.first_attempt.is_some() {
-            self.held_at_gates += waited;
+        let Some((outcome, sent)) = self.send(&destination, request, attempt, gates).await else {
+            return Step::Done(JobEnd::Abandoned);
+        };
+        let (failure, next) = match outcome {
+            AttemptOutcome::Delivered { status } => {
+                return Step::Done(
+                    self.on_delivered(entry, request, attempt, status, sent)
+                        .await,
+                );
+            }
+            AttemptOutcome::Retry {
+                status,
+                error,
+                retry_after,
+            } => {
+                let elapsed = sent.since_first_attempt.saturating_sub(self.held_at_gates);
+                let next = sent
+                    .endpoint
+                    .retry
+                    .after_failure(attempt, elapsed, retry_after);
+                (Failure { status, error }, next)
+            }
+            AttemptOutcome::Dead { status, error } => (Failure { status, error }, NextStep::GiveUp),
+        };
+        self.on_failed(entry, request, attempt, failure, next, sent)
+            .await
+    }
+
+    /// Waits until the destination takes the attempt (not paused, circuit,
+    /// slot, rate limit), unless the event reaches its `max_age_ms` first:
+    /// its age keeps counting while it waits.
+    async fn pass_gates<'d>(
+        &mut self,
+        destination: &'d Destination,
+        request: &Request<'_>,
+        attempt: u32,
+        prepared_with: &Endpoint,
+    ) -> AtGates<'d> {
+        let max_age = prepared_with.max_age;
+        if expired(request.age_from_ms, max_age) {
+            return AtGates::Expired;
         }
+        let _waiting = self.context.progress.enter(Wait::Gates);
+        let expiry = time_left(request.age_from_ms, max_age).map(|left| Instant::now() + left);
+        let at_gates = tokio::select! {
+            gates = destination.pass_gates(attempt, &self.context.shutdown) => {
+                gates.map_or(AtGates::Shutdown, AtGates::Passed)
+            }
+            () = sleep_until(expiry) => AtGates::Expired,
+        };
+        if let (AtGates::Passed(gates), Some(_)) = (&at_gates, self.first_attempt) {
+            self.held_at_gates += gates.waited;
+        }
+        at_gates
+    }
+    /// Sends the attempt, once the lease surely outlasts it; `None` if the
+    /// lease is going or shutdown came first. Tells the breaker (and, for
+    /// a 429 with `Retry-After`, the throttle) what the answer said.
+    async fn send(
+        &mut self,
+        destination: &Destination,
+        request: &Request<'_>,
+        attempt: u32,
+        gates: Gates<'_>,
+    ) -> Option<(AttemptOutcome, Sent)> {
+        let Gates { slot, pass, .. } = gates;
+        let progress = &self.context.progress;
         // The settings as they are now: a change made while this waited applies.
         let endpoint = destination.endpoint();
         // The attempt must be over before the lease could pass to another
@@ -319,12 +393,12 @@ impl Job {
             .await
         {
             // The pass, dropped, tells the breaker nothing came of it.
-            return Step::Done(JobEnd::Abandoned);
+            return None;
         }
         drop(waiting);
         let first_attempt = *self.first_attempt.get_or_insert_with(Instant::now);
         progress.job_progressed();
-        let in_flight = stats.attempt_in_flight();
+        let in_flight = destination.stats.attempt_in_flight();
         let waiting = progress.enter(Wait::Sending);
         let trace = AttemptTrace::start(
             request.event,
@@ -342,10 +416,8 @@ impl Job {
                 trace.header(request.event),
             )
             .await;
-        drop(waiting);
-        drop(in_flight);
-        drop(slot);
-        pass.record(verdict(&outcome), &mut self.counted);
+        drop((waiting, in_flight, slot));
+        pass.record(Verdict::from(&outcome), &mut self.counted);
         if let AttemptOutcome::Retry {
             status: Some(429),
             retry_after: Some(retry_after),
@@ -357,93 +429,119 @@ impl Job {
                 .throttle
                 .hold_for((*retry_after).min(endpoint.retry.max_delay()));
         }
-        let elapsed = first_attempt.elapsed().saturating_sub(self.held_at_gates);
-        let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
-        let (status, error, next) = match outcome {
-            AttemptOutcome::Delivered { status } => {
-                // Debug: at info, a line (and a span) per delivery would cost
-                // more CPU than the rest of its bookkeeping. Failures stay at
-                // info and warn.
-                tracing::debug!(
-                    parent: self.span(Some(request)),
-                    attempt,
-                    status,
-                    latency_ms,
-                    outcome = "delivered",
-                    "Delivery attempt."
-                );
-                trace.finish(&Outcome {
-                    outcome: "delivered",
-                    status: Some(status),
-                    latency,
-                    error: None,
-                    retry_delay: None,
-                });
-                stats.attempted(AttemptResult::Delivered, latency);
-                let consumer = &self.context.consumer;
-                let record = Record {
-                    status: Some(status),
-                    latency_ms,
-                    ..Record::of(&request.event_id, request.event, attempt, Logged::Delivered)
-                };
-                let end = self.record(|| consumer.delivered(entry, &record)).await;
-                stats.delivered(age_since(request.age_from_ms));
-                return Step::Done(end);
-            }
-            AttemptOutcome::Retry {
-                status,
-                error,
-                retry_after,
-            } => {
-                let next = endpoint.retry.after_failure(attempt, elapsed, retry_after);
-                (status, error, next)
-            }
-            AttemptOutcome::Dead { status, error } => (status, error, NextStep::GiveUp),
+        let sent = Sent {
+            latency,
+            endpoint,
+            trace,
+            since_first_attempt: first_attempt.elapsed(),
         };
-        stats.failed(&error, status);
-        let mut record = Record {
+        Some((outcome, sent))
+    }
+
+    /// A 2xx: records the delivery (and the acknowledgement with it).
+    async fn on_delivered(
+        &self,
+        entry: &Entry,
+        request: &Request<'_>,
+        attempt: u32,
+        status: u16,
+        sent: Sent,
+    ) -> JobEnd {
+        let stats = &self.context.destination.stats;
+        let latency_ms = sent.latency_ms();
+        // Debug: at info, a line (and a span) per delivery would cost more
+        // CPU than the rest of its bookkeeping. Failures stay at info and warn.
+        tracing::debug!(
+            parent: self.span(Some(request)),
+            attempt,
             status,
             latency_ms,
-            error: Some(&error),
-            ..Record::of(&request.event_id, request.event, attempt, Logged::Retry)
+            outcome = Fate::Delivered.as_str(),
+            "Delivery attempt."
+        );
+        sent.trace.finish(&Outcome {
+            fate: Fate::Delivered,
+            status: Some(status),
+            latency: sent.latency,
+            error: None,
+            retry_delay: None,
+        });
+        stats.attempted(Fate::Delivered, sent.latency);
+        let consumer = &self.context.consumer;
+        let record = Record {
+            status: Some(status),
+            latency_ms,
+            ..Record::of(
+                &request.event_id,
+                request.event,
+                attempt,
+                Fate::Delivered.into(),
+            )
         };
-        let NextStep::RetryAfter(delay) = next else {
-            tracing::warn!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, outcome = "dead", "Delivery attempt.");
-            trace.finish(&Outcome {
-                outcome: "dead",
-                status,
-                latency,
-                error: Some(&error),
-                retry_delay: None,
-            });
-            stats.attempted(AttemptResult::Dead, latency);
-            record.outcome = Logged::DeadLettered;
+        let end = self.record(|| consumer.delivered(entry, &record)).await;
+        stats.delivered(age_since(request.age_from_ms));
+        end
+    }
+
+    /// A failed attempt: dead-letters the event when `next` gives up, or
+    /// records the retry and says how long to wait before the next.
+    async fn on_failed(
+        &self,
+        entry: &Entry,
+        request: &Request<'_>,
+        attempt: u32,
+        failure: Failure,
+        next: NextStep,
+        sent: Sent,
+    ) -> Step {
+        let stats = &self.context.destination.stats;
+        let Failure { status, error } = failure;
+        let error = error.as_str();
+        stats.failed(error, status);
+        let latency_ms = sent.latency_ms();
+        let fate = match next {
+            NextStep::RetryAfter(_) => Fate::Retry,
+            NextStep::GiveUp => Fate::Dead,
+        };
+        let record = Record {
+            status,
+            latency_ms,
+            error: Some(error),
+            ..Record::of(&request.event_id, request.event, attempt, fate.into())
+        };
+        // A retry due after the event expires waits only until then.
+        let delay = match next {
+            NextStep::RetryAfter(delay) => Some(
+                time_left(request.age_from_ms, sent.endpoint.max_age)
+                    .map_or(delay, |left| delay.min(left)),
+            ),
+            NextStep::GiveUp => None,
+        };
+        sent.trace.finish(&Outcome {
+            fate,
+            status,
+            latency: sent.latency,
+            error: Some(error),
+            retry_delay: delay,
+        });
+        stats.attempted(fate, sent.latency);
+        let Some(delay) = delay else {
+            tracing::warn!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, outcome = fate.as_str(), "Delivery attempt.");
             let end = self
                 .dead_letter(
                     entry,
                     &request.event_id,
                     attempt,
                     status,
-                    &error,
+                    error,
                     Some(&record),
                 )
                 .await;
             return Step::Done(end);
         };
-        // A retry due after the event expires waits only until then.
-        let delay =
-            time_left(request.age_from_ms, endpoint.max_age).map_or(delay, |left| delay.min(left));
-        trace.finish(&Outcome {
-            outcome: "retry",
-            status,
-            latency,
-            error: Some(&error),
-            retry_delay: Some(delay),
-        });
-        stats.attempted(AttemptResult::Retry, latency);
         self.context.consumer.record_retry(&record).await;
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        tracing::info!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, delay_ms, outcome = "retry", "Delivery attempt.");
+        tracing::info!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, delay_ms, outcome = fate.as_str(), "Delivery attempt.");
         Step::RetryAfter(delay)
     }
 
@@ -462,7 +560,7 @@ impl Job {
                 &request.event_id,
                 request.event,
                 attempt - 1,
-                Logged::DeadLettered,
+                Fate::Dead.into(),
             )
         };
         self.dead_letter(
@@ -584,60 +682,6 @@ enum AtGates<'a> {
     /// It reached its destination's `max_age_ms` first.
     Expired,
     Shutdown,
-}
-
-/// Leave to make an attempt.
-struct Gates<'a> {
-    slot: SemaphorePermit<'a>,
-    pass: Pass<'a>,
-    /// How long getting it took (not retry time).
-    waited: Duration,
-}
-
-/// Waits until `destination` takes attempt number `attempt`: not paused,
-/// its circuit letting this one through, a concurrency slot free, and its
-/// rate limit giving a turn. Events waiting for an open circuit hold no
-/// slot, so every one of them is a candidate for its probe; the circuit is
-/// asked again once the slot is held, so no attempt let through before it
-/// opened goes out after. `None` at shutdown.
-async fn pass_gates<'a>(
-    destination: &'a Destination,
-    attempt: u32,
-    shutdown: &CancellationToken,
-) -> Option<Gates<'a>> {
-    let arrived = Instant::now();
-    let (slot, pass) = loop {
-        // A paused destination starts no attempt; the entry stays pending.
-        if !destination.wait_until_resumed(shutdown).await {
-            return None;
-        }
-        let pass = destination.breaker.admit(attempt, shutdown).await?;
-        let slot = destination.slot().await;
-        if pass.still_valid() {
-            break (slot, pass);
-        }
-    };
-    if !destination.throttle.wait_turn(shutdown).await {
-        return None;
-    }
-    Some(Gates {
-        slot,
-        pass,
-        waited: arrived.elapsed(),
-    })
-}
-
-/// What an attempt's outcome tells the circuit breaker.
-fn verdict(outcome: &AttemptOutcome) -> Verdict {
-    match outcome {
-        AttemptOutcome::Delivered { .. }
-        | AttemptOutcome::Dead {
-            status: Some(_), ..
-        } => Verdict::Answered,
-        AttemptOutcome::Retry { .. } => Verdict::Failed,
-        // Refused by the outbound policy: nothing was sent.
-        AttemptOutcome::Dead { status: None, .. } => Verdict::Unknown,
-    }
 }
 
 fn event_id(shard: u16, stream_id: StreamId) -> String {
