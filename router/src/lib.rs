@@ -55,204 +55,296 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Installed before the first delivery so no count is lost.
     telemetry::metrics();
-    let keys = Keys::new(config.redis.key_prefix.clone());
-    let Some(commands) = connect(&config.redis, &shutdown, Connection::Commands).await? else {
-        return Ok(());
-    };
-    let prepare = || {
-        let mut con = commands.clone();
-        let (keys, config) = (&keys, &config);
-        async move { prepare_redis(&mut con, keys, config).await }
-    };
-    let prepared = run_with_retries(
-        "Redis not ready for start-up",
-        Backoff::STARTUP,
-        &shutdown,
-        protocol::MetaError::is_transient,
-        prepare,
-    )
-    .await
-    .context("refusing to start")?;
-    if prepared.is_none() {
-        return Ok(());
-    }
-    let mut command_connections = vec![commands];
-    while command_connections.len() < config.redis.connections {
-        let Some(connection) = connect(&config.redis, &shutdown, Connection::Commands).await?
-        else {
-            return Ok(());
-        };
-        command_connections.push(connection);
-    }
-
-    // Its own connection, so a large replay does not delay acknowledgements.
-    let Some(admin_connection) = connect(&config.redis, &shutdown, Connection::Commands).await?
-    else {
-        return Ok(());
-    };
-
-    let policy = outbound::Policy::new(&config.outbound).map_err(anyhow::Error::msg)?;
-    let catalog = Catalog::new(admin_connection.clone(), keys.clone(), config.redis.shards);
-    let seed = || {
-        let catalog = &catalog;
-        let config = &config;
-        async move {
-            catalog
-                .apply(&config.destinations, config.unlisted_destinations)
-                .await
+    match Router::build(config, &shutdown).await {
+        Ok(router) => {
+            router.run(admin_listener, shutdown).await;
+            Ok(())
         }
+        // Shutdown came while it was still waiting for Redis.
+        Err(Start::Stopped) => Ok(()),
+        Err(Start::Failed(error)) => Err(error),
+    }
+}
+
+/// Why a router did not start.
+enum Start {
+    /// Shutdown came first.
+    Stopped,
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Start {
+    fn from(error: anyhow::Error) -> Self {
+        Start::Failed(error)
+    }
+}
+
+/// `Stopped` for what a retry loop gave up on at shutdown.
+fn unless_stopped<T>(done: Option<T>) -> Result<T, Start> {
+    done.ok_or(Start::Stopped)
+}
+
+/// A router connected to a prepared Redis, following the catalog, ready to
+/// take its share of the leases.
+struct Router {
+    config: Config,
+    keys: Keys,
+    /// Names its consumers in every group.
+    consumer_name: String,
+    /// This run of it: its leases' holder.
+    instance: String,
+    command_connections: Vec<RedisConnection>,
+    /// Its own connection, so a large replay does not delay acknowledgements.
+    admin_connection: RedisConnection,
+    policy: outbound::Policy,
+    catalog: Catalog,
+    registry: Arc<Registry>,
+}
+
+impl Router {
+    /// Connects (waiting for Redis while it is unreachable), checks and
+    /// prepares Redis, applies the configured destinations and reads the
+    /// catalog.
+    async fn build(config: Config, shutdown: &CancellationToken) -> Result<Self, Start> {
+        let keys = Keys::new(config.redis.key_prefix.clone());
+        let commands =
+            unless_stopped(connect(&config.redis, shutdown, Connection::Commands).await?)?;
+        let prepare = || {
+            let mut con = commands.clone();
+            let (keys, config) = (&keys, &config);
+            async move { prepare_redis(&mut con, keys, config).await }
+        };
+        let prepared = run_with_retries(
+            "Redis not ready for start-up",
+            Backoff::STARTUP,
+            shutdown,
+            protocol::MetaError::is_transient,
+            prepare,
+        )
+        .await
+        .context("refusing to start")?;
+        unless_stopped(prepared)?;
+        let mut command_connections = vec![commands];
+        while command_connections.len() < config.redis.connections {
+            let made = connect(&config.redis, shutdown, Connection::Commands).await?;
+            command_connections.push(unless_stopped(made)?);
+        }
+        let admin_connection =
+            unless_stopped(connect(&config.redis, shutdown, Connection::Commands).await?)?;
+        let policy = outbound::Policy::new(&config.outbound).map_err(anyhow::Error::msg)?;
+        let catalog = Catalog::new(admin_connection.clone(), keys.clone(), config.redis.shards);
+        let registry = Arc::new(Registry::new(
+            policy.clone(),
+            config.redis.shards,
+            config.lease.assured_ms(),
+        ));
+        load_destinations(&config, &catalog, &registry, shutdown).await?;
+        let consumer_name = config.consumer_name();
+        let instance = format!("{consumer_name}#{:08x}", fastrand::u32(..));
+        Ok(Self {
+            config,
+            keys,
+            consumer_name,
+            instance,
+            command_connections,
+            admin_connection,
+            policy,
+            catalog,
+            registry,
+        })
+    }
+
+    /// Runs the background tasks and the coordinator until shutdown.
+    async fn run(self, admin_listener: TcpListener, shutdown: CancellationToken) {
+        let background = self.spawn_background(admin_listener, &shutdown).await;
+        tracing::info!(
+            destinations = self.registry.names().len(),
+            shards = self.config.redis.shards,
+            consumer = %self.consumer_name,
+            instance = %self.instance,
+            "Router started; acquiring its share of the (shard, destination) leases."
+        );
+        let leases = LeaseStore::new(
+            self.command_connections[0].clone(),
+            self.keys.clone(),
+            self.instance.clone(),
+            self.config.lease.ttl(),
+        );
+        Coordinator::new(leases, self.config.lease, self.workers(&shutdown))
+            .run(shutdown.clone())
+            .await;
+        for task in background.tasks {
+            let _ = task.await;
+        }
+        if let Ok(Err(error)) = background.admin_server.await {
+            tracing::warn!(%error, "Admin server failed.");
+        }
+        tracing::info!("Router stopped; leases released.");
+    }
+
+    fn workers(&self, shutdown: &CancellationToken) -> Workers {
+        let config = &self.config;
+        let block = Duration::from_millis(config.reader.block_ms);
+        Workers {
+            reads: ReadConnections::new(&config.redis, self.keys.clone()),
+            wakeups: Wakeups::new(
+                config.redis.clone(),
+                self.keys.clone(),
+                block,
+                shutdown.clone(),
+            ),
+            own_readers: OwnReaders::new(config.reader.own_connections),
+            redis: config.redis.clone(),
+            keys: self.keys.clone(),
+            consumer_name: self.consumer_name.clone(),
+            registry: self.registry.clone(),
+            catalog: self.catalog.clone(),
+            delivery_log: config.delivery_log,
+            command_connections: self.command_connections.clone(),
+            settings: WorkerSettings {
+                batch_size: config.reader.batch_size,
+                block,
+                // A blocking read's reply may take the whole block time, plus the usual margin.
+                read_span: block + config.redis.timeout(),
+                window: config.reader.window,
+                max_bytes: config.reader.max_bytes_per_worker(config.redis.shards),
+                max_queued_per_user: config.reader.max_queued_per_user,
+                shutdown_grace: config.shutdown_grace(),
+            },
+        }
+    }
+
+    /// Follows the catalog and pauses, measures the overview, serves the
+    /// admin listener and trims, each a task of its own.
+    async fn spawn_background(
+        &self,
+        admin_listener: TcpListener,
+        shutdown: &CancellationToken,
+    ) -> Background {
+        let config = &self.config;
+        let mut follower = Follower::new(
+            self.admin_connection.clone(),
+            self.keys.clone(),
+            self.registry.clone(),
+            self.catalog.clone(),
+        );
+        // Before any worker starts, so a paused destination sends nothing.
+        if let Err(error) = follower.apply_paused().await {
+            tracing::warn!(%error, "Cannot read paused destinations yet; will retry.");
+        }
+        let following =
+            tokio::spawn(follower.run(config.admin.overview_interval(), shutdown.clone()));
+        let overview = self.first_overview().await;
+        let observing = tokio::spawn(admin::overview::run(
+            overview.0,
+            overview.1.clone(),
+            config.admin.overview_interval(),
+            shutdown.clone(),
+        ));
+        let admin_state = AdminState {
+            keys: self.keys.clone(),
+            shards: config.redis.shards,
+            con: self.admin_connection.clone(),
+            registry: self.registry.clone(),
+            catalog: self.catalog.clone(),
+            policy: self.policy.clone(),
+            lease: config.lease,
+            log_scan_limit: config.delivery_log.cap_per_shard(config.redis.shards),
+            overview: overview.1,
+            access: admin::routes::Access::new(&config.admin),
+        };
+        if !config.admin.require_token {
+            tracing::warn!(
+                "ADMIN AUTHENTICATION IS OFF (admin.require_token = false): anyone who can reach \
+                 the admin listener can replay, delete and pause. Use this for local demos only."
+            );
+        }
+        let admin_server = tokio::spawn(admin::routes::serve(
+            admin_state,
+            admin_listener,
+            shutdown.clone(),
+        ));
+        let trimmer = tokio::spawn(control::retention::run(
+            self.command_connections[self.command_connections.len() - 1].clone(),
+            self.keys.clone(),
+            config.redis.shards,
+            self.registry.clone(),
+            config
+                .delivery_log
+                .enabled
+                .then(|| config.delivery_log.retention()),
+            Duration::from_millis(config.retention.trim_interval_ms),
+            shutdown.clone(),
+        ));
+        Background {
+            tasks: vec![trimmer, observing, following],
+            admin_server,
+        }
+    }
+
+    /// The overview's observer, and its first measurement (empty if Redis
+    /// did not answer) for the admin API to show until the next.
+    async fn first_overview(&self) -> (Observer, SharedOverview) {
+        let mut observer = Observer::new(
+            self.admin_connection.clone(),
+            self.keys.clone(),
+            self.config.redis.shards,
+            self.instance.clone(),
+            self.registry.clone(),
+            self.config.admin.stall_after(),
+        );
+        let first = observer.measure().await.unwrap_or_else(|_| Overview {
+            sequence: 0,
+            measured_at_ms: 0,
+            instance: self.instance.clone(),
+            shards: self.config.redis.shards,
+            revision: self.registry.revision(),
+            destinations: Vec::new(),
+        });
+        (observer, Arc::new(Mutex::new(first)))
+    }
+}
+
+/// The router's tasks beside its workers, awaited at shutdown.
+struct Background {
+    tasks: Vec<JoinHandle<()>>,
+    admin_server: JoinHandle<std::io::Result<()>>,
+}
+
+/// Applies the configured destinations to the catalog, then reads it into
+/// the registry, waiting while Redis cannot answer.
+async fn load_destinations(
+    config: &Config,
+    catalog: &Catalog,
+    registry: &Registry,
+    shutdown: &CancellationToken,
+) -> Result<(), Start> {
+    let seed = || async {
+        catalog
+            .apply(&config.destinations, config.unlisted_destinations)
+            .await
     };
-    let Some(applied) = run_with_retries(
+    let applied = run_with_retries(
         "Cannot apply the configured destinations yet",
         Backoff::STARTUP,
-        &shutdown,
+        shutdown,
         CatalogError::is_transient,
         seed,
     )
     .await
-    .context("cannot apply the configured destinations")?
-    else {
-        return Ok(());
-    };
-    log_applied(&applied);
-    let registry = Arc::new(Registry::new(
-        policy.clone(),
-        config.redis.shards,
-        config.lease.assured_ms(),
-    ));
-    let follow = || registry.follow(&catalog);
-    if run_with_retries(
+    .context("cannot apply the configured destinations")?;
+    log_applied(&unless_stopped(applied)?);
+    let follow = || registry.follow(catalog);
+    let followed = run_with_retries(
         "Cannot read the destinations yet",
         Backoff::STARTUP,
-        &shutdown,
+        shutdown,
         CatalogError::is_transient,
         follow,
     )
     .await
-    .context("cannot read the destinations")?
-    .is_none()
-    {
-        return Ok(());
-    }
-    let block = Duration::from_millis(config.reader.block_ms);
-    let consumer_name = config.consumer_name();
-    let instance = format!("{consumer_name}#{:08x}", fastrand::u32(..));
-    let wakeups = Wakeups::new(config.redis.clone(), keys.clone(), block, shutdown.clone());
-    let workers = Workers {
-        reads: ReadConnections::new(&config.redis, keys.clone()),
-        wakeups,
-        own_readers: OwnReaders::new(config.reader.own_connections),
-        redis: config.redis.clone(),
-        keys: keys.clone(),
-        consumer_name: consumer_name.clone(),
-        registry: registry.clone(),
-        catalog: catalog.clone(),
-        delivery_log: config.delivery_log,
-        command_connections: command_connections.clone(),
-        settings: WorkerSettings {
-            batch_size: config.reader.batch_size,
-            block,
-            // A blocking read's reply may take the whole block time, plus the usual margin.
-            read_span: block + config.redis.timeout(),
-            window: config.reader.window,
-            max_bytes: config.reader.max_bytes_per_worker(config.redis.shards),
-            max_queued_per_user: config.reader.max_queued_per_user,
-            shutdown_grace: config.shutdown_grace(),
-        },
-    };
-    let leases = LeaseStore::new(
-        command_connections[0].clone(),
-        keys.clone(),
-        instance.clone(),
-        config.lease.ttl(),
-    );
-    let mut follower = Follower::new(
-        admin_connection.clone(),
-        keys.clone(),
-        registry.clone(),
-        catalog.clone(),
-    );
-    // Before any worker starts, so a paused destination sends nothing.
-    if let Err(error) = follower.apply_paused().await {
-        tracing::warn!(%error, "Cannot read paused destinations yet; will retry.");
-    }
-    let following = tokio::spawn(follower.run(config.admin.overview_interval(), shutdown.clone()));
-    let mut observer = Observer::new(
-        admin_connection.clone(),
-        keys.clone(),
-        config.redis.shards,
-        instance.clone(),
-        registry.clone(),
-        config.admin.stall_after(),
-    );
-    let first = observer.measure().await.unwrap_or_else(|_| Overview {
-        sequence: 0,
-        measured_at_ms: 0,
-        instance: instance.clone(),
-        shards: config.redis.shards,
-        revision: registry.revision(),
-        destinations: Vec::new(),
-    });
-    let overview: SharedOverview = Arc::new(Mutex::new(first));
-    let observing = tokio::spawn(admin::overview::run(
-        observer,
-        overview.clone(),
-        config.admin.overview_interval(),
-        shutdown.clone(),
-    ));
-    let admin_state = AdminState {
-        keys: keys.clone(),
-        shards: config.redis.shards,
-        con: admin_connection,
-        registry: registry.clone(),
-        catalog,
-        policy,
-        lease: config.lease,
-        log_scan_limit: config.delivery_log.cap_per_shard(config.redis.shards),
-        overview,
-        access: admin::routes::Access::new(&config.admin),
-    };
-    if !config.admin.require_token {
-        tracing::warn!(
-            "ADMIN AUTHENTICATION IS OFF (admin.require_token = false): anyone who can reach \
-             the admin listener can replay, delete and pause. Use this for local demos only."
-        );
-    }
-    let admin_server = tokio::spawn(admin::routes::serve(
-        admin_state,
-        admin_listener,
-        shutdown.clone(),
-    ));
-
-    let trimmer = tokio::spawn(control::retention::run(
-        command_connections[command_connections.len() - 1].clone(),
-        keys,
-        config.redis.shards,
-        registry.clone(),
-        config
-            .delivery_log
-            .enabled
-            .then(|| config.delivery_log.retention()),
-        Duration::from_millis(config.retention.trim_interval_ms),
-        shutdown.clone(),
-    ));
-    tracing::info!(
-        destinations = registry.names().len(),
-        shards = config.redis.shards,
-        consumer = %consumer_name,
-        %instance,
-        "Router started; acquiring its share of the (shard, destination) leases."
-    );
-    Coordinator::new(leases, config.lease, workers)
-        .run(shutdown.clone())
-        .await;
-    let _ = trimmer.await;
-    let _ = observing.await;
-    let _ = following.await;
-    if let Ok(Err(error)) = admin_server.await {
-        tracing::warn!(%error, "Admin server failed.");
-    }
-    tracing::info!("Router stopped; leases released.");
+    .context("cannot read the destinations")?;
+    unless_stopped(followed)?;
     Ok(())
 }
 
