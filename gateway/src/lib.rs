@@ -158,4 +158,13 @@ mod tests {
             "(module, what it imports from below it in the Layout list)"
         );
     }
+
+    #[test]
+    fn no_function_is_longer_than_80_lines() {
+        assert_eq!(
+            protocol::layout::long_functions_of_crate(env!("CARGO_MANIFEST_DIR"), 80),
+            Vec::<String>::new(),
+            "split these into named phases"
+        );
+    }
 }

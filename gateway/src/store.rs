@@ -138,6 +138,55 @@ struct ShardWrite<'a> {
     taken: Taken<'a>,
 }
 
+impl ShardWrite<'_> {
+    /// Sends the shard's pipeline; each event's index with its reply.
+    async fn send(&self, replication: Replication) -> Result<Vec<(usize, Appended)>, StoreError> {
+        let mut con = self.taken.connection.clone();
+        let mut replies: Vec<redis::Value> = self.pipeline.query_async(&mut con).await?;
+        if replication.min_replicas > 0 {
+            let confirmed = replies
+                .pop()
+                .map(u32::from_redis_value)
+                .transpose()
+                .map_err(|e| StoreError::Reply(format!("WAIT: {e}")))?
+                .unwrap_or(0);
+            if confirmed < replication.min_replicas {
+                return Err(StoreError::NotReplicated {
+                    wanted: replication.min_replicas,
+                    confirmed,
+                });
+            }
+        }
+        if replies.len() != self.indices.len() {
+            return Err(StoreError::Reply(format!(
+                "{} replies for {} commands",
+                replies.len(),
+                self.indices.len()
+            )));
+        }
+        self.indices
+            .iter()
+            .zip(replies)
+            .map(|(&index, reply)| Ok((index, parse_append_reply(self.shard, reply)?)))
+            .collect()
+    }
+}
+
+/// Puts the shards' replies back in the events' order.
+fn reassemble(
+    per_shard: Vec<Vec<(usize, Appended)>>,
+    events: usize,
+) -> Result<Vec<Appended>, StoreError> {
+    let mut appended = vec![None; events];
+    for (index, result) in per_shard.into_iter().flatten() {
+        appended[index] = Some(result);
+    }
+    appended
+        .into_iter()
+        .map(|a| a.ok_or_else(|| StoreError::Reply("an event got no reply".into())))
+        .collect()
+}
+
 #[derive(Default)]
 struct CachedNames {
     names: HashSet<String>,
@@ -252,6 +301,32 @@ impl EventStore {
         events: &[NewEvent],
         lanes: &WorkerLanes,
     ) -> Result<Vec<Appended>, StoreError> {
+        let shard_writes = self.plan(events, lanes)?;
+        let writes = shard_writes
+            .iter()
+            .map(|write| write.send(self.replication));
+        // One shard's failure fails the request, so the others' writes are
+        // dropped with it; every shard written is put in doubt below.
+        let per_shard = match self.bounded(async { try_join_all(writes).await }).await {
+            Ok(per_shard) => per_shard,
+            Err(error) => {
+                for write in &shard_writes {
+                    self.lanes.write_failed(write.shard, &write.taken);
+                }
+                return Err(error);
+            }
+        };
+        reassemble(per_shard, events.len())
+    }
+
+    /// Groups `events` by shard (each user's in the given order), checks
+    /// the backlog cap, and builds each shard's pipeline on the connection
+    /// its lane gives it.
+    fn plan<'l>(
+        &self,
+        events: &[NewEvent],
+        lanes: &'l WorkerLanes,
+    ) -> Result<Vec<ShardWrite<'l>>, StoreError> {
         let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (index, event) in events.iter().enumerate() {
             by_shard
@@ -261,7 +336,7 @@ impl EventStore {
         }
         self.check_backlog(by_shard.keys().copied())?;
         let replication = self.replication;
-        let shard_writes = by_shard
+        by_shard
             .into_iter()
             .map(|(shard, indices)| {
                 let mut pipeline = redis::pipe();
@@ -287,61 +362,6 @@ impl EventStore {
                     taken,
                 })
             })
-            .collect::<Result<Vec<ShardWrite>, StoreError>>()?;
-        let writes = shard_writes.iter().map(|write| {
-            let ShardWrite {
-                shard,
-                indices,
-                pipeline,
-                taken,
-            } = write;
-            let (shard, mut con) = (*shard, taken.connection.clone());
-            async move {
-                let mut replies: Vec<redis::Value> = pipeline.query_async(&mut con).await?;
-                if replication.min_replicas > 0 {
-                    let confirmed = replies
-                        .pop()
-                        .map(u32::from_redis_value)
-                        .transpose()
-                        .map_err(|e| StoreError::Reply(format!("WAIT: {e}")))?
-                        .unwrap_or(0);
-                    if confirmed < replication.min_replicas {
-                        return Err(StoreError::NotReplicated {
-                            wanted: replication.min_replicas,
-                            confirmed,
-                        });
-                    }
-                }
-                if replies.len() != indices.len() {
-                    return Err(StoreError::Reply(format!(
-                        "{} replies for {} commands",
-                        replies.len(),
-                        indices.len()
-                    )));
-                }
-                indices
-                    .iter()
-                    .zip(replies)
-                    .map(|(&index, reply)| Ok((index, parse_append_reply(shard, reply)?)))
-                    .collect::<Result<Vec<_>, StoreError>>()
-            }
-        });
-        let per_shard = match self.bounded(async { try_join_all(writes).await }).await {
-            Ok(per_shard) => per_shard,
-            Err(error) => {
-                for write in &shard_writes {
-                    self.lanes.write_failed(write.shard, &write.taken);
-                }
-                return Err(error);
-            }
-        };
-        let mut appended = vec![None; events.len()];
-        for (index, result) in per_shard.into_iter().flatten() {
-            appended[index] = Some(result);
-        }
-        appended
-            .into_iter()
-            .map(|a| a.ok_or_else(|| StoreError::Reply("an event got no reply".into())))
             .collect()
     }
 

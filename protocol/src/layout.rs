@@ -96,6 +96,84 @@ pub fn upward_imports_of_crate(manifest_dir: &str) -> Vec<(String, String)> {
     upward
 }
 
+/// The functions of `source` (one file's text) longer than `limit` lines,
+/// as `name (n lines)`, outside its `#[cfg(test)]` module. A function
+/// runs from its `fn` line to the first line after it that is its
+/// indentation followed by `}`, as rustfmt lays it out.
+pub fn long_functions(source: &str, limit: usize) -> Vec<String> {
+    let lines: Vec<&str> = source
+        .lines()
+        .take_while(|line| line.trim() != "#[cfg(test)]")
+        .collect();
+    let mut long = Vec::new();
+    let mut at = 0;
+    while at < lines.len() {
+        let line = lines[at];
+        let code = line.trim_start();
+        let indent = &line[..line.len() - code.len()];
+        let declared = ["pub(crate) ", "pub ", ""]
+            .iter()
+            .filter_map(|visibility| code.strip_prefix(visibility))
+            .find_map(|rest| {
+                let rest = rest.strip_prefix("async ").unwrap_or(rest);
+                let rest = rest.strip_prefix("const ").unwrap_or(rest);
+                rest.strip_prefix("fn ")
+            });
+        let Some(declared) = declared.filter(|_| !line.trim_end().ends_with(';')) else {
+            at += 1;
+            continue;
+        };
+        let name: String = declared
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let end = (at..lines.len())
+            .find(|&i| lines[i].strip_prefix(indent) == Some("}"))
+            .unwrap_or(lines.len() - 1);
+        let length = end - at + 1;
+        if length > limit {
+            long.push(format!("{name} ({length} lines)"));
+        }
+        at = end + 1;
+    }
+    long
+}
+
+/// [`long_functions`] of every `.rs` file under the crate's `src/`, as
+/// `path: name (n lines)`.
+pub fn long_functions_of_crate(manifest_dir: &str, limit: usize) -> Vec<String> {
+    let src = std::path::Path::new(manifest_dir).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut long = Vec::new();
+    for file in files {
+        let source = read_file(&file).unwrap_or_default();
+        let path = file
+            .strip_prefix(&src)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
+        long.extend(
+            long_functions(&source, limit)
+                .into_iter()
+                .map(|function| format!("{path}: {function}")),
+        );
+    }
+    long
+}
+
+fn rust_files(dir: &std::path::Path, into: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            rust_files(&path, into);
+        } else if path.extension().is_some_and(|ext| ext == "rs") {
+            into.push(path);
+        }
+    }
+}
+
 fn layers(lib_rs: &str) -> Vec<&str> {
     doc_lines(lib_rs)
         .filter_map(|line| line.trim_start_matches("//!").trim().strip_prefix("- [`"))
@@ -166,6 +244,27 @@ mod tests {
         assert_eq!(
             upward_imports(LIB, "crate::folder::", read),
             vec![("low".to_owned(), "high".to_owned())]
+        );
+    }
+
+    #[test]
+    fn finds_a_function_longer_than_the_limit_and_skips_the_tests() {
+        let body = "    x();\n".repeat(5);
+        let source = format!(
+            "fn short() {{\n    x();\n}}\n\nimpl A {{\n    pub async fn long(\n        a: u8,\n    ) {{\n{body}    }}\n}}\n\n#[cfg(test)]\nmod tests {{\n    fn long_test() {{\n{body}    }}\n}}\n"
+        );
+        assert_eq!(
+            long_functions(&source, 5),
+            vec!["long (9 lines)".to_owned()]
+        );
+        assert_eq!(long_functions(&source, 9), Vec::<String>::new());
+    }
+
+    #[test]
+    fn this_crate_has_no_function_longer_than_80_lines() {
+        assert_eq!(
+            long_functions_of_crate(env!("CARGO_MANIFEST_DIR"), 80),
+            Vec::<String>::new()
         );
     }
 

@@ -115,71 +115,99 @@ impl Observer {
         let revision = self.registry.revision();
         let known = self.registry.known();
         let routed: Vec<bool> = known.iter().map(|k| k.definition.routed).collect();
-        let mut views: Vec<DestinationView> = known
-            .into_iter()
-            .map(
-                |Known {
-                     destination: d,
-                     definition,
-                 }| DestinationView {
-                    name: d.name.clone(),
-                    url: definition.settings.url.clone(),
-                    event_types: definition.settings.event_types.clone(),
-                    revision: definition.revision,
-                    created_at_ms: definition.created_at_ms,
-                    paused: d.is_paused(),
-                    breaker: d.breaker.view(),
-                    lag: Some(0),
-                    pending: 0,
-                    dead_letters: 0,
-                    counts: d.stats.counts(),
-                    delivery_rate: 0.0,
-                    owners: Vec::with_capacity(usize::from(self.shards)),
-                    workers: workers_of(&d, self.stall_after),
-                },
-            )
-            .collect();
+        let mut views: Vec<DestinationView> =
+            known.into_iter().map(|known| self.view_of(known)).collect();
         for shard in 0..self.shards {
-            let mut groups = self.groups(shard).await?;
-            let routing_lag = groups
-                .get(protocol::keys::ROUTING_GROUP)
-                .map(|group| group.lag);
-            let names = views
-                .iter()
-                .zip(&routed)
-                .filter(|(_, routed)| **routed)
-                .map(|(view, _)| view.name.as_str());
-            for (name, group) in self.reference_groups(shard, names).await? {
-                // What the routing stage has not read may be for it too.
-                let lag = group.lag.zip(routing_lag.flatten()).map(|(a, b)| a + b);
-                groups.insert(name, GroupInfo { lag, ..group });
-            }
-            let mut pipe = redis::pipe();
-            for view in &views {
-                pipe.cmd("XLEN")
-                    .arg(self.keys.dead_letters(shard, &view.name))
-                    .cmd("GET")
-                    .arg(self.keys.lease(shard, &view.name));
-            }
-            let replies: Vec<Value> = pipe.query_async(&mut self.con).await?;
-            for (view, pair) in views.iter_mut().zip(replies.chunks_exact(2)) {
-                view.dead_letters += u64::from_redis_value(pair[0].clone()).unwrap_or(0);
-                view.owners
-                    .push(Option::<String>::from_redis_value(pair[1].clone()).unwrap_or(None));
-                match groups.get(&view.name) {
-                    Some(group) => {
-                        view.pending += group.pending;
-                        view.lag = view.lag.zip(group.lag).map(|(a, b)| a + b);
-                    }
-                    // No group: deleted a moment ago, or by hand.
-                    None => view.lag = None,
+            self.measure_shard(shard, &mut views, &routed).await?;
+        }
+        self.set_rates(&mut views);
+        self.sequence += 1;
+        Ok(Overview {
+            sequence: self.sequence,
+            measured_at_ms: protocol::unix_millis(),
+            instance: self.instance.clone(),
+            shards: self.shards,
+            revision,
+            destinations: views,
+        })
+    }
+
+    /// What this router knows of a destination, before Redis is asked.
+    fn view_of(&self, known: Known) -> DestinationView {
+        let Known {
+            destination: d,
+            definition,
+        } = known;
+        DestinationView {
+            name: d.name.clone(),
+            url: definition.settings.url.clone(),
+            event_types: definition.settings.event_types.clone(),
+            revision: definition.revision,
+            created_at_ms: definition.created_at_ms,
+            paused: d.is_paused(),
+            breaker: d.breaker.view(),
+            lag: Some(0),
+            pending: 0,
+            dead_letters: 0,
+            counts: d.stats.counts(),
+            delivery_rate: 0.0,
+            owners: Vec::with_capacity(usize::from(self.shards)),
+            workers: workers_of(&d, self.stall_after),
+        }
+    }
+
+    /// Adds shard `shard`'s lag, pending entries, dead letters and lease
+    /// owner to each view (`routed[i]`: whether `views[i]` reads references).
+    async fn measure_shard(
+        &mut self,
+        shard: u16,
+        views: &mut [DestinationView],
+        routed: &[bool],
+    ) -> redis::RedisResult<()> {
+        let mut groups = self.groups(shard).await?;
+        let routing_lag = groups
+            .get(protocol::keys::ROUTING_GROUP)
+            .map(|group| group.lag);
+        let names = views
+            .iter()
+            .zip(routed)
+            .filter(|(_, routed)| **routed)
+            .map(|(view, _)| view.name.as_str());
+        for (name, group) in self.reference_groups(shard, names).await? {
+            // What the routing stage has not read may be for it too.
+            let lag = group.lag.zip(routing_lag.flatten()).map(|(a, b)| a + b);
+            groups.insert(name, GroupInfo { lag, ..group });
+        }
+        let mut pipe = redis::pipe();
+        for view in views.iter() {
+            pipe.cmd("XLEN")
+                .arg(self.keys.dead_letters(shard, &view.name))
+                .cmd("GET")
+                .arg(self.keys.lease(shard, &view.name));
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut self.con).await?;
+        for (view, pair) in views.iter_mut().zip(replies.chunks_exact(2)) {
+            view.dead_letters += u64::from_redis_value(pair[0].clone()).unwrap_or(0);
+            view.owners
+                .push(Option::<String>::from_redis_value(pair[1].clone()).unwrap_or(None));
+            match groups.get(&view.name) {
+                Some(group) => {
+                    view.pending += group.pending;
+                    view.lag = view.lag.zip(group.lag).map(|(a, b)| a + b);
                 }
+                // No group: deleted a moment ago, or by hand.
+                None => view.lag = None,
             }
         }
+        Ok(())
+    }
+
+    /// Each view's deliveries per second since the last measurement.
+    fn set_rates(&mut self, views: &mut [DestinationView]) {
         let now = Instant::now();
         if let Some((then, delivered)) = &self.previous {
             let seconds = now.duration_since(*then).as_secs_f64();
-            for view in &mut views {
+            for view in views.iter_mut() {
                 let Some(before) = delivered.get(&view.name) else {
                     continue;
                 };
@@ -194,15 +222,6 @@ impl Observer {
             .map(|v| (v.name.clone(), v.counts.delivered))
             .collect();
         self.previous = Some((now, delivered));
-        self.sequence += 1;
-        Ok(Overview {
-            sequence: self.sequence,
-            measured_at_ms: protocol::unix_millis(),
-            instance: self.instance.clone(),
-            shards: self.shards,
-            revision,
-            destinations: views,
-        })
     }
 
     /// Warns about workers that became stalled (naming their waits) and

@@ -80,9 +80,10 @@ button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap
     page
 }
 
-fn row(page: &mut String, d: &DestinationView, instance: &str) {
+/// The state column: its CSS class and text.
+fn state_of(d: &DestinationView) -> (&'static str, String) {
     let stalled = d.stalled_workers();
-    let (state_class, state) = if d.paused {
+    if d.paused {
         ("paused", "paused".to_owned())
     } else if d.breaker.state != BreakerState::Closed {
         ("failing", "circuit open".to_owned())
@@ -93,9 +94,12 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
         ("failing", "retrying".to_owned())
     } else {
         ("ok", "delivering".to_owned())
-    };
-    let lag = d.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string());
-    let last_error = d.counts.last_error.as_ref().map_or_else(String::new, |e| {
+    }
+}
+
+/// The last error, escaped, with when it happened.
+fn last_error_of(d: &DestinationView) -> String {
+    d.counts.last_error.as_ref().map_or_else(String::new, |e| {
         format!(
             "{} <small>({})</small>",
             escape(&e.message),
@@ -103,7 +107,28 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at_ms)
             )
         )
-    });
+    })
+}
+
+/// The breaker's state, and since when unless closed.
+fn breaker_of(d: &DestinationView) -> String {
+    let state = match d.breaker.state {
+        BreakerState::Closed => return "closed".to_owned(),
+        BreakerState::Open => "open",
+        BreakerState::HalfOpen => "half-open",
+    };
+    format!(
+        "{state} since {}",
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.breaker.since_ms)
+        )
+    )
+}
+
+fn row(page: &mut String, d: &DestinationView, instance: &str) {
+    let (state_class, state) = state_of(d);
+    let lag = d.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string());
+    let last_error = last_error_of(d);
     let owned = d
         .owners
         .iter()
@@ -140,20 +165,7 @@ fn row(page: &mut String, d: &DestinationView, instance: &str) {
         definition_revision = d.revision,
         rate = d.delivery_rate,
         pending = d.pending,
-        breaker = match d.breaker.state {
-            BreakerState::Closed => "closed".to_owned(),
-            state => format!(
-                "{} since {}",
-                if state == BreakerState::Open {
-                    "open"
-                } else {
-                    "half-open"
-                },
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.breaker.since_ms)
-                )
-            ),
-        },
+        breaker = breaker_of(d),
         in_flight = d.counts.in_flight,
         backoff = d.counts.users_in_backoff,
         parked_users = d.counts.parked_users,

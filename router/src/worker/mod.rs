@@ -11,6 +11,7 @@
 //! - [`consumer`]: one destination's consumer group on one shard (XREADGROUP, XACK, dead letters).
 //! - [`job`]: one entry to its terminal outcome (fetch, prepare, attempt, record).
 //! - [`wakeup`]: whether a reader blocks in its own reads, or shares one blocking read per shard that wakes it.
+//! - [`reader`]: a worker's reader: takes over the group, then reads within the budget and hands entries over.
 //! - [`pair`]: the per (shard, destination) loop: reader, dispatcher, lease checks.
 //! - [`routing`]: the routing stage: one read per shard stream, references for destinations with `event_types`.
 
@@ -21,5 +22,6 @@ pub(crate) mod delivery_log;
 pub(crate) mod job;
 pub(crate) mod pair;
 pub(crate) mod parking;
+pub(crate) mod reader;
 pub(crate) mod routing;
 pub(crate) mod wakeup;

@@ -1,7 +1,7 @@
 //! The delivery loop of one destination on one shard.
 //!
-//! A reader task fetches entries within the worker's memory budget (entries
-//! and bytes, [`crate::worker::budget`]); the dispatcher admits them into per-user
+//! A reader task ([`crate::worker::reader`]) fetches entries within the
+//! worker's memory budget (entries and bytes, [`crate::worker::budget`]); the dispatcher admits them into per-user
 //! queues ([`crate::worker::parking`]) and runs one job ([`crate::worker::job`]) per user at
 //! a time: a user's next event starts only after the previous one's
 //! terminal outcome is recorded. Jobs of different users run concurrently,
@@ -24,24 +24,20 @@ use std::time::Duration;
 use futures_util::future::CatchUnwind;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use protocol::{Backoff, EventEntry, StreamId};
+use protocol::{EventEntry, StreamId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::catalog::CatalogError;
 use crate::control::lease::LeaseGuard;
 use crate::destination::delivery::Destination;
-use crate::destination::progress::{Progress, Wait};
+use crate::destination::progress::Progress;
 use crate::destination::stats::ParkedCount;
 use crate::worker::budget::{Amount, Budget};
-use crate::worker::consumer::{ConsumerError, EntryContent, GroupConsumer, ReadFrom};
+use crate::worker::consumer::{EntryContent, GroupConsumer};
 use crate::worker::job::{self, Blocked, Held, JobContext, JobEnd, Source};
 use crate::worker::parking::{Admission, Next, UserQueues};
+use crate::worker::reader::{Read, ReadSettings, Reader};
 use crate::worker::wakeup::Wakeup;
-
-/// How soon a paused destination's reader looks again for expired entries
-/// after the look failed.
-const RETRY_PAUSED_LOOK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
@@ -58,15 +54,6 @@ pub struct WorkerSettings {
     /// Most entries of one user queued behind its head.
     pub max_queued_per_user: usize,
     pub shutdown_grace: Duration,
-}
-
-/// What the reader hands the dispatcher.
-enum Read {
-    /// Entries in stream order.
-    Entries(Vec<Held>),
-    /// The consumer group was missing and is created anew at the start of
-    /// the stream, which the new group hands out again from its first entry.
-    GroupRecreated,
 }
 
 /// Delivers shard `consumer.shard()` to `destination` until `shutdown`
@@ -90,19 +77,22 @@ pub async fn run(
         bytes: settings.max_bytes,
     });
     let (batches, incoming) = mpsc::channel(2);
-    let reader = tokio::spawn(read_loop(
-        Reader {
-            consumer: consumer.clone(),
-            destination: destination.clone(),
-            progress: progress.clone(),
-            wakeup,
-        },
+    let reader = Reader {
+        consumer: consumer.clone(),
+        destination: destination.clone(),
+        progress: progress.clone(),
+        wakeup,
         batches,
-        budget.clone(),
-        settings,
-        lease.clone(),
-        shutdown.clone(),
-    ));
+        budget: budget.clone(),
+        settings: ReadSettings {
+            batch_size: settings.batch_size,
+            block: settings.block,
+            read_span: settings.read_span,
+        },
+        lease: lease.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let reader = tokio::spawn(reader.run());
     let (blocked, blocked_users) = mpsc::unbounded_channel();
     let context = Arc::new(JobContext {
         consumer,
@@ -341,253 +331,6 @@ impl<R: JobRunner> Drop for Dispatcher<R> {
         self.runner
             .parked_changed(self.published, ParkedCount::default());
     }
-}
-
-/// What the reader works on and reports to.
-struct Reader {
-    consumer: Arc<GroupConsumer>,
-    destination: Arc<Destination>,
-    progress: Arc<Progress>,
-    /// The shard's shared wake-up; `None` when this reader blocks in its
-    /// own reads.
-    wakeup: Option<Wakeup>,
-}
-
-/// Fetches entries while the budget has room: first everything pending on
-/// us (in id order), then new entries. A reader with its own connection
-/// blocks in the read up to `block`; one sharing the shard's wake-up reads
-/// without blocking and, once caught up, waits for the wake-up (or `block`).
-async fn read_loop(
-    reader: Reader,
-    batches: mpsc::Sender<Read>,
-    budget: Arc<Budget>,
-    settings: WorkerSettings,
-    mut lease: LeaseGuard,
-    shutdown: CancellationToken,
-) {
-    let Reader {
-        consumer,
-        destination,
-        progress,
-        mut wakeup,
-    } = reader;
-    let mut from = ReadFrom::Pending(StreamId::default());
-    let mut failures = 0u32;
-    let mut prepared = false;
-    loop {
-        if !prepared {
-            let _waiting = progress.enter(Wait::Claiming);
-            // Claiming entries is an owner's act, like reading.
-            if !lease.hold_for(settings.read_span, &shutdown).await {
-                return;
-            }
-            match prepare(&consumer).await {
-                Ok(()) => {
-                    prepared = true;
-                    progress.reader_progressed();
-                }
-                Err(error) => {
-                    failures += 1;
-                    if error.is_destination_gone() {
-                        // Deleted: the coordinator stops this worker within a tick.
-                        tracing::debug!(shard = consumer.shard(), %error, "Destination deleted; waiting to be stopped.");
-                    } else {
-                        tracing::warn!(shard = consumer.shard(), %error, "Cannot prepare consumer group; retrying.");
-                    }
-                    if !Backoff::COMMANDS.wait(failures, &shutdown).await {
-                        return;
-                    }
-                    continue;
-                }
-            }
-        }
-        let waiting = progress.enter(Wait::Paused);
-        if !wait_while_paused(&consumer, &destination, &shutdown).await {
-            return;
-        }
-        drop(waiting);
-        let waiting = progress.enter(Wait::Budget);
-        let mut reservation = tokio::select! {
-            () = shutdown.cancelled() => return,
-            reservation = budget.reserve_for_read(settings.batch_size) => reservation,
-        };
-        drop(waiting);
-        // Held through a failure's retry delay: failing reads make no progress.
-        let reading = progress.enter(Wait::Reading);
-        // A read by a router whose lease has expired would take entries
-        // away from the new owner, so a read starts only if it ends in time.
-        if !lease.hold_for(settings.read_span, &shutdown).await {
-            return;
-        }
-        let reading_new = from == ReadFrom::New;
-        if let (true, Some(wakeup)) = (reading_new, &mut wakeup) {
-            // Before the read: an entry added after it still wakes us.
-            wakeup.mark_seen();
-        }
-        let wanted = reservation.entries();
-        let block = wakeup.is_none().then_some(settings.block);
-        // A read abandoned here may leave entries pending on us unseen; the
-        // next owner of this shard claims and reads them first.
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return,
-            result = consumer.read(&from, wanted, block) => result,
-        };
-        match result {
-            Ok(entries) => {
-                drop(reading);
-                progress.reader_progressed();
-                failures = 0;
-                let caught_up = reading_new && entries.len() < wanted;
-                if let ReadFrom::Pending(after) = &mut from {
-                    match entries.last() {
-                        Some(last) => *after = last.id,
-                        None => from = ReadFrom::New,
-                    }
-                }
-                if let Some(largest) = entries.iter().map(|entry| entry.bytes).max() {
-                    budget.observe(largest);
-                }
-                let held: Vec<Held> = entries
-                    .into_iter()
-                    .map(|entry| Held {
-                        charge: reservation.take(entry.bytes),
-                        entry,
-                    })
-                    .collect();
-                // Room reserved but not filled goes back now.
-                drop(reservation);
-                let waiting = progress.enter(Wait::HandOver);
-                if !held.is_empty() && !hand_over(&batches, Read::Entries(held), &shutdown).await {
-                    return;
-                }
-                drop(waiting);
-                if let (true, Some(wakeup)) = (caught_up, &mut wakeup) {
-                    let _waiting = progress.enter(Wait::NewEntries);
-                    if !wakeup.wait(settings.block, &shutdown).await {
-                        return;
-                    }
-                }
-            }
-            Err(error) => {
-                drop(reservation);
-                failures += 1;
-                if error.is_missing_group() {
-                    tracing::debug!(shard = consumer.shard(), "Consumer group missing.");
-                    prepared = false;
-                    let _waiting = progress.enter(Wait::HandOver);
-                    if !hand_over(&batches, Read::GroupRecreated, &shutdown).await {
-                        return;
-                    }
-                } else {
-                    tracing::warn!(shard = consumer.shard(), %error, "Reading the stream failed; retrying.");
-                    if !Backoff::COMMANDS.wait(failures, &shutdown).await {
-                        return;
-                    }
-                }
-                // A reply lost in the failure may have left entries pending on
-                // us; re-read the pending list before anything newer.
-                from = ReadFrom::Pending(StreamId::default());
-            }
-        }
-    }
-}
-
-/// Waits while `destination` is paused, reading nothing more, so that the
-/// group's lag shows the backlog: until it is resumed or, when it has a
-/// `max_age_ms`, until the oldest entry it has not read on this shard
-/// reaches that age. Then the reader reads on while paused, and its jobs
-/// dead-letter what expired (`job.rs`): an event's age counts while its
-/// destination is paused. False at shutdown.
-async fn wait_while_paused(
-    consumer: &GroupConsumer,
-    destination: &Destination,
-    shutdown: &CancellationToken,
-) -> bool {
-    loop {
-        if !destination.is_paused() {
-            return true;
-        }
-        let Some(max_age) = destination.endpoint().max_age else {
-            return destination.wait_until_resumed(shutdown).await;
-        };
-        let look_again = match consumer.oldest_unread().await {
-            Ok(Some(oldest)) => {
-                let age = Duration::from_millis(protocol::unix_millis().saturating_sub(oldest.ms));
-                if age >= max_age {
-                    return true;
-                }
-                max_age - age
-            }
-            // An entry added from now on expires no sooner than this.
-            Ok(None) => max_age,
-            Err(error) => {
-                tracing::warn!(shard = consumer.shard(), %error, "Cannot look for expired entries of a paused destination; retrying.");
-                RETRY_PAUSED_LOOK
-            }
-        };
-        // A lowered `max_age_ms` applies within a minute.
-        let look_again = look_again.min(Duration::from_secs(60));
-        tokio::select! {
-            resumed = destination.wait_until_resumed(shutdown) => return resumed,
-            () = tokio::time::sleep(look_again) => {}
-        }
-    }
-}
-
-/// Passes a read to the dispatcher; false once the worker stops (the
-/// dispatcher no longer takes reads then, so waiting for room could last
-/// forever and keep the worker from ending).
-async fn hand_over(batches: &mpsc::Sender<Read>, read: Read, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        sent = batches.send(read) => sent.is_ok(),
-    }
-}
-
-/// Why a worker cannot start reading yet.
-#[derive(Debug, thiserror::Error)]
-enum PrepareError {
-    #[error(transparent)]
-    Consumer(#[from] ConsumerError),
-    #[error("cannot restore the missing consumer group: {0}")]
-    Restore(#[from] CatalogError),
-}
-
-impl PrepareError {
-    /// The group is missing because the destination was deleted.
-    fn is_destination_gone(&self) -> bool {
-        matches!(self, PrepareError::Restore(CatalogError::Unknown(_)))
-    }
-}
-
-/// Takes over what earlier owners left: their pending entries become ours
-/// (read first, in id order), and their consumers, now empty, are removed.
-/// A missing group (deleted by hand, or lost by Redis) is restored at the
-/// destination's cut, unless the destination was deleted meanwhile.
-async fn prepare(consumer: &GroupConsumer) -> Result<(), PrepareError> {
-    let claimed = match consumer.claim_pending_of_others().await {
-        Err(error) if error.is_missing_group() => {
-            let cut = consumer.restore_group().await?;
-            tracing::warn!(
-                shard = consumer.shard(),
-                %cut,
-                "Consumer group was missing; restored at the destination's cut \
-                 (retained events since then are delivered again)."
-            );
-            consumer.claim_pending_of_others().await?
-        }
-        claimed => claimed?,
-    };
-    let removed = consumer.remove_idle_consumers().await?;
-    if claimed > 0 || !removed.is_empty() {
-        tracing::info!(
-            shard = consumer.shard(),
-            claimed,
-            removed_consumers = ?removed,
-            "Took over entries pending on earlier owners."
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

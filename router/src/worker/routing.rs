@@ -373,45 +373,7 @@ pub async fn run(
     let mut from = ReadFrom::Pending(StreamId::default());
     let mut failures = 0u32;
     loop {
-        let step = async {
-            if !lease.hold_for(settings.read_span, &shutdown).await {
-                return Ok(None);
-            }
-            let at = match position {
-                Some(at) => at,
-                None => stage.prepare().await?,
-            };
-            position = Some(at);
-            let routes = stage.routes();
-            if !stage
-                .catch_up(&routes, at, &mut lease, &settings, &shutdown)
-                .await?
-            {
-                return Ok(None);
-            }
-            if !lease.hold_for(settings.read_span, &shutdown).await {
-                return Ok(None);
-            }
-            let reading_new = from == ReadFrom::New;
-            if reading_new {
-                stage.wakeup.mark_seen();
-            }
-            let entries = stage.consumer.read(&from, BATCH, None).await?;
-            if !entries.is_empty() {
-                if !lease.hold_for(settings.read_span, &shutdown).await {
-                    return Ok(None);
-                }
-                if reading_new && entries.len() < BATCH {
-                    // Caught up: the stage waits once this batch is routed.
-                    // The batch's signal wakes an announcer blocked on the
-                    // signal alone, which then watches the shard stream
-                    // for the stage too.
-                    stage.wakeup.expect_to_wait();
-                }
-                stage.route(&routes, &entries).await?;
-            }
-            Ok::<_, RoutingError>(Some((entries.len(), entries.last().map(|e| e.id))))
-        };
+        let step = stage.step(&mut position, &from, &mut lease, &settings, &shutdown);
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
             result = step => result,
@@ -433,6 +395,8 @@ pub async fn run(
                     }
                 }
             }
+            // Not `run_with_retries`: the step after a failure starts again
+            // from the pending list, a different step.
             Err(error) => {
                 failures += 1;
                 tracing::warn!(shard, %error, "Routing failed; retrying.");
@@ -445,6 +409,59 @@ pub async fn run(
                 position = None;
             }
         }
+    }
+}
+
+impl Stage {
+    /// One step, while the lease surely outlasts it: prepares the group
+    /// (once, or after a failure), catches up destinations created since,
+    /// then reads a batch from `from` and routes it. The batch's size and
+    /// last id; `None` when the lease is going.
+    async fn step(
+        &mut self,
+        position: &mut Option<StreamId>,
+        from: &ReadFrom,
+        lease: &mut LeaseGuard,
+        settings: &WorkerSettings,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(usize, Option<StreamId>)>, RoutingError> {
+        if !lease.hold_for(settings.read_span, shutdown).await {
+            return Ok(None);
+        }
+        let at = match *position {
+            Some(at) => at,
+            None => self.prepare().await?,
+        };
+        *position = Some(at);
+        let routes = self.routes();
+        if !self
+            .catch_up(&routes, at, lease, settings, shutdown)
+            .await?
+        {
+            return Ok(None);
+        }
+        if !lease.hold_for(settings.read_span, shutdown).await {
+            return Ok(None);
+        }
+        let reading_new = *from == ReadFrom::New;
+        if reading_new {
+            self.wakeup.mark_seen();
+        }
+        let entries = self.consumer.read(from, BATCH, None).await?;
+        if !entries.is_empty() {
+            if !lease.hold_for(settings.read_span, shutdown).await {
+                return Ok(None);
+            }
+            if reading_new && entries.len() < BATCH {
+                // Caught up: the stage waits once this batch is routed.
+                // The batch's signal wakes an announcer blocked on the
+                // signal alone, which then watches the shard stream
+                // for the stage too.
+                self.wakeup.expect_to_wait();
+            }
+            self.route(&routes, &entries).await?;
+        }
+        Ok(Some((entries.len(), entries.last().map(|e| e.id))))
     }
 }
 
