@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use protocol::sync::lock;
-use protocol::{Backoff, Keys, RedisConfig, RedisConnection};
+use protocol::{run_with_retries, Backoff, Keys, RedisConfig, RedisConnection};
 use tokio_util::sync::CancellationToken;
 
 /// After a failure to make a worker's connections, the next try waits this
@@ -155,24 +155,30 @@ impl Lanes {
         self: Arc<Self>,
         shard: u16,
         lane: LaneId,
-        mut connection: RedisConnection,
+        connection: RedisConnection,
         number: u64,
     ) {
         // Tries until the connection answers; the task ends with the
         // worker's runtime at shutdown.
         let never = CancellationToken::new();
-        let mut failures = 0;
-        loop {
+        let timeout = self.redis.timeout();
+        let probe = || {
             let mut probe = redis::cmd("EXISTS");
             // Names the stream, so a cluster sends it to the stream's master.
             probe.arg(self.keys.events(shard));
-            let answer = probe.query_async::<u64>(&mut connection);
-            if let Ok(Ok(_)) = tokio::time::timeout(self.redis.timeout(), answer).await {
-                break;
+            // A clone shares the connection: the probe goes behind the failed write.
+            let mut connection = connection.clone();
+            async move {
+                match tokio::time::timeout(timeout, probe.query_async::<u64>(&mut connection)).await
+                {
+                    Ok(answer) => answer.map(drop).map_err(|error| error.to_string()),
+                    Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                }
             }
-            failures += 1;
-            Backoff::COMMANDS.wait(failures, &never).await;
-        }
+        };
+        let what =
+            format!("Shard {shard} stays in doubt until the connection a write failed on answers");
+        let _ = run_with_retries(&what, Backoff::COMMANDS, &never, |_| true, probe).await;
         let mut doubts = lock(&self.doubts[usize::from(shard)]);
         let before = doubts.len();
         doubts.retain(|doubt| (doubt.lane, doubt.number) != (lane, number));

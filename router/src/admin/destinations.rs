@@ -14,7 +14,7 @@ use crate::control::catalog::{Definition, Start};
 use crate::outbound::Policy;
 
 /// Fields a change may set; `name` is fixed at creation.
-const CHANGEABLE: [&str; 10] = [
+pub(crate) const CHANGEABLE: [&str; 10] = [
     "url",
     "timeout_ms",
     "max_concurrency",

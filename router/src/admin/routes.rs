@@ -782,3 +782,118 @@ async fn replay_from_page(
         .insert_header((header::LOCATION, location))
         .finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+
+    use super::AdminApiDoc;
+    use crate::admin::destinations::CHANGEABLE;
+    use crate::config::{BreakerConfig, DestinationConfig, RetryConfig};
+    use utoipa::OpenApi;
+
+    /// Every field `T` (which denies unknown fields) accepts, from serde's
+    /// own refusal of one it does not: the type is the one definition.
+    fn fields_of<T: DeserializeOwned>() -> BTreeSet<String> {
+        let refused = serde_json::from_str::<T>(r#"{"~": 0}"#)
+            .err()
+            .expect("an unknown field is refused")
+            .to_string();
+        let expected = refused
+            .split_once("expected one of ")
+            .map(|(_, list)| list)
+            .expect("serde lists the fields it expects");
+        expected
+            .split(',')
+            .filter_map(|field| field.trim().split('`').nth(1))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The properties of the schema `name` in the admin API's document,
+    /// through its `allOf` parts and references (a flattened struct).
+    fn properties(document: &Value, name: &str) -> BTreeSet<String> {
+        fn collect(document: &Value, schema: &Value, into: &mut BTreeSet<String>) {
+            if let Some(reference) = schema["$ref"].as_str() {
+                let name = reference.rsplit('/').next().unwrap_or_default();
+                return collect(document, &document["components"]["schemas"][name], into);
+            }
+            if let Some(properties) = schema["properties"].as_object() {
+                into.extend(properties.keys().cloned());
+            }
+            for part in schema["allOf"].as_array().into_iter().flatten() {
+                collect(document, part, into);
+            }
+        }
+        let mut into = BTreeSet::new();
+        let schema = &document["components"]["schemas"][name];
+        assert!(schema.is_object(), "no schema {name} in the document");
+        collect(document, schema, &mut into);
+        into
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    #[test]
+    fn destination_settings_are_described_as_the_config_type_defines_them() {
+        let document = serde_json::to_value(AdminApiDoc::openapi()).expect("serializes");
+        let settings = fields_of::<DestinationConfig>();
+        let mut changeable = settings.clone();
+        changeable.remove("name");
+        assert_eq!(
+            set(&CHANGEABLE),
+            changeable,
+            "CHANGEABLE: every setting but the name"
+        );
+
+        let mut creatable = settings.clone();
+        creatable.insert("start_from_ms".to_owned());
+        assert_eq!(properties(&document, "NewDestination"), creatable);
+        assert_eq!(properties(&document, "DestinationChange"), changeable);
+        let shown = properties(&document, "DestinationDoc");
+        assert!(
+            settings.is_subset(&shown),
+            "a read shows every setting: missing {:?}",
+            settings.difference(&shown).collect::<Vec<_>>()
+        );
+        assert_eq!(properties(&document, "Retry"), fields_of::<RetryConfig>());
+        assert_eq!(
+            properties(&document, "Breaker"),
+            fields_of::<BreakerConfig>()
+        );
+    }
+
+    #[test]
+    fn the_reference_toml_describes_every_destination_setting() {
+        let reference = crate::config::DEFAULT_CONFIG;
+        let described = reference
+            .split_once("# Fields per destination")
+            .and_then(|(_, rest)| rest.split_once("[[destinations]]"))
+            .map(|(fields, _)| fields)
+            .expect("the reference TOML has a field list before its destinations");
+        let named = |field: &str| {
+            described.contains(&format!("#   {field} "))
+                || described.contains(&format!("#   [{field}]"))
+        };
+        for field in fields_of::<DestinationConfig>() {
+            assert!(
+                named(&field),
+                "the reference TOML's field list lacks `{field}`"
+            );
+        }
+        let (retry, rest) = described
+            .split_once("#   [breaker]")
+            .expect("a [breaker] item");
+        for field in fields_of::<RetryConfig>() {
+            assert!(retry.contains(&field), "its [retry] item lacks `{field}`");
+        }
+        for field in fields_of::<BreakerConfig>() {
+            assert!(rest.contains(&field), "its [breaker] item lacks `{field}`");
+        }
+    }
+}

@@ -274,6 +274,8 @@ impl Job {
             reservation = self.context.budget.reserve_one() => reservation,
         };
         let _waiting = self.context.progress.enter(Wait::Fetching);
+        // Not `run_with_retries`: its lines carry the delivery's span, which
+        // is made only when a line is logged.
         let mut failures = 0;
         loop {
             match self.context.consumer.fetch(id).await {
@@ -613,7 +615,9 @@ impl Job {
     /// Runs a terminal Redis write until it succeeds. Before the user's next
     /// event may go out, this one must be recorded; otherwise a restart
     /// would redeliver it after its successor. At shutdown it gives up
-    /// after a few tries (the entry stays pending).
+    /// after a few tries (the entry stays pending). (Not `run_with_retries`,
+    /// which stops at shutdown at once: an outcome already reached is worth
+    /// a few more tries to record.)
     async fn record<F, Fut>(&self, mut write: F) -> JobEnd
     where
         F: FnMut() -> Fut,
