@@ -61,27 +61,27 @@ pub async fn run(
             Ok(())
         }
         // Shutdown came while it was still waiting for Redis.
-        Err(Start::Stopped) => Ok(()),
-        Err(Start::Failed(error)) => Err(error),
+        Err(NotStarted::Stopped) => Ok(()),
+        Err(NotStarted::Failed(error)) => Err(error),
     }
 }
 
 /// Why a router did not start.
-enum Start {
+enum NotStarted {
     /// Shutdown came first.
     Stopped,
     Failed(anyhow::Error),
 }
 
-impl From<anyhow::Error> for Start {
+impl From<anyhow::Error> for NotStarted {
     fn from(error: anyhow::Error) -> Self {
-        Start::Failed(error)
+        NotStarted::Failed(error)
     }
 }
 
 /// `Stopped` for what a retry loop gave up on at shutdown.
-fn unless_stopped<T>(done: Option<T>) -> Result<T, Start> {
-    done.ok_or(Start::Stopped)
+fn unless_stopped<T>(done: Option<T>) -> Result<T, NotStarted> {
+    done.ok_or(NotStarted::Stopped)
 }
 
 /// A router connected to a prepared Redis, following the catalog, ready to
@@ -105,7 +105,7 @@ impl Router {
     /// Connects (waiting for Redis while it is unreachable), checks and
     /// prepares Redis, applies the configured destinations and reads the
     /// catalog.
-    async fn build(config: Config, shutdown: &CancellationToken) -> Result<Self, Start> {
+    async fn build(config: Config, shutdown: &CancellationToken) -> Result<Self, NotStarted> {
         let keys = Keys::new(config.redis.key_prefix.clone());
         let commands =
             unless_stopped(connect(&config.redis, shutdown, Connection::Commands).await?)?;
@@ -182,10 +182,10 @@ impl Router {
         tracing::info!("Router stopped; leases released.");
     }
 
-    fn workers(&self, shutdown: &CancellationToken) -> Workers {
+    fn workers(&self, shutdown: &CancellationToken) -> WorkerStarter {
         let config = &self.config;
         let block = Duration::from_millis(config.reader.block_ms);
-        Workers {
+        WorkerStarter {
             reads: ReadConnections::new(&config.redis, self.keys.clone()),
             wakeups: Wakeups::new(
                 config.redis.clone(),
@@ -318,7 +318,7 @@ async fn load_destinations(
     catalog: &Catalog,
     registry: &Registry,
     shutdown: &CancellationToken,
-) -> Result<(), Start> {
+) -> Result<(), NotStarted> {
     let seed = || async {
         catalog
             .apply(&config.destinations, config.unlisted_destinations)
@@ -349,7 +349,7 @@ async fn load_destinations(
 }
 
 /// Everything a (shard, destination) worker needs.
-struct Workers {
+struct WorkerStarter {
     reads: Arc<ReadConnections>,
     wakeups: Wakeups,
     own_readers: OwnReaders,
@@ -363,7 +363,7 @@ struct Workers {
     settings: WorkerSettings,
 }
 
-impl StartWorker for Workers {
+impl StartWorker for WorkerStarter {
     fn pairs(&self) -> Vec<LeaseId> {
         self.registry.pairs()
     }
@@ -438,7 +438,7 @@ impl StartWorker for Workers {
     }
 }
 
-impl Workers {
+impl WorkerStarter {
     /// The command connection of `shard`'s workers.
     fn commands(&self, shard: u16) -> RedisConnection {
         self.command_connections[usize::from(shard) % self.command_connections.len()].clone()

@@ -60,7 +60,7 @@ enum State {
     Lost,
 }
 
-struct Held {
+struct HeldLease {
     /// The destination's generation the worker delivers.
     generation: Option<u64>,
     validity: LeaseValidity,
@@ -101,7 +101,7 @@ type Awaited = Pin<Box<dyn Future<Output = Answer> + Send>>;
 pub struct Coordinator<W> {
     leases: Arc<LeaseStore>,
     settings: LeaseConfig,
-    held: BTreeMap<LeaseId, Held>,
+    held: BTreeMap<LeaseId, HeldLease>,
     workers: W,
     /// The live routers as last read.
     members: Vec<String>,
@@ -445,7 +445,7 @@ impl<W: StartWorker> Coordinator<W> {
         self.changes.gained.push(lease.clone());
         self.held.insert(
             lease,
-            Held {
+            HeldLease {
                 generation,
                 validity,
                 stop,

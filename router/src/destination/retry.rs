@@ -26,7 +26,7 @@ impl From<RetryConfig> for RetryPolicy {
 
 /// What follows a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NextStep {
+pub enum RetryDecision {
     /// Try again after this long.
     RetryAfter(Duration),
     /// Give up: the attempt limit or the retry horizon is reached.
@@ -49,17 +49,17 @@ impl RetryPolicy {
         attempt: u32,
         elapsed: Duration,
         retry_after: Option<Duration>,
-    ) -> NextStep {
+    ) -> RetryDecision {
         let attempts_left = self.max_attempts.is_none_or(|max| attempt < max);
         let Some(time_left) = self
             .max_elapsed
             .checked_sub(elapsed)
             .filter(|left| !left.is_zero())
         else {
-            return NextStep::GiveUp;
+            return RetryDecision::GiveUp;
         };
         if !attempts_left {
-            return NextStep::GiveUp;
+            return RetryDecision::GiveUp;
         }
         let doublings = attempt.saturating_sub(1).min(31);
         let backoff = self.initial.saturating_mul(1 << doublings);
@@ -67,7 +67,7 @@ impl RetryPolicy {
             .max(retry_after.unwrap_or_default())
             .min(self.max_delay)
             .min(time_left);
-        NextStep::RetryAfter(delay)
+        RetryDecision::RetryAfter(delay)
     }
 }
 
@@ -87,8 +87,8 @@ mod tests {
 
     fn delay(policy: RetryPolicy, attempt: u32, retry_after: Option<Duration>) -> Duration {
         match policy.after_failure(attempt, Duration::ZERO, retry_after) {
-            NextStep::RetryAfter(delay) => delay,
-            NextStep::GiveUp => panic!("attempt {attempt} gives up"),
+            RetryDecision::RetryAfter(delay) => delay,
+            RetryDecision::GiveUp => panic!("attempt {attempt} gives up"),
         }
     }
 
@@ -132,11 +132,11 @@ mod tests {
     fn attempts_stop_at_the_maximum() {
         assert_eq!(
             policy().after_failure(7, Duration::ZERO, None),
-            NextStep::RetryAfter(Duration::from_millis(6400))
+            RetryDecision::RetryAfter(Duration::from_millis(6400))
         );
         assert_eq!(
             policy().after_failure(8, Duration::ZERO, None),
-            NextStep::GiveUp
+            RetryDecision::GiveUp
         );
     }
 
@@ -150,13 +150,16 @@ mod tests {
         // 10 s before the horizon, a 30 s delay is cut to 10 s …
         assert_eq!(
             unlimited.after_failure(20, hour - Duration::from_secs(10), None),
-            NextStep::RetryAfter(Duration::from_secs(10))
+            RetryDecision::RetryAfter(Duration::from_secs(10))
         );
         // … and the attempt made there is the last.
-        assert_eq!(unlimited.after_failure(21, hour, None), NextStep::GiveUp);
+        assert_eq!(
+            unlimited.after_failure(21, hour, None),
+            RetryDecision::GiveUp
+        );
         assert_eq!(
             unlimited.after_failure(21, hour + Duration::from_secs(1), None),
-            NextStep::GiveUp
+            RetryDecision::GiveUp
         );
     }
 }

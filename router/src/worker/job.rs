@@ -32,14 +32,14 @@ use crate::destination::breaker::{Counted, Verdict};
 use crate::destination::delivery::{request_body, Destination, Endpoint, Gates};
 use crate::destination::outcome::{AttemptOutcome, Fate};
 use crate::destination::progress::{Progress, Wait};
-use crate::destination::retry::NextStep;
+use crate::destination::retry::RetryDecision;
 use crate::destination::trace::{self, AttemptTrace, Outcome};
 use crate::worker::budget::{Budget, Charge};
 use crate::worker::consumer::{ConsumerError, DeadLetter, Entry, EntryContent, GroupConsumer};
 use crate::worker::delivery_log::{Logged, Record};
 
 /// An entry in memory with the budget it holds.
-pub struct Held {
+pub struct HeldEntry {
     pub entry: Entry,
     pub charge: Charge,
 }
@@ -49,7 +49,7 @@ pub struct Held {
 // boxing would add an allocation per event.
 #[allow(clippy::large_enum_variant)]
 pub enum Source {
-    Held(Held),
+    Held(HeldEntry),
     /// Parked: only its id is known; the job fetches it.
     Parked(StreamId),
 }
@@ -129,7 +129,7 @@ struct Failure {
 }
 
 /// What to do after an attempt.
-enum Step {
+enum AfterAttempt {
     Done(JobEnd),
     RetryAfter(Duration),
 }
@@ -213,8 +213,8 @@ impl Job {
                 }
             };
             match self.attempt(entry, &request, attempt, &endpoint).await {
-                Step::Done(end) => return end,
-                Step::RetryAfter(delay) => {
+                AfterAttempt::Done(end) => return end,
+                AfterAttempt::RetryAfter(delay) => {
                     let user = request.event.user_id.clone();
                     let id = entry.id;
                     // The entry leaves memory while the user waits.
@@ -264,7 +264,7 @@ impl Job {
     }
 
     /// The entry in memory: as read, or fetched again within the budget.
-    async fn load(&self, source: Source) -> Option<Held> {
+    async fn load(&self, source: Source) -> Option<HeldEntry> {
         let id = match source {
             Source::Held(held) => return Some(held),
             Source::Parked(id) => id,
@@ -281,7 +281,7 @@ impl Job {
             match self.context.consumer.fetch(id).await {
                 Ok(entry) => {
                     let charge = reservation.take(entry.bytes);
-                    return Some(Held { entry, charge });
+                    return Some(HeldEntry { entry, charge });
                 }
                 Err(error) => {
                     failures += 1;
@@ -306,7 +306,7 @@ impl Job {
         request: &Request<'_>,
         attempt: u32,
         prepared_with: &Endpoint,
-    ) -> Step {
+    ) -> AfterAttempt {
         // Its own handle, so the gates it lends outlive no borrow of the job.
         let destination = Arc::clone(&self.context.destination);
         let gates = match self
@@ -314,15 +314,17 @@ impl Job {
             .await
         {
             AtGates::Passed(gates) => gates,
-            AtGates::Expired => return Step::Done(self.expire(entry, request, attempt).await),
-            AtGates::Shutdown => return Step::Done(JobEnd::Abandoned),
+            AtGates::Expired => {
+                return AfterAttempt::Done(self.expire(entry, request, attempt).await)
+            }
+            AtGates::Shutdown => return AfterAttempt::Done(JobEnd::Abandoned),
         };
         let Some((outcome, sent)) = self.send(&destination, request, attempt, gates).await else {
-            return Step::Done(JobEnd::Abandoned);
+            return AfterAttempt::Done(JobEnd::Abandoned);
         };
         let (failure, next) = match outcome {
             AttemptOutcome::Delivered { status } => {
-                return Step::Done(
+                return AfterAttempt::Done(
                     self.on_delivered(entry, request, attempt, status, sent)
                         .await,
                 );
@@ -339,7 +341,9 @@ impl Job {
                     .after_failure(attempt, elapsed, retry_after);
                 (Failure { status, error }, next)
             }
-            AttemptOutcome::Dead { status, error } => (Failure { status, error }, NextStep::GiveUp),
+            AttemptOutcome::Dead { status, error } => {
+                (Failure { status, error }, RetryDecision::GiveUp)
+            }
         };
         self.on_failed(entry, request, attempt, failure, next, sent)
             .await
@@ -493,17 +497,17 @@ impl Job {
         request: &Request<'_>,
         attempt: u32,
         failure: Failure,
-        next: NextStep,
+        next: RetryDecision,
         sent: Sent,
-    ) -> Step {
+    ) -> AfterAttempt {
         let stats = &self.context.destination.stats;
         let Failure { status, error } = failure;
         let error = error.as_str();
         stats.failed(error, status);
         let latency_ms = sent.latency_ms();
         let fate = match next {
-            NextStep::RetryAfter(_) => Fate::Retry,
-            NextStep::GiveUp => Fate::Dead,
+            RetryDecision::RetryAfter(_) => Fate::Retry,
+            RetryDecision::GiveUp => Fate::Dead,
         };
         let record = Record {
             status,
@@ -513,11 +517,11 @@ impl Job {
         };
         // A retry due after the event expires waits only until then.
         let delay = match next {
-            NextStep::RetryAfter(delay) => Some(
+            RetryDecision::RetryAfter(delay) => Some(
                 time_left(request.age_from_ms, sent.endpoint.max_age)
                     .map_or(delay, |left| delay.min(left)),
             ),
-            NextStep::GiveUp => None,
+            RetryDecision::GiveUp => None,
         };
         sent.trace.finish(&Outcome {
             fate,
@@ -539,12 +543,12 @@ impl Job {
                     Some(&record),
                 )
                 .await;
-            return Step::Done(end);
+            return AfterAttempt::Done(end);
         };
         self.context.consumer.record_retry(&record).await;
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         tracing::info!(parent: self.span(Some(request)), attempt, status, latency_ms, %error, delay_ms, outcome = fate.as_str(), "Delivery attempt.");
-        Step::RetryAfter(delay)
+        AfterAttempt::RetryAfter(delay)
     }
 
     /// Dead-letters an event past its destination's `max_age_ms`, before

@@ -34,8 +34,8 @@ use crate::destination::progress::Progress;
 use crate::destination::stats::ParkedCount;
 use crate::worker::budget::{Amount, Budget};
 use crate::worker::consumer::{EntryContent, GroupConsumer};
-use crate::worker::job::{self, Blocked, Held, JobContext, JobEnd, Source};
-use crate::worker::parking::{Admission, Next, UserQueues};
+use crate::worker::job::{self, Blocked, HeldEntry, JobContext, JobEnd, Source};
+use crate::worker::parking::{Admission, Successor, UserQueues};
 use crate::worker::reader::{Read, ReadSettings, Reader};
 use crate::worker::wakeup::Wakeup;
 
@@ -162,7 +162,7 @@ impl JobRunner for Jobs {
 struct Dispatcher<R: JobRunner> {
     runner: R,
     shutdown: CancellationToken,
-    queues: UserQueues<Held>,
+    queues: UserQueues<HeldEntry>,
     /// The highest stream id admitted. Entries arrive in id order, so one
     /// at or below it is a second copy (the reader re-scans the pending
     /// list after a Redis error) and is dropped.
@@ -222,7 +222,7 @@ impl<R: JobRunner> Dispatcher<R> {
         drained.is_ok()
     }
 
-    fn accept(&mut self, entries: Vec<Held>) {
+    fn accept(&mut self, entries: Vec<HeldEntry>) {
         for held in entries {
             let id = held.entry.id;
             if self.admitted_up_to.is_some_and(|up_to| id <= up_to) {
@@ -281,9 +281,9 @@ impl<R: JobRunner> Dispatcher<R> {
             return;
         };
         match self.queues.finished(&user) {
-            Next::Start(held) => self.start(Some(user), Source::Held(held)),
-            Next::Fetch(id) => self.start(Some(user), Source::Parked(id)),
-            Next::Idle => {}
+            Successor::Start(held) => self.start(Some(user), Source::Held(held)),
+            Successor::Fetch(id) => self.start(Some(user), Source::Parked(id)),
+            Successor::Idle => {}
         }
         self.publish_parked();
     }
@@ -346,7 +346,7 @@ mod tests {
 
     /// What a stand-in job did, at what (paused) time since the start.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    enum Step {
+    enum Did {
         /// Started with the entry in hand, or with its id only (parked).
         Started {
             n: u64,
@@ -365,7 +365,7 @@ mod tests {
         /// The entry whose job panics.
         panicking: Option<u64>,
         blocked: mpsc::UnboundedSender<Blocked>,
-        log: Arc<Mutex<Vec<(Duration, Step)>>>,
+        log: Arc<Mutex<Vec<(Duration, Did)>>>,
         parked: Arc<Mutex<ParkedCount>>,
         since: Instant,
     }
@@ -388,7 +388,7 @@ mod tests {
             };
             let (blocked, log, since) = (self.blocked.clone(), self.log.clone(), self.since);
             let record = move |step| log.lock().expect("log").push((since.elapsed(), step));
-            record(Step::Started { n: id.ms, parked });
+            record(Did::Started { n: id.ms, parked });
             Box::pin(async move {
                 assert!(!panics, "a bug in a job");
                 for _ in 0..failures {
@@ -403,7 +403,7 @@ mod tests {
                     tokio::time::sleep(BACKOFF).await;
                 }
                 tokio::time::sleep(ATTEMPT).await;
-                record(Step::Delivered(id.ms));
+                record(Did::Delivered(id.ms));
                 drop(held);
                 JobEnd::Recorded
             })
@@ -448,7 +448,7 @@ mod tests {
         budget: &Arc<Budget>,
         count: u64,
         user: impl Fn(u64) -> String,
-    ) -> (HashMap<StreamId, String>, Vec<Held>) {
+    ) -> (HashMap<StreamId, String>, Vec<HeldEntry>) {
         let mut reservation = budget
             .reserve_for_read(usize::try_from(count).expect("small"))
             .await;
@@ -456,7 +456,7 @@ mod tests {
         let mut entries = Vec::new();
         for n in 1..=count {
             let user = user(n);
-            entries.push(Held {
+            entries.push(HeldEntry {
                 charge: reservation.take(100),
                 entry: Entry {
                     id: id(n),
@@ -474,7 +474,7 @@ mod tests {
     async fn dispatch(
         runner: StandIn,
         blocked_users: mpsc::UnboundedReceiver<Blocked>,
-        entries: Vec<Held>,
+        entries: Vec<HeldEntry>,
         shutdown: CancellationToken,
     ) -> (tokio::task::JoinHandle<()>, mpsc::Sender<Read>) {
         let (reads, incoming) = mpsc::channel(2);
@@ -490,10 +490,10 @@ mod tests {
     }
 
     /// Delivery times of `numbers`, in the order delivered.
-    fn delivered(log: &[(Duration, Step)], numbers: &[u64]) -> Vec<(u64, Duration)> {
+    fn delivered(log: &[(Duration, Did)], numbers: &[u64]) -> Vec<(u64, Duration)> {
         log.iter()
             .filter_map(|(at, step)| match step {
-                Step::Delivered(n) if numbers.contains(n) => Some((*n, *at)),
+                Did::Delivered(n) if numbers.contains(n) => Some((*n, *at)),
                 _ => None,
             })
             .collect()
@@ -573,7 +573,7 @@ mod tests {
         );
         let refetched = log
             .iter()
-            .filter(|(_, step)| matches!(step, Step::Started { n, parked: true } if *n > 1))
+            .filter(|(_, step)| matches!(step, Did::Started { n, parked: true } if *n > 1))
             .count();
         assert_eq!(
             refetched,

@@ -34,7 +34,7 @@ pub enum Admission<E> {
 
 /// What a user does after its head reached a terminal outcome.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Next<E> {
+pub enum Successor<E> {
     /// Start this queued entry.
     Start(E),
     /// Fetch this parked entry and start it.
@@ -124,14 +124,14 @@ impl<E> UserQueues<E> {
 
     /// `user`'s head reached a terminal outcome (or was abandoned): what
     /// comes next for that user.
-    pub fn finished(&mut self, user: &str) -> Next<E> {
+    pub fn finished(&mut self, user: &str) -> Successor<E> {
         let Some(queue) = self.users.get_mut(user) else {
-            return Next::Idle;
+            return Successor::Idle;
         };
         queue.blocked = false;
         if let Some((id, entry)) = queue.queued.pop_front() {
             queue.head = id;
-            return Next::Start(entry);
+            return Successor::Start(entry);
         }
         if let Some(id) = queue.parked.pop_front() {
             queue.head = id;
@@ -139,10 +139,10 @@ impl<E> UserQueues<E> {
             if queue.parked.is_empty() {
                 self.parked.users -= 1;
             }
-            return Next::Fetch(id);
+            return Successor::Fetch(id);
         }
         self.users.remove(user);
-        Next::Idle
+        Successor::Idle
     }
 }
 
@@ -174,9 +174,9 @@ mod tests {
             "others do not wait"
         );
         assert_eq!(admit(&mut queues, "u", 4), Admission::Queued);
-        assert_eq!(queues.finished("u"), Next::Start(2));
-        assert_eq!(queues.finished("u"), Next::Start(4));
-        assert_eq!(queues.finished("u"), Next::Idle);
+        assert_eq!(queues.finished("u"), Successor::Start(2));
+        assert_eq!(queues.finished("u"), Successor::Start(4));
+        assert_eq!(queues.finished("u"), Successor::Idle);
         assert_eq!(
             admit(&mut queues, "u", 5),
             Admission::Start(5),
@@ -193,18 +193,18 @@ mod tests {
         assert_eq!(admit(&mut queues, "hot", 4), Admission::Parked(4));
         assert_eq!(admit(&mut queues, "hot", 5), Admission::Parked(5));
         assert_eq!(queues.parked(), parked(1, 2));
-        assert_eq!(queues.finished("hot"), Next::Start(2));
+        assert_eq!(queues.finished("hot"), Successor::Start(2));
         assert_eq!(
             admit(&mut queues, "hot", 6),
             Admission::Parked(6),
             "room in the queue, but earlier entries are parked"
         );
-        assert_eq!(queues.finished("hot"), Next::Start(3));
-        assert_eq!(queues.finished("hot"), Next::Fetch(id(4)));
-        assert_eq!(queues.finished("hot"), Next::Fetch(id(5)));
-        assert_eq!(queues.finished("hot"), Next::Fetch(id(6)));
+        assert_eq!(queues.finished("hot"), Successor::Start(3));
+        assert_eq!(queues.finished("hot"), Successor::Fetch(id(4)));
+        assert_eq!(queues.finished("hot"), Successor::Fetch(id(5)));
+        assert_eq!(queues.finished("hot"), Successor::Fetch(id(6)));
         assert_eq!(queues.parked(), ParkedCount::default());
-        assert_eq!(queues.finished("hot"), Next::Idle);
+        assert_eq!(queues.finished("hot"), Successor::Idle);
     }
 
     #[test]
@@ -220,17 +220,17 @@ mod tests {
             Admission::Parked(4),
             "still blocked"
         );
-        assert_eq!(queues.finished("u"), Next::Fetch(id(2)));
-        assert_eq!(queues.finished("u"), Next::Fetch(id(3)));
-        assert_eq!(queues.finished("u"), Next::Fetch(id(4)));
-        assert_eq!(queues.finished("u"), Next::Idle);
+        assert_eq!(queues.finished("u"), Successor::Fetch(id(2)));
+        assert_eq!(queues.finished("u"), Successor::Fetch(id(3)));
+        assert_eq!(queues.finished("u"), Successor::Fetch(id(4)));
+        assert_eq!(queues.finished("u"), Successor::Idle);
     }
 
     #[test]
     fn a_block_reported_for_an_earlier_head_changes_nothing() {
         let mut queues = UserQueues::new(10);
         assert_eq!(admit(&mut queues, "u", 1), Admission::Start(1));
-        assert_eq!(queues.finished("u"), Next::Idle);
+        assert_eq!(queues.finished("u"), Successor::Idle);
         assert_eq!(admit(&mut queues, "u", 2), Admission::Start(2));
         assert_eq!(admit(&mut queues, "u", 3), Admission::Queued);
         assert!(queues.blocked("u", id(1)).is_empty(), "entry 1 is done");
@@ -244,7 +244,7 @@ mod tests {
         assert_eq!(admit(&mut queues, "u", 1), Admission::Start(1));
         assert!(queues.blocked("u", id(1)).is_empty());
         assert_eq!(admit(&mut queues, "u", 2), Admission::Parked(2));
-        assert_eq!(queues.finished("u"), Next::Fetch(id(2)));
+        assert_eq!(queues.finished("u"), Successor::Fetch(id(2)));
         assert_eq!(
             admit(&mut queues, "u", 3),
             Admission::Queued,
@@ -260,7 +260,7 @@ mod tests {
             assert_eq!(admit(&mut queues, user, 2), Admission::Parked(2));
         }
         assert_eq!(queues.parked(), parked(2, 2));
-        assert_eq!(queues.finished("a"), Next::Fetch(id(2)));
+        assert_eq!(queues.finished("a"), Successor::Fetch(id(2)));
         assert_eq!(queues.parked(), parked(1, 1));
     }
 }

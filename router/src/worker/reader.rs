@@ -24,7 +24,7 @@ use crate::destination::delivery::Destination;
 use crate::destination::progress::{Progress, Wait};
 use crate::worker::budget::{Budget, Charge};
 use crate::worker::consumer::{ConsumerError, Entry, GroupConsumer, ReadFrom};
-use crate::worker::job::Held;
+use crate::worker::job::HeldEntry;
 use crate::worker::wakeup::Wakeup;
 
 /// How soon a paused destination's reader looks again for expired entries
@@ -34,7 +34,7 @@ const RETRY_PAUSED_LOOK: Duration = Duration::from_secs(1);
 /// What the reader hands the dispatcher.
 pub enum Read {
     /// Entries in stream order.
-    Entries(Vec<Held>),
+    Entries(Vec<HeldEntry>),
     /// The consumer group was missing and is created anew at the start of
     /// the stream, which the new group hands out again from its first entry.
     GroupRecreated,
@@ -138,7 +138,7 @@ impl Reader {
             };
             let reading_new = from == ReadFrom::New;
             let wanted = reservation.entries();
-            // Held through a failure's retry delay: failing reads make no progress.
+            // HeldEntry through a failure's retry delay: failing reads make no progress.
             let reading = self.progress.enter(Wait::Reading);
             let Some(result) = self.read(&from, wanted).await else {
                 return Ended::Stopped;
@@ -225,9 +225,9 @@ impl Reader {
         if let Some(largest) = entries.iter().map(|entry| entry.bytes).max() {
             self.budget.observe(largest);
         }
-        let held: Vec<Held> = entries
+        let held: Vec<HeldEntry> = entries
             .into_iter()
-            .map(|entry| Held {
+            .map(|entry| HeldEntry {
                 charge: reservation.take(entry.bytes),
                 entry,
             })
