@@ -38,13 +38,13 @@ cargo check -p e2e-tests --features testcontainers --tests --locked
 # second time on a local Redis Cluster (3 masters + 3 replicas), there with
 # every reader sharing its shard's wake-up (reader.own_connections = 0; the
 # first run gives most test routers, with few destinations, readers of their
-# own, as users get by default). Tests named redis_* stop or pause their
-# one Redis server and stay single-server.
+# own, as users get by default). A test belongs to the cluster suite by its
+# file: tests that stop or pause their one Redis server live in
+# tests/single_redis.rs, which is not in the list.
 cluster_suite=(-p e2e-tests --test delivery --test admin --test faults --test ingest --test destinations --test policies)
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
-  EVD_TEST_REDIS=cluster EVD_TEST_READERS=shared cargo nextest run "${cluster_suite[@]}" --locked --no-fail-fast \
-    -E 'not test(/^redis_/)'
+  EVD_TEST_REDIS=cluster EVD_TEST_READERS=shared cargo nextest run "${cluster_suite[@]}" --locked --no-fail-fast
 else
   # Trace export is process-wide: each test of tests/traces.rs (otlp_*) needs a
   # process of its own, as nextest gives every test.
@@ -52,8 +52,7 @@ else
   for t in $(cargo test -p e2e-tests --test traces --locked -- --list 2>/dev/null | sed -n 's/: test$//p'); do
     cargo test -p e2e-tests --test traces --locked -- --exact "$t"
   done
-  EVD_TEST_REDIS=cluster EVD_TEST_READERS=shared cargo test "${cluster_suite[@]}" --locked --no-fail-fast \
-    -- --skip redis_
+  EVD_TEST_REDIS=cluster EVD_TEST_READERS=shared cargo test "${cluster_suite[@]}" --locked --no-fail-fast
 fi
 
 # The request-parsing fuzz target, briefly, without growing the kept corpus

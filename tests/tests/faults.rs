@@ -7,24 +7,11 @@
 use std::time::{Duration, Instant};
 
 use e2e_tests::{
-    spawn_hostile_server, wait_for, HastyLoad, Load, Misbehaviour, RedisServer, RouterProcess,
-    TestDestination, TestSystem, SHARDS,
+    fault_destinations, spawn_hostile_server, wait_for, HastyLoad, Load, Misbehaviour, RedisServer,
+    RouterProcess, TestDestination, TestSystem, SHARDS,
 };
 
-/// Three destinations taking everything: fast, slow, and one failing 30%
-/// of attempts (retried until it succeeds); and one taking only the load's
-/// `load.a` events, which reads references the routing stage writes
-/// (decision 0004), so every fault hits that path too.
-fn three_destinations() -> Vec<TestDestination> {
-    vec![
-        TestDestination::new("fast", "/ok/fast"),
-        TestDestination::new("slow", "/slow/5/slow"),
-        TestDestination::new("flaky", "/random/30/flaky").retry(5, 50, 50),
-        TestDestination::new("typed", "/ok/typed").event_types(&["load.a"]),
-    ]
-}
-
-/// Every leased pair of [`three_destinations`]: each (shard, destination)
+/// Every leased pair of [`fault_destinations`]: each (shard, destination)
 /// and each shard's routing stage.
 const PAIRS: usize = SHARDS as usize * 5;
 
@@ -46,7 +33,7 @@ async fn wait_fast_delivered(system: &TestSystem, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_killed_three_times_loses_nothing_and_keeps_order() {
-    let system = TestSystem::start_without_router(three_destinations()).await;
+    let system = TestSystem::start_without_router(fault_destinations()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = system.write_router_config(dir.path());
     let (users, per_user) = (
@@ -83,7 +70,7 @@ async fn router_killed_three_times_loses_nothing_and_keeps_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_router_takes_over_within_the_lease_time_when_one_is_killed() {
-    let system = TestSystem::start_without_router(three_destinations()).await;
+    let system = TestSystem::start_without_router(fault_destinations()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = system.write_router_config(dir.path());
     let ttl = Duration::from_millis(system.router_config().lease.ttl_ms);
@@ -137,7 +124,7 @@ async fn second_router_takes_over_within_the_lease_time_when_one_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_hands_leases_over_without_waiting_for_expiry() {
-    let system = TestSystem::start_without_router(three_destinations()).await;
+    let system = TestSystem::start_without_router(fault_destinations()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = system.write_router_config(dir.path());
     // Long leases: a takeover in less than this proves A released them.
@@ -184,135 +171,6 @@ async fn rolling_restart_hands_leases_over_without_waiting_for_expiry() {
         .assert_all_delivered(&accepted, Duration::from_secs(120))
         .await;
     drop(b);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_and_restarted_from_its_aof_delivers_every_accepted_event() {
-    let redis = RedisServer::start_with(&["--appendfsync", "always"]).await;
-    let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
-    system.start_router();
-
-    // A load that runs until stopped: a fixed number of events could all be
-    // accepted before Redis goes down, leaving no request to see the outage.
-    let load = Load::until_stopped(&system, 40, Duration::from_millis(10));
-    wait_fast_delivered(&system, 500).await;
-    system.redis.server().stop().await;
-    let refused_before = load.unavailable_count();
-    wait_for(
-        "the gateway to answer 503",
-        Duration::from_secs(10),
-        || async { load.unavailable_count() > refused_before },
-    )
-    .await;
-    system.redis.server().restart().await;
-    let restarted_at = Instant::now();
-    let accepted_before = load.accepted_count();
-    wait_for(
-        "202s to resume after Redis is back",
-        Duration::from_secs(2),
-        || async { load.accepted_count() > accepted_before },
-    )
-    .await;
-    eprintln!(
-        "202s resumed {} ms after Redis restarted",
-        restarted_at.elapsed().as_millis()
-    );
-    let accepted_after_restart = load.accepted_count();
-    wait_for(
-        "more events to be accepted after the restart",
-        Duration::from_secs(30),
-        || async { load.accepted_count() >= accepted_after_restart + 500 },
-    )
-    .await;
-
-    let accepted = load.stop().await;
-    system
-        .assert_all_delivered(&accepted, Duration::from_secs(120))
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_paused_gets_503s_within_the_bound_and_no_202_then_recovers() {
-    // One server to pause (cluster failover has its own test).
-    let redis = RedisServer::start().await;
-    let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
-    system.start_router();
-    let bound = Duration::from_millis(gateway::Config::defaults().redis.timeout_ms);
-
-    let (users, per_user) = (40, 50);
-    let load = Load::start(&system, users, per_user);
-    wait_fast_delivered(&system, users * per_user / 4).await;
-    system.redis.server().pause().await;
-    let paused_at = Instant::now();
-    let mut probes = 0;
-    while paused_at.elapsed() < Duration::from_secs(5) {
-        let sent = Instant::now();
-        let (status, body) = system
-            .post(
-                "/v1/events",
-                &serde_json::json!({ "userId": "probe", "messageId": format!("probe-{probes}"), "payload": {} }),
-            )
-            .await;
-        let took = sent.elapsed();
-        assert_eq!(status, 503, "no 202 while Redis is paused: {body}");
-        assert!(
-            took <= bound + Duration::from_millis(500),
-            "503 took {took:?}, bound {bound:?}"
-        );
-        probes += 1;
-    }
-    // Taken before SIGCONT: Redis may answer, and the load record a 202,
-    // before `kill` has exited and `resume` returned.
-    let resumed_at = Instant::now();
-    system.redis.server().resume().await;
-    eprintln!("{probes} probes during the 5 s pause: all 503 within {bound:?}");
-
-    let accepted = load.finish().await;
-    let accepted_during_pause = accepted
-        .iter()
-        .filter(|a| {
-            a.sent_at > paused_at + Duration::from_millis(100) && a.answered_at < resumed_at
-        })
-        .count();
-    assert_eq!(
-        accepted_during_pause, 0,
-        "no 202 for a request sent during the pause"
-    );
-    system
-        .assert_all_delivered(&accepted, Duration::from_secs(120))
-        .await;
-}
-
-/// A write that timed out may still be queued on its Redis connection, and
-/// lands when Redis answers again. The user's next events, each sent after
-/// the previous one's 503 on a new HTTP connection (so on either gateway
-/// worker), must land after it, in the order they were sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_paused_writes_that_timed_out_land_in_the_order_they_were_sent() {
-    let redis = RedisServer::start().await;
-    let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
-    let user = "patient";
-    let sent = 6;
-    // Every worker has written before.
-    for n in 0..4 {
-        let body = serde_json::json!({ "userId": "warm", "payload": { "n": n } });
-        assert_eq!(system.post_on_a_new_connection(&body).await, 202);
-    }
-    system.redis.server().pause().await;
-    for n in 0..sent {
-        let body = serde_json::json!({ "userId": user, "payload": { "n": n } });
-        assert_eq!(
-            system.post_on_a_new_connection(&body).await,
-            503,
-            "Redis is paused"
-        );
-    }
-    let in_doubt = system.gateway_metrics().await;
-    assert_eq!(in_doubt.value("gateway_shards_in_doubt", &[]), 1.0);
-    system.redis.server().resume().await;
-    system
-        .assert_timed_out_writes_landed_in_order(user, sent)
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,7 +396,7 @@ async fn a_refused_delivery_log_record_never_holds_up_an_acknowledgement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_refused_while_redis_is_paused_never_land_behind_later_ones() {
     let redis = RedisServer::start().await;
-    let mut system = TestSystem::start_custom(redis, three_destinations(), |_| {}).await;
+    let mut system = TestSystem::start_custom(redis, fault_destinations(), |_| {}).await;
     let load = HastyLoad::start(&system, 24);
     wait_for("some events accepted", Duration::from_secs(10), || async {
         system.stream_lengths().await >= 100
@@ -551,81 +409,4 @@ async fn writes_refused_while_redis_is_paused_never_land_behind_later_ones() {
     }
     system.redis.server().resume().await;
     system.assert_hasty_users_kept_their_order(load).await;
-}
-
-/// Whether the admin API shows a worker of `destination` as stalled and
-/// waiting on `wait`.
-async fn shows_stalled(system: &TestSystem, destination: &str, wait: &str) -> bool {
-    let view = system.destination_view(destination).await;
-    view["workers"].as_array().is_some_and(|workers| {
-        workers
-            .iter()
-            .any(|w| w["state"] == "stalled" && w["waiting_on"].to_string().contains(wait))
-    })
-}
-
-/// A worker that cannot record outcomes (Redis refuses XACK: an ACL
-/// changed under the router) keeps its lease, since renewals still work,
-/// yet delivers nothing more. It shows as stalled in the admin API and in
-/// `router_stalled_workers`, naming what it waits on, and recovers once
-/// Redis takes acknowledgements again (issue 27: a stall explains itself).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_refusing_acknowledgements_shows_the_worker_stalled_naming_its_wait() {
-    let redis = RedisServer::start().await;
-    let mut system = TestSystem::start_custom(
-        redis,
-        vec![TestDestination::new("fast", "/ok/fast")],
-        |_| {},
-    )
-    .await;
-    system.start_router_with(|config| config.admin.stall_after_ms = 1000);
-    system.wait_destinations_registered("fast").await;
-    let acl = |change: &'static str| {
-        let redis = &system.redis;
-        async move {
-            let mut con = redis.connection().await;
-            redis::cmd("ACL")
-                .arg("SETUSER")
-                .arg("default")
-                .arg(change)
-                .query_async::<()>(&mut con)
-                .await
-                .expect("ACL SETUSER");
-        }
-    };
-    system.send("first", serde_json::json!(1)).await;
-    system
-        .wait_delivered("fast", 1, Duration::from_secs(30))
-        .await;
-    assert!(!shows_stalled(&system, "fast", "").await);
-
-    acl("-xack").await;
-    system.send("stuck", serde_json::json!(2)).await;
-    wait_for(
-        "the worker to show as stalled, waiting to record an outcome",
-        Duration::from_secs(30),
-        || shows_stalled(&system, "fast", "recording an outcome in Redis"),
-    )
-    .await;
-    let metrics = system.router_metrics().await;
-    assert_eq!(
-        metrics.value("router_stalled_workers", &[("destination", "fast")]),
-        1.0
-    );
-
-    acl("+xack").await;
-    wait_for(
-        "the stall to end once Redis takes acknowledgements",
-        Duration::from_secs(30),
-        || async {
-            !shows_stalled(&system, "fast", "").await
-                && system
-                    .router_metrics()
-                    .await
-                    .value("router_stalled_workers", &[("destination", "fast")])
-                    == 0.0
-                && system.destination_view("fast").await["pending"] == 0
-        },
-    )
-    .await;
 }
