@@ -160,16 +160,10 @@ async fn permanent_rejection_is_dead_lettered_after_one_attempt() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_destination_does_not_delay_other_destinations_or_ingestion() {
-    let system = TestSystem::start(vec![
-        TestDestination::new("slow", "/slow/5000")
-            .timeout_ms(10_000)
-            .max_concurrency(4),
-        TestDestination::new("fast", "/ok"),
-    ])
-    .await;
-
+/// Sends 200 events of 20 users one after another; the median time the
+/// gateway took to answer, and once all reached `fast`, the median
+/// end-to-end latency there (both in ms).
+async fn ingest_and_delivery_medians(system: &TestSystem) -> (f64, f64) {
     let mut ingest_ms = Vec::new();
     for i in 0..200 {
         let started = std::time::Instant::now();
@@ -181,24 +175,49 @@ async fn slow_destination_does_not_delay_other_destinations_or_ingestion() {
     system
         .wait_delivered("fast", 200, Duration::from_secs(30))
         .await;
-
-    let mut latencies: Vec<u64> = system
+    let mut latencies: Vec<f64> = system
         .received("fast")
         .events
         .iter()
         .filter_map(|e| e.latency_ms)
+        .map(|ms| ms as f64)
         .collect();
-    latencies.sort_unstable();
-    let median = latencies[latencies.len() / 2];
-    assert!(
-        median < 50,
-        "fast destination median end-to-end latency {median} ms"
-    );
+    latencies.sort_by(f64::total_cmp);
     ingest_ms.sort_by(f64::total_cmp);
-    let ingest_median = ingest_ms[ingest_ms.len() / 2];
+    (
+        ingest_ms[ingest_ms.len() / 2],
+        latencies[latencies.len() / 2],
+    )
+}
+
+/// Compared with the same load on a system without the slow destination,
+/// measured in the same test: within 3 × that baseline plus 20 ms (a
+/// stalled destination holding others up would add seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_destination_does_not_delay_other_destinations_or_ingestion() {
+    let baseline = TestSystem::start(vec![TestDestination::new("fast", "/ok")]).await;
+    let (ingest_alone, delivery_alone) = ingest_and_delivery_medians(&baseline).await;
+    drop(baseline);
+
+    let system = TestSystem::start(vec![
+        TestDestination::new("slow", "/slow/5000")
+            .timeout_ms(10_000)
+            .max_concurrency(4),
+        TestDestination::new("fast", "/ok"),
+    ])
+    .await;
+    let (ingest, delivery) = ingest_and_delivery_medians(&system).await;
+    eprintln!(
+        "medians: ingest {ingest:.1} ms (alone {ingest_alone:.1}), fast delivery {delivery:.1} ms \
+         (alone {delivery_alone:.1})"
+    );
     assert!(
-        ingest_median < 50.0,
-        "ingest median {ingest_median} ms while a destination stalls"
+        delivery <= 3.0 * delivery_alone + 20.0,
+        "fast destination median end-to-end latency {delivery} ms, {delivery_alone} ms without the slow one"
+    );
+    assert!(
+        ingest <= 3.0 * ingest_alone + 20.0,
+        "ingest median {ingest} ms while a destination stalls, {ingest_alone} ms without it"
     );
     assert!(
         system.received("slow").unique < 200,

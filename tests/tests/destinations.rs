@@ -113,23 +113,23 @@ fn delivered_ids(system: &TestSystem, path: &str) -> HashSet<String> {
 }
 
 async fn wait_all_delivered(system: &TestSystem, path: &str, ids: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while system.recorder.missing(path, ids.iter().copied()) > 0 {
-        if Instant::now() > deadline {
-            // Which shards the missing events are on tells a cut from a stall.
-            let delivered = delivered_ids(system, path);
-            let mut missing_per_shard: HashMap<&str, usize> = HashMap::new();
-            for id in ids.iter().filter(|id| !delivered.contains(**id)) {
-                let shard = id.split('-').next().unwrap_or("?");
-                *missing_per_shard.entry(shard).or_default() += 1;
-            }
-            panic!(
-                "{} of {} events never reached {path}; missing per shard: {missing_per_shard:?}",
-                missing_per_shard.values().sum::<usize>(),
-                ids.len()
-            );
+    let all = holds_within(Duration::from_secs(60), || async {
+        system.recorder.missing(path, ids.iter().copied()) == 0
+    })
+    .await;
+    if !all {
+        // Which shards the missing events are on tells a cut from a stall.
+        let delivered = delivered_ids(system, path);
+        let mut missing_per_shard: HashMap<&str, usize> = HashMap::new();
+        for id in ids.iter().filter(|id| !delivered.contains(**id)) {
+            let shard = id.split('-').next().unwrap_or("?");
+            *missing_per_shard.entry(shard).or_default() += 1;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        panic!(
+            "{} of {} events never reached {path}; missing per shard: {missing_per_shard:?}",
+            missing_per_shard.values().sum::<usize>(),
+            ids.len()
+        );
     }
 }
 

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use e2e_tests::{fault_destinations, wait_for, Load, RedisServer, TestDestination, TestSystem};
+use e2e_tests::{
+    fault_destinations, wait_for, HastyLoad, Load, RedisServer, TestDestination, TestSystem,
+};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,4 +263,26 @@ async fn redis_outage_gets_a_quick_503_with_retry_after_never_a_202() {
         .await
         .expect("answers");
     assert_eq!(alive.status(), 200);
+}
+
+/// Users keep posting numbered events, moving on after a 503, while Redis
+/// is paused: writes of one shard in flight on several connections all time
+/// out, and none may land behind a user's later events (the gateway refuses
+/// a shard's writes while it is in doubt on more than one connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_refused_while_redis_is_paused_never_land_behind_later_ones() {
+    let redis = RedisServer::start().await;
+    let mut system = TestSystem::start_custom(redis, fault_destinations(), |_| {}).await;
+    let load = HastyLoad::start(&system, 24);
+    wait_for("some events accepted", Duration::from_secs(10), || async {
+        system.stream_lengths().await >= 100
+    })
+    .await;
+    system.redis.server().pause().await;
+    let paused_at = Instant::now();
+    while paused_at.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    system.redis.server().resume().await;
+    system.assert_hasty_users_kept_their_order(load).await;
 }
