@@ -174,6 +174,46 @@ fn rust_files(dir: &std::path::Path, into: &mut Vec<std::path::PathBuf>) {
     }
 }
 
+/// Whether a crate's Layout list is its layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layering {
+    /// Each module imports only those listed above it ([`upward_imports_of_crate`]).
+    Checked,
+    /// The list only names the modules.
+    Unchecked,
+}
+
+/// Longest production function a crate may have, in lines.
+pub const LONGEST_FUNCTION: usize = 80;
+
+/// Everything the checks of this module find wrong in the crate at
+/// `manifest_dir`, one line each: modules its Layout list leaves out,
+/// imports that go up (with `Layering::Checked`), and functions longer
+/// than [`LONGEST_FUNCTION`] lines. Each crate's test asserts it is empty.
+pub fn problems_of_crate(manifest_dir: &str, layering: Layering) -> Vec<String> {
+    let lib_rs = std::path::Path::new(manifest_dir)
+        .join("src")
+        .join("lib.rs");
+    let lib_rs = read_file(&lib_rs).expect("the crate has a src/lib.rs");
+    let mut problems: Vec<String> = undocumented_modules(&lib_rs)
+        .into_iter()
+        .map(|module| format!("the Layout list does not name `{module}`"))
+        .collect();
+    if layering == Layering::Checked {
+        problems.extend(
+            upward_imports_of_crate(manifest_dir)
+                .into_iter()
+                .map(|(module, used)| format!("`{module}` imports `{used}`, listed below it")),
+        );
+    }
+    problems.extend(
+        long_functions_of_crate(manifest_dir, LONGEST_FUNCTION)
+            .into_iter()
+            .map(|function| format!("longer than {LONGEST_FUNCTION} lines: {function}")),
+    );
+    problems
+}
+
 fn layers(lib_rs: &str) -> Vec<&str> {
     doc_lines(lib_rs)
         .filter_map(|line| line.trim_start_matches("//!").trim().strip_prefix("- [`"))
@@ -261,17 +301,9 @@ mod tests {
     }
 
     #[test]
-    fn this_crate_has_no_function_longer_than_80_lines() {
+    fn this_crate_has_no_layout_problems() {
         assert_eq!(
-            long_functions_of_crate(env!("CARGO_MANIFEST_DIR"), 80),
-            Vec::<String>::new()
-        );
-    }
-
-    #[test]
-    fn this_crate_lists_every_module() {
-        assert_eq!(
-            undocumented_modules(include_str!("lib.rs")),
+            problems_of_crate(env!("CARGO_MANIFEST_DIR"), Layering::Unchecked),
             Vec::<String>::new()
         );
     }

@@ -593,30 +593,15 @@ async fn connect(
 
 #[cfg(test)]
 mod layout_tests {
-    #[test]
-    fn the_layout_names_every_module() {
-        assert_eq!(
-            protocol::layout::undocumented_modules(include_str!("lib.rs")),
-            Vec::<String>::new(),
-            "add each module to the crate doc's Layout list"
-        );
-    }
+    use protocol::layout::{problems_of_crate, Layering};
 
+    /// Its Layout list names every module, in layers, and no function is
+    /// longer than `protocol::layout::LONGEST_FUNCTION` lines.
     #[test]
-    fn modules_import_only_modules_listed_above_them() {
+    fn the_crate_keeps_its_layout() {
         assert_eq!(
-            protocol::layout::upward_imports_of_crate(env!("CARGO_MANIFEST_DIR")),
-            Vec::<(String, String)>::new(),
-            "(module, what it imports from below it in the Layout list)"
-        );
-    }
-
-    #[test]
-    fn no_function_is_longer_than_80_lines() {
-        assert_eq!(
-            protocol::layout::long_functions_of_crate(env!("CARGO_MANIFEST_DIR"), 80),
-            Vec::<String>::new(),
-            "split these into named phases"
+            problems_of_crate(env!("CARGO_MANIFEST_DIR"), Layering::Checked),
+            Vec::<String>::new()
         );
     }
 }

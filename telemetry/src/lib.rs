@@ -175,21 +175,15 @@ pub fn metrics() -> &'static PrometheusHandle {
 
 #[cfg(test)]
 mod layout_tests {
-    #[test]
-    fn the_layout_names_every_module() {
-        assert_eq!(
-            protocol::layout::undocumented_modules(include_str!("lib.rs")),
-            Vec::<String>::new(),
-            "add each module to the crate doc's Layout list"
-        );
-    }
+    use protocol::layout::{problems_of_crate, Layering};
 
+    /// Its Layout list names every module, and no function is
+    /// longer than `protocol::layout::LONGEST_FUNCTION` lines.
     #[test]
-    fn no_function_is_longer_than_80_lines() {
+    fn the_crate_keeps_its_layout() {
         assert_eq!(
-            protocol::layout::long_functions_of_crate(env!("CARGO_MANIFEST_DIR"), 80),
-            Vec::<String>::new(),
-            "split these into named phases"
+            problems_of_crate(env!("CARGO_MANIFEST_DIR"), Layering::Unchecked),
+            Vec::<String>::new()
         );
     }
 }
