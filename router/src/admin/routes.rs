@@ -43,6 +43,7 @@ use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::admin::dead_letters::{DeadLetterError, DeadLetters, Page, ReplayReport, Selection};
 use crate::admin::destinations::{self, DestinationChangeDoc, DestinationDoc, NewDestinationDoc};
+use crate::admin::event_log::{EventLog, LogError, LogReader, Subject};
 use crate::admin::overview::{DestinationView, Overview, SharedOverview};
 use crate::admin::status_page;
 use crate::config::LeaseConfig;
@@ -50,7 +51,6 @@ use crate::control::catalog::{Catalog, CatalogError};
 use crate::control::registry::Registry;
 use crate::destination::delivery::Destination;
 use crate::outbound::Policy;
-use crate::worker::delivery_log::{EventLog, LogError, LogReader, Subject};
 use protocol::config::is_valid_name;
 
 /// Most dead letters one list request returns.

@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! Modules import only modules listed above them (a test checks it):
-//! - [`delivery_log`]: what happened to each event at each destination: written per attempt, read per event or user.
+//! - [`delivery_log`]: what happened to each event at each destination, written per attempt.
 //! - [`acks`]: acknowledgements written by group commit, with their log records.
 //! - [`budget`]: how many entries and bytes a worker holds in memory.
 //! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.
