@@ -248,6 +248,29 @@ async fn read_json_body(
     }
 }
 
+/// What both ingest routes do before writing: authenticate, read the body,
+/// `parse` it, stamp the events with the key's name and the trace context,
+/// and check the destinations they name. Nothing is written before this
+/// has passed.
+async fn accept<E>(
+    state: &AppState,
+    request: &HttpRequest,
+    payload: web::Payload,
+    trace: &IngestTrace,
+    parse: impl FnOnce(&[u8]) -> Result<E, ApiError>,
+) -> Result<E, ApiError>
+where
+    E: AsRef<[NewEvent]> + AsMut<[NewEvent]>,
+{
+    let key = state.authenticate(request)?;
+    let body = read_json_body(state, request, payload).await?;
+    let mut events = parse(&body)?;
+    attribute(key, events.as_mut())?;
+    state.traced(trace, events.as_mut());
+    state.check_destinations(events.as_ref()).await?;
+    Ok(events)
+}
+
 #[utoipa::path(
     post,
     path = "/v1/events",
@@ -288,20 +311,16 @@ async fn ingest_event(
     payload: web::Payload,
     trace: &IngestTrace,
 ) -> Result<Ingested, ApiError> {
-    let key = state.authenticate(request)?;
-    let body = read_json_body(state, request, payload).await?;
-    let idempotency_key = match request.headers().get("idempotency-key") {
-        None => None,
-        Some(value) => Some(value.to_str().map_err(|_| {
-            ApiError::Invalid("Idempotency-Key header must be visible ASCII".into())
-        })?),
+    let parse = |body: &[u8]| {
+        let idempotency_key = match request.headers().get("idempotency-key") {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| {
+                ApiError::Invalid("Idempotency-Key header must be visible ASCII".into())
+            })?),
+        };
+        Ok([event::parse_event(body, idempotency_key)?])
     };
-    let mut event = event::parse_event(&body, idempotency_key)?;
-    attribute(key, std::slice::from_mut(&mut event))?;
-    state.traced(trace, std::slice::from_mut(&mut event));
-    state
-        .check_destinations(std::slice::from_ref(&event))
-        .await?;
+    let [event] = accept(state, request, payload, trace, parse).await?;
     let appended = trace::redis_write(trace, state.store.append(&event, lanes))
         .await
         .map_err(|e| state.unavailable(e))?;
@@ -351,13 +370,9 @@ async fn ingest_batch(
     payload: web::Payload,
     trace: &IngestTrace,
 ) -> Result<Ingested, ApiError> {
-    let key = state.authenticate(request)?;
-    let body = read_json_body(state, request, payload).await?;
-    let mut events = event::parse_batch(&body, state.max_batch_events)?;
-    attribute(key, &mut events)?;
-    state.traced(trace, &mut events);
+    let parse = |body: &[u8]| Ok(event::parse_batch(body, state.max_batch_events)?);
+    let events = accept(state, request, payload, trace, parse).await?;
     state.metrics.batch_size.record(events.len() as f64);
-    state.check_destinations(&events).await?;
     let appended = trace::redis_write(trace, state.store.append_all(&events, lanes))
         .await
         .map_err(|e| state.unavailable(e))?;
