@@ -299,6 +299,7 @@ impl Router {
             instance: self.instance.clone(),
             shards: self.config.redis.shards,
             revision: self.registry.revision(),
+            unmeasured_shards: Vec::new(),
             destinations: Vec::new(),
         });
         (observer, Arc::new(Mutex::new(first)))

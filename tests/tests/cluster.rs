@@ -13,7 +13,7 @@ use e2e_tests::{
     TestDestination, TestSystem, SHARDS,
 };
 use protocol::EventId;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Users posting during a failover.
 const USERS: usize = 40;
@@ -557,6 +557,12 @@ async fn a_paused_master_stops_only_its_own_shards() {
     .await;
     let cluster = system.redis.cluster().expect("a cluster");
     let paused = cluster.pause_master_of(&system.keys.events(0)).await;
+    let mut paused_shards = Vec::new();
+    for shard in 0..SHARDS {
+        if cluster.master_of(&system.keys.events(shard)).await == Some(paused) {
+            paused_shards.push(u64::from(shard));
+        }
+    }
     let mut healthy_users = Vec::new();
     for n in 0..200 {
         let user = format!("user-{n}");
@@ -582,8 +588,35 @@ async fn a_paused_master_stops_only_its_own_shards() {
     })
     .await;
     let delivered_during = system.received("fast").unique;
+    // The admin API's overview goes on too, without the paused master's
+    // shards: a measurement taken since the pause names them unmeasured,
+    // and shows the other shards' deliveries.
+    let paused_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits")
+        - u64::try_from(paused_at.elapsed().as_millis()).expect("fits");
+    let overview_went_on = holds_within(Duration::from_secs(30), || async {
+        let overview = system.admin_get("/admin/destinations").await;
+        let unmeasured: Vec<u64> = overview["unmeasured_shards"]
+            .as_array()
+            .map(|shards| shards.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        overview["measured_at_ms"].as_u64() > Some(paused_ms)
+            && unmeasured == paused_shards
+            && overview["destinations"][0]["delivered"].as_u64() >= Some(100)
+    })
+    .await;
     let cluster = system.redis.cluster().expect("a cluster");
     cluster.resume(paused);
+    assert!(
+        overview_went_on,
+        "the overview stopped while master {paused} (shards {paused_shards:?}) was paused: {}",
+        system.admin_get("/admin/destinations").await
+    );
     eprintln!(
         "master {paused} paused: {delivered_during} of 100 events of the other masters' \
          shards delivered while it was"

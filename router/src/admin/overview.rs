@@ -68,6 +68,10 @@ pub struct Overview {
     pub shards: u16,
     /// The catalog revision this router follows.
     pub revision: u64,
+    /// Shards whose Redis did not answer this measurement (a master down
+    /// or paused): their lag, pending entries, dead letters and lease
+    /// owners are missing from it (each lag is null, each owner null).
+    pub unmeasured_shards: Vec<u16>,
     pub destinations: Vec<DestinationView>,
 }
 
@@ -117,8 +121,25 @@ impl Observer {
         let routed: Vec<bool> = known.iter().map(|k| k.definition.routed).collect();
         let mut views: Vec<DestinationView> =
             known.into_iter().map(|known| self.view_of(known)).collect();
+        // A shard whose Redis does not answer leaves only its own figures
+        // out; the measurement fails only when no shard answers.
+        let mut unmeasured_shards = Vec::new();
+        let mut first_error = None;
         for shard in 0..self.shards {
-            self.measure_shard(shard, &mut views, &routed).await?;
+            if let Err(error) = self.measure_shard(shard, &mut views, &routed).await {
+                for view in &mut views {
+                    view.lag = None;
+                    view.owners.push(None);
+                }
+                unmeasured_shards.push(shard);
+                first_error.get_or_insert(error);
+            }
+        }
+        if let Some(error) = first_error {
+            if unmeasured_shards.len() == usize::from(self.shards) {
+                return Err(error);
+            }
+            tracing::debug!(?unmeasured_shards, %error, "Some shards could not be measured.");
         }
         self.set_rates(&mut views);
         self.sequence += 1;
@@ -128,6 +149,7 @@ impl Observer {
             instance: self.instance.clone(),
             shards: self.shards,
             revision,
+            unmeasured_shards,
             destinations: views,
         })
     }

@@ -56,6 +56,18 @@ button {{ font: inherit; padding: 3px 10px; cursor: pointer; white-space: nowrap
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(overview.measured_at_ms)
         ),
     );
+    if !overview.unmeasured_shards.is_empty() {
+        let shards: Vec<String> = overview
+            .unmeasured_shards
+            .iter()
+            .map(u16::to_string)
+            .collect();
+        let _ = write!(
+            page,
+            r#"<div class="notice" data-field="unmeasured">Redis did not answer for shards {}: their lag, pending entries, dead letters and owners are missing below.</div>"#,
+            shards.join(", ")
+        );
+    }
     if let (Some(replayed), Some(destination)) = (notice.replayed, &notice.destination) {
         let _ = write!(
             page,
@@ -206,6 +218,7 @@ mod tests {
             instance: "r1".into(),
             shards: 2,
             revision: 12,
+            unmeasured_shards: Vec::new(),
             destinations: vec![DestinationView {
                 name: "crm".into(),
                 url: "http://crm/hook".into(),
@@ -272,6 +285,7 @@ mod tests {
             instance: "r1".into(),
             shards: 2,
             revision: 1,
+            unmeasured_shards: Vec::new(),
             destinations: vec![DestinationView {
                 name: "crm".into(),
                 url: "http://crm/hook".into(),
