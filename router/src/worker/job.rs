@@ -376,6 +376,7 @@ impl Job {
         }
         at_gates
     }
+
     /// Sends the attempt, once the lease surely outlasts it; `None` if the
     /// lease is going or shutdown came first. Tells the breaker (and, for
     /// a 429 with `Retry-After`, the throttle) what the answer said.
