@@ -9,7 +9,7 @@
 //! - [`outbound`]: where deliveries may connect (the SSRF guard).
 //! - [`config`]: settings and their defaults.
 //! - [`destination`]: a destination at runtime: one HTTP attempt, retry, breaker, throttle, stats, traces.
-//! - [`control`]: the catalog, leases, the registry, the coordinator and trimming.
+//! - [`control`]: the catalog and the router following it, leases, the registry, the coordinator and trimming.
 //! - [`worker`]: the routing stage and the per (shard, destination) reader, dispatcher and jobs.
 //! - [`admin`]: the admin listener: API, status page, `/metrics`, and the overview they show.
 #![forbid(unsafe_code)]
