@@ -121,18 +121,31 @@ impl Observer {
         let routed: Vec<bool> = known.iter().map(|k| k.definition.routed).collect();
         let mut views: Vec<DestinationView> =
             known.into_iter().map(|known| self.view_of(known)).collect();
-        // A shard whose Redis does not answer leaves only its own figures
-        // out; the measurement fails only when no shard answers.
+        // Shards are asked at once, so one whose Redis does not answer
+        // costs the measurement one timeout, and leaves only its own
+        // figures out; the measurement fails only when no shard answers.
+        let names: Vec<&str> = views.iter().map(|view| view.name.as_str()).collect();
+        let routed_names: Vec<&str> = names
+            .iter()
+            .zip(&routed)
+            .filter(|(_, routed)| **routed)
+            .map(|(name, _)| *name)
+            .collect();
+        let asked = (0..self.shards).map(|shard| self.ask_shard(shard, &names, &routed_names));
+        let answers = futures_util::future::join_all(asked).await;
         let mut unmeasured_shards = Vec::new();
         let mut first_error = None;
-        for shard in 0..self.shards {
-            if let Err(error) = self.measure_shard(shard, &mut views, &routed).await {
-                for view in &mut views {
-                    view.lag = None;
-                    view.owners.push(None);
+        for (shard, answer) in (0..self.shards).zip(answers) {
+            match answer {
+                Ok(figures) => figures.add_to(&mut views),
+                Err(error) => {
+                    for view in &mut views {
+                        view.lag = None;
+                        view.owners.push(None);
+                    }
+                    unmeasured_shards.push(shard);
+                    first_error.get_or_insert(error);
                 }
-                unmeasured_shards.push(shard);
-                first_error.get_or_insert(error);
             }
         }
         if let Some(error) = first_error {
@@ -178,50 +191,42 @@ impl Observer {
         }
     }
 
-    /// Adds shard `shard`'s lag, pending entries, dead letters and lease
-    /// owner to each view (`routed[i]`: whether `views[i]` reads references).
-    async fn measure_shard(
-        &mut self,
+    /// Shard `shard`'s groups, dead letters and lease owners of the
+    /// destinations `names` (those in `routed` read references).
+    async fn ask_shard(
+        &self,
         shard: u16,
-        views: &mut [DestinationView],
-        routed: &[bool],
-    ) -> redis::RedisResult<()> {
-        let mut groups = self.groups(shard).await?;
+        names: &[&str],
+        routed: &[&str],
+    ) -> redis::RedisResult<ShardFigures> {
+        let mut con = self.con.clone();
+        let mut groups = self.groups(&mut con, shard).await?;
         let routing_lag = groups
             .get(protocol::keys::ROUTING_GROUP)
             .map(|group| group.lag);
-        let names = views
-            .iter()
-            .zip(routed)
-            .filter(|(_, routed)| **routed)
-            .map(|(view, _)| view.name.as_str());
-        for (name, group) in self.reference_groups(shard, names).await? {
+        for (name, group) in self.reference_groups(&mut con, shard, routed).await? {
             // What the routing stage has not read may be for it too.
             let lag = group.lag.zip(routing_lag.flatten()).map(|(a, b)| a + b);
             groups.insert(name, GroupInfo { lag, ..group });
         }
         let mut pipe = redis::pipe();
-        for view in views.iter() {
+        for name in names {
             pipe.cmd("XLEN")
-                .arg(self.keys.dead_letters(shard, &view.name))
+                .arg(self.keys.dead_letters(shard, name))
                 .cmd("GET")
-                .arg(self.keys.lease(shard, &view.name));
+                .arg(self.keys.lease(shard, name));
         }
-        let replies: Vec<Value> = pipe.query_async(&mut self.con).await?;
-        for (view, pair) in views.iter_mut().zip(replies.chunks_exact(2)) {
-            view.dead_letters += u64::from_redis_value(pair[0].clone()).unwrap_or(0);
-            view.owners
-                .push(Option::<String>::from_redis_value(pair[1].clone()).unwrap_or(None));
-            match groups.get(&view.name) {
-                Some(group) => {
-                    view.pending += group.pending;
-                    view.lag = view.lag.zip(group.lag).map(|(a, b)| a + b);
-                }
-                // No group: deleted a moment ago, or by hand.
-                None => view.lag = None,
-            }
-        }
-        Ok(())
+        let replies: Vec<Value> = pipe.query_async(&mut con).await?;
+        let per_destination = names
+            .iter()
+            .zip(replies.chunks_exact(2))
+            .map(|(name, pair)| DestinationFigures {
+                group: groups.get(*name).copied(),
+                dead_letters: u64::from_redis_value(pair[0].clone()).unwrap_or(0),
+                owner: Option::<String>::from_redis_value(pair[1].clone()).unwrap_or(None),
+            })
+            .collect();
+        Ok(ShardFigures { per_destination })
     }
 
     /// Each view's deliveries per second since the last measurement.
@@ -296,22 +301,22 @@ impl Observer {
     /// Pending and lag of the routed destinations `names` on `shard`, in
     /// their reference streams' groups (none for a group that is missing).
     async fn reference_groups(
-        &mut self,
+        &self,
+        con: &mut RedisConnection,
         shard: u16,
-        names: impl Iterator<Item = &str>,
+        names: &[&str],
     ) -> redis::RedisResult<Vec<(String, GroupInfo)>> {
-        let names: Vec<&str> = names.collect();
         if names.is_empty() {
             return Ok(Vec::new());
         }
         let mut script = redis::cmd("EVAL");
         script.arg(REFERENCE_GROUPS).arg(names.len());
-        for name in &names {
+        for name in names {
             script.arg(self.keys.refs(shard, name));
         }
-        let replies: Vec<(i64, i64)> = script.arg(&names).query_async(&mut self.con).await?;
+        let replies: Vec<(i64, i64)> = script.arg(names).query_async(con).await?;
         Ok(names
-            .into_iter()
+            .iter()
             .zip(replies)
             .filter(|(_, (pending, _))| *pending >= 0)
             .map(|(name, (pending, lag))| {
@@ -319,17 +324,21 @@ impl Observer {
                     pending: pending.unsigned_abs(),
                     lag: u64::try_from(lag).ok(),
                 };
-                (name.to_owned(), info)
+                ((*name).to_owned(), info)
             })
             .collect())
     }
 
     /// Pending and lag of every group on one shard stream.
-    async fn groups(&mut self, shard: u16) -> redis::RedisResult<HashMap<String, GroupInfo>> {
+    async fn groups(
+        &self,
+        con: &mut RedisConnection,
+        shard: u16,
+    ) -> redis::RedisResult<HashMap<String, GroupInfo>> {
         let reply: Result<Vec<HashMap<String, Value>>, _> = redis::cmd("XINFO")
             .arg("GROUPS")
             .arg(self.keys.events(shard))
-            .query_async(&mut self.con)
+            .query_async(con)
             .await;
         let groups = match reply {
             Ok(groups) => groups,
@@ -393,9 +402,39 @@ end
 return replies
 ";
 
+#[derive(Debug, Clone, Copy)]
 struct GroupInfo {
     pending: u64,
     lag: Option<u64>,
+}
+
+/// What one shard said of each destination, in the views' order.
+struct ShardFigures {
+    per_destination: Vec<DestinationFigures>,
+}
+
+struct DestinationFigures {
+    /// `None`: no group (deleted a moment ago, or by hand).
+    group: Option<GroupInfo>,
+    dead_letters: u64,
+    owner: Option<String>,
+}
+
+impl ShardFigures {
+    /// Adds the shard's figures to each view.
+    fn add_to(self, views: &mut [DestinationView]) {
+        for (view, figures) in views.iter_mut().zip(self.per_destination) {
+            view.dead_letters += figures.dead_letters;
+            view.owners.push(figures.owner);
+            match figures.group {
+                Some(group) => {
+                    view.pending += group.pending;
+                    view.lag = view.lag.zip(group.lag).map(|(a, b)| a + b);
+                }
+                None => view.lag = None,
+            }
+        }
+    }
 }
 
 /// Sets the Redis-derived gauges from a measurement.
