@@ -169,6 +169,49 @@ async fn a_paused_destination_lags_while_others_deliver_and_catches_up_after_res
     assert_eq!(system.received("held").duplicates, 0);
 }
 
+/// A pause is kept in Redis: a router started while it holds sends
+/// nothing, and the resume reaches it (the container test's "down with
+/// events pending, then up", in-process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_outlives_a_router_restart_and_a_resume_then_delivers_everything() {
+    let mut system = TestSystem::start(vec![
+        TestDestination::new("held", "/ok/held"),
+        TestDestination::new("live", "/ok/live"),
+    ])
+    .await;
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/held/pause", None)
+        .await;
+    assert_eq!(status, 200);
+    let accepted = system.send_numbered(5, 10).await;
+    system.wait_delivered("live", 50, PATIENCE).await;
+    system.stop_router().await;
+    system.start_router();
+    system.wait_delivered("live", 50, PATIENCE).await;
+    wait_view(
+        &system,
+        "held",
+        "the restarted router to see the pause",
+        |v| v["paused"] == true,
+    )
+    .await;
+    assert_eq!(
+        system.received("held").requests,
+        0,
+        "nothing sent while paused"
+    );
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/held/resume", None)
+        .await;
+    assert_eq!(status, 200);
+    system.wait_delivered("held", 50, PATIENCE).await;
+    assert_eq!(
+        system.delivered_per_user("held"),
+        accepted,
+        "per-user order"
+    );
+}
+
 /// Every dead letter of `destination`, paging with `limit`.
 async fn list_all(system: &TestSystem, destination: &str, limit: usize) -> Vec<Value> {
     let mut all = Vec::new();
