@@ -105,6 +105,13 @@ impl Keys {
         format!("{}:{{s:{shard}}}:routing:signal", self.prefix)
     }
 
+    /// One hour of `destination`'s delivery history (per-minute counts and
+    /// latency buckets, from every router), for the console's charts.
+    /// `hour` is Unix hours; each key expires a day after its hour.
+    pub fn history(&self, destination: &str, hour: u64) -> String {
+        format!("{}:history:{destination}:{hour}", self.prefix)
+    }
+
     /// The membership of live router instances, which split the leases.
     pub fn routers(&self) -> String {
         format!("{}:meta:routers", self.prefix)

@@ -11,13 +11,17 @@
 //! - [`destination`]: a destination at runtime: one HTTP attempt, retry, breaker, throttle, stats, traces.
 //! - [`control`]: the catalog and the router following it, leases, the registry, the coordinator and trimming.
 //! - [`worker`]: the routing stage and the per (shard, destination) reader, dispatcher and jobs.
-//! - [`admin`]: the admin listener: API, status page, `/metrics`, and the overview they show.
+//! - [`admin`]: what the admin listener shows and changes: the API, `/metrics`, the overview, the history.
+//! - [`console`]: the console's pages and forms, over the admin API's operations.
+//! - [`listener`]: the admin listener: console, API and metrics behind the admin token.
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
 pub mod config;
+pub(crate) mod console;
 pub(crate) mod control;
 pub(crate) mod destination;
+pub(crate) mod listener;
 pub(crate) mod outbound;
 pub(crate) mod worker;
 
@@ -173,6 +177,8 @@ impl Router {
         Coordinator::new(leases, self.config.lease, self.workers(&shutdown))
             .run(shutdown.clone())
             .await;
+        // The last attempts' minutes, now that no more come.
+        admin::history::flush(&self.history_store(), &self.registry).await;
         for task in background.tasks {
             let _ = task.await;
         }
@@ -241,7 +247,13 @@ impl Router {
             config.admin.overview_interval(),
             shutdown.clone(),
         ));
+        let history = tokio::spawn(admin::history::run(
+            self.history_store(),
+            self.registry.clone(),
+            shutdown.clone(),
+        ));
         let admin_state = AdminState {
+            history: self.history_store(),
             keys: self.keys.clone(),
             shards: config.redis.shards,
             con: self.admin_connection.clone(),
@@ -259,7 +271,7 @@ impl Router {
                  the admin listener can replay, delete and pause. Use this for local demos only."
             );
         }
-        let admin_server = tokio::spawn(admin::routes::serve(
+        let admin_server = tokio::spawn(listener::serve(
             admin_state,
             admin_listener,
             shutdown.clone(),
@@ -277,8 +289,15 @@ impl Router {
             shutdown.clone(),
         ));
         Background {
-            tasks: vec![trimmer, observing, following],
+            tasks: vec![trimmer, observing, following, history],
             admin_server,
+        }
+    }
+
+    fn history_store(&self) -> admin::history::HistoryStore {
+        admin::history::HistoryStore {
+            con: self.admin_connection.clone(),
+            keys: self.keys.clone(),
         }
     }
 

@@ -29,6 +29,33 @@ pub struct Attempt {
     pub error: Option<String>,
 }
 
+/// One attempt of some event, for a destination's latest attempts.
+#[derive(Debug, Clone)]
+pub struct RecentAttempt {
+    pub event_id: String,
+    pub user_id: String,
+    pub attempt: Attempt,
+}
+
+/// A log record's attempt (`field` reads the record); `None` if it is not one.
+fn attempt_of<'a>(log_id: &str, field: impl Fn(&str) -> Option<&'a str>) -> Option<Attempt> {
+    let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+    Some(Attempt {
+        at_ms: log_id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0),
+        attempt: number("attempt")
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
+        status: number("status").and_then(|n| u16::try_from(n).ok()),
+        latency_ms: number("latency_ms").unwrap_or(0),
+        outcome: field("outcome").and_then(Logged::parse)?,
+        error: field("error").map(str::to_owned),
+    })
+}
+
 /// Where an event stands at one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -248,6 +275,61 @@ impl LogReader {
         Ok(ids.into_values().rev().take(limit).collect())
     }
 
+    /// The payload of `event_id` while it is still in its stream.
+    pub async fn payload(&self, event_id: &str) -> Result<Option<String>, LogError> {
+        let id: EventId = event_id
+            .parse()
+            .map_err(|_| LogError::BadId(event_id.to_owned()))?;
+        if id.shard >= self.shards {
+            return Ok(None);
+        }
+        let mut con = self.con.clone();
+        Ok(self.entry(&mut con, id).await?.map(|entry| entry.payload))
+    }
+
+    /// The latest `limit` attempts at `destination` over every shard,
+    /// newest first.
+    pub async fn recent(
+        &self,
+        destination: &str,
+        limit: usize,
+    ) -> Result<Vec<RecentAttempt>, LogError> {
+        let mut con = self.con.clone();
+        let mut recent = Vec::new();
+        for shard in 0..self.shards {
+            let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+                .arg(self.keys.delivery_log(shard, destination))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(&mut con)
+                .await?;
+            for (log_id, fields) in &page {
+                let field = |name: &str| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.as_str())
+                };
+                let Some(attempt) = attempt_of(log_id, field) else {
+                    continue;
+                };
+                if attempt.outcome == Logged::Filtered {
+                    continue;
+                }
+                recent.push(RecentAttempt {
+                    event_id: field("event").unwrap_or_default().to_owned(),
+                    user_id: field("user").unwrap_or_default().to_owned(),
+                    attempt,
+                });
+            }
+        }
+        recent.sort_by_key(|recent| std::cmp::Reverse(recent.attempt.at_ms));
+        recent.truncate(limit);
+        Ok(recent)
+    }
+
     async fn entry(
         &self,
         con: &mut RedisConnection,
@@ -298,8 +380,7 @@ impl LogReader {
                 if field("event") != Some(wanted.as_str()) {
                     continue;
                 }
-                let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
-                let Some(outcome) = field("outcome").and_then(Logged::parse) else {
+                let Some(attempt) = attempt_of(log_id, field) else {
                     continue;
                 };
                 recorded.user = field("user").map(str::to_owned);
@@ -310,20 +391,8 @@ impl LogReader {
                     recorded.event_type =
                         Some((!event_type.is_empty()).then(|| event_type.to_owned()));
                 }
-                recorded.attempts.push(Attempt {
-                    at_ms: log_id
-                        .split('-')
-                        .next()
-                        .and_then(|ms| ms.parse().ok())
-                        .unwrap_or(0),
-                    attempt: number("attempt")
-                        .and_then(|n| u32::try_from(n).ok())
-                        .unwrap_or(0),
-                    status: number("status").and_then(|n| u16::try_from(n).ok()),
-                    latency_ms: number("latency_ms").unwrap_or(0),
-                    outcome,
-                    error: field("error").map(str::to_owned),
-                });
+                let outcome = attempt.outcome;
+                recorded.attempts.push(attempt);
                 if outcome != Logged::Retry {
                     return Ok(recorded);
                 }

@@ -43,6 +43,9 @@ pub struct DestinationView {
     pub pending: u64,
     /// Entries in the destination's dead-letter streams.
     pub dead_letters: u64,
+    /// Unix ms at which the oldest event read but not finished was accepted
+    /// (over the shards measured); `None` when nothing is pending.
+    pub oldest_pending_ms: Option<u64>,
     /// This router's counters since it started.
     #[serde(flatten)]
     pub counts: Counts,
@@ -184,6 +187,7 @@ impl Observer {
             lag: Some(0),
             pending: 0,
             dead_letters: 0,
+            oldest_pending_ms: None,
             counts: d.stats.counts(),
             delivery_rate: 0.0,
             owners: Vec::with_capacity(usize::from(self.shards)),
@@ -215,15 +219,26 @@ impl Observer {
                 .arg(self.keys.dead_letters(shard, name))
                 .cmd("GET")
                 .arg(self.keys.lease(shard, name));
+            // The oldest pending entry (its id is its event's acceptance).
+            let pending = groups.get(*name).is_some_and(|group| group.pending > 0);
+            let stream = match routed.contains(name) {
+                true => self.keys.refs(shard, name),
+                false => self.keys.events(shard),
+            };
+            match pending {
+                true => pipe.cmd("XPENDING").arg(stream).arg(*name),
+                false => pipe.cmd("ECHO").arg(""),
+            };
         }
         let replies: Vec<Value> = pipe.query_async(&mut con).await?;
         let per_destination = names
             .iter()
-            .zip(replies.chunks_exact(2))
-            .map(|(name, pair)| DestinationFigures {
+            .zip(replies.chunks_exact(3))
+            .map(|(name, replies)| DestinationFigures {
                 group: groups.get(*name).copied(),
-                dead_letters: u64::from_redis_value(pair[0].clone()).unwrap_or(0),
-                owner: Option::<String>::from_redis_value(pair[1].clone()).unwrap_or(None),
+                dead_letters: u64::from_redis_value(replies[0].clone()).unwrap_or(0),
+                owner: Option::<String>::from_redis_value(replies[1].clone()).unwrap_or(None),
+                oldest_pending_ms: oldest_pending_ms(&replies[2]),
             })
             .collect();
         Ok(ShardFigures { per_destination })
@@ -418,6 +433,15 @@ struct DestinationFigures {
     group: Option<GroupInfo>,
     dead_letters: u64,
     owner: Option<String>,
+    /// Unix ms of the oldest pending entry's acceptance.
+    oldest_pending_ms: Option<u64>,
+}
+
+/// The time in the smallest id of an `XPENDING` summary.
+fn oldest_pending_ms(summary: &Value) -> Option<u64> {
+    let (_, smallest, _, _) =
+        <(u64, Option<String>, Option<String>, Value)>::from_redis_value(summary.clone()).ok()?;
+    smallest?.split_once('-')?.0.parse().ok()
 }
 
 impl ShardFigures {
@@ -426,6 +450,10 @@ impl ShardFigures {
         for (view, figures) in views.iter_mut().zip(self.per_destination) {
             view.dead_letters += figures.dead_letters;
             view.owners.push(figures.owner);
+            view.oldest_pending_ms = match (view.oldest_pending_ms, figures.oldest_pending_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             match figures.group {
                 Some(group) => {
                     view.pending += group.pending;

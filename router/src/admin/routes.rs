@@ -1,9 +1,8 @@
-//! The admin listener: the status page, the admin API and `/metrics`.
+//! The admin API and `/metrics` ([`crate::listener`] serves them beside
+//! the console, behind the admin token).
 //!
 //! | route | does |
 //! |---|---|
-//! | `GET /` | status page (HTML, refreshes itself) |
-//! | `POST /destinations/{name}/replay` | the status page's replay-all button (a form post) |
 //! | `GET /metrics` | Prometheus metrics of this router |
 //! | `GET /admin/destinations` | every destination's state (the latest [`Overview`]) |
 //! | `POST /admin/destinations` | create a destination (201, or 409 if the name exists) |
@@ -24,30 +23,24 @@
 //! `Authorization: Bearer <token>`, or HTTP Basic with the token as the
 //! password, which is what a browser sends after asking for it.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 
-use actix_web::body::BoxBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
-use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
-use base64::Engine;
-use protocol::secret::{bearer_token, find_token, TokenDigest};
+use actix_web::{web, HttpResponse, ResponseError};
+use protocol::secret::TokenDigest;
 use protocol::{Keys, RedisConnection};
 use serde::{Deserialize, Serialize};
-use telemetry::lifecycle::{metrics_endpoint, serve_until, OnShutdown};
-use tokio_util::sync::CancellationToken;
+use telemetry::lifecycle::metrics_endpoint;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::admin::dead_letters::{DeadLetterError, DeadLetters, Page, ReplayReport, Selection};
 use crate::admin::destinations::{self, DestinationChangeDoc, DestinationDoc, NewDestinationDoc};
 use crate::admin::event_log::{EventLog, LogError, LogReader, Subject};
+use crate::admin::history::HistoryStore;
 use crate::admin::overview::{DestinationView, Overview, SharedOverview};
-use crate::admin::status_page;
 use crate::config::LeaseConfig;
-use crate::control::catalog::{Catalog, CatalogError};
+use crate::control::catalog::{Catalog, CatalogError, Definition};
 use crate::control::registry::Registry;
 use crate::destination::delivery::Destination;
 use crate::outbound::Policy;
@@ -69,6 +62,7 @@ pub struct AdminState {
     /// Most records of one (shard, destination) log a lookup reads: the cap.
     pub log_scan_limit: usize,
     pub overview: SharedOverview,
+    pub history: HistoryStore,
     pub access: Access,
 }
 
@@ -94,7 +88,7 @@ impl Access {
 }
 
 impl AdminState {
-    fn configured(&self, name: &str) -> Result<Arc<Destination>, AdminError> {
+    pub fn configured(&self, name: &str) -> Result<Arc<Destination>, AdminError> {
         self.registry
             .get(name)
             .map(|known| known.destination)
@@ -103,13 +97,13 @@ impl AdminState {
 
     /// Applies the catalog here at once after a change made here (the other
     /// routers follow within one overview interval).
-    async fn follow_catalog(&self) {
+    pub async fn follow_catalog(&self) {
         if let Err(error) = self.registry.follow(&self.catalog).await {
             tracing::warn!(%error, "Cannot read the destinations back; the next overview will.");
         }
     }
 
-    fn log_reader(&self) -> LogReader {
+    pub fn log_reader(&self) -> LogReader {
         LogReader {
             con: self.con.clone(),
             keys: self.keys.clone(),
@@ -119,7 +113,7 @@ impl AdminState {
     }
 
     /// What the delivery log knows of `event_id` at every destination.
-    async fn event_log(&self, event_id: &str) -> Result<EventLog, AdminError> {
+    pub async fn event_log(&self, event_id: &str) -> Result<EventLog, AdminError> {
         let known = self.registry.known();
         let endpoints: Vec<_> = known.iter().map(|k| k.destination.endpoint()).collect();
         let subjects: Vec<Subject<'_>> = known
@@ -136,7 +130,7 @@ impl AdminState {
     }
 
     /// This router's latest measurement of `name`.
-    fn status_of(&self, name: &str) -> Option<DestinationView> {
+    pub fn status_of(&self, name: &str) -> Option<DestinationView> {
         self.overview()
             .destinations
             .into_iter()
@@ -145,7 +139,7 @@ impl AdminState {
 
     /// Dead letters of a configured destination, or of one removed from the
     /// config whose dead-letter streams are kept.
-    fn dead_letters(&self, name: &str) -> Result<DeadLetters, AdminError> {
+    pub fn dead_letters(&self, name: &str) -> Result<DeadLetters, AdminError> {
         if !is_valid_name(name) {
             return Err(AdminError::UnknownDestination(name.to_owned()));
         }
@@ -163,7 +157,7 @@ impl AdminState {
 
     /// Pauses or resumes a destination on every router: recorded in Redis
     /// (others pick it up within one overview interval), applied here at once.
-    async fn set_paused(&self, name: &str, paused: bool) -> Result<(), AdminError> {
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<(), AdminError> {
         let destination = self.configured(name)?;
         let mut con = self.con.clone();
         let command = if paused { "SADD" } else { "SREM" };
@@ -173,6 +167,53 @@ impl AdminState {
             .query_async(&mut con)
             .await?;
         destination.set_paused(paused);
+        Ok(())
+    }
+
+    /// Creates a destination from a create request's JSON body.
+    pub async fn create_destination(&self, body: &[u8]) -> Result<Definition, AdminError> {
+        let (settings, start) = destinations::parse_create(body, &self.policy, &self.lease)
+            .map_err(AdminError::Invalid)?;
+        let definition = self.catalog.create(settings, start).await?;
+        self.follow_catalog().await;
+        Ok(definition)
+    }
+
+    /// Changes a destination by a JSON merge patch.
+    pub async fn change_destination(
+        &self,
+        name: &str,
+        body: &[u8],
+    ) -> Result<Definition, AdminError> {
+        let mut invalid = None;
+        let result = self
+            .catalog
+            .update(name, |settings| {
+                match destinations::apply_change(settings, body, &self.policy, &self.lease) {
+                    Ok(changed) => *settings = changed,
+                    Err(message) => invalid = Some(message),
+                }
+                Ok(())
+            })
+            .await;
+        if let Some(message) = invalid {
+            return Err(AdminError::Invalid(message));
+        }
+        let definition = result?;
+        self.follow_catalog().await;
+        Ok(definition)
+    }
+
+    /// Deletes a destination (its dead letters stay; its history goes).
+    pub async fn delete_destination(&self, name: &str) -> Result<(), AdminError> {
+        if !is_valid_name(name) {
+            return Err(AdminError::UnknownDestination(name.to_owned()));
+        }
+        self.catalog.delete(name).await?;
+        self.follow_catalog().await;
+        if let Err(error) = self.history.forget(name, protocol::unix_millis()).await {
+            tracing::warn!(%error, destination = name, "Its history stays until it expires.");
+        }
         Ok(())
     }
 }
@@ -348,97 +389,23 @@ impl From<CatalogError> for AdminError {
     }
 }
 
-/// Lets a request through only with the admin token (see the module docs).
-async fn require_token(
-    request: ServiceRequest,
-    next: Next<BoxBody>,
-) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    if request.path() == "/healthz" {
-        return next.call(request).await;
-    }
-    let state = request
-        .app_data::<web::Data<AdminState>>()
-        .expect("the admin state is registered");
-    let allowed = match &state.access {
-        Access::Open => true,
-        Access::Closed => false,
-        Access::Token(digest) => request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(presented_token)
-            .is_some_and(|token| find_token(&token, [digest]).is_some()),
-    };
-    if !allowed {
-        Ok(request.into_response(AdminError::Unauthorized.error_response()))
-    } else if is_cross_site_change(&request) {
-        Ok(request.into_response(AdminError::CrossSite.error_response()))
-    } else {
-        next.call(request).await
-    }
-}
-
-/// A browser sends stored Basic credentials with any site's form POST, so
-/// a change (anything but GET/HEAD) coming from another origin is refused:
-/// that page could otherwise replay, purge or pause (CSRF). Scripts send no
-/// `Origin` and are not affected.
-fn is_cross_site_change(request: &ServiceRequest) -> bool {
-    use actix_web::http::Method;
-    if matches!(*request.method(), Method::GET | Method::HEAD) {
-        return false;
-    }
-    let headers = request.headers();
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(site) = text("sec-fetch-site") {
-        return !matches!(site, "same-origin" | "none");
-    }
-    match (text("origin"), text("host")) {
-        (Some(origin), Some(host)) => {
-            let origin_host = origin.split_once("://").map(|(_, rest)| rest);
-            origin_host != Some(host)
-        }
-        (Some(_), None) => true,
-        (None, _) => false,
-    }
-}
-
-/// The token of a `Bearer` credential, or the password of a `Basic` one.
-fn presented_token(authorization: &str) -> Option<String> {
-    if let Some(token) = bearer_token(authorization) {
-        return Some(token.to_owned());
-    }
-    let (scheme, credentials) = authorization.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(credentials.trim())
-        .ok()?;
-    let (_user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
-    Some(password.to_owned())
-}
-
 #[utoipa::path(get, path = "/healthz", security(()), responses((status = 200, description = "The router runs (no token needed)", body = Health)))]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
-/// Each path is a resource, so another method gets 405 (not 404).
-fn routes(config: &mut web::ServiceConfig) {
-    let resource = |path: &str, routes: Vec<actix_web::Route>| {
-        routes
-            .into_iter()
-            .fold(web::resource(path), |resource, route| resource.route(route))
-    };
+/// A resource answering `routes`: another method gets 405 (not 404).
+pub fn resource(path: &str, routes: Vec<actix_web::Route>) -> actix_web::Resource {
+    routes
+        .into_iter()
+        .fold(web::resource(path), |resource, route| resource.route(route))
+}
+
+/// The admin API, `/healthz` and `/metrics`.
+pub fn api(config: &mut web::ServiceConfig) {
     config
-        .service(resource("/", vec![web::get().to(status)]))
         .service(resource("/healthz", vec![web::get().to(healthz)]))
         .service(resource("/metrics", vec![web::get().to(metrics_endpoint)]))
-        // The status page's replay button (a form post).
-        .service(resource(
-            "/destinations/{name}/replay",
-            vec![web::post().to(replay_from_page)],
-        ))
         .service(resource(
             "/admin/openapi.json",
             vec![web::get().to(openapi_document)],
@@ -485,38 +452,7 @@ fn routes(config: &mut web::ServiceConfig) {
         .service(resource(
             "/admin/users/{user_id}/events",
             vec![web::get().to(user_events)],
-        ))
-        // The status page's event lookup (a form): redirects to the log.
-        .service(resource("/events", vec![web::get().to(find_event)]));
-}
-
-/// Serves the admin routes on `listener` until `shutdown`.
-pub async fn serve(
-    state: AdminState,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let state = web::Data::new(state);
-    tracing::info!(address = %listener.local_addr()?, "Admin API and status page listening.");
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .wrap(from_fn(require_token))
-            .app_data(web::JsonConfig::default().error_handler(|error, _| {
-                AdminError::Invalid(format!("invalid JSON body: {error}")).into()
-            }))
-            .app_data(web::QueryConfig::default().error_handler(|error, _| {
-                AdminError::Invalid(format!("invalid query: {error}")).into()
-            }))
-            .configure(routes)
-    })
-    // Operators' requests only: one worker is plenty.
-    .workers(1)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .listen(listener)?
-    .run();
-    serve_until(server, shutdown, OnShutdown::Finish).await
+        ));
 }
 
 #[utoipa::path(get, path = "/admin/destinations", responses((status = 200, description = "Every destination's latest measurement", body = Overview), AdminRefusal))]
@@ -553,10 +489,7 @@ async fn create(
     state: web::Data<AdminState>,
     body: web::Bytes,
 ) -> Result<HttpResponse, AdminError> {
-    let (settings, start) = destinations::parse_create(&body, &state.policy, &state.lease)
-        .map_err(AdminError::Invalid)?;
-    let definition = state.catalog.create(settings, start).await?;
-    state.follow_catalog().await;
+    let definition = state.create_destination(&body).await?;
     let location = format!("/admin/destinations/{}", definition.settings.name);
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, location))
@@ -579,22 +512,7 @@ async fn change(
     name: web::Path<String>,
     body: web::Bytes,
 ) -> Result<HttpResponse, AdminError> {
-    let mut invalid = None;
-    let result = state
-        .catalog
-        .update(&name, |settings| {
-            match destinations::apply_change(settings, &body, &state.policy, &state.lease) {
-                Ok(changed) => *settings = changed,
-                Err(message) => invalid = Some(message),
-            }
-            Ok(())
-        })
-        .await;
-    if let Some(message) = invalid {
-        return Err(AdminError::Invalid(message));
-    }
-    let definition = result?;
-    state.follow_catalog().await;
+    let definition = state.change_destination(&name, &body).await?;
     Ok(HttpResponse::Ok().json(DestinationDoc::new(&definition, state.status_of(&name))))
 }
 
@@ -603,11 +521,7 @@ async fn remove(
     state: web::Data<AdminState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
-    if !is_valid_name(&name) {
-        return Err(AdminError::UnknownDestination(name.into_inner()));
-    }
-    state.catalog.delete(&name).await?;
-    state.follow_catalog().await;
+    state.delete_destination(&name).await?;
     Ok(HttpResponse::Ok().json(Deleted {
         destination: name.into_inner(),
         deleted: true,
@@ -663,24 +577,6 @@ async fn user_events(
         }
     }
     Ok(HttpResponse::Ok().json(logs))
-}
-
-#[derive(Debug, Deserialize)]
-struct FindEvent {
-    id: String,
-}
-
-/// The status page's lookup form: to the event's log.
-async fn find_event(query: web::Query<FindEvent>) -> HttpResponse {
-    let id: String = query
-        .id
-        .trim()
-        .chars()
-        .filter(|c| c.is_ascii_digit() || *c == '-')
-        .collect();
-    HttpResponse::SeeOther()
-        .insert_header((header::LOCATION, format!("/admin/events/{id}")))
-        .finish()
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -751,36 +647,6 @@ async fn replay(
     };
     let report = state.dead_letters(&name)?.replay(&selection).await?;
     Ok(HttpResponse::Ok().json(report))
-}
-
-async fn status(
-    state: web::Data<AdminState>,
-    query: web::Query<status_page::Notice>,
-) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(status_page::render(&state.overview(), &query))
-}
-
-/// The status page's replay button: replays everything, then shows the page
-/// again with what happened (POST, then redirect, so a reload does not replay).
-async fn replay_from_page(
-    state: web::Data<AdminState>,
-    name: web::Path<String>,
-) -> Result<HttpResponse, AdminError> {
-    state.configured(&name)?;
-    let report = state
-        .dead_letters(&name)?
-        .replay(&Selection::default())
-        .await?;
-    let location = format!(
-        "/?replayed={}&destination={}",
-        report.replayed,
-        name.as_str()
-    );
-    Ok(HttpResponse::SeeOther()
-        .insert_header((header::LOCATION, location))
-        .finish())
 }
 
 #[cfg(test)]

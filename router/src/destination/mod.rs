@@ -5,6 +5,7 @@
 //! # Layout
 //! Modules import only modules listed above them (a test checks it):
 //! - [`outcome`]: what an attempt's answer says, and what became of the event.
+//! - [`history`]: delivery counts and latencies by minute (the console's charts).
 //! - [`retry`]: the backoff policy.
 //! - [`stats`]: this router's counters per destination (metrics and admin API).
 //! - [`progress`]: what each worker waits on, and when it last got anywhere (the stall check).
@@ -15,6 +16,7 @@
 
 pub(crate) mod breaker;
 pub(crate) mod delivery;
+pub(crate) mod history;
 pub(crate) mod outcome;
 pub(crate) mod progress;
 pub(crate) mod retry;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 
+use crate::destination::history::{self, minute_of, Minutes};
 use crate::destination::outcome::Fate;
 
 /// How much is parked ([`crate::worker::parking`]), for the admin API and metrics.
@@ -52,6 +53,8 @@ pub struct DestinationStats {
     parked_users: AtomicI64,
     parked_events: AtomicI64,
     last_error: Mutex<Option<LastError>>,
+    /// Minutes not yet added to the shared history ([`crate::admin::history`]).
+    history: Mutex<Minutes>,
     metrics: Metrics,
 }
 
@@ -100,6 +103,7 @@ impl DestinationStats {
             parked_users: AtomicI64::new(0),
             parked_events: AtomicI64::new(0),
             last_error: Mutex::new(None),
+            history: Mutex::new(Minutes::new()),
             metrics,
         }
     }
@@ -114,6 +118,26 @@ impl DestinationStats {
     pub fn dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
         self.metrics.dead_lettered.increment(1);
+        self.this_minute(|tally| tally.dead_lettered += 1);
+    }
+
+    fn this_minute(&self, change: impl FnOnce(&mut history::Tally)) {
+        let minute = minute_of(protocol::unix_millis());
+        change(
+            protocol::sync::lock(&self.history)
+                .entry(minute)
+                .or_default(),
+        );
+    }
+
+    /// The minutes tallied since the last call, to add to the shared history.
+    pub fn take_history(&self) -> Minutes {
+        std::mem::take(&mut *protocol::sync::lock(&self.history))
+    }
+
+    /// Puts back minutes [`Self::take_history`] gave that could not be stored.
+    pub fn return_history(&self, minutes: Minutes) {
+        history::merge(&mut protocol::sync::lock(&self.history), minutes);
     }
 
     /// An entry not addressed to this destination was acknowledged unsent.
@@ -139,6 +163,7 @@ impl DestinationStats {
             Fate::Dead => &self.metrics.attempt_dead,
         };
         histogram.record(latency.as_secs_f64());
+        self.this_minute(|tally| tally.attempt(matches!(fate, Fate::Delivered), latency));
     }
 
     pub fn failed(&self, message: &str, status: Option<u16>) {
