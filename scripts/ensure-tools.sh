@@ -41,13 +41,26 @@ ensure_openssl() {
   command -v openssl >/dev/null 2>&1 || apt_install openssl openssl
 }
 
-# Python tools of the test suite (tests/python/requirements.txt: Playwright,
+# Python tools of the test suite (tests/python/requirements.txt:
 # standardwebhooks, schemathesis, hadolint) in target/python-venv, reinstalled when the
-# requirements change. The status page test drives Debian's Chromium;
-# Playwright's own browser download is not used.
+# requirements change.
 PYTHON_VENV=target/python-venv
-ensure_python_tools() {
+# The console's browser test (tests/browser, npm playwright-core) drives
+# Debian's Chromium with Node; `npm ci` installs its locked packages into
+# tests/browser/node_modules when the lock file changes.
+ensure_node_tools() {
   command -v chromium >/dev/null 2>&1 || apt_install chromium chromium
+  command -v node >/dev/null 2>&1 || apt_install nodejs nodejs
+  command -v npm >/dev/null 2>&1 || apt_install npm npm
+  local lock=tests/browser/package-lock.json
+  if ! cmp -s "$lock" tests/browser/node_modules/.installed-lock.json; then
+    echo "Installing the browser test's packages into tests/browser/node_modules." >&2
+    (cd tests/browser && npm ci --no-audit --no-fund --silent)
+    cp "$lock" tests/browser/node_modules/.installed-lock.json
+  fi
+}
+
+ensure_python_tools() {
   if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     apt_install "python3-venv" python3-venv
   fi

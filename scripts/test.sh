@@ -13,6 +13,7 @@ source scripts/ensure-tools.sh
 ensure_redis_server
 ensure_openssl
 ensure_python_tools
+ensure_node_tools
 ensure_rust_lints
 
 # A clean clone gains nothing from incremental compilation, and full debug info

@@ -17,6 +17,7 @@
 //! | `/throttle/{seconds}` | 429 + `Retry-After: {seconds}` while an outage is declared for the path, else 200 |
 //! | `/stall` | no answer while an outage is declared for the path, then 200 |
 //! | `/huge/{bytes}` | 500 with a body of that many bytes |
+//! | `/markup` | 500 with a body of HTML that runs script if a page fails to escape it ([`MARKUP`]) |
 //! | `/capture` | 200, and keeps the whole request (`GET /captured`) |
 //!
 //! With signing secrets configured (`--signing-secret`), every request must
@@ -111,7 +112,7 @@ async fn webhook(
         now / 1000,
     );
     let mut retry_after = None;
-    let mut huge_body = None;
+    let mut error_body = None;
     let status = match segments.as_slice() {
         _ if signature_problem.is_some() => StatusCode::UNAUTHORIZED,
         ["ok", ..] => StatusCode::OK,
@@ -191,9 +192,13 @@ async fn webhook(
             Some(_) => StatusCode::OK,
             None => StatusCode::NOT_FOUND,
         },
+        ["markup", ..] => {
+            error_body = Some(MARKUP.as_bytes().to_vec());
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         ["huge", _, ..] => match number(1).and_then(|n| usize::try_from(n).ok()) {
             Some(bytes) => {
-                huge_body = Some(vec![b'x'; bytes]);
+                error_body = Some(vec![b'x'; bytes]);
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             None => StatusCode::NOT_FOUND,
@@ -223,12 +228,16 @@ async fn webhook(
     if let Some(seconds) = retry_after {
         response.insert_header(("retry-after", seconds.to_string()));
     }
-    match (huge_body, signature_problem) {
+    match (error_body, signature_problem) {
         (Some(body), _) => response.body(body),
         (None, Some(problem)) => response.json(json!({ "error": problem })),
         (None, None) => response.json(json!({ "status": status.as_u16() })),
     }
 }
+
+/// `/markup`'s error body: script that sets `window.__xss` wherever a page
+/// shows it unescaped.
+pub const MARKUP: &str = r#"<script>window.__xss=1</script>"><img src=x onerror="window.__xss=2">"#;
 
 async fn captured(recorder: web::Data<Recorder>) -> HttpResponse {
     HttpResponse::Ok().json(recorder.captured())

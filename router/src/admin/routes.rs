@@ -129,12 +129,18 @@ impl AdminState {
         Ok(self.log_reader().event(event_id, &subjects).await?)
     }
 
-    /// This router's latest measurement of `name`.
+    /// This router's latest measurement of `name`, with whether it is
+    /// paused as of now (a pause or resume made here shows at once).
     pub fn status_of(&self, name: &str) -> Option<DestinationView> {
-        self.overview()
+        let mut view = self
+            .overview()
             .destinations
             .into_iter()
-            .find(|view| view.name == name)
+            .find(|view| view.name == name)?;
+        if let Ok(destination) = self.configured(name) {
+            view.paused = destination.is_paused();
+        }
+        Some(view)
     }
 
     /// Dead letters of a configured destination, or of one removed from the

@@ -37,7 +37,7 @@ pub fn render(query: &str, found: &Found) -> String {
             r#"<p class="notice bad" role="alert" data-field="lookup-error">{}</p>"#,
             escape(message)
         )),
-        Found::Event { log, payload } => body.push_str(&event(log, payload.as_deref())),
+        Found::Event { log, payload } => body.push_str(&event(log, payload.as_deref(), true)),
         Found::User { user, logs } => {
             body.push_str(&format!(
                 r#"<h2>User <code data-field="user">{}</code>: {} latest events</h2>"#,
@@ -45,7 +45,7 @@ pub fn render(query: &str, found: &Found) -> String {
                 logs.len()
             ));
             for log in logs {
-                body.push_str(&event(log, None));
+                body.push_str(&event(log, None, false));
             }
         }
     }
@@ -65,7 +65,7 @@ fn state_label(state: EventState) -> &'static str {
     }
 }
 
-fn event(log: &EventLog, payload: Option<&str>) -> String {
+fn event(log: &EventLog, payload: Option<&str>, with_payload: bool) -> String {
     let mut html = format!(
         r#"<section class="panel" data-event="{id}"><h3><a href="/events?q={link}">{id}</a></h3><p class="meta">user <code data-field="event-user">{user}</code> · type {kind} · received {received}{trace}</p>"#,
         id = escape(&log.event_id),
@@ -79,12 +79,18 @@ fn event(log: &EventLog, payload: Option<&str>) -> String {
             .map(|t| format!(" · trace <code>{}</code>", escape(t)))
             .unwrap_or_default(),
     );
-    if let Some(payload) = payload {
-        let preview: String = payload.chars().take(PREVIEW_CHARS).collect();
-        html.push_str(&format!(
-            r#"<pre data-field="payload" aria-label="Payload">{}</pre>"#,
-            escape(&preview)
-        ));
+    match payload {
+        Some(payload) => {
+            let preview: String = payload.chars().take(PREVIEW_CHARS).collect();
+            html.push_str(&format!(
+                r#"<pre data-field="payload" aria-label="Payload">{}</pre>"#,
+                escape(&preview)
+            ));
+        }
+        None if with_payload => html.push_str(
+            r#"<p class="muted" data-field="payload-gone">Its payload is no longer in its stream (trimmed once every destination finished with it); a dead letter keeps its own copy.</p>"#,
+        ),
+        None => {}
     }
     html.push_str(r#"<table><thead><tr><th style="width:18%">Destination</th><th style="width:16%">State</th><th>Attempts</th></tr></thead><tbody>"#);
     for destination in &log.destinations {

@@ -195,7 +195,10 @@ async fn histories(state: &AdminState, names: &[String], now_ms: u64) -> BTreeMa
 }
 
 async fn overview(state: web::Data<AdminState>, query: web::Query<Done>) -> HttpResponse {
-    let overview = state.overview();
+    let mut overview = state.overview();
+    // A destination deleted here since the measurement is gone at once.
+    let defined = state.registry.names();
+    overview.destinations.retain(|view| defined.contains(&view.name));
     let now_ms = protocol::unix_millis();
     let names: Vec<String> = overview
         .destinations
