@@ -102,12 +102,8 @@ fn figures(page: &DestinationPage<'_>) -> String {
     let view = page.view;
     let of_view = |f: &dyn Fn(&DestinationView) -> String| view.map_or_else(|| "–".into(), f);
     let items = [
-        (
-            "success",
-            "Success (5 min)",
-            html::percent(recent.success_rate()),
-        ),
-        ("latency", "p50 / p99 (5 min)", latency(&recent)),
+        ("success", "Success", html::percent(recent.success_rate())),
+        ("latency", "p50 / p99", latency(&recent)),
         (
             "attempts",
             "Attempts (5 min)",
@@ -224,7 +220,7 @@ fn attempts(page: &DestinationPage<'_>) -> String {
         Ok(recent) => {
             let rows: String = recent.iter().map(attempt_row).collect();
             format!(
-                r#"<table data-field="attempts"><thead><tr><th style="width:18%">Time</th><th style="width:20%">Event</th><th style="width:14%">User</th><th class="num" style="width:7%">#</th><th style="width:13%">Outcome</th><th class="num" style="width:9%">Latency</th><th>Error</th></tr></thead><tbody>{rows}</tbody></table>"#
+                r#"<table data-field="attempt-list"><thead><tr><th style="width:18%">Time</th><th style="width:20%">Event</th><th style="width:14%">User</th><th class="num" style="width:7%">#</th><th style="width:13%">Outcome</th><th class="num" style="width:9%">Latency</th><th>Error</th></tr></thead><tbody>{rows}</tbody></table>"#
             )
         }
     };
@@ -236,7 +232,7 @@ fn attempts(page: &DestinationPage<'_>) -> String {
 fn attempt_row(recent: &RecentAttempt) -> String {
     let attempt = &recent.attempt;
     format!(
-        r#"<tr><td>{time}</td><td><a href="/events?q={link}">{event}</a></td><td>{user}</td><td class="num">{n}</td><td>{outcome}</td><td class="num">{latency}</td><td>{error}</td></tr>"#,
+        r#"<tr><td>{time}</td><td><a href="/events?q={link}">{event}</a></td><td><span class="clip">{user}</span></td><td class="num">{n}</td><td>{outcome}</td><td class="num">{latency}</td><td><span class="clip" title="{error}">{error}</span></td></tr>"#,
         time = html::time(attempt.at_ms),
         link = url_part(&recent.event_id),
         event = escape(&recent.event_id),
@@ -276,7 +272,7 @@ fn dead_letters(page: &DestinationPage<'_>, base: &str) -> String {
                 .map(|letter| {
                     let event = letter.event_id.clone().unwrap_or_default();
                     format!(
-                        r#"<tr><td>{time}</td><td><a href="/events?q={link}">{event}</a></td><td>{user}</td><td class="num">{attempts}</td><td>{error}</td><td><pre>{payload}</pre></td></tr>"#,
+                        r#"<tr><td>{time}</td><td><a href="/events?q={link}">{event}</a></td><td><span class="clip">{user}</span></td><td class="num">{attempts}</td><td><span class="clip" title="{error}">{error}</span></td><td><pre>{payload}</pre></td></tr>"#,
                         time = html::time(letter.failed_at_ms),
                         link = url_part(&event),
                         event = escape(&event),

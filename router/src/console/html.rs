@@ -140,7 +140,9 @@ button{font:inherit;padding:6px 14px;border-radius:6px;border:1px solid #8f98ad;
 button.primary{background:#2251c4;border-color:#2251c4;color:#fff}
 button.danger{border-color:#c42222;color:#a11616}
 form.inline{display:inline}
+.chart{margin:0;min-width:0}
 .chart svg{width:100%;height:auto;display:block}
+.clip{display:-webkit-box;-webkit-line-clamp:2;-webkit-box-orient:vertical;overflow:hidden}
 .chart figcaption{color:#5b6275;font-size:12px}
 .muted{color:#5b6275}
 .skip{position:absolute;left:-999px}

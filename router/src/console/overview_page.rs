@@ -25,7 +25,7 @@ pub struct Shown<'a> {
 
 pub fn render(overview: &Overview, shown: &Shown<'_>) -> String {
     let mut body = format!(
-        r#"<h1>Destinations</h1><p class="meta">{count} destinations · router <code>{instance}</code> · {shards} shards · measured {measured}. Success, latency and the charts count every router's attempts; lag, pending and dead letters are from Redis. {toggle}</p>"#,
+        r#"<h1>Destinations</h1><p class="meta">{count} destinations · router <code>{instance}</code> · {shards} shards · measured {measured}. Success, latency and deliveries per second: the last 5 minutes, every router; the chart: the last hour. Lag, oldest pending and dead letters: from Redis. {toggle}</p>"#,
         count = overview.destinations.len(),
         instance = escape(&overview.instance),
         shards = overview.shards,
@@ -79,13 +79,9 @@ fn card(view: &DestinationView, minutes: Option<&Minutes>, now_ms: u64) -> Strin
         .oldest_pending_ms
         .map(|at| html::duration_ms(now_ms.saturating_sub(at)));
     let figures = [
-        (
-            "success",
-            "Success (5 min)",
-            html::percent(recent.success_rate()),
-        ),
-        ("latency", "p50 / p99 (5 min)", latency(&recent)),
-        ("rate", "Delivered/s (5 min)", format!("{rate:.2}")),
+        ("success", "Success", html::percent(recent.success_rate())),
+        ("latency", "p50 / p99", latency(&recent)),
+        ("rate", "Delivered/s", format!("{rate:.2}")),
         ("lag", "Lag", html::or_dash(view.lag)),
         (
             "oldest",
@@ -126,15 +122,23 @@ fn card(view: &DestinationView, minutes: Option<&Minutes>, now_ms: u64) -> Strin
     )
 }
 
-/// p50 and p99 of a tally's attempts, or a dash.
+/// p50 and p99 of a tally's attempts (their buckets' upper bounds), or a dash.
 pub fn latency(tally: &Tally) -> String {
-    let bound = |q: f64| match tally.latency_quantile_ms(q) {
-        Some(ms) => format!("≤{}", html::duration_ms(ms)),
-        None if tally.attempts() > 0 => ">10 s".into(),
-        None => "–".into(),
-    };
     if tally.attempts() == 0 {
         return "–".into();
     }
-    format!("{} / {}", bound(0.5), bound(0.99))
+    let p50 = tally.latency_quantile_ms(0.5);
+    let p99 = tally.latency_quantile_ms(0.99);
+    match (p50, p99) {
+        (Some(p50), Some(p99)) if p99 < 1000 => format!("≤{p50} / ≤{p99} ms"),
+        (p50, p99) => {
+            let bound = |q: Option<u64>| {
+                q.map_or_else(
+                    || ">10 s".into(),
+                    |ms| format!("≤{}", html::duration_ms(ms)),
+                )
+            };
+            format!("{} / {}", bound(p50), bound(p99))
+        }
+    }
 }

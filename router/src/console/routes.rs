@@ -198,7 +198,9 @@ async fn overview(state: web::Data<AdminState>, query: web::Query<Done>) -> Http
     let mut overview = state.overview();
     // A destination deleted here since the measurement is gone at once.
     let defined = state.registry.names();
-    overview.destinations.retain(|view| defined.contains(&view.name));
+    overview
+        .destinations
+        .retain(|view| defined.contains(&view.name));
     let now_ms = protocol::unix_millis();
     let names: Vec<String> = overview
         .destinations
