@@ -70,7 +70,7 @@ cat <<EOT
   Event delivery is running.
     gateway            $gateway
     mock destinations  $mock      (healthy: /ok, flaky: /flaky/2, slow: /slow/2000, down: /fail)
-    status page        http://127.0.0.1:$ADMIN_PORT/   (admin API under /admin, metrics at /metrics)
+    console            http://127.0.0.1:$ADMIN_PORT/   (admin API under /admin, metrics at /metrics)
                        sign in with any user name and the admin token $admin_token
     API key            $key
     redis              $redis_url   (data in ./data)

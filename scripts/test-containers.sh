@@ -8,7 +8,7 @@
 #  3. the project's images, from the shipped Dockerfile;
 #  4. docker-compose.yml: every service healthy, events through the gateway
 #     port reach the four demo destinations as the README says, in per-user
-#     order, and the status page answers;
+#     order, and the console answers;
 #  5. three routers split the leases; one killed, the others take its
 #     shards and nothing is lost;
 #  6. down and up again, keeping the volume: events accepted while a
@@ -310,7 +310,7 @@ lease_holders() {
 }
 
 # ---------------------------------------------------------------------------
-# 4. docker-compose.yml: healthy, the four demo destinations, the status page.
+# 4. docker-compose.yml: healthy, the four demo destinations, the console.
 echo "== docker-compose.yml: up"
 up_started=$(date +%s%N)
 compose up -d
@@ -328,12 +328,12 @@ for path in /ok /flaky/2 /slow/2000; do in_order_once "$path"; done
 flaky_requests=$(received /flaky/2 | jq .requests)
 [ "$flaky_requests" -eq 90 ] || fail "/flaky/2 got $flaky_requests requests for 30 events (3 each expected)"
 [ "$(received /fail | jq .requests)" -eq 150 ] || fail "/fail did not get exactly 5 attempts per event"
-curl -fsS -o /dev/null -u "x:$admin" "localhost:$router1/" || fail "the status page does not answer"
+curl -fsS -o /dev/null -u "x:$admin" "localhost:$router1/" || fail "the console does not answer"
 if curl -fsS -o /dev/null "localhost:$router1/" 2>/dev/null; then
-  fail "the status page answers without the token"
+  fail "the console answers without the token"
 fi
 echo "   30 events of 5 users: /ok, /flaky/2 (3 requests each) and /slow/2000 got every one in per-user order, once;"
-echo "   down dead-lettered every one after 5 attempts; the status page answers (and only with the token)."
+echo "   down dead-lettered every one after 5 attempts; the console answers (and only with the token)."
 
 # ---------------------------------------------------------------------------
 # 5. Three routers split the leases; one is killed.

@@ -29,7 +29,7 @@ pub struct Config {
     pub log_format: telemetry::LogFormat,
     /// OpenTelemetry trace export (`OTEL_…` variables override it).
     pub traces: telemetry::traces::TracesConfig,
-    /// The admin API, status page and metrics endpoint.
+    /// The admin API, console and metrics endpoint.
     pub admin: AdminConfig,
     /// Redis connection and key layout.
     pub redis: RedisConfig,
@@ -118,7 +118,7 @@ impl LeaseConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address and port of the admin API, status page and `/metrics`.
+    /// Address and port of the admin API, console and `/metrics`.
     pub listen: String,
     /// How often destinations are measured for the admin API and gauges (ms).
     pub overview_interval_ms: u64,

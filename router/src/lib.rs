@@ -50,7 +50,7 @@ use worker::wakeup::{OwnReaders, Wakeups, Watched};
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
 /// in-flight attempts finish within the grace period, releases its leases
-/// and returns. The status page, admin API and metrics are served on
+/// and returns. The console, admin API and metrics are served on
 /// `admin_listener`.
 pub async fn run(
     config: Config,

@@ -97,8 +97,40 @@ async function createWithRefusal(page) {
   await page.getByRole('button', { name: 'Create destination' }).click();
   await page.waitForURL(/\/destinations\/audit/);
   check((await text(page, '[data-field=notice]')).startsWith('Created'), 'the page says it was created');
-  const api = await (await page.request.get(`${base}/admin/destinations/audit`)).json();
+  let api = await (await page.request.get(`${base}/admin/destinations/audit`)).json();
   check(api.timeout_ms === 2000, 'the API has the created destination');
+
+  // Its settings form refuses the same way, then saves.
+  await page.getByLabel('Max attempts').fill('0');
+  await page.getByRole('button', { name: 'Save settings' }).click();
+  check(
+    (await text(page, '[data-error-for="retry.max_attempts"]')).includes('max_attempts'),
+    'a refused setting shows its message next to it',
+  );
+  await page.getByLabel('Max attempts').fill('3');
+  await page.getByLabel('Event types').fill('order.*, audit.logged');
+  await page.getByRole('button', { name: 'Save settings' }).click();
+  await page.waitForURL(/done=saved/);
+  api = await (await page.request.get(`${base}/admin/destinations/audit`)).json();
+  check(api.retry.max_attempts === 3, `the change reached the API (max_attempts ${api.retry.max_attempts})`);
+  check(api.event_types.join() === 'order.*,audit.logged', `event types saved: ${api.event_types}`);
+}
+
+async function testEvent(page) {
+  await page.goto(`${base}/destinations/crm`);
+  await page.getByRole('button', { name: 'Send a test event' }).click();
+  await page.waitForURL(/done=test-event/);
+  const id = new URL(page.url()).searchParams.get('id');
+  check(/^\d+-\d+-\d+$/.test(id), `the page names the test event (${id})`);
+  await until(
+    page,
+    `${base}/events?q=${id}`,
+    async (p) => (await p.locator('tr[data-destination=crm] [data-field=state]').innerText()) === 'delivered',
+    'the test event to be delivered to crm',
+  );
+  const others = await page.locator('tr[data-destination=team-1] [data-field=state]').innerText();
+  check(others.startsWith('filtered'), `only crm gets the test event (team-1: ${others})`);
+  seen.test_event = id;
 }
 
 async function eventAttempts(page) {
@@ -183,7 +215,7 @@ try {
     httpCredentials: { username: 'admin', password: args.token },
   });
   const page = await context.newPage();
-  const flows = { eventsCounted, overview, createWithRefusal, eventAttempts, pauseAndResume, replayDeadLetters, deleteDestination };
+  const flows = { eventsCounted, overview, createWithRefusal, eventAttempts, testEvent, pauseAndResume, replayDeadLetters, deleteDestination };
   const only = args.only ? args.only.split(',') : Object.keys(flows);
   for (const name of only) {
     try {

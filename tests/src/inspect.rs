@@ -272,6 +272,24 @@ impl TestSystem {
     }
 
     /// The holder of `destination`'s lease on every shard (`None` = free).
+    /// Waits until every shard's lease of `destination` is held, and each
+    /// of `routers` (consumer names) holds at least one.
+    pub async fn wait_leased_by(&self, destination: &str, routers: &[&str], timeout: Duration) {
+        let what = format!("{destination}'s leases held by {routers:?}");
+        wait_for(&what, timeout, || async {
+            let holders = self.lease_holders_of(destination).await;
+            holders.iter().all(Option::is_some)
+                && routers.iter().all(|router| {
+                    let prefix = format!("{router}#");
+                    holders
+                        .iter()
+                        .flatten()
+                        .any(|holder| holder.starts_with(&prefix))
+                })
+        })
+        .await;
+    }
+
     pub async fn lease_holders_of(&self, destination: &str) -> Vec<Option<String>> {
         self.per_shard(|mut con, shard| async move {
             let lease = self.keys.lease(shard, destination);

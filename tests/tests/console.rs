@@ -86,10 +86,64 @@ async fn the_console_in_a_browser_creates_pauses_replays_and_deletes() {
     );
     let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON result");
     assert_eq!(seen["dead_letters"], sent, "{seen}");
-    assert_eq!(seen["flows"].as_array().map(Vec::len), Some(7), "{seen}");
+    assert_eq!(seen["flows"].as_array().map(Vec::len), Some(8), "{seen}");
 
     // The click replayed them: delivered in each user's order.
     let mut delivered = system.delivered_per_user("billing");
     delivered.remove(MARKUP_USER);
     assert_eq!(delivered, accepted);
+}
+
+/// The count a console page shows in its `data-field="{field}"` element.
+async fn shown(system: &TestSystem, admin_url: &str, path: &str, field: &str) -> Option<u64> {
+    let page = system
+        .http
+        .get(format!("{admin_url}{path}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let marker = format!(r#"data-field="{field}">"#);
+    let at = page.find(&marker)? + marker.len();
+    page[at..].split('<').next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_counts_every_routers_attempts_and_outlives_their_restart() {
+    let mut system = TestSystem::start(vec![TestDestination::new("crm", "/ok/crm")]).await;
+    let second = system.start_extra_router("router-b", |_| {});
+    system
+        .wait_leased_by("crm", &["test-router", "router-b"], PATIENCE)
+        .await;
+    let accepted = system.send_numbered(8, 5).await;
+    let sent: usize = accepted.values().map(Vec::len).sum();
+    let first_url = system.admin_url.clone().expect("router");
+    let page = "/destinations/crm";
+    wait_for(
+        "the console to count every router's attempts",
+        PATIENCE,
+        || async { shown(&system, &first_url, page, "attempts").await == Some(sent as u64) },
+    )
+    .await;
+    // Each router delivered only its share: the count spans both.
+    let own = |view: Value| view["status"]["delivered"].as_u64().unwrap_or(0);
+    let first = own(system.admin_get("/admin/destinations/crm").await);
+    assert!(
+        0 < first && first < sent as u64,
+        "the first router delivered {first} of {sent}"
+    );
+
+    second.stop().await;
+    system.stop_router().await;
+    system.start_router();
+    let restarted_url = system.admin_url.clone().expect("router");
+    assert_ne!(restarted_url, first_url);
+    assert_eq!(
+        shown(&system, &restarted_url, page, "attempts").await,
+        Some(sent as u64),
+        "a restarted router shows the history in Redis"
+    );
 }

@@ -133,40 +133,17 @@ async fn wait_all_delivered(system: &TestSystem, path: &str, ids: &[&str]) {
     }
 }
 
-/// Waits until every shard's lease of `destination` is held, by instances
-/// of each of `routers` (consumer names), within `timeout`.
-async fn wait_leased_by(
-    system: &TestSystem,
-    destination: &str,
-    routers: &[&str],
-    timeout: Duration,
-) {
-    let what = format!("{destination}'s leases held by {routers:?}");
-    wait_for(&what, timeout, || async {
-        let holders = system.lease_holders_of(destination).await;
-        holders.iter().all(Option::is_some)
-            && routers.iter().all(|router| {
-                let prefix = format!("{router}#");
-                holders
-                    .iter()
-                    .flatten()
-                    .any(|holder| holder.starts_with(&prefix))
-            })
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_created_while_events_flow_gets_exactly_the_later_events_on_every_router() {
     let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
     let second = system.start_extra_router("router-b", |_| {});
-    wait_leased_by(
-        &system,
-        "existing",
-        &["test-router", "router-b"],
-        Duration::from_secs(20),
-    )
-    .await;
+    system
+        .wait_leased_by(
+            "existing",
+            &["test-router", "router-b"],
+            Duration::from_secs(20),
+        )
+        .await;
     let flow = Flow::start(&system, 20, None);
     flow.wait_for_more(0, 100).await;
 
@@ -182,13 +159,13 @@ async fn a_destination_created_while_events_flow_gets_exactly_the_later_events_o
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["state"], "active", "{created}");
     // Both routers take their share within 2 s of the 201.
-    wait_leased_by(
-        &system,
-        "added",
-        &["test-router", "router-b"],
-        Duration::from_secs(2),
-    )
-    .await;
+    system
+        .wait_leased_by(
+            "added",
+            &["test-router", "router-b"],
+            Duration::from_secs(2),
+        )
+        .await;
     let at_create = flow.count();
     flow.wait_for_more(at_create, 300).await;
     let sent = flow.stop().await;
@@ -224,13 +201,13 @@ async fn a_destination_created_while_events_flow_gets_exactly_the_later_events_o
 async fn a_destination_added_to_one_routers_file_is_delivered_by_every_router() {
     let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
     let second = system.start_extra_router("router-b", |_| {});
-    wait_leased_by(
-        &system,
-        "existing",
-        &["test-router", "router-b"],
-        Duration::from_secs(20),
-    )
-    .await;
+    system
+        .wait_leased_by(
+            "existing",
+            &["test-router", "router-b"],
+            Duration::from_secs(20),
+        )
+        .await;
     let flow = Flow::start(&system, 20, None);
     flow.wait_for_more(0, 100).await;
 
@@ -257,13 +234,13 @@ async fn a_destination_added_to_one_routers_file_is_delivered_by_every_router() 
     .await;
     // Events sent from here on were surely accepted after the creation.
     let defined_at = Instant::now();
-    wait_leased_by(
-        &system,
-        "added",
-        &["test-router", "router-b"],
-        Duration::from_secs(5),
-    )
-    .await;
+    system
+        .wait_leased_by(
+            "added",
+            &["test-router", "router-b"],
+            Duration::from_secs(5),
+        )
+        .await;
     let now = flow.count();
     flow.wait_for_more(now, 300).await;
     let sent = flow.stop().await;

@@ -339,7 +339,7 @@ async fn the_admin_listener_needs_its_own_token() {
         .send()
         .await
         .expect("admin answers");
-    assert_eq!(response.status(), 200, "the status page's own origin may");
+    assert_eq!(response.status(), 200, "the console's own origin may");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

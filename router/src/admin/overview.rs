@@ -1,6 +1,6 @@
 //! The state of every destination, measured every interval: what Redis
 //! says (lag, pending, dead letters, lease owners, paused) and what this
-//! router counted. The admin API and the status page show the same
+//! router counted. The admin API and the console show the same
 //! snapshot; the Prometheus gauges are set from it. Each tick also checks
 //! every worker for a stall. (Following the catalog and the paused set is
 //! [`crate::control::follower`]'s, in a task of its own.)

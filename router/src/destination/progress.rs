@@ -19,7 +19,7 @@
 //! circuit, the rate limit or a concurrency slot (the gates), a retry
 //! delay, and an attempt in flight (each ends by its own timeout).
 //! [`crate::admin::overview`] checks every worker each interval, shows the result
-//! in the admin API and on the status page, sets `router_stalled_workers`
+//! in the admin API and on the console, sets `router_stalled_workers`
 //! and logs a warning naming the waits when a worker becomes stalled.
 
 use std::collections::BTreeMap;
