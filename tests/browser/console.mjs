@@ -45,7 +45,42 @@ async function fits(page, name) {
   }));
   check(scroll <= client, `${name} scrolls sideways: scrollWidth ${scroll} > ${client}`);
   check(!(await page.evaluate(() => window.__xss)), `${name} ran injected script`);
+  // Every control has a name a screen reader says, and no control is
+  // out of keyboard reach.
+  const unnamed = await page.evaluate(() =>
+    [...document.querySelectorAll('input:not([type=hidden]), button, a, select, textarea')]
+      .filter((el) => !(el.labels?.length || el.getAttribute('aria-label') || el.textContent.trim()))
+      .concat([...document.querySelectorAll('[tabindex="-1"], [disabled]')])
+      .map((el) => el.outerHTML.slice(0, 80)),
+  );
+  check(unnamed.length === 0, `${name} has controls without a name or out of keyboard reach: ${unnamed}`);
   seen[`${name}_width`] = scroll;
+}
+
+/// At 1,024 px too, and the keyboard alone can pause and resume.
+async function narrowAndKeyboard(page) {
+  await page.setViewportSize({ width: 1024, height: 768 });
+  for (const [name, path] of [['overview', '/?refresh=off'], ['destination', '/destinations/markup'], ['create', '/create'], ['event', `/events?q=${seen.event}`]]) {
+    await page.goto(`${base}${path}`);
+    await fits(page, `${name} at 1024`);
+  }
+  await page.goto(`${base}/destinations/crm`);
+  for (let i = 0; i < 20; i += 1) {
+    await page.keyboard.press('Tab');
+    if ((await page.evaluate(() => document.activeElement?.textContent)) === 'Pause') break;
+  }
+  await page.keyboard.press('Enter');
+  await page.waitForURL(/done=paused/);
+  await page.keyboard.press('Tab');
+  for (let i = 0; i < 20; i += 1) {
+    if ((await page.evaluate(() => document.activeElement?.textContent)) === 'Resume') break;
+    await page.keyboard.press('Tab');
+  }
+  await page.keyboard.press('Enter');
+  await page.waitForURL(/done=resumed/);
+  const api = await (await page.request.get(`${base}/admin/destinations/crm`)).json();
+  check(api.status?.paused === false, 'paused and resumed with the keyboard alone');
+  await page.setViewportSize({ width: 1280, height: 800 });
 }
 
 const text = (page, selector) => page.locator(selector).first().innerText();
@@ -215,7 +250,7 @@ try {
     httpCredentials: { username: 'admin', password: args.token },
   });
   const page = await context.newPage();
-  const flows = { eventsCounted, overview, createWithRefusal, eventAttempts, testEvent, pauseAndResume, replayDeadLetters, deleteDestination };
+  const flows = { eventsCounted, overview, createWithRefusal, eventAttempts, testEvent, pauseAndResume, replayDeadLetters, narrowAndKeyboard, deleteDestination };
   const only = args.only ? args.only.split(',') : Object.keys(flows);
   for (const name of only) {
     try {

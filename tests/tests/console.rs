@@ -86,7 +86,7 @@ async fn the_console_in_a_browser_creates_pauses_replays_and_deletes() {
     );
     let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON result");
     assert_eq!(seen["dead_letters"], sent, "{seen}");
-    assert_eq!(seen["flows"].as_array().map(Vec::len), Some(8), "{seen}");
+    assert_eq!(seen["flows"].as_array().map(Vec::len), Some(9), "{seen}");
 
     // The click replayed them: delivered in each user's order.
     let mut delivered = system.delivered_per_user("billing");
