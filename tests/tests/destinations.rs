@@ -133,17 +133,19 @@ async fn wait_all_delivered(system: &TestSystem, path: &str, ids: &[&str]) {
     }
 }
 
+/// Waits until both routers (`test-router`, `router-b`) hold leases of
+/// `destination`, and every shard's is held.
+async fn leased_by_both(system: &TestSystem, destination: &str, timeout: Duration) {
+    system
+        .wait_leased_by(destination, &["test-router", "router-b"], timeout)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_created_while_events_flow_gets_exactly_the_later_events_on_every_router() {
     let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
     let second = system.start_extra_router("router-b", |_| {});
-    system
-        .wait_leased_by(
-            "existing",
-            &["test-router", "router-b"],
-            Duration::from_secs(20),
-        )
-        .await;
+    leased_by_both(&system, "existing", Duration::from_secs(20)).await;
     let flow = Flow::start(&system, 20, None);
     flow.wait_for_more(0, 100).await;
 
@@ -159,13 +161,7 @@ async fn a_destination_created_while_events_flow_gets_exactly_the_later_events_o
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["state"], "active", "{created}");
     // Both routers take their share within 2 s of the 201.
-    system
-        .wait_leased_by(
-            "added",
-            &["test-router", "router-b"],
-            Duration::from_secs(2),
-        )
-        .await;
+    leased_by_both(&system, "added", Duration::from_secs(2)).await;
     let at_create = flow.count();
     flow.wait_for_more(at_create, 300).await;
     let sent = flow.stop().await;
@@ -201,13 +197,7 @@ async fn a_destination_created_while_events_flow_gets_exactly_the_later_events_o
 async fn a_destination_added_to_one_routers_file_is_delivered_by_every_router() {
     let system = TestSystem::start(vec![TestDestination::new("existing", "/ok/existing")]).await;
     let second = system.start_extra_router("router-b", |_| {});
-    system
-        .wait_leased_by(
-            "existing",
-            &["test-router", "router-b"],
-            Duration::from_secs(20),
-        )
-        .await;
+    leased_by_both(&system, "existing", Duration::from_secs(20)).await;
     let flow = Flow::start(&system, 20, None);
     flow.wait_for_more(0, 100).await;
 
@@ -234,13 +224,7 @@ async fn a_destination_added_to_one_routers_file_is_delivered_by_every_router() 
     .await;
     // Events sent from here on were surely accepted after the creation.
     let defined_at = Instant::now();
-    system
-        .wait_leased_by(
-            "added",
-            &["test-router", "router-b"],
-            Duration::from_secs(5),
-        )
-        .await;
+    leased_by_both(&system, "added", Duration::from_secs(5)).await;
     let now = flow.count();
     flow.wait_for_more(now, 300).await;
     let sent = flow.stop().await;

@@ -37,6 +37,14 @@ pub struct RecentAttempt {
     pub attempt: Attempt,
 }
 
+/// The value of `name` among a stream entry's fields.
+fn field_of<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
 /// A log record's attempt (`field` reads the record); `None` if it is not one.
 fn attempt_of<'a>(log_id: &str, field: impl Fn(&str) -> Option<&'a str>) -> Option<Attempt> {
     let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
@@ -306,12 +314,7 @@ impl LogReader {
                 .query_async(&mut con)
                 .await?;
             for (log_id, fields) in &page {
-                let field = |name: &str| {
-                    fields
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.as_str())
-                };
+                let field = |name: &str| field_of(fields, name);
                 let Some(attempt) = attempt_of(log_id, field) else {
                     continue;
                 };
@@ -371,12 +374,7 @@ impl LogReader {
                 .await?;
             read += page.len();
             for (log_id, fields) in &page {
-                let field = |name: &str| {
-                    fields
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.as_str())
-                };
+                let field = |name: &str| field_of(fields, name);
                 if field("event") != Some(wanted.as_str()) {
                     continue;
                 }

@@ -129,6 +129,27 @@ impl AdminState {
         Ok(self.log_reader().event(event_id, &subjects).await?)
     }
 
+    /// The logs of `user`'s latest events (at most `limit`), newest first.
+    pub async fn user_event_logs(
+        &self,
+        user: &str,
+        limit: usize,
+    ) -> Result<Vec<EventLog>, AdminError> {
+        let names = self.registry.names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let ids = self.log_reader().user_events(user, &names, limit).await?;
+        let mut logs = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.event_log(&id).await {
+                Ok(log) => logs.push(log),
+                // Trimmed between the listing and the lookup.
+                Err(AdminError::Log(LogError::Unknown(_))) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(logs)
+    }
+
     /// This router's latest measurement of `name`, with whether it is
     /// paused as of now (a pause or resume made here shows at once).
     pub fn status_of(&self, name: &str) -> Option<DestinationView> {
@@ -567,21 +588,7 @@ async fn user_events(
             "limit must be between 1 and {MAX_USER_EVENTS}"
         )));
     }
-    let names = state.registry.names();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let ids = state
-        .log_reader()
-        .user_events(&user_id, &names, limit)
-        .await?;
-    let mut logs = Vec::with_capacity(ids.len());
-    for id in ids {
-        match state.event_log(&id).await {
-            Ok(log) => logs.push(log),
-            // Trimmed between the listing and the lookup.
-            Err(AdminError::Log(LogError::Unknown(_))) => {}
-            Err(error) => return Err(error),
-        }
-    }
+    let logs = state.user_event_logs(&user_id, limit).await?;
     Ok(HttpResponse::Ok().json(logs))
 }
 

@@ -137,15 +137,7 @@ fn figures(page: &DestinationPage<'_>) -> String {
             of_view(&|v| v.counts.parked_users.to_string()),
         ),
     ];
-    let cells: String = items
-        .iter()
-        .map(|(field, label, value)| {
-            format!(
-                r#"<div><dt>{label}</dt><dd data-field="{field}">{}</dd></div>"#,
-                escape(value)
-            )
-        })
-        .collect();
+    let cells = html::figures(&items);
     let last_error = view
         .and_then(|v| v.counts.last_error.as_ref())
         .map(|error| {
@@ -157,9 +149,7 @@ fn figures(page: &DestinationPage<'_>) -> String {
             )
         })
         .unwrap_or_default();
-    format!(
-        r#"<section class="panel" aria-label="Figures"><dl class="figures">{cells}</dl>{last_error}</section>"#
-    )
+    format!(r#"<section class="panel" aria-label="Figures">{cells}{last_error}</section>"#)
 }
 
 fn charts(page: &DestinationPage<'_>) -> String {

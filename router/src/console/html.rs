@@ -185,6 +185,21 @@ pub fn or_dash<T: std::fmt::Display>(value: Option<T>) -> String {
     value.map_or_else(|| "–".into(), |v| v.to_string())
 }
 
+/// Figures as a definition list: (field, label, value) each, the value
+/// escaped and marked with `data-field` for tests.
+pub fn figures(items: &[(&str, &str, String)]) -> String {
+    let cells: String = items
+        .iter()
+        .map(|(field, label, value)| {
+            format!(
+                r#"<div><dt>{label}</dt><dd data-field="{field}">{}</dd></div>"#,
+                escape(value)
+            )
+        })
+        .collect();
+    format!(r#"<dl class="figures">{cells}</dl>"#)
+}
+
 /// A hidden field carrying the form token.
 pub fn csrf_field(token: &str) -> String {
     format!(

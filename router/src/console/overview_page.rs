@@ -94,15 +94,7 @@ fn card(view: &DestinationView, minutes: Option<&Minutes>, now_ms: u64) -> Strin
             view.dead_letters.to_string(),
         ),
     ];
-    let figures: String = figures
-        .iter()
-        .map(|(field, label, value)| {
-            format!(
-                r#"<div><dt>{label}</dt><dd data-field="{field}">{}</dd></div>"#,
-                escape(value)
-            )
-        })
-        .collect();
+    let figures = html::figures(&figures);
     let points = per_minute(minutes, now_ms, CHART_MINUTES)
         .iter()
         .map(|tally| Some(tally.delivered as f64 / 60.0))
@@ -114,7 +106,7 @@ fn card(view: &DestinationView, minutes: Option<&Minutes>, now_ms: u64) -> Strin
         span: "last hour, per minute",
     };
     format!(
-        r#"<article class="card" data-destination="{name}"><div class="top"><h2><a href="/destinations/{link}">{name}</a></h2>{badge}</div><dl class="figures">{figures}</dl>{chart}</article>"#,
+        r#"<article class="card" data-destination="{name}"><div class="top"><h2><a href="/destinations/{link}">{name}</a></h2>{badge}</div>{figures}{chart}</article>"#,
         name = escape(&view.name),
         link = url_part(&view.name),
         badge = html::badge(health.class(), health.label()),

@@ -21,7 +21,6 @@ use serde::Deserialize;
 
 use crate::admin::dead_letters::Selection;
 use crate::admin::destinations::DestinationDoc;
-use crate::admin::event_log::LogError;
 use crate::admin::routes::{resource, AdminError, AdminState};
 use crate::console::csrf;
 use crate::console::destination_page::{self, DestinationPage};
@@ -490,7 +489,7 @@ async fn lookup(state: web::Data<AdminState>, query: web::Query<Lookup>) -> Http
             },
             Err(error) => Found::Refused(error.to_string()),
         },
-        user => match user_logs(&state, user).await {
+        user => match state.user_event_logs(user, USER_EVENTS).await {
             Ok(logs) if logs.is_empty() => Found::Refused(format!(
                 "no event id or user `{user}` is known (an event id looks like 3-1700000000000-0)"
             )),
@@ -506,27 +505,6 @@ async fn lookup(state: web::Data<AdminState>, query: web::Query<Lookup>) -> Http
         _ => StatusCode::OK,
     };
     html_response(status, None, event_page::render(q, &found))
-}
-
-async fn user_logs(
-    state: &AdminState,
-    user: &str,
-) -> Result<Vec<crate::admin::event_log::EventLog>, AdminError> {
-    let names = state.registry.names();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let ids = state
-        .log_reader()
-        .user_events(user, &names, USER_EVENTS)
-        .await?;
-    let mut logs = Vec::with_capacity(ids.len());
-    for id in ids {
-        match state.event_log(&id).await {
-            Ok(log) => logs.push(log),
-            Err(AdminError::Log(LogError::Unknown(_))) => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(logs)
 }
 
 #[cfg(test)]
