@@ -231,6 +231,12 @@ async function replayDeadLetters(page) {
   check(error.includes('<script>window.__xss=3</script>'), `the payload shows as text: ${error}`);
   await fits(page, 'destination');
   await page.screenshot({ path: join(shots, 'console-destination.png'), fullPage: true });
+  const markupLetters = Number(await text(page, '[data-field=dead-letter-count]'));
+  await page.getByRole('button', { name: 'Purge all' }).click();
+  await page.waitForURL(/done=purged/);
+  const purged = await text(page, '[data-field=notice]');
+  check(purged.startsWith(`Purged ${markupLetters} `), `the page says what it purged: ${purged}`);
+  check(await page.locator('[data-field=no-dead-letters]').isVisible(), 'no dead letters are left');
 }
 
 async function deleteDestination(page) {
