@@ -147,3 +147,51 @@ async fn the_history_counts_every_routers_attempts_and_outlives_their_restart() 
         "a restarted router shows the history in Redis"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_pending_event_is_aged_until_it_is_finished() {
+    let system = TestSystem::start(vec![TestDestination::new("stuck", "/stall/stuck")]).await;
+    system.recorder.set_outage("/stall/stuck", true);
+    let before_ms = protocol::unix_millis();
+    system.send("u", json!({ "n": 1 })).await;
+    system.send("u", json!({ "n": 2 })).await;
+    wait_for(
+        "the first event pending, its age measured",
+        PATIENCE,
+        || async {
+            let view = system.destination_view("stuck").await;
+            view["pending"].as_u64() >= Some(1)
+                && view["oldest_pending_ms"]
+                    .as_u64()
+                    .is_some_and(|at| (before_ms..=protocol::unix_millis()).contains(&at))
+        },
+    )
+    .await;
+    let admin_url = system.admin_url.clone().expect("router");
+    let page = system
+        .http
+        .get(format!("{admin_url}/destinations/stuck"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("console answers")
+        .text()
+        .await
+        .expect("page");
+    let marker = r#"data-field="oldest">"#;
+    let age = page
+        .find(marker)
+        .map(|at| &page[at + marker.len()..])
+        .and_then(|rest| rest.split('<').next())
+        .unwrap_or_default();
+    assert!(
+        age.starts_with(|c: char| c.is_ascii_digit()),
+        "the console shows the age: `{age}`"
+    );
+    system.recorder.set_outage("/stall/stuck", false);
+    wait_for("nothing pending, no age", PATIENCE, || async {
+        let view = system.destination_view("stuck").await;
+        view["pending"] == 0 && view["oldest_pending_ms"].is_null()
+    })
+    .await;
+}
