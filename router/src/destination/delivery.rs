@@ -390,8 +390,10 @@ impl Destination {
     /// Pauses or resumes delivery in this router, as requested here (after
     /// recording it in Redis); true if that changed it.
     pub fn set_paused(&self, paused: bool) -> bool {
-        self.pause_requests.fetch_add(1, Ordering::SeqCst);
-        self.switch(paused)
+        self.switch(paused, || {
+            self.pause_requests.fetch_add(1, Ordering::SeqCst);
+            true
+        })
     }
 
     /// A token to pass to [`Self::apply_paused`], taken before reading the
@@ -403,11 +405,17 @@ impl Destination {
     /// Applies the paused state read from Redis, unless a request on this
     /// router came after the read began (it is newer); true if it changed.
     pub fn apply_paused(&self, paused: bool, token: u64) -> bool {
-        self.pause_token() == token && self.switch(paused)
+        self.switch(paused, || self.pause_token() == token)
     }
 
-    fn switch(&self, paused: bool) -> bool {
+    /// Switches to `paused` if `allowed` says so. Both run under the
+    /// state's lock, so a request here cannot slip between a read's check
+    /// of its token and its switch.
+    fn switch(&self, paused: bool, allowed: impl FnOnce() -> bool) -> bool {
         let changed = self.paused.send_if_modified(|current| {
+            if !allowed() {
+                return false;
+            }
             let changed = *current != paused;
             *current = paused;
             changed
