@@ -58,9 +58,12 @@ cleanup() {
   local status=$?
   set +e
   if [ "$status" -ne 0 ] && [ -n "${DOCKER_HOST:-}" ]; then
-    echo "FAILED; the last logs of every service:" >&2
+    # The `down` destination's attempts fill the logs; leave them out so
+    # the lines that explain a failure are still there.
+    echo "FAILED; the last logs of every service (without the down destination's attempts):" >&2
     for project in "${projects[@]}"; do
-      docker-compose -p "$project" logs --tail 30 2>/dev/null | tail -200 >&2
+      docker-compose -p "$project" logs --no-color --tail 2000 2>/dev/null \
+        | grep -v -E 'destination[^,]{0,4}down[^a-z_-]' | tail -250 >&2
     done
   fi
   [ -n "${DOCKER_HOST:-}" ] && remove_projects
