@@ -72,7 +72,9 @@ fn event(log: &EventLog, payload: Option<&str>, with_payload: bool) -> String {
         link = url_part(&log.event_id),
         user = escape(log.user_id.as_deref().unwrap_or("?")),
         kind = escape(log.event_type.as_deref().unwrap_or("none")),
-        received = log.received_at_ms.map_or_else(|| "?".into(), html::time),
+        received = log
+            .received_at_ms
+            .map_or_else(|| "(no longer known)".into(), html::time),
         trace = log
             .trace_id
             .as_ref()
