@@ -74,6 +74,23 @@ pub fn chart(series: &Series<'_>, size: Size, field: &str) -> String {
             None => pen_down = false,
         }
     }
+    // A point without a neighbour draws no line: mark it.
+    let present = |i: usize| series.points.get(i).is_some_and(Option::is_some);
+    let dots: String = series
+        .points
+        .iter()
+        .enumerate()
+        .filter_map(|(i, point)| {
+            let lonely = !present(i.wrapping_sub(1)) && !present(i + 1);
+            point.filter(|_| lonely).map(|v| {
+                format!(
+                    r##"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="#2251c4"/>"##,
+                    i as f64 * step,
+                    y_of(v)
+                )
+            })
+        })
+        .collect();
     let caption = match size.height > SPARK.height {
         true => format!(
             "<figcaption>{} · {} · peak {}{}</figcaption>",
@@ -85,7 +102,7 @@ pub fn chart(series: &Series<'_>, size: Size, field: &str) -> String {
         false => String::new(),
     };
     format!(
-        r##"<figure class="chart" data-field="{field}" data-points="{count}" data-peak="{peak}"><svg viewBox="0 0 {w} {h}" role="img" aria-label="{label}" preserveAspectRatio="none"><title>{label}</title><line x1="0" y1="{base:.1}" x2="{w}" y2="{base:.1}" stroke="#d5dae6" stroke-width="1"/><path d="{path}" fill="none" stroke="#2251c4" stroke-width="1.6" vector-effect="non-scaling-stroke"/></svg>{caption}</figure>"##,
+        r##"<figure class="chart" data-field="{field}" data-points="{count}" data-peak="{peak}"><svg viewBox="0 0 {w} {h}" role="img" aria-label="{label}" preserveAspectRatio="none"><title>{label}</title><line x1="0" y1="{base:.1}" x2="{w}" y2="{base:.1}" stroke="#d5dae6" stroke-width="1"/><path d="{path}" fill="none" stroke="#2251c4" stroke-width="1.6" vector-effect="non-scaling-stroke"/>{dots}</svg>{caption}</figure>"##,
         field = escape(field),
         count = values.len(),
         peak = number(peak),
@@ -105,12 +122,17 @@ mod tests {
         let series = Series {
             title: "Deliveries per second",
             unit: "/s",
-            points: vec![Some(1.0), None, Some(4.0), Some(2.0)],
+            points: vec![Some(1.0), None, Some(4.0), Some(2.0), None],
             span: "last hour",
         };
         let svg = chart(&series, WIDE, "deliveries");
         assert_eq!(svg.matches('M').count(), 2, "{svg}");
         assert!(svg.contains("latest 2/s, peak 4/s"), "{svg}");
         assert!(svg.contains(r#"data-points="3""#));
+        assert_eq!(
+            svg.matches("<circle").count(),
+            1,
+            "the lone first point is marked"
+        );
     }
 }
