@@ -94,8 +94,13 @@ async fn the_console_in_a_browser_creates_pauses_replays_and_deletes() {
     assert_eq!(delivered, accepted);
 }
 
-/// The count a console page shows in its `data-field="{field}"` element.
-async fn shown(system: &TestSystem, admin_url: &str, path: &str, field: &str) -> Option<u64> {
+/// The text a console page shows in its `data-field="{field}"` element.
+async fn shown_text(
+    system: &TestSystem,
+    admin_url: &str,
+    path: &str,
+    field: &str,
+) -> Option<String> {
     let page = system
         .http
         .get(format!("{admin_url}{path}"))
@@ -108,7 +113,15 @@ async fn shown(system: &TestSystem, admin_url: &str, path: &str, field: &str) ->
         .ok()?;
     let marker = format!(r#"data-field="{field}">"#);
     let at = page.find(&marker)? + marker.len();
-    page[at..].split('<').next()?.parse().ok()
+    page[at..].split('<').next().map(str::to_owned)
+}
+
+/// The count a console page shows in its `data-field="{field}"` element.
+async fn shown(system: &TestSystem, admin_url: &str, path: &str, field: &str) -> Option<u64> {
+    shown_text(system, admin_url, path, field)
+        .await?
+        .parse()
+        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,21 +181,8 @@ async fn the_oldest_pending_event_is_aged_until_it_is_finished() {
     )
     .await;
     let admin_url = system.admin_url.clone().expect("router");
-    let page = system
-        .http
-        .get(format!("{admin_url}/destinations/stuck"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    let age = shown_text(&system, &admin_url, "/destinations/stuck", "oldest")
         .await
-        .expect("console answers")
-        .text()
-        .await
-        .expect("page");
-    let marker = r#"data-field="oldest">"#;
-    let age = page
-        .find(marker)
-        .map(|at| &page[at + marker.len()..])
-        .and_then(|rest| rest.split('<').next())
         .unwrap_or_default();
     assert!(
         age.starts_with(|c: char| c.is_ascii_digit()),

@@ -157,15 +157,7 @@ impl LogReader {
         event_id: &str,
         subjects: &[Subject<'_>],
     ) -> Result<EventLog, LogError> {
-        let id: EventId = event_id
-            .parse()
-            .map_err(|_| LogError::BadId(event_id.to_owned()))?;
-        if id.shard >= self.shards {
-            return Err(LogError::NoSuchShard {
-                shard: id.shard,
-                shards: self.shards,
-            });
-        }
+        let id = self.parse_id(event_id)?;
         let mut con = self.con.clone();
         let entry = self.entry(&mut con, id).await?;
         let mut log = EventLog {
@@ -285,34 +277,44 @@ impl LogReader {
 
     /// The payload of `event_id` while it is still in its stream.
     pub async fn payload(&self, event_id: &str) -> Result<Option<String>, LogError> {
-        let id: EventId = event_id
-            .parse()
-            .map_err(|_| LogError::BadId(event_id.to_owned()))?;
-        if id.shard >= self.shards {
-            return Ok(None);
-        }
+        let id = self.parse_id(event_id)?;
         let mut con = self.con.clone();
         Ok(self.entry(&mut con, id).await?.map(|entry| entry.payload))
     }
 
     /// The latest `limit` attempts at `destination` over every shard,
-    /// newest first.
+    /// newest first. Shards are asked at once; one whose Redis does not
+    /// answer leaves only its own attempts out (an error only when none
+    /// answers).
     pub async fn recent(
         &self,
         destination: &str,
         limit: usize,
     ) -> Result<Vec<RecentAttempt>, LogError> {
-        let mut con = self.con.clone();
+        let asked = (0..self.shards).map(|shard| {
+            let mut con = self.con.clone();
+            let key = self.keys.delivery_log(shard, destination);
+            async move {
+                redis::cmd("XREVRANGE")
+                    .arg(key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit)
+                    .query_async::<Vec<(String, Vec<(String, String)>)>>(&mut con)
+                    .await
+            }
+        });
         let mut recent = Vec::new();
-        for shard in 0..self.shards {
-            let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-                .arg(self.keys.delivery_log(shard, destination))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(limit)
-                .query_async(&mut con)
-                .await?;
+        let mut first_error = None;
+        for answer in futures_util::future::join_all(asked).await {
+            let page = match answer {
+                Ok(page) => page,
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                    continue;
+                }
+            };
             for (log_id, fields) in &page {
                 let field = |name: &str| field_of(fields, name);
                 let Some(attempt) = attempt_of(log_id, field) else {
@@ -328,9 +330,28 @@ impl LogReader {
                 });
             }
         }
+        match first_error {
+            Some(error) if recent.is_empty() => return Err(error.into()),
+            Some(error) => tracing::debug!(%error, "Some shards' attempts could not be read."),
+            None => {}
+        }
         recent.sort_by_key(|recent| std::cmp::Reverse(recent.attempt.at_ms));
         recent.truncate(limit);
         Ok(recent)
+    }
+
+    /// `event_id` as an id of one of this deployment's shards.
+    fn parse_id(&self, event_id: &str) -> Result<EventId, LogError> {
+        let id: EventId = event_id
+            .parse()
+            .map_err(|_| LogError::BadId(event_id.to_owned()))?;
+        if id.shard >= self.shards {
+            return Err(LogError::NoSuchShard {
+                shard: id.shard,
+                shards: self.shards,
+            });
+        }
+        Ok(id)
     }
 
     async fn entry(

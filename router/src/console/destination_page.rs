@@ -11,7 +11,7 @@ use crate::console::forms::{self, Purpose, Refusal, Values};
 use crate::console::health::{per_minute, total, Health, CHART_MINUTES, RECENT_MINUTES};
 use crate::console::html::{self, button_form, csrf_field, escape, url_part};
 use crate::console::overview_page::latency;
-use crate::destination::history::Minutes;
+use crate::destination::history::{Minutes, Tally};
 
 /// Everything the page shows.
 pub struct DestinationPage<'a> {
@@ -35,14 +35,19 @@ pub struct DestinationPage<'a> {
 pub fn render(page: &DestinationPage<'_>) -> String {
     let name = &page.doc.name;
     let base = format!("/destinations/{}", url_part(name));
-    let mut body = header(page, &base);
+    // The last minutes over every router, which the state and figures read.
+    let recent = page
+        .minutes
+        .map(|m| total(m, page.now_ms, RECENT_MINUTES))
+        .unwrap_or_default();
+    let mut body = header(page, &recent, &base);
     if let Some(notice) = &page.notice {
         body.push_str(&format!(
             r#"<p class="notice" role="status" data-field="notice">{}</p>"#,
             escape(notice)
         ));
     }
-    body.push_str(&figures(page));
+    body.push_str(&figures(page, &recent));
     body.push_str(&charts(page));
     body.push_str(&format!(
         r#"<section class="panel" aria-labelledby="settings"><h3 id="settings">Settings</h3>{form}{secrets}</section>"#,
@@ -59,14 +64,10 @@ pub fn render(page: &DestinationPage<'_>) -> String {
     html::page(name, html::Section::Destinations, None, &body)
 }
 
-fn header(page: &DestinationPage<'_>, base: &str) -> String {
-    let recent = page
-        .minutes
-        .map(|m| total(m, page.now_ms, RECENT_MINUTES))
-        .unwrap_or_default();
+fn header(page: &DestinationPage<'_>, recent: &Tally, base: &str) -> String {
     let (badge, pause) = match page.view {
         Some(view) => {
-            let health = Health::of(view, &recent);
+            let health = Health::of(view, recent);
             let pause = match view.paused {
                 true => button_form(&format!("{base}/resume"), page.csrf, "Resume", "primary"),
                 false => button_form(&format!("{base}/pause"), page.csrf, "Pause", ""),
@@ -94,16 +95,12 @@ fn header(page: &DestinationPage<'_>, base: &str) -> String {
     )
 }
 
-fn figures(page: &DestinationPage<'_>) -> String {
-    let recent = page
-        .minutes
-        .map(|m| total(m, page.now_ms, RECENT_MINUTES))
-        .unwrap_or_default();
+fn figures(page: &DestinationPage<'_>, recent: &Tally) -> String {
     let view = page.view;
     let of_view = |f: &dyn Fn(&DestinationView) -> String| view.map_or_else(|| "–".into(), f);
     let items = [
         ("success", "Success", html::percent(recent.success_rate())),
-        ("latency", "p50 / p99", latency(&recent)),
+        ("latency", "p50 / p99", latency(recent)),
         (
             "attempts",
             "Attempts (5 min)",
@@ -157,13 +154,12 @@ fn charts(page: &DestinationPage<'_>) -> String {
         return r#"<section class="panel"><p class="notice bad">The history could not be read from Redis.</p></section>"#.into();
     };
     let tallies = per_minute(minutes, page.now_ms, CHART_MINUTES);
-    let series =
-        |title, unit, value: &dyn Fn(&crate::destination::history::Tally) -> Option<f64>| Series {
-            title,
-            unit,
-            points: tallies.iter().map(value).collect(),
-            span: "last hour, per minute",
-        };
+    let series = |title, unit, value: &dyn Fn(&Tally) -> Option<f64>| Series {
+        title,
+        unit,
+        points: tallies.iter().map(value).collect(),
+        span: "last hour, per minute",
+    };
     let deliveries = series("Deliveries per second", "/s", &|t| {
         Some(t.delivered as f64 / 60.0)
     });
