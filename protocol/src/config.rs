@@ -207,9 +207,16 @@ impl RedisConfig {
     }
 
     async fn connect_cluster(&self, timeout: Duration) -> redis::RedisResult<RedisConnection> {
+        // A command's reply is awaited `timeout` in all, retries included.
+        // Each attempt may wait longer: redis-rs resends a command whose
+        // attempt timed out, and a write resent while the first copy is
+        // still queued on a stalled master would be stored twice, under a
+        // new id. With the attempt outliving the whole, the caller has
+        // given up (and no resend follows) before an attempt times out.
         let client = redis::cluster::ClusterClient::builder(self.cluster_node_urls())
             .connection_timeout(self.timeout())
-            .response_timeout(timeout)
+            .response_timeout(timeout.saturating_mul(2))
+            .overall_response_timeout(Some(timeout))
             .build()?;
         Ok(RedisConnection::Cluster(
             HealingCluster::connect(client).await?,

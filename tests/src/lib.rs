@@ -41,7 +41,7 @@ pub use redis_server::RedisServer;
 pub use router_process::RouterProcess;
 use serde_json::Value;
 pub use system::{ExtraRouter, TestSystem};
-pub use test_redis::TestRedis;
+pub use test_redis::{TestRedis, TimedOutWrites, TIMED_OUT_WRITES};
 pub use wait::{holds_within, wait_for};
 
 pub const SHARDS: u16 = 8;

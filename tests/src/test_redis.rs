@@ -2,9 +2,13 @@
 //! `EVD_TEST_REDIS=cluster` (how `scripts/test.sh` runs the end-to-end
 //! suite a second time).
 
-use protocol::{RedisConfig, RedisConnection};
+use std::sync::Mutex;
+use std::time::Duration;
 
-use crate::{RedisCluster, RedisServer};
+use protocol::{RedisConfig, RedisConnection};
+use tokio::task::JoinSet;
+
+use crate::{wait_for, RedisCluster, RedisServer};
 
 pub enum TestRedis {
     Single(RedisServer),
@@ -77,4 +81,90 @@ impl TestRedis {
             }
         }
     }
+}
+
+/// Writes to a stalled Redis whose replies never come in time, sent over a
+/// connection made as the services make theirs: for checking that a write
+/// the client gave up on is stored at most once when Redis answers again.
+pub struct TimedOutWrites {
+    connection: RedisConnection,
+    stream: String,
+    timeout: Duration,
+}
+
+/// How many writes [`TimedOutWrites::send`] sends.
+pub const TIMED_OUT_WRITES: u64 = 2_000;
+
+impl TimedOutWrites {
+    /// Connects to `redis` with a 200 ms reply timeout and writes one entry
+    /// to `stream` (so the connection to its node is made while it answers).
+    pub async fn connect(redis: &TestRedis, stream: &str) -> Self {
+        let mut config = crate::gateway_config(redis).redis;
+        config.timeout_ms = 200;
+        let mut connection = config
+            .connect(config.timeout())
+            .await
+            .expect("connects to the test Redis");
+        let _: String = xadd(stream, "warm")
+            .query_async(&mut connection)
+            .await
+            .expect("Redis answers before it is stalled");
+        Self {
+            connection,
+            stream: stream.to_owned(),
+            timeout: config.timeout(),
+        }
+    }
+
+    /// Sends [`TIMED_OUT_WRITES`] writes at once, each given up after the
+    /// reply timeout; call while Redis is stalled. Panics if one is answered.
+    pub async fn send(&self) {
+        let mut writes = JoinSet::new();
+        for n in 0..TIMED_OUT_WRITES {
+            let (mut connection, write) =
+                (self.connection.clone(), xadd(&self.stream, &n.to_string()));
+            let timeout = self.timeout;
+            writes.spawn(async move {
+                tokio::time::timeout(timeout, write.query_async::<String>(&mut connection)).await
+            });
+            // Spread over 20 ms, so that timeouts fire in many turns.
+            if n % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        while let Some(outcome) = writes.join_next().await {
+            let answered = matches!(outcome.expect("a write task ends"), Ok(Ok(_)));
+            assert!(!answered, "a write to the stalled Redis was answered");
+        }
+    }
+
+    /// Once Redis answers again: how many of the writes were stored. Asks
+    /// over the writes' own connection, so the answer comes after every
+    /// write still queued on it was executed.
+    pub async fn stored(&self) -> u64 {
+        let counted = Mutex::new(None);
+        wait_for(
+            "the stalled Redis answers again",
+            Duration::from_secs(30),
+            || async {
+                let mut xlen = redis::cmd("XLEN");
+                xlen.arg(&self.stream);
+                let length = xlen.query_async::<u64>(&mut self.connection.clone()).await;
+                *counted.lock().expect("not poisoned") = length.ok();
+                counted.lock().expect("not poisoned").is_some()
+            },
+        )
+        .await;
+        let length = counted
+            .into_inner()
+            .expect("not poisoned")
+            .expect("counted");
+        length - 1
+    }
+}
+
+fn xadd(stream: &str, n: &str) -> redis::Cmd {
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(stream).arg("*").arg("n").arg(n);
+    xadd
 }

@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use e2e_tests::{
-    fault_destinations, wait_for, HastyLoad, Load, RedisServer, TestDestination, TestSystem,
+    fault_destinations, wait_for, HastyLoad, Load, RedisServer, TestDestination, TestRedis,
+    TestSystem, TimedOutWrites, TIMED_OUT_WRITES,
 };
 use serde_json::{json, Value};
 
@@ -285,4 +286,22 @@ async fn writes_refused_while_redis_is_paused_never_land_behind_later_ones() {
     }
     system.redis.server().resume().await;
     system.assert_hasty_users_kept_their_order(load).await;
+}
+
+/// A write whose reply did not come in time is stored at most once on a
+/// single server too (its connection never resends a command).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_timed_out_on_a_paused_redis_is_stored_at_most_once() {
+    let redis: TestRedis = RedisServer::start().await.into();
+    let writes = TimedOutWrites::connect(&redis, "timed-out-writes").await;
+    let mut redis = redis;
+    redis.server().pause().await;
+    writes.send().await;
+    redis.server().resume().await;
+    let stored = writes.stored().await;
+    eprintln!("{stored} of {TIMED_OUT_WRITES} timed-out writes stored");
+    assert!(
+        stored <= TIMED_OUT_WRITES,
+        "{stored} stored: some more than once"
+    );
 }
