@@ -5,8 +5,13 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use telemetry::log_limit::EveryInterval;
+
 use crate::event::ParseError;
 use crate::store::StoreError;
+
+/// During an outage every request is a 503: one log line a second says so.
+static UNAVAILABLE_LOGGED: EveryInterval = EveryInterval::new(std::time::Duration::from_secs(1));
 
 /// Every refusal: a message naming the field or limit.
 #[derive(Serialize, ToSchema)]
@@ -93,7 +98,14 @@ impl ResponseError for ApiError {
                 cause,
                 retry_after_secs,
             } => {
-                tracing::warn!(error = %cause, "Event store unavailable; answering 503.");
+                if let Some(left_out) = UNAVAILABLE_LOGGED.admit() {
+                    tracing::warn!(
+                        error = %cause,
+                        left_out,
+                        "Event store unavailable; answering 503 \
+                         (left_out: how many more since the last such line)."
+                    );
+                }
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
             ApiError::RateLimited {

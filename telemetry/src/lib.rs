@@ -5,10 +5,12 @@
 //! # Layout
 //! - [`lifecycle`]: the loops every service runs until shutdown (ticking, serving HTTP).
 //! - [`health`]: the container health check ([`health::probe`]).
+//! - [`log_limit`]: a log line that would repeat per request, once per interval.
 //! - [`traces`]: OpenTelemetry trace export and W3C trace context.
 #![forbid(unsafe_code)]
 
 pub mod health;
+pub mod log_limit;
 pub mod lifecycle;
 pub mod traces;
 
