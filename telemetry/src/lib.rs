@@ -10,8 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod health;
-pub mod log_limit;
 pub mod lifecycle;
+pub mod log_limit;
 pub mod traces;
 
 use std::sync::OnceLock;

@@ -210,7 +210,7 @@ impl GroupConsumer {
 
     /// Moves entries pending on other consumers of the group (e.g. a router
     /// that ran under another name) to us, so they are delivered in id order
-    /// with our own.
+    /// with our own. Returns how many are pending on us now (ours counted).
     pub async fn claim_pending_of_others(&self) -> Result<usize, ConsumerError> {
         let mut cursor = "0-0".to_owned();
         let mut claimed = 0;

@@ -67,6 +67,12 @@ pub struct Reader {
     pub shutdown: CancellationToken,
 }
 
+/// Whether the group's pending list held anything when it was taken over.
+enum Pending {
+    Some,
+    None,
+}
+
 /// Why the read loop ended.
 enum Ended {
     /// Shutdown, the lease going, or the dispatcher gone.
@@ -79,23 +85,28 @@ impl Reader {
     /// The owner loop: takes over the group, then reads until stopped,
     /// taking it over again whenever it goes missing.
     pub async fn run(mut self) {
-        let mut from_scratch = ReadFrom::Pending(StreamId::default());
         loop {
-            if !self.take_over().await {
+            let Some(pending) = self.take_over().await else {
                 return;
-            }
-            match self.read_loop(from_scratch).await {
+            };
+            // The pending list first, from its start, unless it is empty:
+            // then nothing can be pending on us but what we read from now.
+            let from = match pending {
+                Pending::Some => ReadFrom::Pending(StreamId::default()),
+                Pending::None => ReadFrom::New,
+            };
+            match self.read_loop(from).await {
                 Ended::Stopped => return,
-                // Read the pending list again from the start.
-                Ended::GroupMissing => from_scratch = ReadFrom::Pending(StreamId::default()),
+                // Take the group over again, and read its pending list anew.
+                Ended::GroupMissing => {}
             }
         }
     }
 
-    /// [`prepare`]s the group until it works; false at shutdown or when
+    /// [`prepare`]s the group until it works; `None` at shutdown or when
     /// the lease goes. (Not `run_with_retries`: every try first checks the
     /// lease, and a deleted destination is logged at debug, not as a failure.)
-    async fn take_over(&mut self) -> bool {
+    async fn take_over(&mut self) -> Option<Pending> {
         let _waiting = self.progress.enter(Wait::Claiming);
         let mut failures = 0;
         loop {
@@ -105,11 +116,14 @@ impl Reader {
                 .hold_for(self.settings.read_span, &self.shutdown)
                 .await
             {
-                return false;
+                return None;
             }
-            let Err(error) = prepare(&self.consumer).await else {
-                self.progress.reader_progressed();
-                return true;
+            let error = match prepare(&self.consumer).await {
+                Ok(pending) => {
+                    self.progress.reader_progressed();
+                    return Some(pending);
+                }
+                Err(error) => error,
             };
             failures += 1;
             let shard = self.consumer.shard();
@@ -120,7 +134,7 @@ impl Reader {
                 tracing::warn!(shard, %error, "Cannot prepare consumer group; retrying.");
             }
             if !Backoff::COMMANDS.wait(failures, &self.shutdown).await {
-                return false;
+                return None;
             }
         }
     }
@@ -329,8 +343,11 @@ impl PrepareError {
 /// Takes over what earlier owners left: their pending entries become ours
 /// (read first, in id order), and their consumers, now empty, are removed.
 /// A missing group (deleted by hand, or lost by Redis) is restored at the
-/// destination's cut, unless the destination was deleted meanwhile.
-async fn prepare(consumer: &GroupConsumer) -> Result<(), PrepareError> {
+/// destination's cut, unless the destination was deleted meanwhile. Says
+/// whether anything is pending (the claim counts what was ours already:
+/// none claimed means an empty pending list, and only our reads, under the
+/// lease, can add to it).
+async fn prepare(consumer: &GroupConsumer) -> Result<Pending, PrepareError> {
     let claimed = match consumer.claim_pending_of_others().await {
         Err(error) if error.is_missing_group() => {
             let cut = consumer.restore_group().await?;
@@ -353,5 +370,9 @@ async fn prepare(consumer: &GroupConsumer) -> Result<(), PrepareError> {
             "Took over entries pending on earlier owners."
         );
     }
-    Ok(())
+    Ok(if claimed > 0 {
+        Pending::Some
+    } else {
+        Pending::None
+    })
 }

@@ -120,6 +120,20 @@ end
 return added
 ";
 
+/// Drops the marks of destinations with nothing to catch up, each only if
+/// it is still the one read (a destination deleted and created again
+/// meanwhile has a newer mark, caught up next time). KEYS: routing marks.
+/// ARGV: name, mark, name, mark, ….
+const DROP_MARKS: &str = r"
+local dropped = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    dropped = dropped + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return dropped
+";
+
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
     #[error(transparent)]
@@ -202,11 +216,31 @@ impl Stage {
             .arg(self.keys.routing_marks(self.shard()))
             .query_async(&mut self.commands.clone())
             .await?;
-        for route in routes {
-            let Some(mark) = marks.get(&route.name) else {
-                continue;
-            };
-            let mut mark: StreamId = mark.parse().unwrap_or_default();
+        // Destinations created at or after the stage's position (all of a
+        // router's at its first start) have nothing to catch up: one
+        // script drops all their marks.
+        let (level, behind): (Vec<&Route>, Vec<&Route>) = routes
+            .iter()
+            .filter(|route| marks.contains_key(&route.name))
+            .partition(|route| {
+                marks[&route.name].parse::<StreamId>().unwrap_or_default() >= position
+            });
+        if !level.is_empty() {
+            if !lease.hold_for(settings.read_span, shutdown).await {
+                return Ok(false);
+            }
+            let mut script = redis::cmd("EVAL");
+            script
+                .arg(DROP_MARKS)
+                .arg(1)
+                .arg(self.keys.routing_marks(self.shard()));
+            for route in &level {
+                script.arg(&route.name).arg(&marks[&route.name]);
+            }
+            let _dropped: u64 = script.query_async(&mut self.commands.clone()).await?;
+        }
+        for route in behind {
+            let mut mark: StreamId = marks[&route.name].parse().unwrap_or_default();
             loop {
                 if !lease.hold_for(settings.read_span, shutdown).await {
                     return Ok(false);

@@ -24,7 +24,12 @@
 //! nobody is caught up, and it costs Redis nothing.
 //! While the task cannot read (Redis down, the shard's node paused), workers
 //! wake after their own `reader.block_ms` and read anyway: an announcement
-//! only saves waiting, it never carries an entry.
+//! only saves waiting, it never carries an entry. While it watches, a
+//! caught-up worker reads anyway only every [`WATCHED_WAIT_FACTOR`] ×
+//! `reader.block_ms`, a safety net: 1,024 readers (64 destinations on 16
+//! shards) each reading once a second cost Redis and the router about 4 %
+//! of a core while nothing happened. The task's first failure wakes every
+//! worker, so none sleeps the long wait through an outage.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -88,6 +93,10 @@ pub enum Watched<'a> {
     Routed(&'a str),
 }
 
+/// How many times `reader.block_ms` a caught-up reader waits for an
+/// announcement while its shard's announcer is watching.
+pub const WATCHED_WAIT_FACTOR: u32 = 10;
+
 /// A watch channel, and whether a reader waits on it: the announcer looks
 /// only at what someone waits for.
 #[derive(Clone)]
@@ -117,11 +126,12 @@ impl Watcher {
             .send_modify(|count| *count = count.wrapping_add(1));
     }
 
-    fn wakeup(&self, demand: &Arc<Notify>) -> Wakeup {
+    fn wakeup(&self, demand: &Arc<Notify>, watching: &Arc<AtomicBool>) -> Wakeup {
         Wakeup {
             announcements: self.sender.subscribe(),
             wanted: self.wanted.clone(),
             demand: demand.clone(),
+            watching: watching.clone(),
         }
     }
 }
@@ -134,6 +144,8 @@ struct Shard {
     events: Watcher,
     routed: RoutedWatchers,
     demand: Arc<Notify>,
+    /// Whether the announcer's last look succeeded.
+    watching: Arc<AtomicBool>,
 }
 
 /// The announcements of every shard, each started when a reader first
@@ -173,12 +185,14 @@ impl Wakeups {
                 events: Watcher::new(),
                 routed: Arc::default(),
                 demand: Arc::new(Notify::new()),
+                watching: Arc::new(AtomicBool::new(false)),
             };
             let announcer = Announcer {
                 events_stream: self.keys.events(shard),
                 signal_stream: self.keys.routing_signal(shard),
                 events: state.events.clone(),
                 routed: state.routed.clone(),
+                watching: state.watching.clone(),
                 last_event: None,
                 last_signal: None,
             };
@@ -192,11 +206,11 @@ impl Wakeups {
             state
         });
         match watched {
-            Watched::Events => state.events.wakeup(&state.demand),
+            Watched::Events => state.events.wakeup(&state.demand, &state.watching),
             Watched::Routed(destination) => lock(&state.routed)
                 .entry(destination.to_owned())
                 .or_insert_with(Watcher::new)
-                .wakeup(&state.demand),
+                .wakeup(&state.demand, &state.watching),
         }
     }
 }
@@ -213,6 +227,8 @@ pub struct Wakeup {
     wanted: Arc<AtomicBool>,
     /// Tells the announcer someone waits (a permit is kept until it looks).
     demand: Arc<Notify>,
+    /// Whether the announcer is watching (else the wait is `at_most`).
+    watching: Arc<AtomicBool>,
 }
 
 impl Wakeup {
@@ -230,8 +246,14 @@ impl Wakeup {
     }
 
     /// Waits for an announcement since [`Self::mark_seen`], at most
-    /// `at_most`, or until `shutdown`; false at shutdown.
+    /// `at_most` (× [`WATCHED_WAIT_FACTOR`] while the announcer watches),
+    /// or until `shutdown`; false at shutdown.
     pub async fn wait(&mut self, at_most: Duration, shutdown: &CancellationToken) -> bool {
+        let at_most = if self.watching.load(Ordering::SeqCst) {
+            at_most.saturating_mul(WATCHED_WAIT_FACTOR)
+        } else {
+            at_most
+        };
         self.wanted.store(true, Ordering::SeqCst);
         self.demand.notify_one();
         let announced = async {
@@ -257,6 +279,8 @@ struct Announcer {
     signal_stream: String,
     events: Watcher,
     routed: RoutedWatchers,
+    /// Set after a look that succeeded, cleared at a failure.
+    watching: Arc<AtomicBool>,
     /// The last shard entry announced or looked at.
     last_event: Option<StreamId>,
     /// The last signal entry announced or looked at.
@@ -411,11 +435,16 @@ async fn announce(
                     tracing::info!(stream = %shard_stream, "Watching the shard for new entries again.");
                 }
                 failures = 0;
+                announcer.watching.store(true, Ordering::SeqCst);
             }
             Err(error) => {
                 failures += 1;
                 if failures == 1 {
                     tracing::warn!(stream = %shard_stream, %error, "Cannot watch the shard for new entries; workers poll it meanwhile.");
+                    // Workers in a long wait read now, and wait `block`
+                    // at a time from then on.
+                    announcer.watching.store(false, Ordering::SeqCst);
+                    announcer.wake_all();
                 }
                 if !Backoff::COMMANDS.wait(failures, &shutdown).await {
                     return;
@@ -472,6 +501,7 @@ mod tests {
             announcements,
             wanted: Arc::new(AtomicBool::new(false)),
             demand: demand.clone(),
+            watching: Arc::new(AtomicBool::new(false)),
         };
         (sender, demand, wakeup)
     }
@@ -502,6 +532,25 @@ mod tests {
             .expect("the wait asked the announcer to look again");
         shutdown.cancel();
         assert!(!wakeup.wait(Duration::from_secs(10), &shutdown).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_announcer_watches_a_reader_waits_longer_before_reading_anyway() {
+        let (sender, _demand, mut wakeup) = wakeup();
+        let shutdown = CancellationToken::new();
+        wakeup.watching.store(true, Ordering::SeqCst);
+        wakeup.mark_seen();
+        let started = tokio::time::Instant::now();
+        assert!(wakeup.wait(Duration::from_secs(1), &shutdown).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        // An announcement (as the announcer's first failure makes) still
+        // ends the long wait at once.
+        wakeup.mark_seen();
+        let started = tokio::time::Instant::now();
+        let waiting = wakeup.wait(Duration::from_secs(1), &shutdown);
+        sender.send_modify(|count| *count += 1);
+        assert!(waiting.await);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
