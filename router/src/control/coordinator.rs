@@ -1,9 +1,10 @@
 //! Which (shard, destination) pairs this router delivers, over time.
 //!
 //! Every `lease.renew_interval_ms` the coordinator:
-//! 1. sends a renewal for each lease it holds; one it can no longer prove
-//!    it holds (renewal refused, or Redis unreachable until the lease
-//!    lapsed) is lost: its worker is stopped at once;
+//! 1. sends a renewal for the leases it holds, one script per shard; a
+//!    lease it can no longer prove it holds (renewal refused, or Redis
+//!    unreachable until the lease lapsed) is lost: its worker is stopped
+//!    at once;
 //! 2. releases the leases of workers it stopped for a hand-over, once they
 //!    have finished their attempts in flight;
 //! 3. sends its heartbeat. When the membership comes back (or the
@@ -72,17 +73,17 @@ struct HeldLease {
 /// A lease command the coordinator sends without waiting for its reply.
 #[derive(Debug, Clone, Copy)]
 enum Command {
-    Renew,
     Acquire,
     Release,
 }
 
 /// A Redis reply the coordinator acts on when it comes.
 enum Answer {
+    /// One shard's leases, in one script.
     Renewed {
-        lease: LeaseId,
+        leases: Vec<LeaseId>,
         sent_at: Instant,
-        result: redis::RedisResult<bool>,
+        result: redis::RedisResult<Vec<bool>>,
     },
     Acquired {
         lease: LeaseId,
@@ -97,6 +98,10 @@ enum Answer {
 }
 
 type Awaited = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// Most leases one renewal script carries (a shard's leases go in as few as
+/// that allows).
+const RENEWALS_AT_ONCE: usize = 256;
 
 pub struct Coordinator<W> {
     leases: Arc<LeaseStore>,
@@ -113,8 +118,9 @@ pub struct Coordinator<W> {
     busy: HashSet<LeaseId>,
     /// Whether a heartbeat is in `awaited`.
     heartbeat_sent: bool,
-    /// Renewals that failed since the last tick (logged once per tick).
-    renewal_errors: Vec<redis::RedisError>,
+    /// Leases whose renewal failed since the last tick, and the first error
+    /// (logged once per tick).
+    renewal_errors: (usize, Option<redis::RedisError>),
     /// Acquisitions that failed since the last tick (logged once per tick).
     acquisition_errors: Vec<(LeaseId, redis::RedisError)>,
     /// Leases gained, released or being handed over since the last tick
@@ -196,7 +202,7 @@ impl<W: StartWorker> Coordinator<W> {
             awaited: FuturesUnordered::new(),
             busy: HashSet::new(),
             heartbeat_sent: false,
-            renewal_errors: Vec::new(),
+            renewal_errors: (0, None),
             acquisition_errors: Vec::new(),
             changes: Changes::default(),
         }
@@ -232,14 +238,16 @@ impl<W: StartWorker> Coordinator<W> {
     fn tick(&mut self) {
         self.report_errors();
         self.changes.report(self.held.len(), self.leases.instance());
-        let renewing: Vec<LeaseId> = self
-            .held
-            .iter()
-            .filter(|(lease, held)| held.state != State::Lost && !self.busy.contains(*lease))
-            .map(|(lease, _)| lease.clone())
-            .collect();
-        for lease in renewing {
-            self.send(lease, Command::Renew);
+        let mut renewing: BTreeMap<u16, Vec<LeaseId>> = BTreeMap::new();
+        for (lease, held) in &self.held {
+            if held.state != State::Lost && !self.busy.contains(lease) {
+                renewing.entry(lease.shard).or_default().push(lease.clone());
+            }
+        }
+        for leases in renewing.into_values() {
+            for batch in leases.chunks(RENEWALS_AT_ONCE) {
+                self.send_renewal(batch.to_vec());
+            }
         }
         let lapsed: Vec<LeaseId> = self
             .held
@@ -270,11 +278,6 @@ impl<W: StartWorker> Coordinator<W> {
         self.awaited.push(Box::pin(async move {
             let sent_at = Instant::now();
             match command {
-                Command::Renew => Answer::Renewed {
-                    result: store.renew(&lease).await,
-                    lease,
-                    sent_at,
-                },
                 Command::Acquire => Answer::Acquired {
                     result: store.try_acquire(&lease).await,
                     lease,
@@ -288,28 +291,28 @@ impl<W: StartWorker> Coordinator<W> {
         }));
     }
 
+    /// Sends one renewal script for `leases`, all of one shard; they get no
+    /// other command until it is answered.
+    fn send_renewal(&mut self, leases: Vec<LeaseId>) {
+        self.busy.extend(leases.iter().cloned());
+        let store = self.leases.clone();
+        self.awaited.push(Box::pin(async move {
+            let sent_at = Instant::now();
+            Answer::Renewed {
+                result: store.renew(&leases).await,
+                leases,
+                sent_at,
+            }
+        }));
+    }
+
     fn answered(&mut self, answer: Answer) {
         match answer {
             Answer::Renewed {
-                lease,
+                leases,
                 sent_at,
                 result,
-            } => {
-                self.busy.remove(&lease);
-                match result {
-                    Ok(true) => {
-                        if let Some(held) = self.held.get(&lease) {
-                            held.validity.renewed(sent_at);
-                        }
-                    }
-                    Ok(false) => self.lose(
-                        &lease,
-                        "renewal refused: another router holds it or it expired",
-                    ),
-                    // It keeps its validity until it lapses.
-                    Err(error) => self.renewal_errors.push(error),
-                }
-            }
+            } => self.renewed(leases, sent_at, result),
             Answer::Acquired {
                 lease,
                 sent_at,
@@ -341,16 +344,47 @@ impl<W: StartWorker> Coordinator<W> {
         }
     }
 
+    /// Acts on the answer to one shard's renewals.
+    fn renewed(
+        &mut self,
+        leases: Vec<LeaseId>,
+        sent_at: Instant,
+        result: redis::RedisResult<Vec<bool>>,
+    ) {
+        for lease in &leases {
+            self.busy.remove(lease);
+        }
+        let renewed = match result {
+            Ok(renewed) => renewed,
+            // Each keeps its validity until it lapses.
+            Err(error) => {
+                self.renewal_errors.0 += leases.len();
+                self.renewal_errors.1.get_or_insert(error);
+                return;
+            }
+        };
+        for (lease, renewed) in leases.iter().zip(renewed) {
+            if !renewed {
+                self.lose(
+                    lease,
+                    "renewal refused: another router holds it or it expired",
+                );
+            } else if let Some(held) = self.held.get(lease) {
+                held.validity.renewed(sent_at);
+            }
+        }
+    }
+
     /// Logs the failures answered since the last tick, once each kind.
     fn report_errors(&mut self) {
-        if let Some(error) = self.renewal_errors.first() {
+        if let (leases, Some(error)) = &self.renewal_errors {
             // Each keeps its validity until it lapses; the others renewed.
-            tracing::warn!(leases = self.renewal_errors.len(), %error, "Cannot renew some leases; will retry.");
+            tracing::warn!(leases, %error, "Cannot renew some leases; will retry.");
         }
         if let Some((lease, error)) = self.acquisition_errors.first() {
             tracing::warn!(%lease, leases = self.acquisition_errors.len(), %error, "Cannot acquire some leases; will retry.");
         }
-        self.renewal_errors.clear();
+        self.renewal_errors = (0, None);
         self.acquisition_errors.clear();
     }
 

@@ -34,12 +34,18 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 ";
 
-/// Extends the lease if we still hold it. KEYS: lease. ARGV: instance id, ttl ms.
+/// Extends each lease we still hold. KEYS: leases, all of one shard (their
+/// keys share its hash tag). ARGV: instance id, ttl ms. Returns 1 or 0 per
+/// lease.
 const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local renewed = {}
+for i, key in ipairs(KEYS) do
+  renewed[i] = 0
+  if redis.call('GET', key) == ARGV[1] then
+    renewed[i] = redis.call('PEXPIRE', key, ARGV[2])
+  end
 end
-return 0
+return renewed
 ";
 
 /// Deletes the lease if we still hold it. KEYS: lease. ARGV: instance id.
@@ -149,17 +155,27 @@ impl LeaseStore {
         Ok(reply.is_some())
     }
 
-    /// Extends `lease` if we still hold it: whether we do.
-    pub async fn renew(&self, lease: &LeaseId) -> redis::RedisResult<bool> {
-        let extended: i64 = redis::cmd("EVAL")
-            .arg(RENEW)
-            .arg(1)
-            .arg(self.key(lease))
+    /// Extends each of `leases`, all of one shard, that we still hold, in
+    /// one script (one per pair cost a router with 64 destinations on 16
+    /// shards 1,024 scripts a second): whether we do, per lease.
+    pub async fn renew(&self, leases: &[LeaseId]) -> redis::RedisResult<Vec<bool>> {
+        let mut script = redis::cmd("EVAL");
+        script.arg(RENEW).arg(leases.len());
+        for lease in leases {
+            script.arg(self.key(lease));
+        }
+        let extended: Vec<i64> = script
             .arg(&self.instance)
             .arg(self.ttl_ms)
             .query_async(&mut self.con.clone())
             .await?;
-        Ok(extended == 1)
+        if extended.len() != leases.len() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "the renewal script answered for another number of leases",
+            )));
+        }
+        Ok(extended.into_iter().map(|renewed| renewed == 1).collect())
     }
 
     /// Gives the lease up so another router can take it at once.
