@@ -46,6 +46,13 @@ async fn every_event_reaches_every_destination_once_in_per_user_order() {
             received.events.iter().map(|e| e.user.as_str()).collect();
         assert_eq!(users.len(), 200, "{name}: every user");
     }
+    // One router delivering steadily keeps every lease it took (its
+    // renewals, one script per shard, are each answered for every lease).
+    let refused = system
+        .router_metrics()
+        .await
+        .value("router_leases_lost_total", &[("reason", "refused")]);
+    assert_eq!(refused, 0.0, "leases whose renewal was refused");
     for name in ["crm", "warehouse", "analytics"] {
         e2e_tests::wait_for(
             "pending lists to empty",

@@ -77,6 +77,15 @@ enum Command {
     Release,
 }
 
+/// Why a held lease is given up.
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// Redis refused its renewal: it expired there, or another router holds it.
+    Refused,
+    /// No renewal was answered in time to prove it is still ours.
+    Lapsed,
+}
+
 /// A Redis reply the coordinator acts on when it comes.
 enum Answer {
     /// One shard's leases, in one script.
@@ -256,7 +265,7 @@ impl<W: StartWorker> Coordinator<W> {
             .map(|(lease, _)| lease.clone())
             .collect();
         for lease in lapsed {
-            self.lose(&lease, "not renewed in time (Redis unreachable?)");
+            self.lose(&lease, Loss::Lapsed);
         }
         self.reap();
         if !self.heartbeat_sent {
@@ -365,10 +374,7 @@ impl<W: StartWorker> Coordinator<W> {
         };
         for (lease, renewed) in leases.iter().zip(renewed) {
             if !renewed {
-                self.lose(
-                    lease,
-                    "renewal refused: another router holds it or it expired",
-                );
+                self.lose(lease, Loss::Refused);
             } else if let Some(held) = self.held.get(lease) {
                 held.validity.renewed(sent_at);
             }
@@ -388,9 +394,18 @@ impl<W: StartWorker> Coordinator<W> {
         self.acquisition_errors.clear();
     }
 
-    fn lose(&mut self, lease: &LeaseId, reason: &str) {
+    fn lose(&mut self, lease: &LeaseId, loss: Loss) {
         if let Some(held) = self.held.get_mut(lease) {
+            let reason = match loss {
+                Loss::Refused => "renewal refused: another router holds it or it expired",
+                Loss::Lapsed => "not renewed in time (Redis unreachable?)",
+            };
             tracing::warn!(%lease, reason, "Lease lost; stopping delivery of this pair.");
+            let label = match loss {
+                Loss::Refused => "refused",
+                Loss::Lapsed => "lapsed",
+            };
+            metrics::counter!("router_leases_lost_total", "reason" => label).increment(1);
             held.stop.cancel();
             held.state = State::Lost;
         }
