@@ -390,36 +390,48 @@ impl EventStore {
     /// Measures every shard stream's length and Redis memory and updates
     /// which writes the backlog cap refuses. The gateway runs this every
     /// `backlog.check_interval_ms`, so a stream can pass its cap by at most
-    /// what arrives in one interval.
+    /// what arrives in one interval. Each shard is measured on its own: one
+    /// whose Redis does not answer (a paused cluster master) keeps its last
+    /// state, and every other shard's is updated; memory keeps its last
+    /// state while some master does not answer. Fails with the first error.
     pub async fn refresh_backlog(&self) -> Result<(), StoreError> {
-        let lengths = (0..self.shards)
-            .map(|shard| {
-                let mut xlen = redis::cmd("XLEN");
-                xlen.arg(self.keys.events(shard));
-                xlen
+        let measured = (0..self.shards).map(|shard| {
+            let mut con = self.connection_for(shard);
+            let stream = self.keys.events(shard);
+            self.bounded(async move {
+                let length: u64 = redis::cmd("XLEN").arg(stream).query_async(&mut con).await?;
+                Ok(length)
             })
-            .collect();
-        let con = self.connection_for(0);
-        let (lengths, memory): (Vec<u64>, Vec<String>) = self
-            .bounded(async {
-                let lengths = protocol::query_each(&con, lengths).await?;
-                let memory = con.clone().info_of_every_master("memory").await?;
-                Ok((lengths, memory))
-            })
-            .await?;
+        });
+        let mut con = self.connection_for(0);
+        let memory = self.bounded(async { Ok(con.info_of_every_master("memory").await?) });
+        let (lengths, memory) = tokio::join!(futures_util::future::join_all(measured), memory);
         let limits = self.backlog.limits;
+        let mut first_error = None;
         for (full, length) in self.backlog.full_shards.iter().zip(lengths) {
-            full.store(length >= limits.max_events_per_shard, Ordering::Relaxed);
+            match length {
+                Ok(length) => full.store(length >= limits.max_events_per_shard, Ordering::Relaxed),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
         }
-        // On a cluster, the fullest master.
-        let memory_full = memory
-            .iter()
-            .filter_map(|info| memory_percent(info))
-            .any(|percent| percent >= f64::from(limits.max_memory_percent));
-        self.backlog
-            .memory_full
-            .store(memory_full, Ordering::Relaxed);
-        Ok(())
+        match memory {
+            Ok(memory) => {
+                // On a cluster, the fullest master.
+                let memory_full = memory
+                    .iter()
+                    .filter_map(|info| memory_percent(info))
+                    .any(|percent| percent >= f64::from(limits.max_memory_percent));
+                self.backlog
+                    .memory_full
+                    .store(memory_full, Ordering::Relaxed);
+            }
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Checks that Redis answers.

@@ -6,6 +6,7 @@
 //! The rest of the end-to-end suite also runs on a cluster:
 //! `EVD_TEST_REDIS=cluster` (scripts/test.sh does both).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use e2e_tests::{
@@ -588,6 +589,31 @@ async fn a_paused_master_stops_only_its_own_shards() {
     })
     .await;
     let delivered_during = system.received("fast").unique;
+    // Trimming goes on too: the healthy shards that got those events are
+    // trimmed below what was delivered while the paused shard cannot be.
+    let healthy_shards: BTreeSet<u16> = healthy_users
+        .iter()
+        .map(|user| protocol::shard_for(user, SHARDS))
+        .collect();
+    let con = system.redis.connection().await;
+    let lengths = std::sync::Mutex::new(BTreeMap::new());
+    let trimmed_during = holds_within(Duration::from_secs(20), || {
+        let (mut con, lengths) = (con.clone(), &lengths);
+        let (keys, shards) = (&system.keys, &healthy_shards);
+        async move {
+            for &shard in shards {
+                let length: redis::RedisResult<u64> = redis::cmd("XLEN")
+                    .arg(keys.events(shard))
+                    .query_async(&mut con)
+                    .await;
+                let mut lengths = lengths.lock().expect("not poisoned");
+                lengths.insert(shard, length.unwrap_or(u64::MAX));
+            }
+            let lengths = lengths.lock().expect("not poisoned");
+            lengths.values().all(|length| *length == 0)
+        }
+    })
+    .await;
     // The admin API's overview goes on too, without the paused master's
     // shards: a measurement taken since the pause names them unmeasured,
     // and shows the other shards' deliveries.
@@ -625,11 +651,86 @@ async fn a_paused_master_stops_only_its_own_shards() {
         during,
         "{delivered_during} of 100 delivered while one master was paused"
     );
+    assert!(
+        trimmed_during,
+        "the healthy shards' streams were not trimmed while master {paused} was paused \
+         (entries per shard: {:?})",
+        lengths.lock().expect("not poisoned")
+    );
     let load = Load::start(&system, USERS, 5);
     let accepted = load.finish().await;
     system
         .assert_all_delivered(&accepted, Duration::from_secs(60))
         .await;
+}
+
+/// The gateway's backlog cap measures each shard on its own: with one
+/// master paused, a healthy shard that was full and drained accepts events
+/// again (before, one unanswered length kept every shard's last state, so
+/// a full shard stayed refused until the paused master answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shard_that_drains_accepts_again_while_another_master_is_paused() {
+    let cap = 20;
+    let cluster = RedisCluster::start_with_replicas(0).await;
+    let destinations = vec![TestDestination::new("dest", "/outage/dest").retry(20, 100, 100_000)];
+    let mut system = TestSystem::start_custom(cluster, destinations, |g| {
+        g.backlog.max_events_per_shard = cap;
+        g.backlog.check_interval_ms = 20;
+    })
+    .await;
+    system.recorder.set_outage("/outage/dest", true);
+    system.start_router();
+    system.wait_destinations_registered("dest").await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    let paused_master = cluster.master_of(&system.keys.events(0)).await;
+    let mut user = None;
+    for n in 0..200 {
+        let candidate = format!("user-{n}");
+        let shard = protocol::shard_for(&candidate, SHARDS);
+        if cluster.master_of(&system.keys.events(shard)).await != paused_master {
+            user = Some(candidate);
+            break;
+        }
+    }
+    let user = user.expect("a user on another master");
+    let post = || async {
+        let body = json!({ "userId": user, "payload": {} });
+        let response = system
+            .http
+            .post(format!("{}/v1/events", system.gateway_url))
+            .json(&body)
+            .send()
+            .await
+            .expect("gateway answers");
+        response.status().as_u16()
+    };
+    let accepted = std::sync::atomic::AtomicU64::new(0);
+    wait_for(
+        "the user's shard to reach its cap",
+        Duration::from_secs(30),
+        || async {
+            match post().await {
+                202 => {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    false
+                }
+                status => status == 503,
+            }
+        },
+    )
+    .await;
+    let accepted = accepted.into_inner();
+    let paused = cluster.pause_master_of(&system.keys.events(0)).await;
+    system.recorder.set_outage("/outage/dest", false);
+    let accepted_again =
+        holds_within(Duration::from_secs(30), || async { post().await == 202 }).await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    cluster.resume(paused);
+    assert!(
+        accepted_again,
+        "{user}'s shard, full with {accepted} events, was still refused 30 s after its \
+         destination came back while master {paused} (another shard's) was paused"
+    );
 }
 
 /// A write that timed out on a paused master may still be queued on its

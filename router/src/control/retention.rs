@@ -163,12 +163,42 @@ async fn trim_logs(
     pipe.query_async::<()>(con).await
 }
 
+/// What one shard's tick did: the trim's outcome, and whether its delivery
+/// log could be trimmed (logged at debug: the log is a record).
+struct ShardTick {
+    shard: u16,
+    trimmed: redis::RedisResult<Trimmed>,
+    log: redis::RedisResult<()>,
+}
+
+/// Trims the delivery logs and then the stream of one shard.
+async fn trim_shard(
+    mut con: RedisConnection,
+    keys: &Keys,
+    shard: u16,
+    readers: &Readers,
+    log_retention: Option<Duration>,
+) -> ShardTick {
+    let log = match log_retention {
+        Some(retention) => trim_logs(&mut con, keys, shard, readers.all(), retention).await,
+        None => Ok(()),
+    };
+    let trimmed = trim(&mut con, keys, shard, readers).await;
+    ShardTick {
+        shard,
+        trimmed,
+        log,
+    }
+}
+
 /// Trims every shard every `every` until `shutdown`, keeping what the
 /// destinations defined now still need, and the delivery log to
 /// `log_retention` (when it is on). Each router does this for all shards;
-/// the script is safe to run concurrently.
+/// the script is safe to run concurrently. Shards are trimmed at once and
+/// apart: one whose Redis does not answer (a paused cluster master) costs
+/// the tick one timeout and leaves only its own stream untrimmed.
 pub async fn run(
-    mut con: RedisConnection,
+    con: RedisConnection,
     keys: Keys,
     shards: u16,
     registry: Arc<Registry>,
@@ -176,42 +206,54 @@ pub async fn run(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut first_seen: HashMap<String, Instant> = HashMap::new();
-    let mut reported = HashSet::new();
+    let mut orphans = Orphans::default();
     let mut ticks = Ticks::new(every);
     while ticks.next(&shutdown).await {
         let readers = registry.readers();
-        for shard in 0..shards {
-            if let Some(retention) = log_retention {
-                if let Err(error) =
-                    trim_logs(&mut con, &keys, shard, readers.all(), retention).await
-                {
-                    tracing::debug!(shard, %error, "Cannot trim the delivery log; will retry.");
-                }
+        let ticked =
+            (0..shards).map(|shard| trim_shard(con.clone(), &keys, shard, &readers, log_retention));
+        for tick in futures_util::future::join_all(ticked).await {
+            let shard = tick.shard;
+            if let Err(error) = tick.log {
+                tracing::debug!(shard, %error, "Cannot trim the delivery log; will retry.");
             }
-            match trim(&mut con, &keys, shard, &readers).await {
+            match tick.trimmed {
                 Ok(trimmed) => {
                     if let Some(removed @ 1..) = trimmed.removed {
                         metrics::counter!("router_trimmed_entries_total").increment(removed);
                         tracing::debug!(shard, removed, "Trimmed acknowledged entries.");
                     }
-                    for group in trimmed.unknown_groups {
-                        let since = *first_seen.entry(group.clone()).or_insert_with(Instant::now);
-                        if since.elapsed() >= ORPHAN_AFTER && reported.insert(group.clone()) {
-                            tracing::warn!(
-                                group = %group,
-                                shard,
-                                "Consumer group of no defined destination: it keeps \
-                                 undelivered entries from being trimmed. Delete it with \
-                                 `router destinations delete {group}`."
-                            );
-                        }
-                    }
+                    orphans.report(shard, trimmed.unknown_groups);
                 }
-                Err(error) => {
-                    tracing::debug!(shard, %error, "Cannot trim; will retry.");
-                    break;
-                }
+                Err(error) => tracing::debug!(shard, %error, "Cannot trim; will retry."),
+            }
+        }
+    }
+}
+
+/// Groups of no defined destination, each reported once it has stayed
+/// [`ORPHAN_AFTER`].
+#[derive(Default)]
+struct Orphans {
+    first_seen: HashMap<String, Instant>,
+    reported: HashSet<String>,
+}
+
+impl Orphans {
+    fn report(&mut self, shard: u16, groups: Vec<String>) {
+        for group in groups {
+            let since = *self
+                .first_seen
+                .entry(group.clone())
+                .or_insert_with(Instant::now);
+            if since.elapsed() >= ORPHAN_AFTER && self.reported.insert(group.clone()) {
+                tracing::warn!(
+                    group = %group,
+                    shard,
+                    "Consumer group of no defined destination: it keeps \
+                     undelivered entries from being trimmed. Delete it with \
+                     `router destinations delete {group}`."
+                );
             }
         }
     }
