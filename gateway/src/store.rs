@@ -114,8 +114,26 @@ impl From<&BacklogConfig> for BacklogLimits {
 /// Redis memory is. Refreshed by [`EventStore::refresh_backlog`].
 struct Backlog {
     limits: BacklogLimits,
-    full_shards: Vec<AtomicBool>,
+    shards: Vec<ShardBacklog>,
+}
+
+/// What the cap last measured of one shard; kept while its Redis does not
+/// answer.
+#[derive(Default)]
+struct ShardBacklog {
+    /// Its stream holds `max_events_per_shard` entries or more.
+    stream_full: AtomicBool,
+    /// Its Redis (on a cluster, its master) uses `max_memory_percent` of
+    /// `maxmemory` or more.
     memory_full: AtomicBool,
+}
+
+/// One shard's measurement.
+struct Measured {
+    length: u64,
+    /// Whether its master's memory is past the cap, when memory is measured
+    /// per shard (a cluster); `None` on a single Redis, measured once.
+    memory_full: Option<bool>,
 }
 
 pub struct EventStore {
@@ -212,8 +230,9 @@ impl EventStore {
             lanes: Lanes::new(config.clone(), connections, &keys),
             backlog: Backlog {
                 limits,
-                full_shards: (0..config.shards).map(|_| AtomicBool::new(false)).collect(),
-                memory_full: AtomicBool::new(false),
+                shards: (0..config.shards)
+                    .map(|_| ShardBacklog::default())
+                    .collect(),
             },
             replication,
             keys,
@@ -368,19 +387,21 @@ impl EventStore {
     /// Refuses writes to shards at their backlog cap, before anything is
     /// written, so a refused batch stores none of its events.
     fn check_backlog(&self, shards: impl Iterator<Item = u16>) -> Result<(), StoreError> {
-        let backlog = &self.backlog;
-        if backlog.memory_full.load(Ordering::Relaxed) {
-            return Err(StoreError::BacklogFull(format!(
-                "Redis memory is above {}% of maxmemory: destinations are behind; retry later",
-                backlog.limits.max_memory_percent
-            )));
-        }
+        let limits = &self.backlog.limits;
         for shard in shards {
-            if backlog.full_shards[usize::from(shard)].load(Ordering::Relaxed) {
+            let backlog = &self.backlog.shards[usize::from(shard)];
+            if backlog.memory_full.load(Ordering::Relaxed) {
+                return Err(StoreError::BacklogFull(format!(
+                    "the Redis memory of shard {shard} is above {}% of maxmemory: \
+                     destinations are behind; retry later",
+                    limits.max_memory_percent
+                )));
+            }
+            if backlog.stream_full.load(Ordering::Relaxed) {
                 return Err(StoreError::BacklogFull(format!(
                     "the backlog of shard {shard} has reached its cap of {} events: \
                      destinations are behind; retry later",
-                    backlog.limits.max_events_per_shard
+                    limits.max_events_per_shard
                 )));
             }
         }
@@ -390,48 +411,77 @@ impl EventStore {
     /// Measures every shard stream's length and Redis memory and updates
     /// which writes the backlog cap refuses. The gateway runs this every
     /// `backlog.check_interval_ms`, so a stream can pass its cap by at most
-    /// what arrives in one interval. Each shard is measured on its own: one
-    /// whose Redis does not answer (a paused cluster master) keeps its last
-    /// state, and every other shard's is updated; memory keeps its last
-    /// state while some master does not answer. Fails with the first error.
+    /// what arrives in one interval. Each shard is measured on its own, with
+    /// its master's memory on a cluster: a master that does not answer (a
+    /// paused one) keeps its shards' last state and every other shard's is
+    /// updated, and a full master refuses only its own shards. Fails with
+    /// the first error, after updating what answered.
     pub async fn refresh_backlog(&self) -> Result<(), StoreError> {
-        let measured = (0..self.shards).map(|shard| {
-            let mut con = self.connection_for(shard);
-            let stream = self.keys.events(shard);
-            self.bounded(async move {
-                let length: u64 = redis::cmd("XLEN").arg(stream).query_async(&mut con).await?;
-                Ok(length)
-            })
-        });
-        let mut con = self.connection_for(0);
-        let memory = self.bounded(async { Ok(con.info_of_every_master("memory").await?) });
-        let (lengths, memory) = tokio::join!(futures_util::future::join_all(measured), memory);
+        let per_master = self.connection_for(0).is_cluster();
+        let measured = (0..self.shards).map(|shard| self.measure_shard(shard, per_master));
+        let server = async {
+            if per_master {
+                return Ok(None);
+            }
+            let mut con = self.connection_for(0);
+            let key = self.keys.events(0);
+            self.bounded(async { Ok(Some(con.info_of_master_of(&key, "memory").await?)) })
+                .await
+        };
+        let (measured, server) = tokio::join!(futures_util::future::join_all(measured), server);
         let limits = self.backlog.limits;
         let mut first_error = None;
-        for (full, length) in self.backlog.full_shards.iter().zip(lengths) {
-            match length {
-                Ok(length) => full.store(length >= limits.max_events_per_shard, Ordering::Relaxed),
+        let server = match server {
+            Ok(info) => info.map(|info| self.memory_full(&info)),
+            Err(error) => {
+                first_error = Some(error);
+                None
+            }
+        };
+        for (backlog, measured) in self.backlog.shards.iter().zip(measured) {
+            let measured = match measured {
+                Ok(measured) => measured,
                 Err(error) => {
                     first_error.get_or_insert(error);
+                    continue;
                 }
-            }
-        }
-        match memory {
-            Ok(memory) => {
-                // On a cluster, the fullest master.
-                let memory_full = memory
-                    .iter()
-                    .filter_map(|info| memory_percent(info))
-                    .any(|percent| percent >= f64::from(limits.max_memory_percent));
-                self.backlog
-                    .memory_full
-                    .store(memory_full, Ordering::Relaxed);
-            }
-            Err(error) => {
-                first_error.get_or_insert(error);
+            };
+            let full = measured.length >= limits.max_events_per_shard;
+            backlog.stream_full.store(full, Ordering::Relaxed);
+            if let Some(full) = measured.memory_full.or(server) {
+                backlog.memory_full.store(full, Ordering::Relaxed);
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// The length of `shard`'s stream and, with `per_master`, the memory use
+    /// of the master serving it.
+    async fn measure_shard(&self, shard: u16, per_master: bool) -> Result<Measured, StoreError> {
+        let mut con = self.connection_for(shard);
+        let stream = self.keys.events(shard);
+        self.bounded(async move {
+            let length: u64 = redis::cmd("XLEN")
+                .arg(&stream)
+                .query_async(&mut con)
+                .await?;
+            let memory_full = match per_master {
+                true => Some(self.memory_full(&con.info_of_master_of(&stream, "memory").await?)),
+                false => None,
+            };
+            Ok(Measured {
+                length,
+                memory_full,
+            })
+        })
+        .await
+    }
+
+    /// Whether `INFO memory` shows the cap's share of `maxmemory` in use
+    /// (never without a `maxmemory`).
+    fn memory_full(&self, info: &str) -> bool {
+        let limit = f64::from(self.backlog.limits.max_memory_percent);
+        memory_percent(info).is_some_and(|percent| percent >= limit)
     }
 
     /// Checks that Redis answers.

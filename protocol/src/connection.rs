@@ -8,7 +8,8 @@
 //! - commands on keys of *different* shards cannot share a pipeline on a
 //!   cluster; [`query_each`] sends them as separate commands instead;
 //! - `INFO` answers per node on a cluster; [`RedisConnection::info_of_every_master`]
-//!   returns one reply per master.
+//!   returns one reply per master, [`RedisConnection::info_of_master_of`]
+//!   the reply of the master serving one key.
 //!
 //! A cluster connection repairs itself in the background after a node is
 //! lost, but redis-rs 1.x does not always manage it (redis-rs issue 2277:
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use crate::slot_owner::SlotOwner;
@@ -174,6 +176,31 @@ impl HealingCluster {
 }
 
 impl RedisConnection {
+    /// Whether this is a cluster connection (commands reach several masters).
+    pub fn is_cluster(&self) -> bool {
+        !matches!(self, RedisConnection::Single(_))
+    }
+
+    /// `INFO section` of the server, or of the cluster master serving
+    /// `key`'s slot: one master not answering fails only the keys it serves.
+    pub async fn info_of_master_of(&mut self, key: &str, section: &str) -> RedisResult<String> {
+        let mut command = redis::cmd("INFO");
+        command.arg(section);
+        let reply = match self {
+            RedisConnection::Cluster(cluster) => {
+                let master = Route::with_key(key, SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(master));
+                let result = cluster.current().route_command(command, routing).await;
+                cluster.observe(result.as_ref().err());
+                result?
+            }
+            RedisConnection::Single(_) | RedisConnection::SlotOwner(_) => {
+                command.query_async(self).await?
+            }
+        };
+        Ok(String::from_redis_value(reply)?)
+    }
+
     /// `INFO section` of the server, or of every master of a cluster.
     pub async fn info_of_every_master(&mut self, section: &str) -> RedisResult<Vec<String>> {
         let reply: Value = redis::cmd("INFO").arg(section).query_async(self).await?;

@@ -664,6 +664,94 @@ async fn a_paused_master_stops_only_its_own_shards() {
         .await;
 }
 
+/// Posts one event of `user`; returns the gateway's status code.
+async fn post_status(system: &TestSystem, user: &str) -> u16 {
+    let body = json!({ "userId": user, "payload": {} });
+    let response = system
+        .http
+        .post(format!("{}/v1/events", system.gateway_url))
+        .json(&body)
+        .send()
+        .await
+        .expect("gateway answers");
+    response.status().as_u16()
+}
+
+/// A user whose shard is served by the master at `port` (`on` true) or by
+/// another one (`on` false).
+async fn user_served(system: &TestSystem, port: u16, on: bool) -> String {
+    let cluster = system.redis.cluster().expect("a cluster");
+    for n in 0..1000 {
+        let user = format!("user-{n}");
+        let shard = protocol::shard_for(&user, SHARDS);
+        if (cluster.master_of(&system.keys.events(shard)).await == Some(port)) == on {
+            return user;
+        }
+    }
+    panic!("no user's shard is served that way by the master at {port}");
+}
+
+/// The memory cap counts each master for its own shards: a master past
+/// `backlog.max_memory_percent` of its `maxmemory` refuses its shards'
+/// events, and the other masters' shards are accepted (before, any master
+/// past the cap refused every event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_past_the_memory_cap_refuses_only_its_own_shards() {
+    let cluster = RedisCluster::start_with_replicas(0).await;
+    let system = TestSystem::start_custom(
+        cluster,
+        vec![TestDestination::new("fast", "/ok/fast")],
+        |g| g.backlog.check_interval_ms = 20,
+    )
+    .await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    let full = cluster
+        .master_of(&system.keys.events(0))
+        .await
+        .expect("a master serves shard 0");
+    let (crowded, spared) = (
+        user_served(&system, full, true).await,
+        user_served(&system, full, false).await,
+    );
+    let mut node = redis::Client::open(format!("redis://127.0.0.1:{full}"))
+        .expect("a node URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the node answers");
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut node)
+        .await
+        .expect("INFO memory");
+    let used = protocol::info_field(&info, "used_memory").expect("used_memory");
+    // Every byte it uses is its limit: past the 90 % cap.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used)
+        .query_async(&mut node)
+        .await
+        .expect("CONFIG SET maxmemory");
+    wait_for(
+        "the crowded master's users refused",
+        Duration::from_secs(30),
+        || async { post_status(&system, &crowded).await == 503 },
+    )
+    .await;
+    let spared_status = post_status(&system, &spared).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async(&mut node)
+        .await
+        .expect("CONFIG SET maxmemory");
+    assert_eq!(
+        spared_status, 202,
+        "{spared}, whose shard another master serves, was refused while master {full} was past its memory cap"
+    );
+}
+
 /// The gateway's backlog cap measures each shard on its own: with one
 /// master paused, a healthy shard that was full and drained accepts events
 /// again (before, one unanswered length kept every shard's last state, so
@@ -682,28 +770,12 @@ async fn a_full_shard_that_drains_accepts_again_while_another_master_is_paused()
     system.start_router();
     system.wait_destinations_registered("dest").await;
     let cluster = system.redis.cluster().expect("a cluster");
-    let paused_master = cluster.master_of(&system.keys.events(0)).await;
-    let mut user = None;
-    for n in 0..200 {
-        let candidate = format!("user-{n}");
-        let shard = protocol::shard_for(&candidate, SHARDS);
-        if cluster.master_of(&system.keys.events(shard)).await != paused_master {
-            user = Some(candidate);
-            break;
-        }
-    }
-    let user = user.expect("a user on another master");
-    let post = || async {
-        let body = json!({ "userId": user, "payload": {} });
-        let response = system
-            .http
-            .post(format!("{}/v1/events", system.gateway_url))
-            .json(&body)
-            .send()
-            .await
-            .expect("gateway answers");
-        response.status().as_u16()
-    };
+    let paused_master = cluster
+        .master_of(&system.keys.events(0))
+        .await
+        .expect("a master serves shard 0");
+    let user = user_served(&system, paused_master, false).await;
+    let post = || post_status(&system, &user);
     let accepted = std::sync::atomic::AtomicU64::new(0);
     wait_for(
         "the user's shard to reach its cap",

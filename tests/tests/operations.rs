@@ -97,6 +97,55 @@ async fn events_older_than_the_destinations_max_age_are_dead_lettered_not_lost()
     assert_eq!(system.pending("down").await, 0);
 }
 
+/// On a single Redis the gateway's memory cap is the server's: past
+/// `backlog.max_memory_percent` of `maxmemory`, every shard's events are
+/// refused with a 503 naming the cap, before Redis itself runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_memory_cap_every_shard_answers_503_before_redis_runs_out() {
+    let redis = RedisServer::start_with(&["--maxmemory", "8mb"]).await;
+    let system = TestSystem::start_custom(redis, vec![TestDestination::new("crm", "/ok")], |g| {
+        g.backlog.max_memory_percent = 50;
+        g.backlog.check_interval_ms = 20;
+    })
+    .await;
+    let payload = "x".repeat(64 * 1024);
+    let post = |user: String, seq: usize| {
+        let body =
+            serde_json::json!({ "userId": user, "payload": { "seq": seq, "fill": payload } });
+        let system = &system;
+        async move { system.post("/v1/events", &body).await }
+    };
+    let mut accepted = 0;
+    let mut refusal = None;
+    for seq in 0..200 {
+        match post(format!("user-{}", seq % 7), seq).await {
+            (202, _) => accepted += 1,
+            (503, body) => {
+                refusal = Some(body);
+                break;
+            }
+            (other, body) => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let refusal = refusal.expect("the cap refused within 200 × 64 KiB");
+    eprintln!("{accepted} accepted, then 503: {refusal}");
+    assert!(
+        refusal.to_string().contains("above 50% of maxmemory"),
+        "the gateway's cap refused, not Redis: {refusal}"
+    );
+    // Other users are refused too, whatever their shard: the memory is
+    // the one server's.
+    for user in 0..8 {
+        let (status, body) = post(format!("other-{user}"), 0).await;
+        assert_eq!(status, 503, "other-{user} accepted past the cap: {body}");
+    }
+    assert_eq!(
+        system.stream_lengths().await,
+        accepted,
+        "every 202 is stored"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_out_of_memory_answers_503_and_keeps_what_it_accepted() {
     let redis = RedisServer::start_with(&["--maxmemory", "4mb"]).await;
