@@ -7,14 +7,16 @@
 //! `EVD_TEST_REDIS=cluster` (scripts/test.sh does both).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use e2e_tests::{
-    holds_within, wait_for, Accepted, HastyLoad, Load, RedisCluster, RouterProcess,
+    gateway_config, holds_within, wait_for, Accepted, HastyLoad, Load, RedisCluster, RouterProcess,
     TestDestination, TestRedis, TestSystem, TimedOutWrites, SHARDS, TIMED_OUT_WRITES,
 };
 use protocol::EventId;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 /// Users posting during a failover.
 const USERS: usize = 40;
@@ -666,15 +668,20 @@ async fn a_paused_master_stops_only_its_own_shards() {
 
 /// Posts one event of `user`; returns the gateway's status code.
 async fn post_status(system: &TestSystem, user: &str) -> u16 {
+    post_status_to(system, &system.gateway_url, user).await
+}
+
+/// Posts one event of `user` to the gateway at `gateway_url`; returns its
+/// status code (0 when it does not answer).
+async fn post_status_to(system: &TestSystem, gateway_url: &str, user: &str) -> u16 {
     let body = json!({ "userId": user, "payload": {} });
     let response = system
         .http
-        .post(format!("{}/v1/events", system.gateway_url))
+        .post(format!("{gateway_url}/v1/events"))
         .json(&body)
         .send()
-        .await
-        .expect("gateway answers");
-    response.status().as_u16()
+        .await;
+    response.map_or(0, |response| response.status().as_u16())
 }
 
 /// A user whose shard is served by the master at `port` (`on` true) or by
@@ -689,6 +696,51 @@ async fn user_served(system: &TestSystem, port: u16, on: bool) -> String {
         }
     }
     panic!("no user's shard is served that way by the master at {port}");
+}
+
+/// A gateway started while one master is paused (not the one holding the
+/// recorded shard count) starts, and serves the shards of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_a_master_is_paused_serves_the_other_masters_shards() {
+    let cluster = RedisCluster::start_with_replicas(0).await;
+    let system = TestSystem::start_custom(
+        cluster,
+        vec![TestDestination::new("fast", "/ok/fast")],
+        |_| {},
+    )
+    .await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    let meta = cluster.master_of(&system.keys.shard_count()).await;
+    let mut paused_shard = None;
+    for shard in 0..SHARDS {
+        if cluster.master_of(&system.keys.events(shard)).await != meta {
+            paused_shard = Some(shard);
+            break;
+        }
+    }
+    let paused_shard = paused_shard.expect("a shard on another master than the shard count");
+    let paused = cluster
+        .pause_master_of(&system.keys.events(paused_shard))
+        .await;
+    let spared = user_served(&system, paused, false).await;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a second gateway");
+    let url = format!("http://{}", listener.local_addr().expect("its address"));
+    let stop = CancellationToken::new();
+    tokio::spawn(gateway::run(
+        gateway_config(&system.redis),
+        listener,
+        stop.clone(),
+    ));
+    let served = holds_within(Duration::from_secs(30), || async {
+        post_status_to(&system, &url, &spared).await == 202
+    })
+    .await;
+    stop.cancel();
+    cluster.resume(paused);
+    assert!(
+        served,
+        "a gateway started while master {paused} was paused served none of {spared}'s events in 30 s"
+    );
 }
 
 /// The memory cap counts each master for its own shards: a master past
