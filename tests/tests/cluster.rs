@@ -726,6 +726,7 @@ async fn a_gateway_started_while_a_master_is_paused_serves_the_other_masters_sha
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a second gateway");
     let url = format!("http://{}", listener.local_addr().expect("its address"));
     let stop = CancellationToken::new();
+    let started = Instant::now();
     tokio::spawn(gateway::run(
         gateway_config(&system.redis),
         listener,
@@ -735,11 +736,87 @@ async fn a_gateway_started_while_a_master_is_paused_serves_the_other_masters_sha
         post_status_to(&system, &url, &spared).await == 202
     })
     .await;
+    eprintln!(
+        "the gateway started while master {paused} was paused served its first event after {:?}",
+        started.elapsed()
+    );
     stop.cancel();
     cluster.resume(paused);
     assert!(
         served,
         "a gateway started while master {paused} was paused served none of {spared}'s events in 30 s"
+    );
+}
+
+/// A router restarted while one master is paused (not one holding the
+/// keys a router reads as it starts: the shard count, the catalog, its
+/// revision, the paused set) starts, and delivers the other masters' shards.
+///
+/// Fails today (2 runs of 2 with this pick of master): a redis-rs cluster
+/// connection made while a master does not answer has no connection to it,
+/// and every command for its slots starts a slot refresh that holds up the
+/// connection's commands to every master, so lease renewals for healthy
+/// shards time out too and nothing is delivered. A router started before
+/// the pause keeps working (`a_paused_master_stops_only_its_own_shards`).
+/// The fix is per-master command connections; see docs/guarantees.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known failure: a cluster connection made while a master is paused stalls every master's commands"]
+async fn a_router_restarted_while_a_master_is_paused_delivers_the_other_masters_shards() {
+    let cluster = RedisCluster::start_with_replicas(0).await;
+    let mut system = TestSystem::start_custom(
+        cluster,
+        vec![TestDestination::new("fast", "/ok/fast")],
+        |_| {},
+    )
+    .await;
+    system.start_router();
+    system.wait_destinations_registered("fast").await;
+    system.stop_router().await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    // The keys a router reads while it starts.
+    let mut kept = Vec::new();
+    for key in [
+        system.keys.shard_count(),
+        system.keys.catalog(),
+        system.keys.catalog_revision(),
+        system.keys.paused(),
+    ] {
+        kept.push(cluster.master_of(&key).await);
+    }
+    let mut paused_shard = None;
+    for shard in 0..SHARDS {
+        if !kept.contains(&cluster.master_of(&system.keys.events(shard)).await) {
+            paused_shard = Some(shard);
+            break;
+        }
+    }
+    let paused_shard = paused_shard.expect("a shard on a master holding none of those keys");
+    let paused = cluster
+        .pause_master_of(&system.keys.events(paused_shard))
+        .await;
+    let spared = user_served(&system, paused, false).await;
+    system.start_router();
+    system.send(&spared, json!({ "n": 1 })).await;
+    let delivered = holds_within(Duration::from_secs(30), || async {
+        system.received("fast").unique >= 1
+    })
+    .await;
+    // Its admin API measures, without the paused master's shards.
+    let measured = holds_within(Duration::from_secs(30), || async {
+        let overview = system.admin_get("/admin/destinations").await;
+        overview["destinations"][0]["delivered"].as_u64() >= Some(1)
+    })
+    .await;
+    let overview = system.admin_get("/admin/destinations").await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    cluster.resume(paused);
+    assert!(
+        delivered,
+        "a router restarted while master {paused} was paused delivered nothing of {spared} in 30 s"
+    );
+    assert!(
+        measured,
+        "the overview of a router restarted while master {paused} was paused: {overview}"
     );
 }
 
