@@ -101,6 +101,11 @@ pub struct RedisConfig {
     pub connections: usize,
     /// Longest wait for an ordinary command's reply, in milliseconds.
     pub timeout_ms: u64,
+    /// Longest a new connection may take to answer, in milliseconds. On a
+    /// cluster, a connection made while a master does not answer refreshes
+    /// its slot map at each command for that master's slots, and each
+    /// refresh holds up its commands to every master this long.
+    pub connect_timeout_ms: u64,
     /// Start even when Redis has the append-only file off or an evicting
     /// `maxmemory-policy` (either can silently lose accepted events).
     pub allow_unsafe_persistence: bool,
@@ -109,6 +114,10 @@ pub struct RedisConfig {
 impl RedisConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
     }
 
     /// Checks relationships a type cannot express; the message names the setting.
@@ -121,6 +130,9 @@ impl RedisConfig {
         }
         if self.timeout_ms == 0 {
             return Err("redis.timeout_ms must be positive".into());
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err("redis.connect_timeout_ms must be positive".into());
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err("redis.key_prefix must be non-empty and free of `{` and `}` (hash tags are added per shard)".into());
@@ -196,7 +208,7 @@ impl RedisConfig {
                 .map(redis::IntoConnectionInfo::into_connection_info)
                 .collect::<redis::RedisResult<_>>()?;
             let questions = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.timeout()))
+                .set_connection_timeout(Some(self.connect_timeout()))
                 .set_response_timeout(Some(self.timeout()));
             let reads = questions.clone().set_response_timeout(Some(timeout));
             return Ok(RedisConnection::SlotOwner(
@@ -214,7 +226,7 @@ impl RedisConfig {
         // new id. With the attempt outliving the whole, the caller has
         // given up (and no resend follows) before an attempt times out.
         let client = redis::cluster::ClusterClient::builder(self.cluster_node_urls())
-            .connection_timeout(self.timeout())
+            .connection_timeout(self.connect_timeout())
             .response_timeout(timeout.saturating_mul(2))
             .overall_response_timeout(Some(timeout))
             .build()?;
@@ -227,7 +239,7 @@ impl RedisConfig {
         let client = redis::Client::open(self.url.expose_secret())?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(self.timeout()))
+            .set_connection_timeout(Some(self.connect_timeout()))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         Ok(RedisConnection::Single(
