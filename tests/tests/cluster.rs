@@ -545,13 +545,7 @@ async fn three_routers_share_the_shards_and_one_killed_loses_nothing() {
 /// `CLUSTERDOWN` on every master).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_master_stops_only_its_own_shards() {
-    let cluster = RedisCluster::start_with_replicas(0).await;
-    let mut system = TestSystem::start_custom(
-        cluster,
-        vec![TestDestination::new("fast", "/ok/fast")],
-        |_| {},
-    )
-    .await;
+    let mut system = fast_on_a_cluster(|_| {}).await;
     system.start_router();
     system.wait_destinations_registered("fast").await;
     wait_for("every lease held", Duration::from_secs(30), || async {
@@ -698,30 +692,47 @@ async fn user_served(system: &TestSystem, port: u16, on: bool) -> String {
     panic!("no user's shard is served that way by the master at {port}");
 }
 
-/// A gateway started while one master is paused (not the one holding the
-/// recorded shard count) starts, and serves the shards of the others.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_started_while_a_master_is_paused_serves_the_other_masters_shards() {
-    let cluster = RedisCluster::start_with_replicas(0).await;
-    let system = TestSystem::start_custom(
-        cluster,
+/// A system on a cluster of three masters without replicas, delivering to
+/// one destination, `fast`; no router started.
+async fn fast_on_a_cluster(configure_gateway: impl FnOnce(&mut gateway::Config)) -> TestSystem {
+    TestSystem::start_custom(
+        RedisCluster::start_with_replicas(0).await,
         vec![TestDestination::new("fast", "/ok/fast")],
-        |_| {},
+        configure_gateway,
     )
-    .await;
+    .await
+}
+
+/// Pauses a master that serves a shard stream but none of the keys a
+/// service reads as it starts (the shard count, the catalog, its revision,
+/// the paused set); returns its port.
+async fn pause_a_master_a_start_does_not_need(system: &TestSystem) -> u16 {
     let cluster = system.redis.cluster().expect("a cluster");
-    let meta = cluster.master_of(&system.keys.shard_count()).await;
-    let mut paused_shard = None;
+    let mut needed = Vec::new();
+    for key in [
+        system.keys.shard_count(),
+        system.keys.catalog(),
+        system.keys.catalog_revision(),
+        system.keys.paused(),
+    ] {
+        needed.push(cluster.master_of(&key).await);
+    }
     for shard in 0..SHARDS {
-        if cluster.master_of(&system.keys.events(shard)).await != meta {
-            paused_shard = Some(shard);
-            break;
+        let stream = system.keys.events(shard);
+        if !needed.contains(&cluster.master_of(&stream).await) {
+            return cluster.pause_master_of(&stream).await;
         }
     }
-    let paused_shard = paused_shard.expect("a shard on another master than the shard count");
-    let paused = cluster
-        .pause_master_of(&system.keys.events(paused_shard))
-        .await;
+    panic!("every master serving a shard holds a key a start reads");
+}
+
+/// A gateway started while one master is paused (not one holding a key a
+/// start reads) starts, and serves the shards of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_a_master_is_paused_serves_the_other_masters_shards() {
+    let system = fast_on_a_cluster(|_| {}).await;
+    let paused = pause_a_master_a_start_does_not_need(&system).await;
+    let cluster = system.redis.cluster().expect("a cluster");
     let spared = user_served(&system, paused, false).await;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a second gateway");
     let url = format!("http://{}", listener.local_addr().expect("its address"));
@@ -759,38 +770,11 @@ async fn a_gateway_started_while_a_master_is_paused_serves_the_other_masters_sha
 /// (3 runs of 3); with 250 ms it delivers within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_restarted_while_a_master_is_paused_delivers_the_other_masters_shards() {
-    let cluster = RedisCluster::start_with_replicas(0).await;
-    let mut system = TestSystem::start_custom(
-        cluster,
-        vec![TestDestination::new("fast", "/ok/fast")],
-        |_| {},
-    )
-    .await;
+    let mut system = fast_on_a_cluster(|_| {}).await;
     system.start_router();
     system.wait_destinations_registered("fast").await;
     system.stop_router().await;
-    let cluster = system.redis.cluster().expect("a cluster");
-    // The keys a router reads while it starts.
-    let mut kept = Vec::new();
-    for key in [
-        system.keys.shard_count(),
-        system.keys.catalog(),
-        system.keys.catalog_revision(),
-        system.keys.paused(),
-    ] {
-        kept.push(cluster.master_of(&key).await);
-    }
-    let mut paused_shard = None;
-    for shard in 0..SHARDS {
-        if !kept.contains(&cluster.master_of(&system.keys.events(shard)).await) {
-            paused_shard = Some(shard);
-            break;
-        }
-    }
-    let paused_shard = paused_shard.expect("a shard on a master holding none of those keys");
-    let paused = cluster
-        .pause_master_of(&system.keys.events(paused_shard))
-        .await;
+    let paused = pause_a_master_a_start_does_not_need(&system).await;
     let spared = user_served(&system, paused, false).await;
     system.start_router();
     system.send(&spared, json!({ "n": 1 })).await;
@@ -823,13 +807,7 @@ async fn a_router_restarted_while_a_master_is_paused_delivers_the_other_masters_
 /// past the cap refused every event).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_past_the_memory_cap_refuses_only_its_own_shards() {
-    let cluster = RedisCluster::start_with_replicas(0).await;
-    let system = TestSystem::start_custom(
-        cluster,
-        vec![TestDestination::new("fast", "/ok/fast")],
-        |g| g.backlog.check_interval_ms = 20,
-    )
-    .await;
+    let system = fast_on_a_cluster(|g| g.backlog.check_interval_ms = 20).await;
     let cluster = system.redis.cluster().expect("a cluster");
     let full = cluster
         .master_of(&system.keys.events(0))
