@@ -110,8 +110,9 @@ impl From<&BacklogConfig> for BacklogLimits {
     }
 }
 
-/// The last measured backlog: which shards are at their cap, and whether
-/// Redis memory is. Refreshed by [`EventStore::refresh_backlog`].
+/// The last measured backlog: which shards are at their cap, and whose
+/// Redis memory is (each shard's master's, on a cluster). Refreshed by
+/// [`EventStore::refresh_backlog`].
 struct Backlog {
     limits: BacklogLimits,
     shards: Vec<ShardBacklog>,
