@@ -176,9 +176,12 @@ impl HealingCluster {
 }
 
 impl RedisConnection {
-    /// Whether this is a cluster connection (commands reach several masters).
+    /// Whether this connects to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        !matches!(self, RedisConnection::Single(_))
+        matches!(
+            self,
+            RedisConnection::Cluster(_) | RedisConnection::SlotOwner(_)
+        )
     }
 
     /// `INFO section` of the server, or of the cluster master serving

@@ -377,12 +377,26 @@ impl RedisCluster {
     /// `CONFIG SET name value` on every live node.
     pub async fn set_config_everywhere(&self, name: &str, value: &str) {
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            let mut command = redis::cmd("CONFIG");
-            command.arg("SET").arg(name).arg(value);
-            ask_node::<()>(&node.url(), command)
-                .await
-                .unwrap_or_else(|| panic!("CONFIG SET {name} on node {}", node.port));
+            self.set_config_on(node.port, name, value).await;
         }
+    }
+
+    /// `CONFIG SET name value` on the node at `port`.
+    pub async fn set_config_on(&self, port: u16, name: &str, value: &str) {
+        let mut command = redis::cmd("CONFIG");
+        command.arg("SET").arg(name).arg(value);
+        ask_node::<()>(&self.node(port).url(), command)
+            .await
+            .unwrap_or_else(|| panic!("CONFIG SET {name} on node {port}"));
+    }
+
+    /// `INFO section` of the node at `port`.
+    pub async fn info_of(&self, port: u16, section: &str) -> String {
+        let mut command = redis::cmd("INFO");
+        command.arg(section);
+        ask_node(&self.node(port).url(), command)
+            .await
+            .unwrap_or_else(|| panic!("INFO {section} on node {port}"))
     }
 
     /// SIGCONT after [`Self::pause_master_of`].

@@ -817,25 +817,10 @@ async fn a_master_past_the_memory_cap_refuses_only_its_own_shards() {
         user_served(&system, full, true).await,
         user_served(&system, full, false).await,
     );
-    let mut node = redis::Client::open(format!("redis://127.0.0.1:{full}"))
-        .expect("a node URL")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("the node answers");
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut node)
-        .await
-        .expect("INFO memory");
+    let info = cluster.info_of(full, "memory").await;
     let used = protocol::info_field(&info, "used_memory").expect("used_memory");
     // Every byte it uses is its limit: past the 90 % cap.
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg(used)
-        .query_async(&mut node)
-        .await
-        .expect("CONFIG SET maxmemory");
+    cluster.set_config_on(full, "maxmemory", used).await;
     wait_for(
         "the crowded master's users refused",
         Duration::from_secs(30),
@@ -843,13 +828,7 @@ async fn a_master_past_the_memory_cap_refuses_only_its_own_shards() {
     )
     .await;
     let spared_status = post_status(&system, &spared).await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg(0)
-        .query_async(&mut node)
-        .await
-        .expect("CONFIG SET maxmemory");
+    cluster.set_config_on(full, "maxmemory", "0").await;
     assert_eq!(
         spared_status, 202,
         "{spared}, whose shard another master serves, was refused while master {full} was past its memory cap"

@@ -86,6 +86,24 @@ enum Loss {
     Lapsed,
 }
 
+impl Loss {
+    /// What the warning says.
+    fn reason(self) -> &'static str {
+        match self {
+            Loss::Refused => "renewal refused: another router holds it or it expired",
+            Loss::Lapsed => "not renewed in time (Redis unreachable?)",
+        }
+    }
+
+    /// The `reason` label of `router_leases_lost_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Loss::Refused => "refused",
+            Loss::Lapsed => "lapsed",
+        }
+    }
+}
+
 /// A Redis reply the coordinator acts on when it comes.
 enum Answer {
     /// One shard's leases, in one script.
@@ -396,16 +414,9 @@ impl<W: StartWorker> Coordinator<W> {
 
     fn lose(&mut self, lease: &LeaseId, loss: Loss) {
         if let Some(held) = self.held.get_mut(lease) {
-            let reason = match loss {
-                Loss::Refused => "renewal refused: another router holds it or it expired",
-                Loss::Lapsed => "not renewed in time (Redis unreachable?)",
-            };
+            let reason = loss.reason();
             tracing::warn!(%lease, reason, "Lease lost; stopping delivery of this pair.");
-            let label = match loss {
-                Loss::Refused => "refused",
-                Loss::Lapsed => "lapsed",
-            };
-            metrics::counter!("router_leases_lost_total", "reason" => label).increment(1);
+            metrics::counter!("router_leases_lost_total", "reason" => loss.label()).increment(1);
             held.stop.cancel();
             held.state = State::Lost;
         }
