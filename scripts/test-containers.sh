@@ -365,10 +365,19 @@ echo "   100 events of 10 users sent after it all reached /ok, in per-user order
 # 6. down and up again, keeping the volume.
 echo "== down with events pending (healthy paused), then up: the AOF volume"
 admin_post "$router1" /admin/destinations/healthy/pause >/dev/null
+# Each router reads the paused set once per overview interval, and the one
+# asked shows the pause at once: every running router must show it before
+# the events are posted, or one still delivering some would hand them to
+# the mock whose record `down` discards.
 healthy_paused() {
-  admin_get "$router1" /admin/destinations | jq -e '.destinations[] | select(.name == "healthy") | .paused' >/dev/null
+  local router
+  for router in $(docker ps --filter "label=com.docker.compose.project=evd-test" \
+    --filter "label=com.docker.compose.service=router" --format '{{.Names}}'); do
+    admin_get "$(admin_port "$router")" /admin/destinations \
+      | jq -e '.destinations[] | select(.name == "healthy") | .paused' >/dev/null || return 1
+  done
 }
-wait_for "healthy to be paused" 10 healthy_paused
+wait_for "healthy to be paused on every router" 10 healthy_paused
 before_pause=$(received /ok | jq .delivered)
 post_events restart 5 10
 compose down
