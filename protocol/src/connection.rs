@@ -222,7 +222,7 @@ impl RedisConnection {
 /// Runs `commands`, which may touch keys of different shards, and returns
 /// each one's own result, in order: one failing (its master down or
 /// paused) fails only itself.
-async fn query_each_settled<T: FromRedisValue>(
+pub async fn query_each_settled<T: FromRedisValue>(
     con: &RedisConnection,
     commands: Vec<Cmd>,
 ) -> Vec<RedisResult<T>> {

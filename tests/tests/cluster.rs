@@ -986,3 +986,124 @@ async fn a_write_that_timed_out_on_a_paused_master_is_stored_at_most_once() {
         "{stored} stored: some more than once"
     );
 }
+
+/// Listing, replaying and purging a destination's dead letters while one
+/// master is paused: each works on the other masters' shards and names the
+/// paused one's (before, the first shard without an answer failed the
+/// whole request, and a purge stopped at it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_the_other_masters_shards_are_listed_replayed_and_purged_while_one_is_paused(
+) {
+    let mut system = TestSystem::start_custom(
+        RedisCluster::start_with_replicas(0).await,
+        vec![TestDestination::new("down", "/bad-request/down")],
+        |_| {},
+    )
+    .await;
+    system.start_router();
+    system.wait_destinations_registered("down").await;
+    let users = 32;
+    for n in 0..users {
+        system.send(&format!("user-{n}"), json!({ "n": n })).await;
+    }
+    wait_for(
+        "every event dead-lettered",
+        Duration::from_secs(30),
+        || async { system.dead_letters("down").await.len() == users },
+    )
+    .await;
+    // Replays wait (and are not dead-lettered again) while it is paused.
+    let (status, _) = system
+        .admin_call(
+            reqwest::Method::POST,
+            "/admin/destinations/down/pause",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let list = "/admin/destinations/down/dead-letters?limit=1000";
+    let shard_of_letter = |letter: &Value| -> u16 {
+        let id = letter["id"].as_str().expect("an id");
+        id.parse::<EventId>().expect("<shard>-<ms>-<seq>").shard
+    };
+    let mut per_shard: BTreeMap<u16, u64> = BTreeMap::new();
+    for letter in system.admin_get(list).await["dead_letters"]
+        .as_array()
+        .expect("a list")
+    {
+        *per_shard.entry(shard_of_letter(letter)).or_default() += 1;
+    }
+
+    let cluster = system.redis.cluster().expect("a cluster");
+    let paused = cluster.pause_master_of(&system.keys.events(0)).await;
+    let mut paused_shards = Vec::new();
+    for shard in 0..SHARDS {
+        if cluster.master_of(&system.keys.events(shard)).await == Some(paused) {
+            paused_shards.push(shard);
+        }
+    }
+    let on_paused: u64 = paused_shards.iter().filter_map(|s| per_shard.get(s)).sum();
+    let elsewhere = users as u64 - on_paused;
+    assert!(
+        on_paused > 0 && elsewhere > 0,
+        "dead letters per shard: {per_shard:?}"
+    );
+    let shards_json = json!(paused_shards);
+
+    let (listed_status, listed) = system.admin_call(reqwest::Method::GET, list, None).await;
+    let (replay_status, replayed) = system
+        .admin_call(
+            reqwest::Method::POST,
+            "/admin/destinations/down/dead-letters/replay",
+            None,
+        )
+        .await;
+    let (purge_status, purged) = system
+        .admin_call(
+            reqwest::Method::DELETE,
+            "/admin/destinations/down/dead-letters",
+            None,
+        )
+        .await;
+    cluster.resume(paused);
+
+    let listed_shards: BTreeSet<u16> = listed["dead_letters"]
+        .as_array()
+        .map(|letters| letters.iter().map(shard_of_letter).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        listed_status, 200,
+        "list while master {paused} was paused: {listed}"
+    );
+    assert_eq!(listed["unavailable_shards"], shards_json, "{listed}");
+    assert_eq!(
+        listed["dead_letters"].as_array().map(Vec::len),
+        Some(usize::try_from(elsewhere).expect("fits")),
+        "{listed}"
+    );
+    assert!(paused_shards.iter().all(|s| !listed_shards.contains(s)));
+    assert_eq!(replay_status, 503, "replay: {replayed}");
+    assert_eq!(replayed["failed_shards"], shards_json, "{replayed}");
+    assert_eq!(replayed["replayed"], elsewhere, "{replayed}");
+    assert_eq!(purge_status, 503, "purge: {purged}");
+    assert_eq!(purged["failed_shards"], shards_json, "{purged}");
+    assert_eq!(purged["deleted"], elsewhere, "{purged}");
+
+    // Once it answers, the other shards' are still gone (the destination
+    // is paused: nothing replayed is dead-lettered again). The paused
+    // master's may be gone too: the purge sent to it runs once it answers.
+    wait_for(
+        "every shard listed again",
+        Duration::from_secs(30),
+        || async {
+            let (status, page) = system.admin_call(reqwest::Method::GET, list, None).await;
+            let shards: Option<BTreeSet<u16>> = page["dead_letters"]
+                .as_array()
+                .map(|letters| letters.iter().map(shard_of_letter).collect());
+            status == 200
+                && page["unavailable_shards"] == json!([])
+                && shards.is_some_and(|s| s.iter().all(|s| paused_shards.contains(s)))
+        },
+    )
+    .await;
+}

@@ -76,6 +76,10 @@ pub struct Page {
     pub dead_letters: Vec<DeadLetterView>,
     /// Pass as `cursor` for the next page; absent on the last page.
     pub next_cursor: Option<String>,
+    /// Shards whose Redis did not answer (a master down or paused): their
+    /// dead letters are missing from this page, and from the pages after
+    /// it; list again once they answer.
+    pub unavailable_shards: Vec<u16>,
 }
 
 /// Which dead letters to replay: all (no field), these ids, or those that
@@ -98,6 +102,44 @@ pub struct ReplayReport {
     pub not_found: u64,
     /// Dead letters without an event to send (unreadable stream entries).
     pub unreplayable: u64,
+    /// Shards whose Redis did not answer (a master down or paused): some
+    /// of their selected dead letters may not have been replayed. The
+    /// other shards' were; replaying again is safe (a dead letter already
+    /// replaying is skipped).
+    pub failed_shards: Vec<u16>,
+}
+
+impl ReplayReport {
+    /// Adds one shard's part; `outcome` says whether it got through.
+    fn merge(&mut self, shard: u16, part: ReplayReport, outcome: Result<(), DeadLetterError>) {
+        if let Err(error) = outcome {
+            tracing::warn!(shard, %error, "Could not replay one shard's dead letters.");
+            self.failed_shards.push(shard);
+        }
+        self.replayed += part.replayed;
+        self.already_replaying += part.already_replaying;
+        self.not_found += part.not_found;
+        self.unreplayable += part.unreplayable;
+    }
+}
+
+/// What a purge deleted.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct Purged {
+    /// Dead letters deleted.
+    pub deleted: u64,
+    /// Shards whose Redis did not answer in time (a master down or
+    /// paused); the other shards' dead letters were deleted. Theirs may
+    /// still be, once it answers (the deletion was sent): purge again.
+    pub failed_shards: Vec<u16>,
+}
+
+/// One shard's part of a replay.
+enum ShardReplay {
+    /// These dead letters (sorted, without repeats).
+    Ids(Vec<StreamId>),
+    /// Those that failed within `[start, end]` (XRANGE bounds).
+    Range { start: String, end: String },
 }
 
 /// A raw dead-letter stream entry.
@@ -147,6 +189,7 @@ impl DeadLetters {
     }
 
     /// Up to `limit` dead letters after `cursor`, oldest failure first.
+    /// A shard whose Redis does not answer is left out and named.
     pub async fn list(&self, limit: usize, cursor: Option<&str>) -> Result<Page, DeadLetterError> {
         let after = cursor.map(|c| self.parse_id(c)).transpose()?;
         let ranges = (0..self.shards)
@@ -167,26 +210,44 @@ impl DeadLetters {
                 xrange
             })
             .collect();
-        let replies: Vec<Value> = protocol::query_each(&self.con, ranges).await?;
+        let replies = protocol::query_each_settled::<Value>(&self.con, ranges).await;
         let mut entries = Vec::new();
+        let mut unavailable_shards = Vec::new();
         for (shard, reply) in (0..self.shards).zip(replies) {
-            entries.extend(parse_entries(shard, reply)?);
+            match reply
+                .map_err(DeadLetterError::from)
+                .and_then(|r| parse_entries(shard, r))
+            {
+                Ok(found) => entries.extend(found),
+                Err(error) => {
+                    tracing::debug!(shard, %error, "A shard's dead letters could not be listed.");
+                    unavailable_shards.push(shard);
+                }
+            }
         }
         entries.sort_by_key(|entry| (entry.id, entry.shard));
         let more = entries.len() > limit;
         entries.truncate(limit);
-        let replaying = self.replaying_marks(&entries).await?;
         let next_cursor = more
             .then(|| entries.last().map(RawEntry::public_id))
             .flatten();
-        let dead_letters = entries
-            .iter()
-            .zip(replaying)
-            .map(|(entry, replaying)| view(entry, replaying))
-            .collect();
+        let marks = self.replaying_marks(&entries).await;
+        let mut dead_letters = Vec::with_capacity(entries.len());
+        for (entry, replaying) in entries.iter().zip(marks) {
+            match replaying {
+                Ok(replaying) => dead_letters.push(view(entry, replaying)),
+                // Its master stopped answering since the listing.
+                Err(_) if !unavailable_shards.contains(&entry.shard) => {
+                    unavailable_shards.push(entry.shard)
+                }
+                Err(_) => {}
+            }
+        }
+        unavailable_shards.sort_unstable();
         Ok(Page {
             dead_letters,
             next_cursor,
+            unavailable_shards,
         })
     }
 
@@ -206,11 +267,11 @@ impl DeadLetters {
         Ok(deleted > 0)
     }
 
-    /// Deletes every dead letter of the destination; returns how many.
-    pub async fn purge(&self) -> Result<u64, DeadLetterError> {
-        let mut purged = 0;
-        for shard in 0..self.shards {
-            let (count, _, _): (u64, Value, Value) = redis::pipe()
+    /// Deletes every dead letter of the destination, each shard on its
+    /// own: one whose Redis does not answer is named, the others purged.
+    pub async fn purge(&self) -> Purged {
+        let purges = (0..self.shards).map(|shard| async move {
+            let purged: redis::RedisResult<(u64, Value, Value)> = redis::pipe()
                 .atomic()
                 .cmd("XLEN")
                 .arg(self.keys.dead_letters(shard, &self.destination))
@@ -219,82 +280,135 @@ impl DeadLetters {
                 .cmd("DEL")
                 .arg(self.keys.replaying(shard, &self.destination))
                 .query_async(&mut self.con.clone())
-                .await?;
-            purged += count;
+                .await;
+            (shard, purged)
+        });
+        let mut report = Purged::default();
+        for (shard, purged) in futures_util::future::join_all(purges).await {
+            match purged {
+                Ok((count, _, _)) => report.deleted += count,
+                Err(error) => {
+                    tracing::warn!(shard, %error, "Could not purge one shard's dead letters.");
+                    report.failed_shards.push(shard);
+                }
+            }
         }
-        Ok(purged)
+        report
     }
 
-    /// Replays the selected dead letters to this destination only.
+    /// Replays the selected dead letters to this destination only, each
+    /// shard on its own (at once): one whose Redis does not answer is
+    /// named in the report, the others replayed.
     pub async fn replay(&self, selection: &Selection) -> Result<ReplayReport, DeadLetterError> {
+        let work = self.replay_work(selection)?;
+        let replays = work.into_iter().map(|(shard, work)| async move {
+            let mut part = ReplayReport::default();
+            let outcome = match work {
+                ShardReplay::Ids(ids) => self.replay_ids(shard, &ids, &mut part).await,
+                ShardReplay::Range { start, end } => {
+                    self.replay_range(shard, start, &end, &mut part).await
+                }
+            };
+            (shard, part, outcome)
+        });
         let mut report = ReplayReport::default();
+        for (shard, part, outcome) in futures_util::future::join_all(replays).await {
+            report.merge(shard, part, outcome);
+        }
+        if report.replayed > 0 || !report.failed_shards.is_empty() {
+            tracing::info!(destination = %self.destination, ?report, "Replaying dead letters.");
+        }
+        Ok(report)
+    }
+
+    /// What to replay on each shard, or why the selection is refused.
+    fn replay_work(
+        &self,
+        selection: &Selection,
+    ) -> Result<Vec<(u16, ShardReplay)>, DeadLetterError> {
         match (&selection.ids, selection.from_ms, selection.to_ms) {
-            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-                return Err(DeadLetterError::BadSelection(
-                    "give either `ids` or a time range (`from_ms`, `to_ms`), not both".into(),
-                ))
-            }
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(DeadLetterError::BadSelection(
+                "give either `ids` or a time range (`from_ms`, `to_ms`), not both".into(),
+            )),
             (Some(ids), None, None) => {
                 let mut by_shard: BTreeMap<u16, Vec<StreamId>> = BTreeMap::new();
                 for id in ids {
                     let id = self.parse_id(id)?;
                     by_shard.entry(id.shard).or_default().push(id.stream_id);
                 }
-                for (shard, mut ids) in by_shard {
-                    ids.sort_unstable();
-                    ids.dedup();
-                    let mut pipe = redis::pipe();
-                    for id in &ids {
-                        pipe.cmd("XRANGE")
-                            .arg(self.keys.dead_letters(shard, &self.destination))
-                            .arg(id.to_string())
-                            .arg(id.to_string());
-                    }
-                    let replies: Vec<Value> = pipe.query_async(&mut self.con.clone()).await?;
-                    let mut found = Vec::new();
-                    for reply in replies {
-                        found.extend(parse_entries(shard, reply)?);
-                    }
-                    report.not_found += (ids.len() - found.len()) as u64;
-                    self.append_replays(shard, &found, &mut report).await?;
-                }
+                Ok(by_shard
+                    .into_iter()
+                    .map(|(shard, mut ids)| {
+                        ids.sort_unstable();
+                        ids.dedup();
+                        (shard, ShardReplay::Ids(ids))
+                    })
+                    .collect())
             }
+            (None, Some(from), Some(to)) if from > to => Err(DeadLetterError::BadSelection(
+                "`from_ms` is after `to_ms`".into(),
+            )),
             (None, from_ms, to_ms) => {
-                if let (Some(from), Some(to)) = (from_ms, to_ms) {
-                    if from > to {
-                        return Err(DeadLetterError::BadSelection(
-                            "`from_ms` is after `to_ms`".into(),
-                        ));
-                    }
-                }
+                let start = from_ms.map_or_else(|| "-".to_owned(), |from| from.to_string());
                 let end = to_ms.map_or_else(|| "+".to_owned(), |to| to.to_string());
-                for shard in 0..self.shards {
-                    let mut start = from_ms.map_or_else(|| "-".to_owned(), |from| from.to_string());
-                    loop {
-                        let reply: Value = redis::cmd("XRANGE")
-                            .arg(self.keys.dead_letters(shard, &self.destination))
-                            .arg(&start)
-                            .arg(&end)
-                            .arg("COUNT")
-                            .arg(REPLAY_PAGE)
-                            .query_async(&mut self.con.clone())
-                            .await?;
-                        let page = parse_entries(shard, reply)?;
-                        self.append_replays(shard, &page, &mut report).await?;
-                        match page.last() {
-                            Some(last) if page.len() == REPLAY_PAGE => {
-                                start = format!("({}", last.id)
-                            }
-                            _ => break,
-                        }
-                    }
-                }
+                Ok((0..self.shards)
+                    .map(|shard| {
+                        let (start, end) = (start.clone(), end.clone());
+                        (shard, ShardReplay::Range { start, end })
+                    })
+                    .collect())
             }
         }
-        if report.replayed > 0 {
-            tracing::info!(destination = %self.destination, ?report, "Replaying dead letters.");
+    }
+
+    /// Replays the dead letters `ids` (sorted) of one shard.
+    async fn replay_ids(
+        &self,
+        shard: u16,
+        ids: &[StreamId],
+        report: &mut ReplayReport,
+    ) -> Result<(), DeadLetterError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XRANGE")
+                .arg(self.keys.dead_letters(shard, &self.destination))
+                .arg(id.to_string())
+                .arg(id.to_string());
         }
-        Ok(report)
+        let replies: Vec<Value> = pipe.query_async(&mut self.con.clone()).await?;
+        let mut found = Vec::new();
+        for reply in replies {
+            found.extend(parse_entries(shard, reply)?);
+        }
+        report.not_found += (ids.len() - found.len()) as u64;
+        self.append_replays(shard, &found, report).await
+    }
+
+    /// Replays one shard's dead letters that failed within `[start, end]`,
+    /// a page at a time, in stream order.
+    async fn replay_range(
+        &self,
+        shard: u16,
+        mut start: String,
+        end: &str,
+        report: &mut ReplayReport,
+    ) -> Result<(), DeadLetterError> {
+        loop {
+            let reply: Value = redis::cmd("XRANGE")
+                .arg(self.keys.dead_letters(shard, &self.destination))
+                .arg(&start)
+                .arg(end)
+                .arg("COUNT")
+                .arg(REPLAY_PAGE)
+                .query_async(&mut self.con.clone())
+                .await?;
+            let page = parse_entries(shard, reply)?;
+            self.append_replays(shard, &page, report).await?;
+            match page.last() {
+                Some(last) if page.len() == REPLAY_PAGE => start = format!("({}", last.id),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Appends replays of `entries` (one shard's, in id order) in one
@@ -359,10 +473,9 @@ impl DeadLetters {
         Ok(())
     }
 
-    async fn replaying_marks(&self, entries: &[RawEntry]) -> Result<Vec<bool>, DeadLetterError> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Whether each entry is being replayed; an entry whose Redis did not
+    /// answer gets its own error.
+    async fn replaying_marks(&self, entries: &[RawEntry]) -> Vec<redis::RedisResult<bool>> {
         let checks = entries
             .iter()
             .map(|entry| {
@@ -373,7 +486,7 @@ impl DeadLetters {
                 sismember
             })
             .collect();
-        Ok(protocol::query_each(&self.con, checks).await?)
+        protocol::query_each_settled(&self.con, checks).await
     }
 
     fn parse_id(&self, id: &str) -> Result<EventId, DeadLetterError> {

@@ -34,7 +34,9 @@ use telemetry::lifecycle::metrics_endpoint;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
-use crate::admin::dead_letters::{DeadLetterError, DeadLetters, Page, ReplayReport, Selection};
+use crate::admin::dead_letters::{
+    DeadLetterError, DeadLetters, Page, Purged, ReplayReport, Selection,
+};
 use crate::admin::destinations::{self, DestinationChangeDoc, DestinationDoc, NewDestinationDoc};
 use crate::admin::event_log::{EventLog, LogError, LogReader, Subject};
 use crate::admin::history::HistoryStore;
@@ -271,12 +273,6 @@ pub struct Deleted {
     dead_letters_kept: bool,
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct Purged {
-    /// Dead letters deleted.
-    deleted: u64,
-}
-
 /// The refusals every token-protected route shares.
 #[derive(IntoResponses)]
 #[allow(dead_code)] // Documents `AdminError`'s statuses; never built.
@@ -290,6 +286,20 @@ pub enum AdminRefusal {
     CrossSite(ErrorBody),
     #[response(status = 503, description = "Redis did not answer; nothing changed")]
     Unavailable(ErrorBody),
+}
+
+/// The token refusals of a route that works shard by shard, whose 503
+/// names the shards that did not answer instead.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // Documents `AdminError`'s statuses; never built.
+pub enum TokenRefusal {
+    #[response(status = 401, description = "Missing or invalid admin token")]
+    Unauthorized(ErrorBody),
+    #[response(
+        status = 403,
+        description = "A change sent from another site (CSRF guard)"
+    )]
+    CrossSite(ErrorBody),
 }
 
 /// The admin API's OpenAPI 3 document, served at `GET /admin/openapi.json`.
@@ -350,6 +360,9 @@ pub enum AdminError {
     Invalid(String),
     #[error("{0}")]
     Internal(String),
+    /// Done on some shards; the others' Redis did not answer.
+    #[error("{0}")]
+    Incomplete(String),
     #[error(transparent)]
     DeadLetters(#[from] DeadLetterError),
     #[error(transparent)]
@@ -370,6 +383,7 @@ impl ResponseError for AdminError {
             }
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AdminError::Incomplete(_) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::CrossSite => StatusCode::FORBIDDEN,
             AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -603,7 +617,7 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-#[utoipa::path(get, path = "/admin/destinations/{name}/dead-letters", params(("name" = String, Path, description = "The destination's name"), ListQuery), responses((status = 200, description = "A page of dead letters, oldest first", body = Page), (status = 400, description = "Invalid limit or cursor", body = ErrorBody), (status = 404, description = "Not a destination name", body = ErrorBody), AdminRefusal))]
+#[utoipa::path(get, path = "/admin/destinations/{name}/dead-letters", params(("name" = String, Path, description = "The destination's name"), ListQuery), responses((status = 200, description = "A page of dead letters, oldest first; `unavailable_shards` names the shards whose Redis did not answer, whose dead letters are missing", body = Page), (status = 400, description = "Invalid limit or cursor", body = ErrorBody), (status = 404, description = "Not a destination name", body = ErrorBody), AdminRefusal))]
 async fn list_dead_letters(
     state: web::Data<AdminState>,
     name: web::Path<String>,
@@ -634,18 +648,18 @@ async fn delete_dead_letter(
     }
 }
 
-#[utoipa::path(delete, path = "/admin/destinations/{name}/dead-letters", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Every dead letter deleted", body = Purged), (status = 404, description = "Not a destination name", body = ErrorBody), AdminRefusal))]
+#[utoipa::path(delete, path = "/admin/destinations/{name}/dead-letters", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Every dead letter deleted", body = Purged), (status = 404, description = "Not a destination name", body = ErrorBody), (status = 503, description = "Some shards' Redis did not answer (`failed_shards`, with `Retry-After`): the other shards' dead letters were deleted; theirs may be once it answers (the deletion was sent): purge again", body = Purged), TokenRefusal))]
 async fn purge_dead_letters(
     state: web::Data<AdminState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
-    let purged = state.dead_letters(&name)?.purge().await?;
-    tracing::info!(destination = %name, purged, "Dead letters purged.");
-    Ok(HttpResponse::Ok().json(Purged { deleted: purged }))
+    let purged = state.dead_letters(&name)?.purge().await;
+    tracing::info!(destination = %name, purged = purged.deleted, failed_shards = ?purged.failed_shards, "Dead letters purged.");
+    Ok(partial(&purged.failed_shards).json(purged))
 }
 
 /// The body is optional: none (or `{}`) replays every dead letter.
-#[utoipa::path(post, path = "/admin/destinations/{name}/dead-letters/replay", params(("name" = String, Path, description = "The destination's name")), request_body(content = Option<Selection>, description = "Optional: none replays every dead letter", content_type = "application/json"), responses((status = 200, description = "Replayed dead letters are delivered again in per-user order", body = ReplayReport), (status = 400, description = "Invalid selection", body = ErrorBody), (status = 404, description = "No such destination", body = ErrorBody), AdminRefusal))]
+#[utoipa::path(post, path = "/admin/destinations/{name}/dead-letters/replay", params(("name" = String, Path, description = "The destination's name")), request_body(content = Option<Selection>, description = "Optional: none replays every dead letter", content_type = "application/json"), responses((status = 200, description = "Replayed dead letters are delivered again in per-user order", body = ReplayReport), (status = 400, description = "Invalid selection", body = ErrorBody), (status = 404, description = "No such destination", body = ErrorBody), (status = 503, description = "Some shards' Redis did not answer (`failed_shards`, with `Retry-After`): the other shards' selected dead letters were replayed; replaying again is safe", body = ReplayReport), TokenRefusal))]
 async fn replay(
     state: web::Data<AdminState>,
     name: web::Path<String>,
@@ -659,7 +673,20 @@ async fn replay(
             .map_err(|e| AdminError::Invalid(format!("invalid JSON body: {e}")))?
     };
     let report = state.dead_letters(&name)?.replay(&selection).await?;
-    Ok(HttpResponse::Ok().json(report))
+    Ok(partial(&report.failed_shards).json(report))
+}
+
+/// 200, or 503 (with `Retry-After`) when some shards' Redis did not answer:
+/// the body says which, and that the others were done.
+fn partial(failed_shards: &[u16]) -> actix_web::HttpResponseBuilder {
+    match failed_shards.is_empty() {
+        true => HttpResponse::Ok(),
+        false => {
+            let mut response = HttpResponse::ServiceUnavailable();
+            response.insert_header((header::RETRY_AFTER, "1"));
+            response
+        }
+    }
 }
 
 #[cfg(test)]

@@ -282,9 +282,16 @@ fn dead_letters(page: &DestinationPage<'_>, base: &str) -> String {
             )
         }
     };
+    let missing = match &page.dead_letters {
+        Ok(listed) if !listed.unavailable_shards.is_empty() => format!(
+            r#"<p class="notice bad" data-field="dead-letters-unavailable">Not listed: {}.</p>"#,
+            escape(&html::unanswered(&listed.unavailable_shards))
+        ),
+        _ => String::new(),
+    };
     let count = page.view.map_or(0, |v| v.dead_letters);
     format!(
-        r#"<section class="panel" aria-labelledby="dead"><h3 id="dead">Dead letters (<span data-field="dead-letter-count">{count}</span>)</h3><div class="actions">{replay}{purge}</div>{list}</section>"#,
+        r#"<section class="panel" aria-labelledby="dead"><h3 id="dead">Dead letters (<span data-field="dead-letter-count">{count}</span>)</h3><div class="actions">{replay}{purge}</div>{missing}{list}</section>"#,
         replay = button_form(
             &format!("{base}/replay"),
             page.csrf,

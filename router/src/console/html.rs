@@ -218,6 +218,15 @@ pub fn button_form(action: &str, token: &str, label: &str, class: &str) -> Strin
     )
 }
 
+/// "the Redis of shards 3, 7 did not answer".
+pub fn unanswered(shards: &[u16]) -> String {
+    let list: Vec<String> = shards.iter().map(u16::to_string).collect();
+    match shards.len() {
+        1 => format!("the Redis of shard {} did not answer", list[0]),
+        _ => format!("the Redis of shards {} did not answer", list.join(", ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

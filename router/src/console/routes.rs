@@ -424,13 +424,27 @@ async fn replay_all(state: &AdminState, name: &str) -> Result<u64, AdminError> {
         .dead_letters(name)?
         .replay(&Selection::default())
         .await?;
-    Ok(report.replayed)
+    match report.failed_shards.as_slice() {
+        [] => Ok(report.replayed),
+        failed => Err(AdminError::Incomplete(format!(
+            "Replaying {} dead letters; {}: theirs were not replayed. Replay again once they answer (a dead letter already replaying is skipped).",
+            report.replayed,
+            html::unanswered(failed)
+        ))),
+    }
 }
 
 async fn purge(state: &AdminState, name: &str) -> Result<u64, AdminError> {
-    let purged = state.dead_letters(name)?.purge().await?;
-    tracing::info!(destination = %name, purged, "Dead letters purged from the console.");
-    Ok(purged)
+    let purged = state.dead_letters(name)?.purge().await;
+    tracing::info!(destination = %name, purged = purged.deleted, failed_shards = ?purged.failed_shards, "Dead letters purged from the console.");
+    match purged.failed_shards.as_slice() {
+        [] => Ok(purged.deleted),
+        failed => Err(AdminError::Incomplete(format!(
+            "Purged {} dead letters; {}: theirs may still be there. Purge again once they answer.",
+            purged.deleted,
+            html::unanswered(failed)
+        ))),
+    }
 }
 
 /// An event type the destination takes: its first exact type, or a
