@@ -26,7 +26,7 @@ pub(crate) mod outbound;
 pub(crate) mod worker;
 
 use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use admin::destinations::DestinationDoc;
-use admin::overview::{Observer, Overview, SharedOverview};
+use admin::overview::{Observer, Overview, Overviews, SharedOverview};
 use admin::routes::AdminState;
 pub use config::Config;
 use control::catalog::{Applied, Catalog, CatalogError};
@@ -240,7 +240,7 @@ impl Router {
         }
         let following =
             tokio::spawn(follower.run(config.admin.overview_interval(), shutdown.clone()));
-        let overview = self.first_overview().await;
+        let overview = self.observer();
         let observing = tokio::spawn(admin::overview::run(
             overview.0,
             overview.1.clone(),
@@ -301,10 +301,10 @@ impl Router {
         }
     }
 
-    /// The overview's observer, and its first measurement (empty if Redis
-    /// did not answer) for the admin API to show until the next.
-    async fn first_overview(&self) -> (Observer, SharedOverview) {
-        let mut observer = Observer::new(
+    /// The overview's observer, and the overview it measures on request
+    /// (empty until the first request).
+    fn observer(&self) -> (Observer, SharedOverview) {
+        let observer = Observer::new(
             self.admin_connection.clone(),
             self.keys.clone(),
             self.config.redis.shards,
@@ -312,7 +312,7 @@ impl Router {
             self.registry.clone(),
             self.config.admin.stall_after(),
         );
-        let first = observer.measure().await.unwrap_or_else(|_| Overview {
+        let empty = Overview {
             sequence: 0,
             measured_at_ms: 0,
             instance: self.instance.clone(),
@@ -320,8 +320,12 @@ impl Router {
             revision: self.registry.revision(),
             unmeasured_shards: Vec::new(),
             destinations: Vec::new(),
-        });
-        (observer, Arc::new(Mutex::new(first)))
+        };
+        // A measurement's commands each end within the command timeout; a
+        // shard's three round trips follow one another.
+        let patience = 3 * Duration::from_millis(self.config.redis.timeout_ms);
+        let overviews = Overviews::new(empty, self.config.admin.overview_interval(), patience);
+        (observer, Arc::new(overviews))
     }
 }
 

@@ -117,6 +117,38 @@ async fn metrics_move_as_events_flow_and_fail() {
         .all(|o| o.as_str().is_some_and(|o| o.starts_with("test-router#"))));
 }
 
+/// The overview costs Redis nothing while nobody looks: it is measured
+/// when the API, the console or a scrape asks, at most once per interval
+/// (100 ms here), not every interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_is_measured_when_asked_not_while_nobody_looks() {
+    let system =
+        TestSystem::start(vec![TestDestination::new("down", "/fail").retry(10, 20, 1)]).await;
+    let sequence = |overview: &Value| overview["sequence"].as_u64().expect("a sequence");
+    let first = sequence(&system.admin_get("/admin/destinations").await);
+    // Ten intervals with nobody asking: a window of absence, not a wait.
+    let idle = std::time::Instant::now();
+    while idle.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after_idle = system.admin_get("/admin/destinations").await;
+    assert_eq!(
+        sequence(&after_idle),
+        first + 1,
+        "one measurement, for this request, after a second nobody asked: {after_idle}"
+    );
+    // A scrape is answered with gauges measured for it.
+    system.send("user-1", json!({})).await;
+    wait_for("the scrape to show the dead letter", PATIENCE, || async {
+        system
+            .router_metrics()
+            .await
+            .value("router_dead_letters", &[("destination", "down")])
+            == 1.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_destination_lags_while_others_deliver_and_catches_up_after_resume() {
     let system = TestSystem::start(vec![

@@ -1,12 +1,16 @@
-//! The state of every destination, measured every interval: what Redis
-//! says (lag, pending, dead letters, lease owners, paused) and what this
-//! router counted. The admin API and the console show the same
-//! snapshot; the Prometheus gauges are set from it. Each tick also checks
-//! every worker for a stall. (Following the catalog and the paused set is
+//! The state of every destination: what Redis says (lag, pending, dead
+//! letters, lease owners, paused) and what this router counted. It is
+//! measured when asked for (the admin API, the console, `/metrics`), at
+//! most once per interval: asking Redis costs commands per (shard,
+//! destination) pair, which with hundreds of destinations and several
+//! routers is no small load when nobody looks. The admin API and the
+//! console show the same snapshot; the Prometheus gauges are set from it
+//! before a scrape is answered. Each interval also checks every worker for
+//! a stall. (Following the catalog and the paused set is
 //! [`crate::control::follower`]'s, in a task of its own.)
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::Keys;
@@ -14,6 +18,7 @@ use protocol::RedisConnection;
 use redis::{FromRedisValue, Value};
 use serde::Serialize;
 use telemetry::lifecycle::Ticks;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::registry::{Known, Registry};
@@ -79,7 +84,63 @@ pub struct Overview {
 }
 
 /// The latest overview, shared with the admin API.
-pub type SharedOverview = Arc<Mutex<Overview>>;
+pub type SharedOverview = Arc<Overviews>;
+
+/// The latest measurement, and when it was taken (`None`: never).
+struct Measured {
+    at: Option<Instant>,
+    overview: Overview,
+}
+
+/// The overview, measured on request by [`run`]: a request finds the
+/// latest if it is younger than the interval, or asks for a new one and
+/// waits for it (at most `patience`, then takes the latest it has).
+pub struct Overviews {
+    latest: watch::Sender<Measured>,
+    /// A request wants a measurement (a permit is kept until [`run`] looks).
+    wanted: Notify,
+    every: Duration,
+    patience: Duration,
+}
+
+impl Overviews {
+    /// `empty` is shown until the first measurement; `patience` bounds a
+    /// request's wait for one (a measurement's Redis commands each have
+    /// their own timeout, so it ends in about one).
+    pub fn new(empty: Overview, every: Duration, patience: Duration) -> Self {
+        Self {
+            latest: watch::Sender::new(Measured {
+                at: None,
+                overview: empty,
+            }),
+            wanted: Notify::new(),
+            every,
+            patience,
+        }
+    }
+
+    fn recent(&self, measured: &Measured) -> bool {
+        measured.at.is_some_and(|at| at.elapsed() < self.every)
+    }
+
+    /// A measurement at most one interval old, or the latest there is if
+    /// none came within `patience`.
+    pub async fn fresh(&self) -> Overview {
+        // Subscribed before looking: a measurement published after the
+        // look wakes the wait below.
+        let mut updates = self.latest.subscribe();
+        {
+            let latest = updates.borrow_and_update();
+            if self.recent(&latest) {
+                return latest.overview.clone();
+            }
+        }
+        self.wanted.notify_one();
+        let _ = tokio::time::timeout(self.patience, updates.changed()).await;
+        let latest = updates.borrow();
+        latest.overview.clone()
+    }
+}
 
 /// Measures destinations on request, remembering what it needs for rates.
 pub struct Observer {
@@ -499,25 +560,49 @@ fn export(overview: &Overview) {
     }
 }
 
-/// Measures every `every` until `shutdown`, publishing into `latest`.
+/// Checks every worker for a stall every `every`, and measures whenever
+/// a request asks for it (at most once per interval), until `shutdown`.
 pub async fn run(
     mut observer: Observer,
-    latest: SharedOverview,
+    overviews: SharedOverview,
     every: Duration,
     shutdown: CancellationToken,
 ) {
     let mut ticks = Ticks::new(every);
-    while ticks.next(&shutdown).await {
-        observer.check_stalls();
-        match observer.measure().await {
-            Ok(overview) => {
-                export(&overview);
-                *protocol::sync::lock(&latest) = overview;
+    loop {
+        tokio::select! {
+            ticked = ticks.next(&shutdown) => match ticked {
+                true => observer.check_stalls(),
+                false => return,
+            },
+            () = overviews.wanted.notified() => {
+                // Asked again by a request that came during the last one.
+                if overviews.recent(&overviews.latest.borrow()) {
+                    continue;
+                }
+                measure(&mut observer, &overviews).await;
             }
-            Err(error) => {
-                tracing::debug!(%error, "Cannot measure destinations; will retry.");
-                observer.refresh_workers(&mut protocol::sync::lock(&latest));
-            }
+        }
+    }
+}
+
+/// Takes and publishes one measurement; when Redis does not answer, the
+/// latest one is published again with its workers' states brought up to
+/// date (and asked for again by the next request).
+async fn measure(observer: &mut Observer, overviews: &Overviews) {
+    match observer.measure().await {
+        Ok(overview) => {
+            export(&overview);
+            overviews.latest.send_replace(Measured {
+                at: Some(Instant::now()),
+                overview,
+            });
+        }
+        Err(error) => {
+            tracing::debug!(%error, "Cannot measure destinations; will retry.");
+            overviews
+                .latest
+                .send_modify(|latest| observer.refresh_workers(&mut latest.overview));
         }
     }
 }

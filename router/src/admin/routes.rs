@@ -154,9 +154,10 @@ impl AdminState {
 
     /// This router's latest measurement of `name`, with whether it is
     /// paused as of now (a pause or resume made here shows at once).
-    pub fn status_of(&self, name: &str) -> Option<DestinationView> {
+    pub async fn status_of(&self, name: &str) -> Option<DestinationView> {
         let mut view = self
             .overview()
+            .await
             .destinations
             .into_iter()
             .find(|view| view.name == name)?;
@@ -180,8 +181,10 @@ impl AdminState {
         ))
     }
 
-    pub fn overview(&self) -> Overview {
-        protocol::sync::lock(&self.overview).clone()
+    /// A measurement at most one overview interval old (taken now if the
+    /// latest is older).
+    pub async fn overview(&self) -> Overview {
+        self.overview.fresh().await
     }
 
     /// Pauses or resumes a destination on every router: recorded in Redis
@@ -446,7 +449,7 @@ pub fn resource(path: &str, routes: Vec<actix_web::Route>) -> actix_web::Resourc
 pub fn api(config: &mut web::ServiceConfig) {
     config
         .service(resource("/healthz", vec![web::get().to(healthz)]))
-        .service(resource("/metrics", vec![web::get().to(metrics_endpoint)]))
+        .service(resource("/metrics", vec![web::get().to(metrics)]))
         .service(resource(
             "/admin/openapi.json",
             vec![web::get().to(openapi_document)],
@@ -496,9 +499,16 @@ pub fn api(config: &mut web::ServiceConfig) {
         ));
 }
 
+/// Prometheus metrics, the Redis-derived gauges measured first (at most
+/// one overview interval old).
+async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    state.overview().await;
+    metrics_endpoint().await
+}
+
 #[utoipa::path(get, path = "/admin/destinations", responses((status = 200, description = "Every destination's latest measurement", body = Overview), AdminRefusal))]
 async fn destinations(state: web::Data<AdminState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.overview())
+    HttpResponse::Ok().json(state.overview().await)
 }
 
 #[utoipa::path(post, path = "/admin/destinations/{name}/pause", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Paused on every router within one overview interval", body = Paused), (status = 404, description = "No such destination", body = ErrorBody), AdminRefusal))]
@@ -543,7 +553,7 @@ async fn read(
     name: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
     let definition = state.catalog.get(&name).await?;
-    let status = state.status_of(&name);
+    let status = state.status_of(&name).await;
     Ok(HttpResponse::Ok().json(DestinationDoc::new(&definition, status)))
 }
 
@@ -554,7 +564,10 @@ async fn change(
     body: web::Bytes,
 ) -> Result<HttpResponse, AdminError> {
     let definition = state.change_destination(&name, &body).await?;
-    Ok(HttpResponse::Ok().json(DestinationDoc::new(&definition, state.status_of(&name))))
+    Ok(HttpResponse::Ok().json(DestinationDoc::new(
+        &definition,
+        state.status_of(&name).await,
+    )))
 }
 
 #[utoipa::path(delete, path = "/admin/destinations/{name}", params(("name" = String, Path, description = "The destination's name")), responses((status = 200, description = "Deleted: delivery stops, its consumer groups are gone, its dead letters stay", body = Deleted), (status = 404, description = "No such destination", body = ErrorBody), AdminRefusal))]

@@ -194,7 +194,7 @@ async fn histories(state: &AdminState, names: &[String], now_ms: u64) -> BTreeMa
 }
 
 async fn overview(state: web::Data<AdminState>, query: web::Query<Done>) -> HttpResponse {
-    let mut overview = state.overview();
+    let mut overview = state.overview().await;
     // A destination deleted here since the measurement is gone at once.
     let defined = state.registry.names();
     overview
@@ -292,7 +292,7 @@ async fn destination_page(
     let (token, cookie) = token(request);
     let now_ms = protocol::unix_millis();
     let doc = DestinationDoc::new(&definition, None);
-    let view = state.status_of(name);
+    let view = state.status_of(name).await;
     let minutes = state.history.read(name, now_ms, CHART_MINUTES).await.ok();
     let recent = state
         .log_reader()
