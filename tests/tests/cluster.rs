@@ -1107,3 +1107,69 @@ async fn dead_letters_of_the_other_masters_shards_are_listed_replayed_and_purged
     )
     .await;
 }
+
+/// Deleting a destination while one master is paused (not one holding the
+/// catalog) frees the other masters' shards at once and answers 503 naming
+/// the paused one's, whose groups remain until a delete again (before, the
+/// first shard without an answer stopped the deletion, leaving the groups
+/// of every shard after it to hold back trimming).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_deleted_while_a_master_is_paused_frees_the_other_masters_shards() {
+    let mut system = fast_on_a_cluster(|_| {}).await;
+    system.start_router();
+    system.wait_destinations_registered("fast").await;
+    let paused = pause_a_master_a_start_does_not_need(&system).await;
+    let cluster = system.redis.cluster().expect("a cluster");
+    let mut paused_shards = Vec::new();
+    for shard in 0..SHARDS {
+        if cluster.master_of(&system.keys.events(shard)).await == Some(paused) {
+            paused_shards.push(shard);
+        }
+    }
+    let (status, body) = system
+        .admin_call(reqwest::Method::DELETE, "/admin/destinations/fast", None)
+        .await;
+    let con = system.redis.connection().await;
+    let mut groups_left = BTreeMap::new();
+    for shard in (0..SHARDS).filter(|shard| !paused_shards.contains(shard)) {
+        let groups: redis::RedisResult<Vec<BTreeMap<String, redis::Value>>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(system.keys.events(shard))
+            .query_async(&mut con.clone())
+            .await;
+        let names: Vec<String> = groups
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|group| match group.get("name") {
+                Some(redis::Value::BulkString(name)) => Some(String::from_utf8_lossy(name).into()),
+                _ => None,
+            })
+            .collect();
+        groups_left.insert(shard, names);
+    }
+    cluster.resume(paused);
+    assert_eq!(status, 503, "a delete with master {paused} paused: {body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("{paused_shards:?}")),
+        "the answer names shards {paused_shards:?}: {body}"
+    );
+    assert!(
+        groups_left
+            .values()
+            .all(|names| !names.iter().any(|n| n == "fast")),
+        "the other masters' shards still have the group: {groups_left:?}"
+    );
+    wait_for(
+        "a delete again to finish",
+        Duration::from_secs(30),
+        || async {
+            let (status, _) = system
+                .admin_call(reqwest::Method::DELETE, "/admin/destinations/fast", None)
+                .await;
+            status == 200 || status == 404
+        },
+    )
+    .await;
+    assert_eq!(system.groups_of("fast").await, 0);
+}

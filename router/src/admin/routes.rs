@@ -425,6 +425,7 @@ impl From<CatalogError> for AdminError {
             CatalogError::Unknown(name) => AdminError::UnknownDestination(name),
             CatalogError::Redis(error) => AdminError::Redis(error),
             CatalogError::Corrupt(_) => AdminError::Internal(error.to_string()),
+            CatalogError::GroupsLeft { .. } => AdminError::Incomplete(error.to_string()),
             CatalogError::Exists(_)
             | CatalogError::Creating(_)
             | CatalogError::DeletedWhileCreating(_)

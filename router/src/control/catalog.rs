@@ -172,6 +172,10 @@ pub enum CatalogError {
     Corrupt(String),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Deleted, but some shards' Redis did not answer: their groups may
+    /// remain, holding back those shards' trimming until a delete again.
+    #[error("destination `{name}` is deleted, but the Redis of shards {shards:?} did not answer: its consumer groups there may remain and hold back their trimming; delete it again once they answer")]
+    GroupsLeft { name: String, shards: Vec<u16> },
 }
 
 impl CatalogError {
@@ -179,7 +183,10 @@ impl CatalogError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            CatalogError::Redis(_) | CatalogError::Creating(_) | CatalogError::Contended(_)
+            CatalogError::Redis(_)
+                | CatalogError::Creating(_)
+                | CatalogError::Contended(_)
+                | CatalogError::GroupsLeft { .. }
         )
     }
 }
@@ -305,7 +312,13 @@ impl Catalog {
             }
             None => {
                 // Deleted meanwhile: its groups must not outlive it.
-                destroy_groups(&mut self.con.clone(), &self.keys, self.shards, &name).await?;
+                let destroyed = destroy_groups(&self.con, &self.keys, self.shards, &name).await;
+                if !destroyed.failed.is_empty() {
+                    return Err(CatalogError::GroupsLeft {
+                        name,
+                        shards: destroyed.failed,
+                    });
+                }
                 Err(CatalogError::DeletedWhileCreating(name))
             }
         }
@@ -406,21 +419,20 @@ impl Catalog {
             .arg(name)
             .query_async(&mut self.con.clone())
             .await?;
-        let groups = destroy_groups(&mut self.con.clone(), &self.keys, self.shards, name).await?;
-        // Its delivery log goes with it (its dead letters stay).
-        for shard in 0..self.shards {
-            let _: i64 = redis::cmd("DEL")
-                .arg(self.keys.delivery_log(shard, name))
-                .query_async(&mut self.con.clone())
-                .await?;
-        }
+        let destroyed = destroy_groups(&self.con, &self.keys, self.shards, name).await;
         // A destination created again under this name starts unpaused.
         let _: i64 = redis::cmd("SREM")
             .arg(self.keys.paused())
             .arg(name)
             .query_async(&mut self.con.clone())
             .await?;
-        if existed == 0 && groups == 0 {
+        if !destroyed.failed.is_empty() {
+            return Err(CatalogError::GroupsLeft {
+                name: name.to_owned(),
+                shards: destroyed.failed,
+            });
+        }
+        if existed == 0 && destroyed.removed == 0 {
             return Err(CatalogError::Unknown(name.to_owned()));
         }
         tracing::info!(destination = %name, "Destination deleted.");
@@ -511,52 +523,94 @@ pub async fn ensure_group(
         .await
 }
 
+/// What deleting a destination's groups did.
+#[derive(Debug, Default)]
+struct Destroyed {
+    /// Groups and reference streams deleted.
+    removed: u16,
+    /// Shards whose Redis did not answer: their group may remain.
+    failed: Vec<u16>,
+}
+
 /// Deletes `destination`'s consumer group on every shard, so a deleted
 /// destination stops holding back trimming. Its dead-letter streams are
 /// kept. Its leases are not deleted: a router still delivering the pair
 /// releases its lease as it stops, and until then no other router may take
 /// it (were the destination created again at once, two would deliver).
-/// Returns on how many shards a group was deleted.
+/// Shards are done at once and apart: one whose Redis does not answer (a
+/// paused cluster master) keeps its group, the others are freed.
 async fn destroy_groups(
-    con: &mut RedisConnection,
+    con: &RedisConnection,
     keys: &Keys,
     shards: u16,
     destination: &str,
-) -> redis::RedisResult<u16> {
-    let mut removed = 0;
-    for shard in 0..shards {
-        // A routed destination's mark first, so the routing stage adds no
-        // reference after its stream is gone ([`crate::worker::routing`]).
-        let _: i64 = redis::cmd("HDEL")
-            .arg(keys.routing_marks(shard))
-            .arg(destination)
-            .query_async(con)
-            .await?;
-        let refs: i64 = redis::cmd("DEL")
-            .arg(keys.refs(shard, destination))
-            .query_async(con)
-            .await?;
-        if refs > 0 {
-            removed += 1;
-        }
-        let stream = keys.events(shard);
-        // XGROUP DESTROY refuses a missing stream with a plain `ERR`, which
-        // only its text tells apart; asking first needs no text.
-        let exists: bool = redis::cmd("EXISTS").arg(&stream).query_async(con).await?;
-        if exists {
-            let destroyed: i64 = redis::cmd("XGROUP")
-                .arg("DESTROY")
-                .arg(&stream)
-                .arg(destination)
-                .query_async(con)
-                .await?;
-            if destroyed > 0 {
-                removed += 1;
+) -> Destroyed {
+    let each = (0..shards).map(|shard| async move {
+        let removed = destroy_group(&mut con.clone(), keys, shard, destination).await;
+        (shard, removed)
+    });
+    let mut destroyed = Destroyed::default();
+    for (shard, removed) in futures_util::future::join_all(each).await {
+        match removed {
+            Ok(removed) => destroyed.removed += removed,
+            Err(error) => {
+                tracing::warn!(destination, shard, %error, "Cannot delete the consumer group on this shard.");
+                destroyed.failed.push(shard);
             }
         }
     }
-    if removed > 0 {
-        tracing::info!(destination, shards = removed, "Consumer groups deleted.");
+    if destroyed.removed > 0 {
+        tracing::info!(
+            destination,
+            removed = destroyed.removed,
+            "Consumer groups deleted."
+        );
     }
+    destroyed
+}
+
+/// Deletes `destination`'s group (and reference stream) on one shard;
+/// returns how many of the two there were.
+async fn destroy_group(
+    con: &mut RedisConnection,
+    keys: &Keys,
+    shard: u16,
+    destination: &str,
+) -> redis::RedisResult<u16> {
+    let mut removed = 0;
+    // A routed destination's mark first, so the routing stage adds no
+    // reference after its stream is gone ([`crate::worker::routing`]).
+    let _: i64 = redis::cmd("HDEL")
+        .arg(keys.routing_marks(shard))
+        .arg(destination)
+        .query_async(con)
+        .await?;
+    let refs: i64 = redis::cmd("DEL")
+        .arg(keys.refs(shard, destination))
+        .query_async(con)
+        .await?;
+    if refs > 0 {
+        removed += 1;
+    }
+    let stream = keys.events(shard);
+    // XGROUP DESTROY refuses a missing stream with a plain `ERR`, which
+    // only its text tells apart; asking first needs no text.
+    let exists: bool = redis::cmd("EXISTS").arg(&stream).query_async(con).await?;
+    if exists {
+        let destroyed: i64 = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(&stream)
+            .arg(destination)
+            .query_async(con)
+            .await?;
+        if destroyed > 0 {
+            removed += 1;
+        }
+    }
+    // Its delivery log goes with it (its dead letters stay).
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys.delivery_log(shard, destination))
+        .query_async(con)
+        .await?;
     Ok(removed)
 }
