@@ -554,12 +554,11 @@ async fn a_paused_master_stops_only_its_own_shards() {
     .await;
     let cluster = system.redis.cluster().expect("a cluster");
     let paused = cluster.pause_master_of(&system.keys.events(0)).await;
-    let mut paused_shards = Vec::new();
-    for shard in 0..SHARDS {
-        if cluster.master_of(&system.keys.events(shard)).await == Some(paused) {
-            paused_shards.push(u64::from(shard));
-        }
-    }
+    let paused_shards: Vec<u64> = shards_on(&system, paused)
+        .await
+        .into_iter()
+        .map(u64::from)
+        .collect();
     let mut healthy_users = Vec::new();
     for n in 0..200 {
         let user = format!("user-{n}");
@@ -658,6 +657,18 @@ async fn a_paused_master_stops_only_its_own_shards() {
     system
         .assert_all_delivered(&accepted, Duration::from_secs(60))
         .await;
+}
+
+/// The shards whose streams the master at `port` serves.
+async fn shards_on(system: &TestSystem, port: u16) -> Vec<u16> {
+    let cluster = system.redis.cluster().expect("a cluster");
+    let mut shards = Vec::new();
+    for shard in 0..SHARDS {
+        if cluster.master_of(&system.keys.events(shard)).await == Some(port) {
+            shards.push(shard);
+        }
+    }
+    shards
 }
 
 /// Posts one event of `user`; returns the gateway's status code.
@@ -1036,12 +1047,7 @@ async fn dead_letters_of_the_other_masters_shards_are_listed_replayed_and_purged
 
     let cluster = system.redis.cluster().expect("a cluster");
     let paused = cluster.pause_master_of(&system.keys.events(0)).await;
-    let mut paused_shards = Vec::new();
-    for shard in 0..SHARDS {
-        if cluster.master_of(&system.keys.events(shard)).await == Some(paused) {
-            paused_shards.push(shard);
-        }
-    }
+    let paused_shards = shards_on(&system, paused).await;
     let on_paused: u64 = paused_shards.iter().filter_map(|s| per_shard.get(s)).sum();
     let elsewhere = users as u64 - on_paused;
     assert!(
@@ -1120,12 +1126,7 @@ async fn a_destination_deleted_while_a_master_is_paused_frees_the_other_masters_
     system.wait_destinations_registered("fast").await;
     let paused = pause_a_master_a_start_does_not_need(&system).await;
     let cluster = system.redis.cluster().expect("a cluster");
-    let mut paused_shards = Vec::new();
-    for shard in 0..SHARDS {
-        if cluster.master_of(&system.keys.events(shard)).await == Some(paused) {
-            paused_shards.push(shard);
-        }
-    }
+    let paused_shards = shards_on(&system, paused).await;
     let (status, body) = system
         .admin_call(reqwest::Method::DELETE, "/admin/destinations/fast", None)
         .await;
