@@ -588,8 +588,10 @@ pub async fn run(
 
 /// Takes and publishes one measurement; when Redis does not answer, the
 /// latest one is published again with its workers' states brought up to
-/// date (and asked for again by the next request).
+/// date (and asked for again by the next request). The stall check runs
+/// first, so `router_stalled_workers` agrees with the workers it shows.
 async fn measure(observer: &mut Observer, overviews: &Overviews) {
+    observer.check_stalls();
     match observer.measure().await {
         Ok(overview) => {
             export(&overview);
