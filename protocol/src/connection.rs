@@ -221,8 +221,10 @@ impl RedisConnection {
 
 /// Runs `commands`, which may touch keys of different shards, and returns
 /// each one's own result, in order: one failing (its master down or
-/// paused) fails only itself.
-pub async fn query_each_settled<T: FromRedisValue>(
+/// paused) fails only itself. They are sent concurrently as separate
+/// commands: a cluster routes each to the master of its key's slot, and a
+/// single server gets them pipelined on the multiplexed connection anyway.
+pub async fn query_each<T: FromRedisValue>(
     con: &RedisConnection,
     commands: Vec<Cmd>,
 ) -> Vec<RedisResult<T>> {
@@ -231,18 +233,4 @@ pub async fn query_each_settled<T: FromRedisValue>(
         async move { command.query_async(&mut con).await }
     }))
     .await
-}
-
-/// Runs `commands`, which may touch keys of different shards, and returns
-/// their replies in order, or the first error. They are sent concurrently as separate commands:
-/// a cluster routes each to the master of its key's slot, and a single
-/// server gets them pipelined on the multiplexed connection anyway.
-pub async fn query_each<T: FromRedisValue>(
-    con: &RedisConnection,
-    commands: Vec<Cmd>,
-) -> RedisResult<Vec<T>> {
-    query_each_settled(con, commands)
-        .await
-        .into_iter()
-        .collect()
 }

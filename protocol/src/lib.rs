@@ -32,7 +32,7 @@ pub mod sync;
 pub mod webhook;
 
 pub use config::RedisConfig;
-pub use connection::{query_each, query_each_settled, HealingCluster, RedisConnection};
+pub use connection::{query_each, HealingCluster, RedisConnection};
 pub use entry::{unix_millis, EventEntry, EventId, Replay, StreamId, TraceContext};
 pub use keys::Keys;
 pub use meta::{check_persistence, ensure_shard_count, info_field, MetaError};

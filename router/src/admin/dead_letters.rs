@@ -210,7 +210,7 @@ impl DeadLetters {
                 xrange
             })
             .collect();
-        let replies = protocol::query_each_settled::<Value>(&self.con, ranges).await;
+        let replies = protocol::query_each::<Value>(&self.con, ranges).await;
         let mut entries = Vec::new();
         let mut unavailable_shards = Vec::new();
         for (shard, reply) in (0..self.shards).zip(replies) {
@@ -486,7 +486,7 @@ impl DeadLetters {
                 sismember
             })
             .collect();
-        protocol::query_each_settled(&self.con, checks).await
+        protocol::query_each(&self.con, checks).await
     }
 
     fn parse_id(&self, id: &str) -> Result<EventId, DeadLetterError> {
