@@ -1153,3 +1153,54 @@ async fn a_patch_of_a_filtered_destinations_event_types_applies_from_the_next_ro
         "still reading references"
     );
 }
+
+/// Readers of references on one shard read in one script
+/// (`router/src/worker/ref_reads.rs`), each group read on its own: a group
+/// Redis lost (here destroyed by hand) is restored by its reader alone,
+/// while the reads batched with it deliver on, each event once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reference_group_is_restored_without_failing_the_reads_batched_with_it() {
+    let mut system = TestSystem::start_without_router(vec![
+        TestDestination::new("kept", "/ok/kept").event_types(&["k"]),
+        TestDestination::new("lost", "/ok/lost").event_types(&["l"]),
+    ])
+    .await;
+    system.own_connections = Some(0);
+    system.start_router();
+    let first = [
+        system.send_typed("warm-up", "k").await,
+        system.send_typed("warm-up", "l").await,
+    ];
+    wait_all_delivered(&system, "/ok/kept", &[&first[0]]).await;
+    wait_all_delivered(&system, "/ok/lost", &[&first[1]]).await;
+
+    let mut con = system.redis.connection().await;
+    for shard in 0..SHARDS {
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(system.keys.refs(shard, "lost"))
+            .arg("lost")
+            .query_async(&mut con)
+            .await
+            .expect("XGROUP DESTROY works");
+    }
+    // Both types on every shard, so that each shard's reads carry both groups.
+    let (mut kept, mut lost) = (Vec::new(), Vec::new());
+    for round in 0..5 {
+        for user in 0..(4 * usize::from(SHARDS)) {
+            let user = format!("user-{user}");
+            kept.push(system.send_typed(&user, "k").await);
+            if round == 0 {
+                lost.push(system.send_typed(&user, "l").await);
+            }
+        }
+    }
+    let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
+    let lost: Vec<&str> = lost.iter().map(String::as_str).collect();
+    wait_all_delivered(&system, "/ok/kept", &kept).await;
+    wait_all_delivered(&system, "/ok/lost", &lost).await;
+    let summary = system.received("kept");
+    assert_eq!(summary.duplicates, 0, "kept got an event twice");
+    assert_eq!(summary.order_violations, 0);
+    assert_eq!(system.received("lost").order_violations, 0);
+}
