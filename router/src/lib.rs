@@ -44,9 +44,8 @@ use control::coordinator::{Coordinator, StartWorker};
 use control::follower::Follower;
 use control::lease::{LeaseGuard, LeaseId, LeaseStore};
 use control::registry::Registry;
-use worker::consumer::{Connections, GroupConsumer, Reads};
+use worker::consumer::{Connections, GroupConsumer};
 use worker::pair::WorkerSettings;
-use worker::ref_reads::{RefReads, Timing};
 use worker::wakeup::{OwnReaders, Wakeups, Watched};
 
 /// Delivers until `shutdown` is cancelled, then stops reading, lets
@@ -192,15 +191,8 @@ impl Router {
     fn workers(&self, shutdown: &CancellationToken) -> WorkerStarter {
         let config = &self.config;
         let block = Duration::from_millis(config.reader.block_ms);
-        // A blocking read's reply may take the whole block time, plus the usual margin.
-        let read_span = block + config.redis.timeout();
         WorkerStarter {
-            reads: ReadConnections::new(
-                &config.redis,
-                self.keys.clone(),
-                self.consumer_name.clone(),
-                read_span,
-            ),
+            reads: ReadConnections::new(&config.redis, self.keys.clone()),
             wakeups: Wakeups::new(
                 config.redis.clone(),
                 self.keys.clone(),
@@ -218,7 +210,8 @@ impl Router {
             settings: WorkerSettings {
                 batch_size: config.reader.batch_size,
                 block,
-                read_span,
+                // A blocking read's reply may take the whole block time, plus the usual margin.
+                read_span: block + config.redis.timeout(),
                 window: config.reader.window,
                 max_bytes: config.reader.max_bytes_per_worker(config.redis.shards),
                 max_queued_per_user: config.reader.max_queued_per_user,
@@ -433,21 +426,16 @@ impl StartWorker for WorkerStarter {
             (false, Some(_)) => None,
         };
         tokio::spawn(async move {
-            let reads = match (&own, routed) {
-                (_, true) => shared_reads
-                    .references(shard, &stop)
-                    .await
-                    .map(Reads::References),
-                (Some(_), false) => {
+            let reads = match &own {
+                Some(_) => {
                     let stream = keys.events(shard);
                     let purpose = Connection::Reads {
                         stream: &stream,
                         span: settings.read_span,
                     };
-                    let own = connect(&redis, &stop, purpose).await.ok().flatten();
-                    own.map(Reads::Events)
+                    connect(&redis, &stop, purpose).await.ok().flatten()
                 }
-                (None, false) => shared_reads.get(shard, &stop).await.map(Reads::Events),
+                None => shared_reads.get(shard, &stop).await,
             };
             let Some(reads) = reads else {
                 return;
@@ -461,7 +449,7 @@ impl StartWorker for WorkerStarter {
             let consumer = GroupConsumer::new(
                 &keys,
                 shard,
-                &destination.name,
+                (&destination.name, routed),
                 &consumer_name,
                 Connections { reads, commands },
                 catalog,
@@ -502,10 +490,10 @@ impl WorkerStarter {
             let consumer = GroupConsumer::new(
                 &keys,
                 shard,
-                worker::routing::GROUP,
+                (worker::routing::GROUP, false),
                 &consumer_name,
                 Connections {
-                    reads: Reads::Events(reads),
+                    reads,
                     commands: commands.clone(),
                 },
                 catalog,
@@ -570,59 +558,21 @@ enum Connection<'a> {
 /// The connections for group reads ([`consumer::Connections::reads`]): on
 /// a cluster one per shard, to the master of its slot; on a single Redis
 /// one for every shard. Each is made when a worker first needs it, so a
-/// shard whose node is down holds up no other. Per shard, the batched
-/// reads of references on it ([`worker::ref_reads`]).
+/// shard whose node is down holds up no other.
 struct ReadConnections {
     redis: RedisConfig,
     keys: Keys,
-    consumer_name: String,
-    /// How long a reader's lease surely outlasts its read's start.
-    read_span: Duration,
     cells: Vec<tokio::sync::OnceCell<RedisConnection>>,
-    references: Vec<tokio::sync::OnceCell<RefReads>>,
 }
 
 impl ReadConnections {
-    fn new(
-        redis: &RedisConfig,
-        keys: Keys,
-        consumer_name: String,
-        read_span: Duration,
-    ) -> Arc<Self> {
+    fn new(redis: &RedisConfig, keys: Keys) -> Arc<Self> {
         let count = if redis.is_cluster() { redis.shards } else { 1 };
         Arc::new(Self {
             redis: redis.clone(),
             keys,
-            consumer_name,
-            read_span,
             cells: (0..count).map(|_| tokio::sync::OnceCell::new()).collect(),
-            references: (0..redis.shards)
-                .map(|_| tokio::sync::OnceCell::new())
-                .collect(),
         })
-    }
-
-    /// The batched reads of references on `shard`; `None` if `stop` came
-    /// before its connection.
-    async fn references(&self, shard: u16, stop: &CancellationToken) -> Option<RefReads> {
-        let cell = &self.references[usize::from(shard)];
-        let made = cell
-            .get_or_try_init(|| async {
-                let connection = self.get(shard, stop).await.ok_or(())?;
-                let timing = Timing {
-                    read_span: self.read_span,
-                    reply_timeout: self.redis.timeout(),
-                };
-                let events = self.keys.events(shard);
-                Ok::<_, ()>(RefReads::start(
-                    connection,
-                    events,
-                    self.consumer_name.clone(),
-                    timing,
-                ))
-            })
-            .await;
-        made.ok().cloned()
     }
 
     /// The connection for `shard`'s reads; `None` if `stop` came first.

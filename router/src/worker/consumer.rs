@@ -19,7 +19,6 @@ use redis::Value;
 use crate::control::catalog::{Catalog, CatalogError};
 use crate::worker::acks::{AckError, AckWriter};
 use crate::worker::delivery_log::{LogStream, Record};
-use crate::worker::ref_reads::{RefRead, RefReadError, RefReads};
 
 /// Where the next read starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,18 +69,12 @@ pub enum ConsumerError {
     Reply(String),
     #[error(transparent)]
     Ack(#[from] AckError),
-    #[error(transparent)]
-    References(#[from] RefReadError),
 }
 
 impl ConsumerError {
     /// The group is gone, e.g. Redis restarted empty or it was deleted.
     pub fn is_missing_group(&self) -> bool {
-        match self {
-            ConsumerError::Redis(error) => error.code() == Some("NOGROUP"),
-            ConsumerError::References(RefReadError::Refused(error)) => error.starts_with("NOGROUP"),
-            _ => false,
-        }
+        matches!(self, ConsumerError::Redis(e) if e.code() == Some("NOGROUP"))
     }
 }
 
@@ -114,6 +107,22 @@ end
 return removed
 ";
 
+/// KEYS: a reference stream, its shard stream. ARGV: the group, our
+/// consumer, the count, where to read from (`>` or an id). XREADGROUP of
+/// the references, each answered with the shard stream's entry of the same
+/// id (nil when it is gone), shaped as XREADGROUP's reply. Never blocks
+/// (scripts cannot).
+const READ_REFS: &str = r"
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], ARGV[4])
+if not reply then return false end
+local entries = {}
+for _, ref in ipairs(reply[1][2]) do
+  local found = redis.call('XRANGE', KEYS[2], ref[1], ref[1])[1]
+  table.insert(entries, {ref[1], found and found[2] or false})
+end
+return {{KEYS[1], entries}}
+";
+
 /// One destination's consumer group on one shard: on the shard stream, or,
 /// for a destination with `event_types` ([`crate::worker::routing`]), on its
 /// reference stream, whose entries carry the ids of the shard stream's.
@@ -124,13 +133,15 @@ pub struct GroupConsumer {
     /// The shard stream, where the events are (for a routed destination,
     /// not the stream its group reads).
     events: String,
+    /// Whether the group reads references.
+    routed: bool,
     dead_letters: String,
     /// Dead letters of this destination and shard being replayed.
     replaying: String,
     group: String,
     consumer: String,
-    /// How the group is read.
-    reads: Reads,
+    /// Group reads; never retried by the client (see [`Connections::reads`]).
+    reads: RedisConnection,
     /// Dead-letter writes, claims and fetches.
     commands: RedisConnection,
     /// Acknowledgements, in batches (on the `commands` connection).
@@ -141,25 +152,15 @@ pub struct GroupConsumer {
     log: Option<LogStream>,
 }
 
-/// How a consumer reads its group, which decides the stream the group is on.
-pub enum Reads {
-    /// XREADGROUP of the shard stream on this connection: the reader's own,
-    /// when it blocks in its reads, or one shared by the shard's readers,
-    /// which never block (new entries are announced by
-    /// [`crate::worker::wakeup`]). A client that sent a read again after
-    /// losing its reply would skip the entries the lost reply moved into our
-    /// pending list, so this connection never retries by itself: one to the
-    /// shard's master on a cluster, a plain one on a single Redis.
-    Events(RedisConnection),
-    /// Of the destination's reference stream, with the events behind the
-    /// references, batched with the shard's other such reads (on such a
-    /// connection too).
-    References(RefReads),
-}
-
-/// What a consumer reads and writes with.
+/// The two connections a consumer uses.
 pub struct Connections {
-    pub reads: Reads,
+    /// For group reads: the reader's own, when it blocks in its reads, or
+    /// one shared by the shard's readers, which never block (new entries
+    /// are announced by [`crate::worker::wakeup`]). A client that sent a read again
+    /// after losing its reply would skip the entries the lost reply moved
+    /// into our pending list, so this connection never retries by itself:
+    /// one to the shard's master on a cluster, a plain one on a single Redis.
+    pub reads: RedisConnection,
     /// Shared, for acknowledgements and dead letters.
     pub commands: RedisConnection,
 }
@@ -168,19 +169,21 @@ impl GroupConsumer {
     pub fn new(
         keys: &Keys,
         shard: u16,
-        destination: &str,
+        (destination, routed): (&str, bool),
         consumer: &str,
         Connections { reads, commands }: Connections,
         catalog: Catalog,
         log: Option<LogStream>,
     ) -> Self {
         let events = keys.events(shard);
-        let stream = match reads {
-            Reads::References(_) => keys.refs(shard, destination),
-            Reads::Events(_) => events.clone(),
+        let stream = if routed {
+            keys.refs(shard, destination)
+        } else {
+            events.clone()
         };
         Self {
             events,
+            routed,
             acks: AckWriter::start(commands.clone(), stream.clone(), destination.to_owned()),
             catalog,
             log,
@@ -254,29 +257,31 @@ impl GroupConsumer {
     /// waits that long for some (only on a connection of its own); without,
     /// it returns none when nothing is new ([`crate::worker::wakeup`] says when to
     /// look again). A reader of references never blocks: its read is a
-    /// script, batched with the shard's other such reads
-    /// ([`crate::worker::ref_reads`]).
+    /// script, which cannot.
     pub async fn read(
         &self,
         from: &ReadFrom,
         count: usize,
         block: Option<Duration>,
     ) -> Result<Vec<Entry>, ConsumerError> {
-        let reads = match &self.reads {
-            Reads::Events(connection) => connection,
-            Reads::References(batched) => {
-                let read = RefRead {
-                    stream: self.stream.clone(),
-                    group: self.group.clone(),
-                    count,
-                    from: match from {
-                        ReadFrom::New => ">".to_owned(),
-                        ReadFrom::Pending(after) => after.to_string(),
-                    },
-                };
-                return parse_entries(batched.read(read).await?);
-            }
-        };
+        if self.routed {
+            let from = match from {
+                ReadFrom::New => ">".to_owned(),
+                ReadFrom::Pending(after) => after.to_string(),
+            };
+            let reply: Value = redis::cmd("EVAL")
+                .arg(READ_REFS)
+                .arg(2)
+                .arg(&self.stream)
+                .arg(&self.events)
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(count)
+                .arg(from)
+                .query_async(&mut self.reads.clone())
+                .await?;
+            return parse_read_reply(reply);
+        }
         let mut command = redis::cmd("XREADGROUP");
         command
             .arg("GROUP")
@@ -300,7 +305,7 @@ impl GroupConsumer {
                 command.arg("STREAMS").arg(&self.stream).arg(after);
             }
         }
-        let reply: Value = command.query_async(&mut reads.clone()).await?;
+        let reply: Value = command.query_async(&mut self.reads.clone()).await?;
         parse_read_reply(reply)
     }
 
@@ -501,17 +506,11 @@ fn parse_read_reply(reply: Value) -> Result<Vec<Entry>, ConsumerError> {
         let Some(Value::Array(items)) = parts.pop() else {
             return Err(ConsumerError::Reply("stream has no entries array".into()));
         };
-        entries.extend(parse_entries(Value::Array(items))?);
+        for item in items {
+            entries.push(parse_entry(item)?);
+        }
     }
     Ok(entries)
-}
-
-/// Reads `[[id, [field, value, …] | nil], …]`.
-fn parse_entries(items: Value) -> Result<Vec<Entry>, ConsumerError> {
-    let Value::Array(items) = items else {
-        return Err(ConsumerError::Reply(format!("entries are {items:?}")));
-    };
-    items.into_iter().map(parse_entry).collect()
 }
 
 fn parse_entry(item: Value) -> Result<Entry, ConsumerError> {

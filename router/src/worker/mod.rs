@@ -6,7 +6,6 @@
 //! Modules import only modules listed above them (a test checks it):
 //! - [`delivery_log`]: what happened to each event at each destination, written per attempt.
 //! - [`acks`]: acknowledgements written by group commit, with their log records.
-//! - [`ref_reads`]: reads of references, batched per shard by group commit.
 //! - [`budget`]: how many entries and bytes a worker holds in memory.
 //! - [`parking`]: per-user queues; entries of blocked or hot users parked as ids.
 //! - [`consumer`]: one destination's consumer group on one shard (XREADGROUP, XACK, dead letters).
@@ -24,6 +23,5 @@ pub(crate) mod job;
 pub(crate) mod pair;
 pub(crate) mod parking;
 pub(crate) mod reader;
-pub(crate) mod ref_reads;
 pub(crate) mod routing;
 pub(crate) mod wakeup;
