@@ -1206,3 +1206,58 @@ async fn a_lost_reference_group_is_restored_by_its_reader_while_the_other_filter
     assert_eq!(summary.order_violations, 0);
     assert_eq!(system.received("lost").order_violations, 0);
 }
+
+/// Once every event is delivered and trimmed, the trim of an idle shard
+/// reads its shard stream's groups and stops there: it does not walk the
+/// reference stream of every filtered destination every interval
+/// (`XINFO GROUPS` on each, before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_shards_trim_does_not_walk_every_filtered_destinations_references() {
+    const FILTERED: usize = 8;
+    let destinations = (0..FILTERED)
+        .map(|i| {
+            TestDestination::new(&format!("d{i}"), &format!("/ok/d{i}"))
+                .event_types(&[&format!("d{i}")])
+        })
+        .collect();
+    let system = TestSystem::start(destinations).await;
+    for i in 0..FILTERED {
+        let id = system
+            .send_typed(&format!("user-{i}"), &format!("d{i}"))
+            .await;
+        wait_all_delivered(&system, &format!("/ok/d{i}"), &[&id]).await;
+    }
+    wait_for(
+        "every shard stream to be trimmed empty",
+        Duration::from_secs(30),
+        || async {
+            let mut con = system.redis.connection().await;
+            for shard in 0..SHARDS {
+                let len: u64 = redis::cmd("XLEN")
+                    .arg(system.keys.events(shard))
+                    .query_async(&mut con)
+                    .await
+                    .expect("XLEN");
+                if len > 0 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let before = system.command_calls("xinfo|groups").await;
+    let idle = Instant::now();
+    // A window of ten trim intervals (100 ms in tests), not a wait.
+    while idle.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls = system.command_calls("xinfo|groups").await - before;
+    let intervals = u64::try_from(idle.elapsed().as_millis() / 100).unwrap_or(u64::MAX) + 2;
+    // One per shard and interval; walking the references would be 1 + 8.
+    let most = intervals * u64::from(SHARDS) * 2;
+    assert!(
+        calls <= most,
+        "{calls} XINFO GROUPS in {intervals} intervals over {SHARDS} shards (at most {most})"
+    );
+}

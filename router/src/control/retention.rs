@@ -76,6 +76,10 @@ end
 for _, present in pairs(configured) do
   if not present then return {-1, unknown} end
 end
+-- An empty shard stream has nothing to trim, and the pass that emptied it
+-- emptied the reference streams too (a reference still needed keeps its
+-- event): an idle shard costs no walk over its reference streams.
+if redis.call('XLEN', KEYS[1]) == 0 then return {0, unknown} end
 -- A routed destination needs what its references still point to; its
 -- reference stream is trimmed below that.
 for i = 1, routed do
