@@ -44,6 +44,7 @@ use control::coordinator::{Coordinator, StartWorker};
 use control::follower::Follower;
 use control::lease::{LeaseGuard, LeaseId, LeaseStore};
 use control::registry::Registry;
+use control::retention::{RoutedHere, Trimming};
 use worker::consumer::{Connections, GroupConsumer};
 use worker::pair::WorkerSettings;
 use worker::wakeup::{OwnReaders, Wakeups, Watched};
@@ -103,6 +104,8 @@ struct Router {
     policy: outbound::Policy,
     catalog: Catalog,
     registry: Arc<Registry>,
+    /// The shards whose routing stage runs here, which this router trims.
+    routed_here: RoutedHere,
 }
 
 impl Router {
@@ -145,6 +148,7 @@ impl Router {
         load_destinations(&config, &catalog, &registry, shutdown).await?;
         let consumer_name = config.consumer_name();
         let instance = format!("{consumer_name}#{:08x}", fastrand::u32(..));
+        let routed_here = RoutedHere::new(config.redis.shards);
         Ok(Self {
             config,
             keys,
@@ -155,6 +159,7 @@ impl Router {
             policy,
             catalog,
             registry,
+            routed_here,
         })
     }
 
@@ -192,6 +197,7 @@ impl Router {
         let config = &self.config;
         let block = Duration::from_millis(config.reader.block_ms);
         WorkerStarter {
+            routed_here: self.routed_here.clone(),
             reads: ReadConnections::new(&config.redis, self.keys.clone()),
             wakeups: Wakeups::new(
                 config.redis.clone(),
@@ -279,13 +285,16 @@ impl Router {
         let trimmer = tokio::spawn(control::retention::run(
             self.command_connections[self.command_connections.len() - 1].clone(),
             self.keys.clone(),
-            config.redis.shards,
             self.registry.clone(),
-            config
-                .delivery_log
-                .enabled
-                .then(|| config.delivery_log.retention()),
-            Duration::from_millis(config.retention.trim_interval_ms),
+            Trimming {
+                shards: config.redis.shards,
+                routed_here: self.routed_here.clone(),
+                log_retention: config
+                    .delivery_log
+                    .enabled
+                    .then(|| config.delivery_log.retention()),
+                every: Duration::from_millis(config.retention.trim_interval_ms),
+            },
             shutdown.clone(),
         ));
         Background {
@@ -375,6 +384,8 @@ async fn load_destinations(
 /// Everything a (shard, destination) worker needs.
 struct WorkerStarter {
     reads: Arc<ReadConnections>,
+    /// Where a routing stage counts itself while it runs.
+    routed_here: RoutedHere,
     wakeups: Wakeups,
     own_readers: OwnReaders,
     redis: RedisConfig,
@@ -483,7 +494,11 @@ impl WorkerStarter {
         let shared_reads = self.reads.clone();
         let settings = self.settings;
         let wakeup = self.wakeups.of(shard, Watched::Events);
+        // This router trims the shard while it holds its routing lease;
+        // the count goes with the task, however it ends.
+        let trims_here = self.routed_here.hold(shard);
         tokio::spawn(async move {
+            let _trims_here = trims_here;
             let Some(reads) = shared_reads.get(shard, &stop).await else {
                 return;
             };

@@ -1227,6 +1227,65 @@ async fn an_idle_shards_trim_does_not_walk_every_filtered_destinations_reference
             .await;
         wait_all_delivered(&system, &format!("/ok/d{i}"), &[&id]).await;
     }
+    wait_trimmed_empty(&system).await;
+    let (calls, intervals) = xinfo_groups_over_a_second(&system).await;
+    // One per shard and interval; walking the references would be 1 + 8.
+    let most = intervals * u64::from(SHARDS) * 2;
+    assert!(
+        calls <= most,
+        "{calls} XINFO GROUPS in {intervals} intervals over {SHARDS} shards (at most {most})"
+    );
+}
+
+/// With filtered destinations, a shard is trimmed only by the router
+/// running its routing stage: a second router no longer repeats the walk
+/// over every reference stream of every shard each interval. Every shard
+/// is still trimmed, by one router or the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_filtered_destinations_each_shard_is_trimmed_by_the_router_routing_it() {
+    let system = TestSystem::start(vec![
+        TestDestination::new("held", "/ok/held").event_types(&["h"]),
+        TestDestination::new("live", "/ok/live").event_types(&["l"]),
+    ])
+    .await;
+    let second = system.start_extra_router("router-b", |_| {});
+    system
+        .wait_leased_by(
+            protocol::keys::ROUTING_GROUP,
+            &["test-router", "router-b"],
+            Duration::from_secs(20),
+        )
+        .await;
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/held/pause", None)
+        .await;
+    assert_eq!(status, 200);
+    // Events on every shard that the paused destination holds: every
+    // shard's trim walks both reference streams while it waits.
+    let mut held = Vec::new();
+    for user in 0..(4 * usize::from(SHARDS)) {
+        held.push(system.send_typed(&format!("user-{user}"), "h").await);
+    }
+    let (calls, intervals) = xinfo_groups_over_a_second(&system).await;
+    // Per trim of a shard: its stream and the two reference streams.
+    let most = intervals * u64::from(SHARDS) * 3;
+    assert!(
+        calls <= most,
+        "{calls} XINFO GROUPS in {intervals} intervals over {SHARDS} shards: \
+         more than one router trims them (at most {most})"
+    );
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/held/resume", None)
+        .await;
+    assert_eq!(status, 200);
+    let held: Vec<&str> = held.iter().map(String::as_str).collect();
+    wait_all_delivered(&system, "/ok/held", &held).await;
+    wait_trimmed_empty(&system).await;
+    drop(second);
+}
+
+/// Waits until every shard stream is trimmed to nothing.
+async fn wait_trimmed_empty(system: &TestSystem) {
     wait_for(
         "every shard stream to be trimmed empty",
         Duration::from_secs(30),
@@ -1246,18 +1305,17 @@ async fn an_idle_shards_trim_does_not_walk_every_filtered_destinations_reference
         },
     )
     .await;
+}
+
+/// `XINFO GROUPS` calls over a window of about ten trim intervals (100 ms
+/// in tests; a window, not a wait), and the most intervals it can hold.
+async fn xinfo_groups_over_a_second(system: &TestSystem) -> (u64, u64) {
     let before = system.command_calls("xinfo|groups").await;
-    let idle = Instant::now();
-    // A window of ten trim intervals (100 ms in tests), not a wait.
-    while idle.elapsed() < Duration::from_secs(1) {
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(1) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let calls = system.command_calls("xinfo|groups").await - before;
-    let intervals = u64::try_from(idle.elapsed().as_millis() / 100).unwrap_or(u64::MAX) + 2;
-    // One per shard and interval; walking the references would be 1 + 8.
-    let most = intervals * u64::from(SHARDS) * 2;
-    assert!(
-        calls <= most,
-        "{calls} XINFO GROUPS in {intervals} intervals over {SHARDS} shards (at most {most})"
-    );
+    let intervals = u64::try_from(window.elapsed().as_millis() / 100).unwrap_or(u64::MAX) + 2;
+    (calls, intervals)
 }

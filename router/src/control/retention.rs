@@ -8,8 +8,16 @@
 //! between. Groups of no defined destination still count (reported when
 //! they stay: see `router destinations delete`), and while a defined
 //! destination has no group nothing is trimmed.
+//!
+//! Which router trims which shard: while some destination is routed, a
+//! shard's trim walks every routed destination's reference stream, so only
+//! the router running the shard's routing stage trims it ([`RoutedHere`]);
+//! every router trimming every shard multiplied that walk by the routers.
+//! Without routed destinations there is no routing stage, and every router
+//! trims every shard, as the script is cheap then and safe to run at once.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,6 +119,42 @@ local trimmed = redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', flo
 return {trimmed, unknown}
 ";
 
+/// The shards whose routing stage runs on this router.
+#[derive(Clone)]
+pub struct RoutedHere(Arc<Vec<AtomicUsize>>);
+
+/// Counts a shard's routing stage as running here until dropped.
+pub struct RoutingHere {
+    shards: RoutedHere,
+    shard: u16,
+}
+
+impl RoutedHere {
+    pub fn new(shards: u16) -> Self {
+        Self(Arc::new((0..shards).map(|_| AtomicUsize::new(0)).collect()))
+    }
+
+    /// Counts `shard`'s routing stage as running here while the guard
+    /// lives (a count: a stage stopping may overlap the next one starting).
+    pub fn hold(&self, shard: u16) -> RoutingHere {
+        self.0[usize::from(shard)].fetch_add(1, Ordering::SeqCst);
+        RoutingHere {
+            shards: self.clone(),
+            shard,
+        }
+    }
+
+    fn contains(&self, shard: u16) -> bool {
+        self.0[usize::from(shard)].load(Ordering::SeqCst) > 0
+    }
+}
+
+impl Drop for RoutingHere {
+    fn drop(&mut self) {
+        self.shards.0[usize::from(self.shard)].fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What one trim of one shard did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trimmed {
@@ -201,21 +245,36 @@ async fn trim_shard(
     }
 }
 
-/// Trims every shard every `every` until `shutdown`, keeping what the
-/// destinations defined now still need, and the delivery log to
-/// `log_retention` (when it is on; see [`LOG_TRIM_SHARE`]). Each router does this for all shards;
-/// the script is safe to run concurrently. Shards are trimmed at once and
-/// apart: one whose Redis does not answer (a paused cluster master) costs
-/// the tick one timeout and leaves only its own stream untrimmed.
+/// Where and how often [`run`] trims.
+pub struct Trimming {
+    pub shards: u16,
+    /// The shards this router trims while some destination is routed.
+    pub routed_here: RoutedHere,
+    /// How long the delivery logs keep records; `None` with the log off.
+    pub log_retention: Option<Duration>,
+    pub every: Duration,
+}
+
+/// Trims the shards this router trims (see the module) every `every` until
+/// `shutdown`, keeping what the destinations defined now still need, and
+/// the delivery log to `log_retention` (when it is on; see
+/// [`LOG_TRIM_SHARE`]). The script is safe to run concurrently. Shards are
+/// trimmed at once and apart: one whose Redis does not answer (a paused
+/// cluster master) costs the tick one timeout and leaves only its own
+/// stream untrimmed.
 pub async fn run(
     con: RedisConnection,
     keys: Keys,
-    shards: u16,
     registry: Arc<Registry>,
-    log_retention: Option<Duration>,
-    every: Duration,
+    trimming: Trimming,
     shutdown: CancellationToken,
 ) {
+    let Trimming {
+        shards,
+        routed_here,
+        log_retention,
+        every,
+    } = trimming;
     let mut orphans = Orphans::default();
     let mut logs_trimmed_at: Option<Instant> = None;
     let mut ticks = Ticks::new(every);
@@ -227,8 +286,10 @@ pub async fn run(
         if log_retention.is_some() {
             logs_trimmed_at = Some(Instant::now());
         }
-        let ticked =
-            (0..shards).map(|shard| trim_shard(con.clone(), &keys, shard, &readers, log_retention));
+        let routed = !readers.routed.is_empty();
+        let ticked = (0..shards)
+            .filter(|shard| !routed || routed_here.contains(*shard))
+            .map(|shard| trim_shard(con.clone(), &keys, shard, &readers, log_retention));
         for tick in futures_util::future::join_all(ticked).await {
             let shard = tick.shard;
             if let Err(error) = tick.log {
