@@ -1317,5 +1317,6 @@ async fn xinfo_groups_over_a_second(system: &TestSystem) -> (u64, u64) {
     }
     let calls = system.command_calls("xinfo|groups").await - before;
     let intervals = u64::try_from(window.elapsed().as_millis() / 100).unwrap_or(u64::MAX) + 2;
+    eprintln!("{calls} XINFO GROUPS in {:?} over {SHARDS} shards", window.elapsed());
     (calls, intervals)
 }

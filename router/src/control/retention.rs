@@ -17,10 +17,12 @@
 //! trims every shard, as the script is cheap then and safe to run at once.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use protocol::Keys;
 use protocol::RedisConnection;
 use telemetry::lifecycle::Ticks;
@@ -290,7 +292,14 @@ pub async fn run(
         let ticked = (0..shards)
             .filter(|shard| !routed || routed_here.contains(*shard))
             .map(|shard| trim_shard(con.clone(), &keys, shard, &readers, log_retention));
-        for tick in futures_util::future::join_all(ticked).await {
+        // The only trimmer of its routing stages' shards: a panic costs one
+        // tick, never the trimming for good.
+        let ticked = AssertUnwindSafe(futures_util::future::join_all(ticked)).catch_unwind();
+        let Ok(ticked) = ticked.await else {
+            tracing::error!("Trimming panicked; trying again next interval.");
+            continue;
+        };
+        for tick in ticked {
             let shard = tick.shard;
             if let Err(error) = tick.log {
                 tracing::debug!(shard, %error, "Cannot trim the delivery log; will retry.");
