@@ -1317,6 +1317,79 @@ async fn xinfo_groups_over_a_second(system: &TestSystem) -> (u64, u64) {
     }
     let calls = system.command_calls("xinfo|groups").await - before;
     let intervals = u64::try_from(window.elapsed().as_millis() / 100).unwrap_or(u64::MAX) + 2;
-    eprintln!("{calls} XINFO GROUPS in {:?} over {SHARDS} shards", window.elapsed());
+    eprintln!(
+        "{calls} XINFO GROUPS in {:?} over {SHARDS} shards",
+        window.elapsed()
+    );
     (calls, intervals)
+}
+
+/// A router that has not yet seen a filtered destination (its catalog view
+/// is up to one interval old) must not trim below what that destination's
+/// references still need: it leaves the shards whose routing stage runs on
+/// another router to that router. Here router B follows the catalog only
+/// every 10 s, and `typed` is created, then paused, on router A just after
+/// B started. (Before the fix B trimmed away the events router A had
+/// already routed to `typed`: 16 of 32 were never delivered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_has_not_seen_a_filtered_destination_trims_nothing_it_needs() {
+    let system = TestSystem::start(vec![TestDestination::new("direct", "/ok/direct")]).await;
+    let second = system.start_extra_router("router-b", |config| {
+        config.admin.overview_interval_ms = 10_000;
+    });
+    leased_by_both(&system, "direct", Duration::from_secs(20)).await;
+    let typed = json!({
+        "name": "typed",
+        "url": url(&system, "/ok/typed"),
+        "timeout_ms": 2000,
+        "event_types": ["t"],
+    });
+    let (status, body) = system
+        .admin_call(Method::POST, "/admin/destinations", Some(&typed))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/typed/pause", None)
+        .await;
+    assert_eq!(status, 200);
+    let mut sent = Vec::new();
+    for user in 0..(4 * usize::from(SHARDS)) {
+        sent.push(system.send_typed(&format!("user-{user}"), "t").await);
+    }
+    let sent: Vec<&str> = sent.iter().map(String::as_str).collect();
+    // `direct` takes every event: once it has them all, only `typed`
+    // (its references, or its routing marks) holds the shard streams.
+    wait_all_delivered(&system, "/ok/direct", &sent).await;
+    // A window of trim intervals (100 ms in tests) for router B to trim.
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut con = system.redis.connection().await;
+    let mut trimmed = Vec::new();
+    for id in &sent {
+        let (shard, stream_id) = id.split_once('-').expect("<shard>-<stream id>");
+        let shard: u16 = shard.parse().expect("a shard");
+        let found: Vec<redis::Value> = redis::cmd("XRANGE")
+            .arg(system.keys.events(shard))
+            .arg(stream_id)
+            .arg(stream_id)
+            .query_async(&mut con)
+            .await
+            .expect("XRANGE");
+        if found.is_empty() {
+            trimmed.push(*id);
+        }
+    }
+    assert_eq!(
+        trimmed,
+        Vec::<&str>::new(),
+        "trimmed before `typed` had them"
+    );
+    let (status, _) = system
+        .admin_call(Method::POST, "/admin/destinations/typed/resume", None)
+        .await;
+    assert_eq!(status, 200);
+    wait_all_delivered(&system, "/ok/typed", &sent).await;
+    drop(second);
 }

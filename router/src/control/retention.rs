@@ -41,8 +41,8 @@ const ORPHAN_AFTER: Duration = Duration::from_secs(30);
 /// than a command per (shard, destination) every second.
 const LOG_TRIM_SHARE: u32 = 100;
 
-/// KEYS: the shard stream, its routing marks, then the reference stream of
-/// each routed destination. ARGV: the routing stage's group, how many
+/// KEYS: the shard stream, its routing marks, its routing stage's lease,
+/// then the reference stream of each routed destination. ARGV: the routing stage's group, how many
 /// destinations read the shard stream, their names (group names), then the
 /// routed destinations' names. Returns `{trimmed, unknown groups}`;
 /// trimmed is -1 when a defined destination's group is missing.
@@ -69,6 +69,11 @@ end
 local routing = ARGV[1]
 local direct = tonumber(ARGV[2])
 local routed = #ARGV - 2 - direct
+-- A router that knows no routed destination while the shard's routing
+-- stage runs (its lease is held) has not seen the catalog's latest: the
+-- references it does not know may still need the stream. The router
+-- running the stage trims the shard.
+if routed == 0 and redis.call('EXISTS', KEYS[3]) == 1 then return {0, {}} end
 local configured = {}
 for i = 3, 2 + direct do configured[ARGV[i]] = false end
 if routed > 0 then configured[routing] = false end
@@ -93,7 +98,7 @@ if redis.call('XLEN', KEYS[1]) == 0 then return {0, unknown} end
 -- A routed destination needs what its references still point to; its
 -- reference stream is trimmed below that.
 for i = 1, routed do
-  local name, refs = ARGV[2 + direct + i], KEYS[2 + i]
+  local name, refs = ARGV[2 + direct + i], KEYS[3 + i]
   local found = false
   if redis.call('EXISTS', refs) == 1 then
     for _, group in ipairs(redis.call('XINFO', 'GROUPS', refs)) do
@@ -177,9 +182,10 @@ pub async fn trim(
     let mut script = redis::cmd("EVAL");
     script
         .arg(TRIM)
-        .arg(2 + readers.routed.len())
+        .arg(3 + readers.routed.len())
         .arg(keys.events(shard))
-        .arg(keys.routing_marks(shard));
+        .arg(keys.routing_marks(shard))
+        .arg(keys.lease(shard, protocol::keys::ROUTING_GROUP));
     for name in &readers.routed {
         script.arg(keys.refs(shard, name));
     }
