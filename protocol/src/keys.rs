@@ -93,6 +93,14 @@ impl Keys {
         format!("{}:{{s:{shard}}}:refs:{destination}", self.prefix)
     }
 
+    /// The names of the filtered destinations with a reference stream on
+    /// `shard`: added by the script that makes the stream, removed before
+    /// it is deleted. Trimming walks them whatever a router's view of the
+    /// catalog (one interval old at most) says.
+    pub fn routed(&self, shard: u16) -> String {
+        format!("{}:{{s:{shard}}}:routed", self.prefix)
+    }
+
     /// Per filtered destination still catching up on `shard`, the last
     /// shard entry the routing stage considered for it.
     pub fn routing_marks(&self, shard: u16) -> String {

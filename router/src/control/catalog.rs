@@ -71,8 +71,9 @@ return redis.error_reply('ERR the group vanished while it was created')
 /// start if missing; an existing one stays where it is), the destination's
 /// group on its reference stream, and its routing mark at the cut, so the
 /// routing stage adds references from there on (catching up on what it
-/// has already passed). KEYS: shard stream, reference stream, routing
-/// marks. ARGV: the destination, start id (`$`, `0` or an id), the
+/// has already passed), and its name in the shard's routed set (what
+/// trimming walks). KEYS: shard stream, reference stream, routing marks,
+/// routed set. ARGV: the destination, start id (`$`, `0` or an id), the
 /// routing stage's group.
 const ROUTED_CUT: &str = r"
 local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[3], ARGV[2], 'MKSTREAM')
@@ -93,6 +94,7 @@ if type(created) == 'table' and created.err and not string.find(created.err, 'BU
   return redis.error_reply(created.err)
 end
 redis.call('HSET', KEYS[3], ARGV[1], cut)
+redis.call('SADD', KEYS[4], ARGV[1])
 return cut
 ";
 
@@ -356,10 +358,11 @@ impl Catalog {
         }
         Ok(redis::cmd("EVAL")
             .arg(ROUTED_CUT)
-            .arg(3)
+            .arg(4)
             .arg(self.keys.events(shard))
             .arg(self.keys.refs(shard, name))
             .arg(self.keys.routing_marks(shard))
+            .arg(self.keys.routed(shard))
             .arg(name)
             .arg(start)
             .arg(protocol::keys::ROUTING_GROUP)
@@ -582,6 +585,13 @@ async fn destroy_group(
     // reference after its stream is gone ([`crate::worker::routing`]).
     let _: i64 = redis::cmd("HDEL")
         .arg(keys.routing_marks(shard))
+        .arg(destination)
+        .query_async(con)
+        .await?;
+    // Then from the routed set, so trimming stops walking a stream about
+    // to go (a walk finding no stream would hold trimming back).
+    let _: i64 = redis::cmd("SREM")
+        .arg(keys.routed(shard))
         .arg(destination)
         .query_async(con)
         .await?;

@@ -42,10 +42,13 @@ const ORPHAN_AFTER: Duration = Duration::from_secs(30);
 const LOG_TRIM_SHARE: u32 = 100;
 
 /// KEYS: the shard stream, its routing marks, its routing stage's lease,
-/// then the reference stream of each routed destination. ARGV: the routing stage's group, how many
-/// destinations read the shard stream, their names (group names), then the
-/// routed destinations' names. Returns `{trimmed, unknown groups}`;
-/// trimmed is -1 when a defined destination's group is missing.
+/// its routed set, then the reference stream of each routed destination
+/// this router knows. ARGV: the routing stage's group, the shard's
+/// reference key prefix (for the routed set's names this router does not
+/// know yet), how many destinations read the shard stream, their names
+/// (group names), then the known routed destinations' names. Returns
+/// `{trimmed, unknown groups}`; trimmed is -1 when a defined (or recorded
+/// routed) destination's group is missing.
 const TRIM: &str = r"
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
@@ -67,23 +70,31 @@ local function needs(stream, info)
   return ms, seq + 1
 end
 local routing = ARGV[1]
-local direct = tonumber(ARGV[2])
-local routed = #ARGV - 2 - direct
+local refs_prefix = ARGV[2]
+local direct = tonumber(ARGV[3])
+local routed = #ARGV - 3 - direct
 -- A router that knows no routed destination while the shard's routing
 -- stage runs (its lease is held) has not seen the catalog's latest: the
--- references it does not know may still need the stream. The router
--- running the stage trims the shard.
+-- router running the stage trims the shard.
 if routed == 0 and redis.call('EXISTS', KEYS[3]) == 1 then return {0, {}} end
+-- The shard's routed destinations as Redis records them: a router's view
+-- of the catalog may miss one created less than an interval ago.
+local recorded = redis.call('SMEMBERS', KEYS[4])
 local configured = {}
-for i = 3, 2 + direct do configured[ARGV[i]] = false end
+for i = 4, 3 + direct do configured[ARGV[i]] = false end
 if routed > 0 then configured[routing] = false end
 local unknown = {}
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local info = {}
   for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
   local name = info['name']
-  -- The routing stage's group, with no destination routed, needs nothing.
-  if name ~= routing or routed > 0 then
+  if name == routing then
+    -- The routing stage's group, with no destination routed, needs nothing.
+    if routed > 0 or #recorded > 0 then
+      if routed > 0 then configured[name] = true end
+      keep(needs(KEYS[1], info))
+    end
+  else
     if configured[name] == nil then table.insert(unknown, name) else configured[name] = true end
     keep(needs(KEYS[1], info))
   end
@@ -96,24 +107,31 @@ end
 -- event): an idle shard costs no walk over its reference streams.
 if redis.call('XLEN', KEYS[1]) == 0 then return {0, unknown} end
 -- A routed destination needs what its references still point to; its
--- reference stream is trimmed below that.
-for i = 1, routed do
-  local name, refs = ARGV[2 + direct + i], KEYS[3 + i]
-  local found = false
-  if redis.call('EXISTS', refs) == 1 then
-    for _, group in ipairs(redis.call('XINFO', 'GROUPS', refs)) do
-      local info = {}
-      for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
-      if info['name'] == name then
-        found = true
-        local ms, seq = needs(refs, info)
-        redis.call('XTRIM', refs, 'MINID', string.format('%d-%d', ms, seq))
-        local next = redis.call('XRANGE', refs, string.format('%d-%d', ms, seq), '+', 'COUNT', 1)[1]
-        if next then keep(parse(next[1])) end
-      end
+-- reference stream is trimmed below that. False when it has no group.
+local function walk(name, refs)
+  if redis.call('EXISTS', refs) == 0 then return false end
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', refs)) do
+    local info = {}
+    for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
+    if info['name'] == name then
+      local ms, seq = needs(refs, info)
+      redis.call('XTRIM', refs, 'MINID', string.format('%d-%d', ms, seq))
+      local next = redis.call('XRANGE', refs, string.format('%d-%d', ms, seq), '+', 'COUNT', 1)[1]
+      if next then keep(parse(next[1])) end
+      return true
     end
   end
-  if not found then return {-1, unknown} end
+  return false
+end
+local walked = {}
+for i = 1, routed do
+  local name = ARGV[3 + direct + i]
+  walked[name] = true
+  if not walk(name, KEYS[4 + i]) then return {-1, unknown} end
+end
+-- Those this router has not seen yet (same shard, so the same slot).
+for _, name in ipairs(recorded) do
+  if not walked[name] and not walk(name, refs_prefix .. name) then return {-1, unknown} end
 end
 -- A destination the routing stage is catching up needs all after its mark.
 local marks = redis.call('HGETALL', KEYS[2])
@@ -182,15 +200,17 @@ pub async fn trim(
     let mut script = redis::cmd("EVAL");
     script
         .arg(TRIM)
-        .arg(3 + readers.routed.len())
+        .arg(4 + readers.routed.len())
         .arg(keys.events(shard))
         .arg(keys.routing_marks(shard))
-        .arg(keys.lease(shard, protocol::keys::ROUTING_GROUP));
+        .arg(keys.lease(shard, protocol::keys::ROUTING_GROUP))
+        .arg(keys.routed(shard));
     for name in &readers.routed {
         script.arg(keys.refs(shard, name));
     }
     let (removed, unknown_groups): (i64, Vec<String>) = script
         .arg(protocol::keys::ROUTING_GROUP)
+        .arg(keys.refs(shard, ""))
         .arg(readers.direct.len())
         .arg(&readers.direct)
         .arg(&readers.routed)
